@@ -1,0 +1,20 @@
+"""Test-session setup shared by every test file.
+
+* Triton runs on CPU only under its interpreter, and the interpreter is chosen
+  when `triton` is first imported: so set it here, before any test module (or
+  `kernels.py`) is imported.
+* Hypothesis profiles: `ci` (default, small and quick), `dev` (more examples),
+  `deep` (many examples, for a long soak). Choose with NANOMEG_PROFILE=dev.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=10, derandomize=True, print_blob=True, **_common)
+settings.register_profile("dev", max_examples=50, **_common)
+settings.register_profile("deep", max_examples=500, **_common)
+settings.load_profile(os.environ.get("NANOMEG_PROFILE", "ci"))
