@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -18,3 +19,14 @@ settings.register_profile("ci", max_examples=10, derandomize=True, print_blob=Tr
 settings.register_profile("dev", max_examples=50, **_common)
 settings.register_profile("deep", max_examples=500, **_common)
 settings.load_profile(os.environ.get("NANOMEG_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def pool():
+    """Four gloo CPU workers, alive for the whole session (see tests/harness.py)."""
+    from harness import WorkerPool
+
+    workers = WorkerPool(world=4)
+    workers.start()
+    yield workers
+    workers.stop()

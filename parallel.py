@@ -1,0 +1,666 @@
+"""parallel.py — how a model is split across ranks.
+
+Read top to bottom:
+
+1. `Mesh`: the tp / pp / dp process groups (Megatron's rank order: tp fastest).
+2. Communication accounting: `count_comms()` records every collective.
+3. The raw collectives (all-reduce, all-gather, reduce-scatter along any dim).
+4. The region mappings: autograd functions that say what moves forward and
+   what moves backward. Every tensor-parallel layer is built from these.
+5. The layers: column-, row- and vocab-parallel, vocab-parallel cross-entropy.
+6. `shard` / `unshard` of a flat parameter dict.
+7. Counter-based dropout: the mask is a pure function of (seed, stream, index).
+
+Notation in docstrings: b batch, s sequence, h hidden, t tensor-parallel size,
+V vocabulary (padded). "Elements moved" counts the elements of the *full*
+tensor the collective produces (all-reduce, all-gather) or consumes
+(reduce-scatter); a ring implementation sends about (t-1)/t of that per rank.
+
+Every collective is a no-op on a group of one, so the serial model is the
+parallel model on `Mesh.serial()`: there is no second code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from einops import rearrange
+
+# ---------------------------------------------------------------------------
+# 1. Mesh
+# ---------------------------------------------------------------------------
+
+MESH_DIMS = ("pp", "dp", "tp")  # slowest to fastest varying, as in Megatron
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Sizes, this rank's coordinates and process groups of the tp, pp, dp dims.
+
+    Global rank = (pp_rank * dp + dp_rank) * tp + tp_rank: the tp ranks of one
+    model replica are neighbours (on one node, where the all-reduces are cheap).
+    A group is None when its dim has size 1: every collective on it is a no-op.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    groups: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def serial() -> Mesh:
+        """A mesh of one rank. Needs no torch.distributed at all."""
+        return Mesh()
+
+    @staticmethod
+    def build(tp: int = 1, pp: int = 1, dp: int | None = None, device_type: str | None = None) -> Mesh:
+        """Build the mesh over the already-initialised default process group.
+
+        dp defaults to world_size / (tp * pp). Uses
+        `torch.distributed.device_mesh.init_device_mesh` with dims (pp, dp, tp).
+        """
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if dp is None:
+            dp = world // (tp * pp) if tp >= 1 and pp >= 1 and world % (tp * pp) == 0 else 0
+        check_mesh_sizes(tp, pp, dp, world)
+        if world == 1:
+            return Mesh()
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if device_type is None:
+            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        dm = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+        groups = {d: dm.get_group(d) for d, n in zip(MESH_DIMS, (pp, dp, tp)) if n > 1}
+        rank = dist.get_rank()
+        return Mesh(
+            tp=tp, pp=pp, dp=dp,
+            tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp),
+            groups=groups,
+        )
+
+    def size(self, dim: str) -> int:
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}[dim]
+
+    def rank(self, dim: str) -> int:
+        return {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank}[dim]
+
+    def group(self, dim: str) -> Any:
+        return self.groups.get(dim)
+
+
+def check_mesh_sizes(tp: int, pp: int, dp: int, world: int) -> None:
+    """ValueError unless every size is >= 1 and tp * pp * dp == world."""
+    for name, n in (("tp", tp), ("pp", pp), ("dp", dp)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {name}={n} (world size {world})")
+    if tp * pp * dp != world:
+        raise ValueError(f"world size {world} != tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp}")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (or do nothing
+    when run as plain `python`). Returns (rank, world_size). gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+# ---------------------------------------------------------------------------
+# 2. Communication accounting
+# ---------------------------------------------------------------------------
+
+_RECORDERS: list[list[dict]] = []  # the stack of open count_comms() records
+
+
+@contextlib.contextmanager
+def count_comms():
+    """Record every collective issued inside the block (forward and backward).
+
+    Yields a list that fills with dicts {op, dim, elements, phase, dtype}:
+    op in all_reduce / all_gather / reduce_scatter / send / recv, dim the mesh
+    dim ("tp", "pp", "dp"), elements as defined in the module docstring,
+    phase "forward" or "backward". Collectives on a group of one are not
+    issued and so not recorded. Opt-in: costs nothing when not used.
+    """
+    records: list[dict] = []
+    _RECORDERS.append(records)
+    try:
+        yield records
+    finally:
+        _RECORDERS.remove(records)
+
+
+def _record(op: str, dim: str, elements: int, phase: str, dtype: torch.dtype) -> None:
+    for records in _RECORDERS:
+        records.append(dict(op=op, dim=dim, elements=int(elements), phase=phase, dtype=dtype))
+
+
+# ---------------------------------------------------------------------------
+# 3. Raw collectives (no autograd). `along` is the tensor dim to gather/scatter.
+# ---------------------------------------------------------------------------
+
+
+def all_reduce(x: torch.Tensor, mesh: Mesh, dim: str, phase: str = "forward", op=None) -> torch.Tensor:
+    """Sum (or `op`) x over the ranks of mesh dim `dim`. Moves x.numel() elements."""
+    group = mesh.group(dim)
+    if group is None:
+        return x
+    _record("all_reduce", dim, x.numel(), phase, x.dtype)
+    x = x.clone(memory_format=torch.contiguous_format)  # reduce into a fresh buffer, never the caller's
+    dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def all_gather(x: torch.Tensor, mesh: Mesh, dim: str, along: int, phase: str = "forward") -> torch.Tensor:
+    """Concatenate every rank's x along tensor dim `along`, in rank order.
+    x: [..., n, ...] -> [..., n * size, ...]. Moves size * x.numel() elements."""
+    size, group = mesh.size(dim), mesh.group(dim)
+    if group is None:
+        return x
+    _record("all_gather", dim, x.numel() * size, phase, x.dtype)
+    x = x.movedim(along, 0).contiguous()  # the collective concatenates along dim 0
+    out = x.new_empty((x.shape[0] * size, *x.shape[1:]))
+    dist.all_gather_single(out, x, group=group)
+    return out.movedim(0, along)
+
+
+def reduce_scatter(x: torch.Tensor, mesh: Mesh, dim: str, along: int, phase: str = "forward") -> torch.Tensor:
+    """Sum x over the ranks, each keeping its own 1/size chunk along `along`.
+    x: [..., n, ...] -> [..., n / size, ...]. Moves x.numel() elements."""
+    size, group = mesh.size(dim), mesh.group(dim)
+    if group is None:
+        return x
+    _check_divisible(x, along, size, "reduce-scatter")
+    _record("reduce_scatter", dim, x.numel(), phase, x.dtype)
+    x = x.movedim(along, 0).contiguous()
+    out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
+    dist.reduce_scatter_single(out, x, group=group)
+    return out.movedim(0, along)
+
+
+def split(x: torch.Tensor, mesh: Mesh, dim: str, along: int) -> torch.Tensor:
+    """Keep this rank's 1/size chunk of x along `along`. Moves nothing."""
+    size = mesh.size(dim)
+    if size == 1:
+        return x
+    _check_divisible(x, along, size, "split")
+    return x.chunk(size, dim=along)[mesh.rank(dim)].contiguous()
+
+
+def _check_divisible(x: torch.Tensor, along: int, size: int, what: str) -> None:
+    if x.shape[along] % size:
+        raise ValueError(
+            f"cannot {what} dim {along} of size {x.shape[along]} over {size} ranks "
+            f"(tensor shape {tuple(x.shape)}): {x.shape[along]} % {size} != 0"
+        )
+
+
+# ---------------------------------------------------------------------------
+# 4. Region mappings (Megatron's mappings.py), as autograd functions.
+#    Each pairs a forward collective with the backward that makes it correct.
+#    SEQ = 1: activations are [b, s, h], so the sequence dim is 1.
+# ---------------------------------------------------------------------------
+
+SEQ = 1
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Enter a tensor-parallel region: every tp rank uses the same x.
+    Forward: identity. Backward: all-reduce of the gradient over tp (each rank
+    holds the partial gradient from its own shard of the next weight).
+    Elements moved: backward b*s*h."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce(g, ctx.mesh, "tp", "backward"), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Leave a tensor-parallel region by summing the ranks' partial results.
+    Forward: all-reduce over tp. Backward: identity (the sum's gradient is the
+    same on every rank). Elements moved: forward b*s*h."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        return all_reduce(x, mesh, "tp", "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Split the last dim: rank r keeps chunk r. Forward: split (no traffic).
+    Backward: all-gather of the last dim. Elements moved: backward b*s*h."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return split(x, mesh, "tp", -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, ctx.mesh, "tp", -1, "backward"), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Concatenate the ranks' last-dim chunks. Forward: all-gather of the last
+    dim. Backward: split (each rank keeps the gradient of its own chunk).
+    Elements moved: forward b*s*h (h the full last dim)."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return all_gather(x, mesh, "tp", -1, "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        return split(g, ctx.mesh, "tp", -1), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    """Enter sequence parallelism: rank r keeps sequence chunk r.
+    Forward: split of dim s (no traffic). Backward: all-gather of dim s.
+    Elements moved: backward b*s*h."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return split(x, mesh, "tp", SEQ)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, ctx.mesh, "tp", SEQ, "backward"), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    """Leave sequence parallelism into a tensor-parallel region: all-gather the
+    sequence chunks. Forward: all-gather of dim s. Backward: reduce-scatter of
+    dim s when the consumer is tensor-parallel (each rank's gradient is partial),
+    or a plain split when it is not (`tp_output_grad=False`).
+    Elements moved: forward b*s*h; backward b*s*h (reduce-scatter) or 0."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, tp_output_grad):
+        ctx.mesh, ctx.tp_output_grad = mesh, tp_output_grad
+        return all_gather(x, mesh, "tp", SEQ, "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.tp_output_grad:
+            return reduce_scatter(g, ctx.mesh, "tp", SEQ, "backward"), None, None
+        return split(g, ctx.mesh, "tp", SEQ), None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    """Leave a tensor-parallel region into sequence parallelism: sum the
+    partial results and keep this rank's sequence chunk. Forward:
+    reduce-scatter of dim s. Backward: all-gather of dim s.
+    Elements moved: forward b*s*h, backward b*s*h."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return reduce_scatter(x, mesh, "tp", SEQ, "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, ctx.mesh, "tp", SEQ, "backward"), None
+
+
+def copy_to_tp(x, mesh):
+    return _CopyToTP.apply(x, mesh) if mesh.tp > 1 else x
+
+
+def reduce_from_tp(x, mesh):
+    return _ReduceFromTP.apply(x, mesh) if mesh.tp > 1 else x
+
+
+def scatter_to_tp(x, mesh):
+    return _ScatterToTP.apply(x, mesh) if mesh.tp > 1 else x
+
+
+def gather_from_tp(x, mesh):
+    return _GatherFromTP.apply(x, mesh) if mesh.tp > 1 else x
+
+
+def scatter_to_sp(x, mesh):
+    return _ScatterToSP.apply(x, mesh) if mesh.tp > 1 else x
+
+
+def gather_from_sp(x, mesh, tp_output_grad: bool = True):
+    return _GatherFromSP.apply(x, mesh, tp_output_grad) if mesh.tp > 1 else x
+
+
+def reduce_scatter_to_sp(x, mesh):
+    return _ReduceScatterToSP.apply(x, mesh) if mesh.tp > 1 else x
+
+
+for _f, _cls in [(copy_to_tp, _CopyToTP), (reduce_from_tp, _ReduceFromTP), (scatter_to_tp, _ScatterToTP),
+                 (gather_from_tp, _GatherFromTP), (scatter_to_sp, _ScatterToSP),
+                 (gather_from_sp, _GatherFromSP), (reduce_scatter_to_sp, _ReduceScatterToSP)]:
+    _f.__doc__ = _cls.__doc__
+
+
+def sync_replicated_grad(param: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """Use a replicated parameter inside a sequence-parallel region.
+
+    Under sequence parallelism each tp rank sees only s/t tokens, so the
+    gradient of a replicated parameter (LayerNorm weight, row-parallel bias)
+    is partial on every rank. Megatron all-reduces such grads after backward;
+    here the parameter passes through `copy_to_tp`, whose backward does that
+    all-reduce (elements moved: backward param.numel()).
+    """
+    return copy_to_tp(param, mesh)
+
+
+# ---------------------------------------------------------------------------
+# 5. Tensor-parallel layers. Weights are [out, in] as in torch.nn.Linear.
+# ---------------------------------------------------------------------------
+
+
+class _SequenceGatherLinear(torch.autograd.Function):
+    """y = all_gather_s(x) @ w.T, keeping only the local x shard for backward.
+
+    Megatron's LinearWithGradAccumulationAndAsyncCommunication under sequence
+    parallel: storing the gathered input would cost t times the activation
+    memory, so backward gathers it again.
+    Forward: all-gather of x along s (b*s*h).
+    Backward: all-gather of x again (b*s*h) for the weight gradient, and a
+    reduce-scatter of the input gradient along s (b*s*h).
+    x: [b, s/t, h_in], w: [h_out/t, h_in] -> y: [b, s, h_out/t]
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, mesh):
+        ctx.mesh = mesh
+        ctx.save_for_backward(x, weight)
+        return all_gather(x, mesh, "tp", SEQ, "forward") @ weight.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        x_full = all_gather(x, ctx.mesh, "tp", SEQ, "backward")  # [b, s, h_in]
+        grad_x = reduce_scatter(g @ weight, ctx.mesh, "tp", SEQ, "backward")  # [b, s/t, h_in]
+        grad_w = rearrange(g, "... o -> (...) o").t() @ rearrange(x_full, "... i -> (...) i")
+        return grad_x, grad_w, None
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias, name: str) -> None:
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: input last dim {x.shape[-1]} != weight in-features "
+                         f"(weight shape {tuple(weight.shape)}, input shape {tuple(x.shape)})")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{name}: bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+
+
+def column_parallel_linear(x, weight, bias, mesh, *, gather_output=False, sequence_parallel=False):
+    """Y = X A^T + b with A split by rows (output features) over tp.
+
+    x: [b, s, h_in] (or [b, s/t, h_in] under sequence parallel)
+    weight: [h_out/t, h_in], bias: [h_out/t] or None  (this rank's shards)
+    returns [b, s, h_out/t], or [b, s, h_out] with gather_output.
+    Communication: without sequence parallel, copy_to_tp (backward all-reduce
+    of b*s*h_in); with it, the all-gather / re-gather / reduce-scatter of
+    `_SequenceGatherLinear`.
+    """
+    _check_linear(x, weight, bias, "column_parallel_linear")
+    if sequence_parallel and mesh.tp > 1:
+        y = _SequenceGatherLinear.apply(x, weight, mesh)
+    else:
+        y = copy_to_tp(x, mesh) @ weight.t()
+    if bias is not None:
+        y = y + bias
+    return gather_from_tp(y, mesh) if gather_output else y
+
+
+def row_parallel_linear(x, weight, bias, mesh, *, input_is_parallel=True, sequence_parallel=False):
+    """Y = X A^T + b with A split by columns (input features) over tp.
+
+    x: [b, s, h_in/t] (or [b, s, h_in] when not input_is_parallel: it is split)
+    weight: [h_out, h_in/t], bias: [h_out] replicated, added once after the sum.
+    returns [b, s, h_out], or [b, s/t, h_out] under sequence parallel.
+    Communication: forward all-reduce of b*s*h_out (reduce_from_tp), or a
+    reduce-scatter of it under sequence parallel (then backward all-gathers).
+    """
+    if not input_is_parallel:
+        x = scatter_to_tp(x, mesh)
+    _check_linear(x, weight, bias, "row_parallel_linear")
+    partial = x @ weight.t()  # this rank's share of the sum over h_in
+    if sequence_parallel:
+        y = reduce_scatter_to_sp(partial, mesh)
+        if bias is not None:
+            y = y + sync_replicated_grad(bias, mesh)
+        return y
+    y = reduce_from_tp(partial, mesh)
+    return y if bias is None else y + bias
+
+
+def vocab_range(vocab_local: int, mesh: Mesh) -> tuple[int, int]:
+    """[start, end) of the vocabulary rows held by this tp rank."""
+    start = mesh.tp_rank * vocab_local
+    return start, start + vocab_local
+
+
+def check_ids(ids: torch.Tensor, vocab_size: int, what: str = "token id") -> None:
+    """ValueError if any id is negative or >= vocab_size (checked on every rank)."""
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"{what}s must be an integer tensor, got dtype {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{what} {bad} out of range [0, {vocab_size})")
+
+
+def vocab_parallel_embedding(ids, weight, mesh, *, sequence_parallel=False, vocab_size=None):
+    """Look up ids in a word-embedding table split by rows (vocabulary) over tp.
+
+    ids: [b, s] int; weight: [V/t, h] this rank's rows; vocab_size: the real
+    vocabulary (default V); returns [b, s, h] (or [b, s/t, h] under sequence
+    parallel). Each rank looks up the ids in its own range and writes zeros for
+    the rest; the ranks' partial rows are summed: an all-reduce of b*s*h
+    elements, or a reduce-scatter along s under sequence parallel.
+    """
+    vocab_local = weight.shape[0]
+    check_ids(ids, vocab_size if vocab_size is not None else vocab_local * mesh.tp)
+    start, end = vocab_range(vocab_local, mesh)
+    outside = (ids < start) | (ids >= end)
+    local = torch.nn.functional.embedding((ids - start).masked_fill(outside, 0), weight)
+    local = local.masked_fill(outside.unsqueeze(-1), 0.0)
+    return reduce_scatter_to_sp(local, mesh) if sequence_parallel else reduce_from_tp(local, mesh)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary, without gathering them.
+
+    Megatron's algorithm (cross_entropy.py), with label smoothing taken over
+    the *global* real vocabulary (Megatron uses the local shard's size, which
+    is wrong for tp > 1) and padded vocabulary columns masked out:
+      1. m = max_j logit_j          all-reduce (MAX) of b*s elements
+      2. z_target = logit_target - m all-reduce (SUM) of b*s: only the rank
+                                     holding the target column contributes
+      3. S = sum_j exp(logit_j - m)  all-reduce (SUM) of b*s
+      4. loss = log S - z_target
+      5. label smoothing: sum_j (logit_j - m) over real columns, one more
+         all-reduce (SUM) of b*s.
+    Backward needs no communication: d loss / d logit_j = softmax_j - target_j.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, mesh, vocab_size, label_smoothing):
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        start, end = vocab_range(logits.shape[-1], mesh)
+        columns = torch.arange(start, end, device=logits.device)
+        real = columns < vocab_size  # [V/t]: padded columns never count
+        logits = logits.masked_fill(~real, float("-inf"))
+        m = all_reduce(logits.max(dim=-1).values, mesh, "tp", op=dist.ReduceOp.MAX)
+        shifted = logits - m.unsqueeze(-1)  # [b, s, V/t], <= 0
+        mine = (targets >= start) & (targets < end)
+        local_t = (targets - start).masked_fill(~mine, 0)
+        z_target = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
+        z_target = all_reduce(z_target, mesh, "tp")
+        exp = shifted.exp()  # padded columns: exp(-inf) = 0
+        sum_exp = all_reduce(exp.sum(dim=-1), mesh, "tp")
+        loss = sum_exp.log() - z_target
+        if label_smoothing > 0:
+            sum_shifted = all_reduce(shifted.masked_fill(~real, 0.0).sum(dim=-1), mesh, "tp")
+            mean_logprob = sum_shifted / vocab_size - sum_exp.log()
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * mean_logprob
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local_t, mine, real)
+        ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab_size
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, local_t, mine, real = ctx.saved_tensors
+        eps = ctx.label_smoothing
+        grad = softmax.clone()  # [b, s, V/t]
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -(1.0 - eps) * mine.unsqueeze(-1).to(grad.dtype))
+        if eps > 0:
+            grad -= (eps / ctx.vocab_size) * real.to(grad.dtype)
+        return grad * g.unsqueeze(-1), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, targets, mesh, *, label_smoothing=0.0, vocab_size=None):
+    """Per-token cross-entropy of vocab-parallel logits.
+
+    logits: [b, s, V/t] this rank's vocabulary columns (any float dtype; the
+    loss is computed in at least fp32); targets: [b, s] global ids;
+    vocab_size: the real vocabulary (columns >= it are padding, masked out;
+    default V). Returns loss: [b, s], the same on every tp rank.
+    Elements moved: 3 all-reduces of b*s (4 with label smoothing).
+    """
+    vocab_size = logits.shape[-1] * mesh.tp if vocab_size is None else vocab_size
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits shape {tuple(logits.shape)} does not match targets shape "
+                         f"{tuple(targets.shape)} (expected logits [*targets.shape, V/t])")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if vocab_size > logits.shape[-1] * mesh.tp:
+        raise ValueError(f"vocab_size {vocab_size} > padded vocabulary {logits.shape[-1]} * tp {mesh.tp}")
+    check_ids(targets, vocab_size, "target id")
+    return _VocabParallelCrossEntropy.apply(logits, targets, mesh, vocab_size, label_smoothing)
+
+
+# ---------------------------------------------------------------------------
+# 6. shard / unshard a flat parameter dict.
+#    specs[name] is the tensor dim split over tp, or None (replicated).
+# ---------------------------------------------------------------------------
+
+
+def _check_specs(params: dict, specs: dict, mesh: Mesh, full: bool) -> None:
+    missing = sorted(set(params) - set(specs))
+    if missing:
+        raise ValueError(f"no sharding spec for parameter(s) {missing}")
+    for name, p in params.items():
+        d = specs[name]
+        if d is not None and full and p.shape[d] % mesh.tp:
+            raise ValueError(f"parameter {name!r} of shape {tuple(p.shape)}: dim {d} of size "
+                             f"{p.shape[d]} is not divisible by tp={mesh.tp}")
+
+
+def shard(params: dict, specs: dict, mesh: Mesh) -> dict:
+    """This rank's slices of full parameters: fresh tensors, no communication.
+    {name: [.., n, ..]} -> {name: [.., n/t, ..]} along specs[name]."""
+    _check_specs(params, specs, mesh, full=True)
+    return {name: (p if specs[name] is None else split(p, mesh, "tp", specs[name])).detach().clone()
+            for name, p in params.items()}
+
+
+def unshard(params: dict, specs: dict, mesh: Mesh) -> dict:
+    """Full parameters (or gradients) from every rank's slices: one all-gather
+    over tp per split tensor, of its full size. Inverse of `shard`."""
+    _check_specs(params, specs, mesh, full=False)
+    return {name: p if specs[name] is None else all_gather(p.detach(), mesh, "tp", specs[name])
+            for name, p in params.items()}
+
+
+# ---------------------------------------------------------------------------
+# 7. Counter-based randomness.
+#    A dropout mask bit is hash(seed, stream, global element index): no RNG
+#    state, so a shard's mask is the slice of the serial mask, and recomputing
+#    a layer in backward reproduces its mask for free.
+# ---------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xorshift-multiply), on int64 tensors or ints
+    holding values in [0, 2**32). Constants < 2**31 keep products < 2**63."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def _stream_id(stream) -> int:
+    if isinstance(stream, str):
+        import zlib
+
+        return zlib.crc32(stream.encode())  # stable across processes, unlike hash()
+    return int(stream) & _M32
+
+
+def global_index(shape, offset=None, global_shape=None, device=None) -> torch.Tensor:
+    """Flat indices, in the global tensor, of the box `shape` placed at `offset`.
+    shape/offset/global_shape: per dim. Returns int64 [*shape]."""
+    offset = offset or (0,) * len(shape)
+    global_shape = global_shape or tuple(n + o for n, o in zip(shape, offset))
+    if not (len(shape) == len(offset) == len(global_shape)):
+        raise ValueError(f"shape {tuple(shape)}, offset {tuple(offset)} and global_shape "
+                         f"{tuple(global_shape)} must have the same length")
+    index = torch.zeros((), dtype=torch.int64, device=device)
+    for d, (n, o, g) in enumerate(zip(shape, offset, global_shape)):
+        if o < 0 or o + n > g:
+            raise ValueError(f"dim {d}: box [{o}, {o + n}) is outside the global size {g}")
+        view = [1] * len(shape)
+        view[d] = n
+        index = index * g + (torch.arange(o, o + n, device=device).view(view))
+    return index
+
+
+def keep_mask(shape, p: float, seed: int, stream, offset=None, global_shape=None, device=None):
+    """Boolean [*shape]: True where dropout keeps the element. A pure function
+    of (seed, stream, global index), so a shard's mask is the serial mask's slice."""
+    index = global_index(shape, offset, global_shape, device)
+    key = _mix32((int(seed) & _M32) ^ _mix32(_stream_id(stream)))
+    h = _mix32((index & _M32) ^ key)
+    h = _mix32(h ^ (index >> 32) ^ _mix32(key ^ 0x5BD1E995))
+    return h.to(torch.float64) * (1.0 / 2**32) >= p
+
+
+def dropout(x, p: float, *, seed: int, stream, training: bool = True, offset=None, global_shape=None):
+    """Inverted dropout with a counter-based mask.
+
+    x: the box of the global tensor `global_shape` starting at `offset`
+    (defaults: x is the whole tensor). Kept elements are scaled by 1/(1-p).
+    `stream` (an int or a name) separates the dropout sites of one step.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    mask = keep_mask(x.shape, p, seed, stream, offset, global_shape, x.device)
+    return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
