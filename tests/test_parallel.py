@@ -8,11 +8,11 @@ rank of the worker pool with a tp>1 mesh, and here in the test process on
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import WorkerError
 from hypothesis import given
 from hypothesis import strategies as st
 
 import parallel as P
-from harness import WorkerError
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 tps = st.sampled_from([1, 2, 4])
