@@ -1,0 +1,511 @@
+"""nanomeg.py — what is computed.
+
+The transformer core of Megatron-LM's legacy models, as pure functions over a
+flat parameter dict. Read top to bottom:
+
+1. `GPTConfig`: sizes and switches, validated with messages that name values.
+2. `init_gpt` / `gpt_specs`: the full parameters (Megatron's init) and, per
+   name, the dim split over tensor-parallel ranks.
+3. Layers: norm, rotary, embedding, attention (core and SDPA), MLP,
+   bias-dropout-add, the transformer block.
+4. The GPT model: forward to vocab-parallel logits, the loss.
+5. Generation with a KV cache.
+6. GPT-2 weights from / to Hugging Face's GPT2LMHeadModel.
+
+Every function takes this rank's parameter shards and a `parallel.Mesh`; on
+`Mesh.serial()` it is the plain serial model. Activations are [b, s, h]
+(under sequence parallel [b, s/t, h]); t is the tensor-parallel size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+import parallel as P
+from parallel import Mesh
+
+# ---------------------------------------------------------------------------
+# 1. Config
+# ---------------------------------------------------------------------------
+
+CHOICES = dict(
+    norm=("layernorm", "rmsnorm"),
+    activation=("gelu", "gelu_tanh", "swiglu"),
+    position=("learned", "rope"),
+    attention=("core", "sdpa"),
+    recompute=("none", "selective", "full"),
+)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 256
+    max_seq: int = 256  # rows of the position table / longest sequence
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int | None = None  # None: = heads (MHA); 1: MQA; else GQA
+    ffn: int | None = None  # None: 4 * hidden
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    zero_centered_gamma: bool = False  # Megatron's LayerNorm "1p": weight stored as w - 1
+    activation: str = "gelu"
+    position: str = "learned"
+    rope_base: float = 10000.0
+    bias: bool = True  # biases of the linear layers
+    tie_embeddings: bool = True
+    residual_post_norm: bool = False  # Megatron's apply_residual_connection_post_layernorm
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    attention: str = "core"  # core: QK^T -> fused softmax -> dropout -> .V;  sdpa: torch's fused path
+    recompute: str = "none"  # activation recompute: selective = the attention core only
+    sequence_parallel: bool = False
+    init_std: float = 0.02
+    vocab_multiple: int = 128  # Megatron's make-vocab-size-divisible-by (times tp, set by train.py)
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        for name, options in CHOICES.items():
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {options}")
+        for name in ("vocab_size", "max_seq", "layers", "hidden", "heads", "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
+        if self.ffn is None:
+            object.__setattr__(self, "ffn", 4 * self.hidden)
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+        if self.kv_heads < 1 or self.heads % self.kv_heads:
+            raise ValueError(f"heads={self.heads} is not divisible by kv_heads={self.kv_heads}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head dim, got hidden/heads = {self.head_dim}")
+        for name in ("hidden_dropout", "attention_dropout", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.attention == "sdpa" and self.attention_dropout > 0:
+            raise ValueError("attention='sdpa' has no counter-based dropout: use attention='core' "
+                             f"with attention_dropout={self.attention_dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def padded_vocab(self) -> int:
+        """vocab_size rounded up to a multiple of vocab_multiple; the extra
+        rows never win a softmax, a loss or a sample."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    def check_mesh(self, mesh: Mesh) -> None:
+        """ValueError naming the sizes if this model cannot be split over mesh.tp."""
+        t = mesh.tp
+        for name, n in (("heads", self.heads), ("kv_heads", self.kv_heads), ("ffn", self.ffn),
+                        ("padded vocab", self.padded_vocab)):
+            if n % t:
+                raise ValueError(f"tp={t} does not divide {name}={n}")
+
+    def check_seq(self, s: int, mesh: Mesh, pos_offset: int = 0) -> None:
+        if pos_offset + s > self.max_seq:
+            raise ValueError(f"sequence of {pos_offset + s} tokens is longer than max_seq={self.max_seq}")
+        if self.sequence_parallel and s % mesh.tp:
+            raise ValueError(f"sequence parallel needs seq % tp == 0, got seq={s}, tp={mesh.tp}")
+
+
+# ---------------------------------------------------------------------------
+# 2. Parameters: init (full, the same on every rank) and sharding specs
+# ---------------------------------------------------------------------------
+
+
+def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (full shape, init rule), in a fixed order. Init rules: normal,
+    scaled (the residual branch ends), gamma (norm weights), zeros (biases).
+    Layouts: qkv rows grouped per kv head as [q heads of the group, k, v];
+    SwiGLU fc1 rows interleaved [gate_i, up_i]; so a contiguous tp slice of
+    either always holds whole heads / matching halves."""
+    h, v = cfg.hidden, cfg.padded_vocab
+    qkv = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim
+    fc1 = cfg.ffn * (2 if cfg.activation == "swiglu" else 1)
+    ln = lambda name: {f"{name}.weight": ((h,), "gamma")} | (
+        {f"{name}.bias": ((h,), "zeros")} if cfg.norm == "layernorm" else {})
+    linear = lambda name, out, inp, rule: {f"{name}.weight": ((out, inp), rule)} | (
+        {f"{name}.bias": ((out,), "zeros")} if cfg.bias else {})
+    shapes = {"embed.word": ((v, h), "normal")}
+    if cfg.position == "learned":
+        shapes["embed.pos"] = ((cfg.max_seq, h), "normal")
+    for i in range(cfg.layers):
+        pre = f"layers.{i}"
+        shapes |= (ln(f"{pre}.ln1") | linear(f"{pre}.attn.qkv", qkv, h, "normal")
+                   | linear(f"{pre}.attn.proj", h, cfg.heads * cfg.head_dim, "scaled")
+                   | ln(f"{pre}.ln2") | linear(f"{pre}.mlp.fc1", fc1, h, "normal")
+                   | linear(f"{pre}.mlp.fc2", h, cfg.ffn, "scaled"))
+    shapes |= ln("final_norm")
+    if not cfg.tie_embeddings:
+        shapes["head.weight"] = ((v, h), "normal")
+    return shapes
+
+
+def init_gpt(cfg: GPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Full GPT parameters, the same on every rank, with Megatron's init:
+    normal(0, init_std) for every matrix, the output projections of attention
+    and MLP scaled by 1/sqrt(2 * layers), norm weights 1 (0 when zero-centred,
+    applied as 1 + w), biases 0."""
+    gen = torch.Generator().manual_seed(seed)
+    std = {"normal": cfg.init_std, "scaled": cfg.init_std / math.sqrt(2 * cfg.layers)}
+    params = {}
+    for name, (shape, rule) in gpt_shapes(cfg).items():
+        if rule in std:
+            params[name] = (torch.randn(shape, generator=gen) * std[rule]).to(dtype)
+        else:
+            fill = 1.0 if rule == "gamma" and not cfg.zero_centered_gamma else 0.0
+            params[name] = torch.full(shape, fill, dtype=dtype)
+    return params
+
+
+# The tensor-parallel split, by parameter name without its "layers.{i}." prefix:
+# column-parallel weights and biases split dim 0 (output features), row-parallel
+# weights dim 1 (input features); everything else is replicated.
+TP_SPLIT = {"embed.word": 0, "head.weight": 0, "attn.qkv.weight": 0, "attn.qkv.bias": 0,
+            "attn.proj.weight": 1, "mlp.fc1.weight": 0, "mlp.fc1.bias": 0, "mlp.fc2.weight": 1}
+
+
+def gpt_specs(cfg: GPTConfig) -> dict[str, int | None]:
+    """name -> the dim split over tp, or None for replicated."""
+    local = lambda name: name.split(".", 2)[2] if name.startswith("layers.") else name
+    return {name: TP_SPLIT.get(local(name)) for name in gpt_shapes(cfg)}
+
+
+# ---------------------------------------------------------------------------
+# 3. Layers
+# ---------------------------------------------------------------------------
+
+
+def _replicated(param, cfg: GPTConfig, mesh: Mesh):
+    """A replicated parameter used on a sequence-parallel activation: its
+    gradient is partial on each tp rank, so sum it over tp in backward."""
+    return P.sync_replicated_grad(param, mesh) if cfg.sequence_parallel and param is not None else param
+
+
+def norm(params, prefix, x, cfg: GPTConfig, mesh: Mesh):
+    """LayerNorm or RMSNorm over the last dim, through the fused kernel.
+    x: [b, s(/t), h] -> same shape. Weights are replicated on every tp rank."""
+    w = _replicated(params[f"{prefix}.weight"], cfg, mesh)
+    if cfg.norm == "rmsnorm":
+        return kernels.rms_norm(x, w, cfg.norm_eps, zero_centered_gamma=cfg.zero_centered_gamma)
+    b = _replicated(params.get(f"{prefix}.bias"), cfg, mesh)
+    return kernels.layer_norm(x, w, b, cfg.norm_eps, zero_centered_gamma=cfg.zero_centered_gamma)
+
+
+def rotary(x, positions, base: float):
+    """Rotary position embedding (rotate-half form, as Megatron and GPT-NeoX).
+    x: [b, n, s, d], positions: [s] -> [b, n, s, d]."""
+    d = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)  # [d/2]
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None]  # [s, d/2]
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def hidden_dropout(x, p, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
+    """Dropout on a hidden state [b, s(/t), h]. Under sequence parallel this
+    rank holds sequence chunk tp_rank, so its mask is that slice of the full one."""
+    if not training or p == 0.0:
+        return x
+    b, s, h = x.shape
+    if cfg.sequence_parallel:
+        return P.dropout(x, p, seed=seed, stream=stream, offset=(0, mesh.tp_rank * s, 0),
+                         global_shape=(b, s * mesh.tp, h))
+    return P.dropout(x, p, seed=seed, stream=stream)
+
+
+def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=False, pos_offset=0):
+    """Token ids [b, s] -> hidden [b, s, h] ([b, s/t, h] under sequence parallel).
+    Word rows are vocab-parallel (an all-reduce, or a reduce-scatter along s);
+    learned positions are replicated and added to this rank's sequence chunk."""
+    cfg.check_seq(ids.shape[1], mesh, pos_offset)
+    x = P.vocab_parallel_embedding(ids, params["embed.word"], mesh,
+                                   sequence_parallel=cfg.sequence_parallel, vocab_size=cfg.vocab_size)
+    if cfg.position == "learned":
+        pos = _replicated(params["embed.pos"][pos_offset: pos_offset + ids.shape[1]], cfg, mesh)  # [s, h]
+        x = x + (P.split(pos, mesh, "tp", 0) if cfg.sequence_parallel else pos)
+    return hidden_dropout(x, cfg.hidden_dropout, cfg, mesh, seed=seed, stream="embed", training=training)
+
+
+def core_attention(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, seed, stream, training):
+    """Megatron's CoreAttention, the path a student reads.
+    q: [b, n/t, sq, d]; k, v: [b, g/t, sk, d] (g kv heads) -> [b, n/t, sq, d].
+    scores = q k^T -> fused scale-mask-softmax -> dropout -> probs v."""
+    groups = q.shape[1] // k.shape[1]
+    k = repeat(k, "b g s d -> b (g r) s d", r=groups)  # each kv head serves `groups` q heads
+    v = repeat(v, "b g s d -> b (g r) s d", r=groups)
+    scores = q @ k.transpose(-1, -2)  # [b, n/t, sq, sk]
+    probs = kernels.scale_mask_softmax(scores, scale=1.0 / math.sqrt(q.shape[-1]), mask_kind=mask_kind, mask=mask)
+    if training and cfg.attention_dropout > 0:
+        b, n_local, sq, sk = probs.shape  # this rank holds heads [tp_rank*n/t, (tp_rank+1)*n/t)
+        probs = P.dropout(probs, cfg.attention_dropout, seed=seed, stream=stream,
+                          offset=(0, mesh.tp_rank * n_local, 0, 0), global_shape=(b, n_local * mesh.tp, sq, sk))
+    return probs @ v
+
+
+def sdpa_attention(q, k, v, *, mask_kind, mask):
+    """The fast path: torch's fused scaled_dot_product_attention (flash or
+    memory-efficient kernels on GPU). Same shapes as core_attention.
+    Megatron's mask is True = masked out; SDPA's is True = attend."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    if mask_kind == "causal" and sq != sk:  # decoding with a cache: the causal diagonal is shifted
+        mask_kind, mask = "padding", causal_mask(sq, sk, q.device)
+    attend = None if mask_kind != "padding" else ~mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=mask_kind == "causal",
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def causal_mask(sq: int, sk: int, device=None):
+    """[sq, sk] bool, True = masked: query i (aligned to the end) sees keys j <= i + sk - sq."""
+    i = torch.arange(sq, device=device)[:, None]
+    return torch.arange(sk, device=device)[None] > i + (sk - sq)
+
+
+def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=None, seed=0, stream=0,
+              training=False, cache=None, pos_offset=0):
+    """Self-attention. x: [b, s(/t), h] -> (out [b, s(/t), h], proj bias or None).
+
+    qkv is column-parallel: this rank computes whole heads, n/t query and g/t
+    kv heads; proj is row-parallel: partial outputs summed over tp (or
+    reduce-scattered along s). The proj bias is returned, not added, for the
+    fused bias-dropout-add. `cache` (a dict, decoding only) keeps k and v."""
+    d, t = cfg.head_dim, mesh.tp
+    qkv = P.column_parallel_linear(x, params[f"{prefix}.qkv.weight"], params.get(f"{prefix}.qkv.bias"), mesh,
+                                   sequence_parallel=cfg.sequence_parallel)  # [b, s, (n + 2g) d / t]
+    per_group = cfg.heads // cfg.kv_heads
+    qkv = rearrange(qkv, "b s (g r d) -> b g r s d", g=cfg.kv_heads // t, r=per_group + 2, d=d)
+    q = rearrange(qkv[:, :, :per_group], "b g r s d -> b (g r) s d")  # [b, n/t, s, d]
+    k, v = qkv[:, :, per_group], qkv[:, :, per_group + 1]  # [b, g/t, s, d]
+    if cfg.position == "rope":
+        positions = torch.arange(pos_offset, pos_offset + q.shape[2], device=x.device)
+        q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
+    if cache is not None:
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+    if cfg.attention == "sdpa":
+        ctx = sdpa_attention(q, k, v, mask_kind=mask_kind, mask=mask)
+    else:
+        core = lambda q, k, v: core_attention(q, k, v, cfg, mesh, mask_kind=mask_kind, mask=mask, seed=seed,
+                                              stream=stream, training=training)
+        # selective recompute: keep only q, k, v; redo the s^2-sized softmax and dropout in backward
+        ctx = checkpoint(core, q, k, v, use_reentrant=False) if cfg.recompute == "selective" else core(q, k, v)
+    ctx = rearrange(ctx, "b n s d -> b s (n d)")  # [b, s, h/t]
+    out = P.row_parallel_linear(ctx, params[f"{prefix}.proj.weight"], None, mesh,
+                                sequence_parallel=cfg.sequence_parallel)
+    return out, params.get(f"{prefix}.proj.bias")
+
+
+def mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh):
+    """x: [b, s(/t), h] -> (out [b, s(/t), h], fc2 bias or None).
+    fc1 column-parallel ([b, s, ffn/t], fused bias-GeLU or SwiGLU), fc2 row-parallel."""
+    bias1 = params.get(f"{prefix}.fc1.bias")
+    y = P.column_parallel_linear(x, params[f"{prefix}.fc1.weight"], None, mesh,
+                                 sequence_parallel=cfg.sequence_parallel)
+    if cfg.activation == "swiglu":
+        y = y if bias1 is None else y + bias1
+        gate, up = rearrange(y, "b s (f two) -> two b s f", two=2)  # rows interleaved [gate_i, up_i]
+        y = F.silu(gate) * up
+    else:
+        y = kernels.bias_gelu(y, bias1, approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
+    out = P.row_parallel_linear(y, params[f"{prefix}.fc2.weight"], None, mesh,
+                                sequence_parallel=cfg.sequence_parallel)
+    return out, params.get(f"{prefix}.fc2.bias")
+
+
+def bias_dropout_add(x, bias, residual, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
+    """residual + dropout(x + bias): the end of each residual branch."""
+    if bias is not None:
+        x = x + _replicated(bias, cfg, mesh)
+    return residual + hidden_dropout(x, cfg.hidden_dropout, cfg, mesh, seed=seed, stream=stream, training=training)
+
+
+def transformer_block(params, i, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=None, seed=0, training=False,
+                      cache=None, pos_offset=0):
+    """Pre-norm block i. x: [b, s(/t), h] -> [b, s(/t), h].
+    x = x + attn(norm1(x)); x = x + mlp(norm2(x)) (the residual taken after the
+    norm instead, with residual_post_norm). Per block without sequence
+    parallel: 2 all-reduces of b*s*h forward and 2 backward."""
+    pre = f"layers.{i}"
+    h = norm(params, f"{pre}.ln1", x, cfg, mesh)
+    out, bias = attention(params, f"{pre}.attn", h, cfg, mesh, mask_kind=mask_kind, mask=mask, seed=seed,
+                          stream=f"{i}.attn", training=training, cache=cache, pos_offset=pos_offset)
+    x = bias_dropout_add(out, bias, h if cfg.residual_post_norm else x, cfg, mesh, seed=seed,
+                         stream=f"{i}.attn_out", training=training)
+    h = norm(params, f"{pre}.ln2", x, cfg, mesh)
+    out, bias = mlp(params, f"{pre}.mlp", h, cfg, mesh)
+    return bias_dropout_add(out, bias, h if cfg.residual_post_norm else x, cfg, mesh, seed=seed,
+                            stream=f"{i}.mlp_out", training=training)
+
+
+# ---------------------------------------------------------------------------
+# 4. GPT: a stack that can be cut into pipeline stages
+# ---------------------------------------------------------------------------
+
+
+def layer_ids(params) -> list[int]:
+    """The transformer layers present in a (stage's) parameter dict, in order."""
+    return sorted({int(name.split(".")[1]) for name in params if name.startswith("layers.")})
+
+
+def run_layers(params, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind="causal", mask=None, seed=0, training=False,
+               caches=None, pos_offset=0):
+    """The contiguous run of layers held in params (a pipeline stage's body)."""
+    for i in layer_ids(params):
+        block = lambda x, i=i: transformer_block(params, i, x, cfg, mesh, mask_kind=mask_kind, mask=mask,
+                                                 seed=seed, training=training, pos_offset=pos_offset,
+                                                 cache=None if caches is None else caches[i])
+        # full recompute: keep only the block's input; redo the whole block in backward
+        x = checkpoint(block, x, use_reentrant=False) if cfg.recompute == "full" and training else block(x)
+    return x
+
+
+def lm_logits(params, x, cfg: GPTConfig, mesh: Mesh):
+    """Final norm and output layer. x: [b, s(/t), h] -> logits [b, s, V/t],
+    kept vocab-parallel for the loss (the tied embedding is the weight)."""
+    x = norm(params, "final_norm", x, cfg, mesh)
+    weight = params["embed.word"] if cfg.tie_embeddings else params["head.weight"]
+    return P.column_parallel_linear(x, weight, None, mesh, sequence_parallel=cfg.sequence_parallel)
+
+
+def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=False, caches=None, pos_offset=0):
+    """ids [b, s] -> vocab-parallel logits [b, s, V/t]."""
+    cfg.check_mesh(mesh)
+    x = embed(params, ids, cfg, mesh, seed=seed, training=training, pos_offset=pos_offset)
+    x = run_layers(params, x, cfg, mesh, seed=seed, training=training, caches=caches, pos_offset=pos_offset)
+    return lm_logits(params, x, cfg, mesh)
+
+
+def lm_loss(logits, targets, cfg: GPTConfig, mesh: Mesh, loss_mask=None):
+    """Mean vocab-parallel cross-entropy over the tokens where loss_mask is 1."""
+    losses = P.vocab_parallel_cross_entropy(logits, targets, mesh, label_smoothing=cfg.label_smoothing,
+                                            vocab_size=cfg.vocab_size)  # [b, s]
+    if loss_mask is None:
+        return losses.mean()
+    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+
+def gpt_loss(params, ids, targets, cfg: GPTConfig, mesh: Mesh, *, loss_mask=None, seed=0, training=True):
+    """ids, targets: [b, s] -> scalar loss (the same on every tp rank)."""
+    return lm_loss(gpt_logits(params, ids, cfg, mesh, seed=seed, training=training), targets, cfg, mesh, loss_mask)
+
+
+# ---------------------------------------------------------------------------
+# 5. Generation
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(params, prompt_ids, cfg: GPTConfig, mesh: Mesh, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, seed: int = 0):
+    """Sample max_new_tokens after prompt_ids [b, s0] -> [b, s0 + max_new_tokens].
+
+    A KV cache per layer keeps k, v, so each step feeds one token. The last
+    position's vocab-parallel logits are all-gathered (b * V elements) so every
+    tp rank samples the same token from the same generator. temperature 0 is
+    greedy; padded vocabulary ids are never sampled."""
+    cfg = replace(cfg, sequence_parallel=False, recompute="none")
+    if prompt_ids.shape[1] + max_new_tokens > cfg.max_seq:
+        raise ValueError(f"prompt of {prompt_ids.shape[1]} + {max_new_tokens} new tokens is longer than "
+                         f"max_seq={cfg.max_seq}")
+    if temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"need temperature >= 0 and top_k >= 1, got temperature={temperature}, top_k={top_k}")
+    gen = torch.Generator(device=prompt_ids.device).manual_seed(seed)
+    caches = {i: {} for i in layer_ids(params)}
+    ids, feed, pos = prompt_ids, prompt_ids, 0
+    for _ in range(max_new_tokens):
+        local = gpt_logits(params, feed, cfg, mesh, caches=caches, pos_offset=pos)[:, -1]  # [b, V/t]
+        logits = P.gather_from_tp(local, mesh).float()[:, : cfg.vocab_size]  # [b, V]
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+        pos += feed.shape[1]
+        feed = nxt[:, None]
+        ids = torch.cat([ids, feed], dim=1)
+    return ids
+
+
+# ---------------------------------------------------------------------------
+# 6. GPT-2 weights (Hugging Face GPT2LMHeadModel) in and out
+# ---------------------------------------------------------------------------
+
+
+def gpt2_config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, **overrides) -> GPTConfig:
+    """The nanomeg config of a GPT-2 checkpoint (tanh GeLU, learned positions, tied)."""
+    return GPTConfig(vocab_size=vocab_size, max_seq=n_positions, layers=n_layer, hidden=n_embd, heads=n_head,
+                     activation="gelu_tanh", position="learned", norm="layernorm", **overrides)
+
+
+def from_hf_gpt2(state_dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """nanomeg parameters from a GPT2LMHeadModel state dict (or a path to a
+    .safetensors file). HF's Conv1D weights are [in, out]: transposed here;
+    c_attn's [q | k | v] columns regrouped per head as [q_i, k_i, v_i]."""
+    if isinstance(state_dict, str):
+        from safetensors.torch import load_file
+
+        state_dict = load_file(state_dict)
+    sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
+    need = ["wte.weight", "wpe.weight", "ln_f.weight"] + [f"h.{i}.attn.c_attn.weight" for i in range(cfg.layers)]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(f"not a GPT-2 state dict for {cfg.layers} layers: missing {missing[:3]}")
+    if sd["wte.weight"].shape != (cfg.vocab_size, cfg.hidden):
+        raise ValueError(f"wte.weight shape {tuple(sd['wte.weight'].shape)} != (vocab_size, hidden) = "
+                         f"({cfg.vocab_size}, {cfg.hidden})")
+    regroup = lambda w: rearrange(w, "(three n d) ... -> (n three d) ...", three=3, n=cfg.heads)
+    word = torch.zeros(cfg.padded_vocab, cfg.hidden, dtype=sd["wte.weight"].dtype)
+    word[: cfg.vocab_size] = sd["wte.weight"]
+    p = {"embed.word": word, "embed.pos": sd["wpe.weight"][: cfg.max_seq].clone(),
+         "final_norm.weight": sd["ln_f.weight"], "final_norm.bias": sd["ln_f.bias"]}
+    for i in range(cfg.layers):
+        h, pre = f"h.{i}", f"layers.{i}"
+        p |= {f"{pre}.ln1.weight": sd[f"{h}.ln_1.weight"], f"{pre}.ln1.bias": sd[f"{h}.ln_1.bias"],
+              f"{pre}.attn.qkv.weight": regroup(sd[f"{h}.attn.c_attn.weight"].t()),
+              f"{pre}.attn.qkv.bias": regroup(sd[f"{h}.attn.c_attn.bias"]),
+              f"{pre}.attn.proj.weight": sd[f"{h}.attn.c_proj.weight"].t(),
+              f"{pre}.attn.proj.bias": sd[f"{h}.attn.c_proj.bias"],
+              f"{pre}.ln2.weight": sd[f"{h}.ln_2.weight"], f"{pre}.ln2.bias": sd[f"{h}.ln_2.bias"],
+              f"{pre}.mlp.fc1.weight": sd[f"{h}.mlp.c_fc.weight"].t(), f"{pre}.mlp.fc1.bias": sd[f"{h}.mlp.c_fc.bias"],
+              f"{pre}.mlp.fc2.weight": sd[f"{h}.mlp.c_proj.weight"].t(),
+              f"{pre}.mlp.fc2.bias": sd[f"{h}.mlp.c_proj.bias"]}
+    return {k: v.contiguous().clone() for k, v in p.items()}
+
+
+def to_hf_gpt2(params, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A GPT2LMHeadModel state dict from full nanomeg parameters (inverse of from_hf_gpt2)."""
+    ungroup = lambda w: rearrange(w, "(n three d) ... -> (three n d) ...", three=3, n=cfg.heads)
+    sd = {"transformer.wte.weight": params["embed.word"][: cfg.vocab_size], "transformer.wpe.weight": params["embed.pos"],
+          "transformer.ln_f.weight": params["final_norm.weight"], "transformer.ln_f.bias": params["final_norm.bias"]}
+    for i in range(cfg.layers):
+        h, pre = f"transformer.h.{i}", f"layers.{i}"
+        sd |= {f"{h}.ln_1.weight": params[f"{pre}.ln1.weight"], f"{h}.ln_1.bias": params[f"{pre}.ln1.bias"],
+               f"{h}.attn.c_attn.weight": ungroup(params[f"{pre}.attn.qkv.weight"]).t(),
+               f"{h}.attn.c_attn.bias": ungroup(params[f"{pre}.attn.qkv.bias"]),
+               f"{h}.attn.c_proj.weight": params[f"{pre}.attn.proj.weight"].t(),
+               f"{h}.attn.c_proj.bias": params[f"{pre}.attn.proj.bias"],
+               f"{h}.ln_2.weight": params[f"{pre}.ln2.weight"], f"{h}.ln_2.bias": params[f"{pre}.ln2.bias"],
+               f"{h}.mlp.c_fc.weight": params[f"{pre}.mlp.fc1.weight"].t(),
+               f"{h}.mlp.c_fc.bias": params[f"{pre}.mlp.fc1.bias"],
+               f"{h}.mlp.c_proj.weight": params[f"{pre}.mlp.fc2.weight"].t(),
+               f"{h}.mlp.c_proj.bias": params[f"{pre}.mlp.fc2.bias"]}
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return {k: v.contiguous().clone() for k, v in sd.items()}
