@@ -493,7 +493,8 @@ def from_hf_gpt2(state_dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
 def to_hf_gpt2(params, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """A GPT2LMHeadModel state dict from full nanomeg parameters (inverse of from_hf_gpt2)."""
     ungroup = lambda w: rearrange(w, "(n three d) ... -> (three n d) ...", three=3, n=cfg.heads)
-    sd = {"transformer.wte.weight": params["embed.word"][: cfg.vocab_size], "transformer.wpe.weight": params["embed.pos"],
+    sd = {"transformer.wte.weight": params["embed.word"][: cfg.vocab_size],
+          "transformer.wpe.weight": params["embed.pos"],
           "transformer.ln_f.weight": params["final_norm.weight"], "transformer.ln_f.bias": params["final_norm.bias"]}
     for i in range(cfg.layers):
         h, pre = f"transformer.h.{i}", f"layers.{i}"
