@@ -404,6 +404,19 @@ def gpt_loss(params, ids, targets, cfg: GPTConfig, mesh: Mesh, *, loss_mask=None
     return lm_loss(gpt_logits(params, ids, cfg, mesh, seed=seed, training=training), targets, cfg, mesh, loss_mask)
 
 
+def gpt_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
+    """Model FLOPs of one forward + backward step (backward = 2x forward;
+    recompute not counted, as in MFU). 2 FLOPs per multiply-add of every
+    matmul plus the two [s, s] attention matmuls; for a GPT with ffn = 4h
+    this is Megatron's 72 B s l h^2 (1 + s/6h + V/12lh)."""
+    h, d = cfg.hidden, cfg.head_dim
+    per_layer = h * (cfg.heads + 2 * cfg.kv_heads) * d + cfg.heads * d * h \
+        + h * cfg.ffn * (3 if cfg.activation == "swiglu" else 2)  # matmul weights
+    tokens = batch * seq
+    forward = 2 * tokens * (cfg.layers * per_layer + h * cfg.padded_vocab) + 4 * batch * seq * seq * h * cfg.layers
+    return 3.0 * forward
+
+
 # ---------------------------------------------------------------------------
 # 5. Generation
 # ---------------------------------------------------------------------------

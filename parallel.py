@@ -664,3 +664,43 @@ def dropout(x, p: float, *, seed: int, stream, training: bool = True, offset=Non
         return x
     mask = keep_mask(x.shape, p, seed, stream, offset, global_shape, x.device)
     return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+# ---------------------------------------------------------------------------
+# 8. Gradients across ranks: data-parallel averaging and the global norm.
+# ---------------------------------------------------------------------------
+
+
+def all_reduce_grads_dp(params: dict, mesh: Mesh) -> None:
+    """Average every gradient over the data-parallel replicas, in place.
+    Elements moved: one all-reduce of each parameter shard's size over dp.
+    (Megatron packs them into buckets overlapped with backward; this is the
+    plain form.)"""
+    if mesh.dp == 1:
+        return
+    for p in params.values():
+        if p.grad is not None:
+            p.grad.copy_(all_reduce(p.grad, mesh, "dp", "backward") / mesh.dp)
+
+
+def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float) -> torch.Tensor:
+    """Scale all gradients so that their global L2 norm is at most max_norm;
+    return the norm before clipping (the same on every rank).
+
+    The norm is over the *full* model: split parameters contribute their
+    shard on every tp rank, replicated ones are counted once (on tp rank 0),
+    then one all-reduce of a single element over tp sums the squares.
+    """
+    sharded = [p.grad for n, p in params.items() if p.grad is not None and specs[n] is not None]
+    replicated = [p.grad for n, p in params.items() if p.grad is not None and specs[n] is None]
+    counted = sharded + (replicated if mesh.tp_rank == 0 else [])
+    device = next(iter(params.values())).device
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for g in counted:
+        sq = sq + g.detach().double().pow(2).sum()
+    norm = all_reduce(sq, mesh, "tp").sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in sharded + replicated:
+            g.mul_(scale.to(g.dtype))
+    return norm
