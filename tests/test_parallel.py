@@ -331,3 +331,48 @@ def test_a_failing_or_dying_worker_fails_the_test_and_never_hangs(pool):
     with pytest.raises(WorkerError, match=r"died \(rank: exit code \{2: 3\}\)"):
         pool.run(die_on_rank_two)
     assert [r["tp"] for r in pool.run(mesh_case, tp=2)] == [(2, 0), (2, 1)] * 2  # the pool restarted
+
+
+# ---------------------------------------------------------------- gradients across ranks
+
+
+def clip_case(mesh, grads, specs, max_norm):
+    params = P.shard({k: torch.zeros_like(g) for k, g in grads.items()}, specs, mesh)
+    for name, g in P.shard(grads, specs, mesh).items():
+        params[name].grad = g
+    norm = P.clip_grad_norm(params, specs, mesh, max_norm)
+    return dict(norm=norm, grads=P.unshard({k: p.grad for k, p in params.items()}, specs, mesh))
+
+
+@given(tp=tps, shapes=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 3), st.sampled_from([None, 0, 1])),
+                               min_size=1, max_size=4), max_norm=st.sampled_from([0.0, 0.5, 100.0]),
+       seed=st.integers(0, 2**16))
+def test_clip_grad_norm_is_the_norm_of_the_full_model(pool, tp, shapes, max_norm, seed):
+    grads, specs = {}, {}
+    for i, (a, c, spec) in enumerate(shapes):
+        grads[f"p{i}"] = rand(seed + i, a * 4 if spec == 0 else a, c * 4 if spec == 1 else c)
+        specs[f"p{i}"] = spec
+    full = torch.cat([g.flatten() for g in grads.values()]).norm()
+    serial = clip_case(P.Mesh.serial(), grads, specs, max_norm)
+    torch.testing.assert_close(serial["norm"], full, **TOL)
+    scale = min(1.0, max_norm / (full.item() + 1e-6)) if max_norm > 0 else 1.0
+    for k, g in grads.items():
+        torch.testing.assert_close(serial["grads"][k], g * scale, **TOL)
+    for got in pool.run(clip_case, grads, specs, max_norm, tp=tp):
+        torch.testing.assert_close(got["norm"], serial["norm"], **TOL)
+        for k in grads:
+            torch.testing.assert_close(got["grads"][k], serial["grads"][k], **TOL)
+
+
+def dp_average_case(mesh):
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.full((3,), float(mesh.dp_rank))
+    P.all_reduce_grads_dp({"p": p}, mesh)
+    return p.grad
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_data_parallel_grads_are_averaged(pool, tp):
+    dp = 4 // tp
+    for got in pool.run(dp_average_case, tp=tp):
+        assert torch.equal(got, torch.full((3,), sum(range(dp)) / dp))
