@@ -54,6 +54,7 @@ NORM_BLOCK = 8192  # longest LayerNorm/RMSNorm row (hidden size) held in registe
 GELU_BLOCK_M, GELU_BLOCK_N = 16, 256  # bias-GeLU tile: rows x columns per program
 GROUPS_PER_SM = 4  # weight-gradient stage 1: programs per streaming multiprocessor on CUDA
 CPU_ROW_GROUPS = 3  # ... and the number of programs under the CPU interpreter
+COLUMN_SUM_BLOCK_G, COLUMN_SUM_BLOCK_N = 64, 32  # weight-gradient stage 2: groups x columns per tile
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -117,24 +118,28 @@ def _row_groups(n_rows: int, device: torch.device) -> tuple[int, int]:
 
 
 @triton.jit
-def _column_sum_kernel(PART, OUT, groups, n, BLOCK: tl.constexpr):
+def _column_sum_kernel(PART, OUT, groups, n, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     """Stage 2 of a weight-gradient reduction: out[c] = sum over g of part[g, c]. PART: [groups, n] fp32.
-    One program per BLOCK columns, adding the groups in a fixed order: deterministic, no atomics.
-    Traffic: reads the partial sums once (groups * n floats, small next to the activations), writes n."""
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    in_row = cols < n
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for g in range(0, groups):
-        acc += tl.load(PART + g * n + cols, mask=in_row, other=0.0)
-    tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=in_row)
+    One program per BLOCK_N columns; it adds [BLOCK_G, BLOCK_N] tiles of groups, always in the same order:
+    deterministic, no atomics. Traffic: reads the partial sums once (groups * n floats, small next to
+    the activations), writes n."""
+    groups_in_tile = tl.arange(0, BLOCK_G)[:, None]
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for g in range(0, groups, BLOCK_G):
+        in_tile = (g + groups_in_tile < groups) & (cols < n)
+        acc += tl.load(PART + (g + groups_in_tile) * n + cols, mask=in_tile, other=0.0)
+    out = tl.sum(acc, axis=0)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(OUT + cols, out.to(OUT.dtype.element_ty), mask=cols < n)
 
 
 def _column_sum(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """part: [groups, n] fp32 -> [n] in `dtype`, summed over groups by _column_sum_kernel."""
     groups, n = part.shape
     out = _empty((n,), dtype, part.device)
-    block = min(triton.next_power_of_2(n), 1024)
-    _column_sum_kernel[(triton.cdiv(n, block),)](part, out, groups, n, BLOCK=block)
+    block_n = COLUMN_SUM_BLOCK_N
+    _column_sum_kernel[(triton.cdiv(n, block_n),)](part, out, groups, n, BLOCK_G=COLUMN_SUM_BLOCK_G, BLOCK_N=block_n)
     return out
 
 
@@ -156,28 +161,35 @@ def _inv_or_zero(d):
 
 
 @triton.jit
+def _in_row(row, cols, sq, sk, CAUSAL: tl.constexpr):
+    """Columns `cols` that lie in row `row` of [b * heads * sq, sk] and, if CAUSAL, are keys its query
+    may see: query q (aligned to the end of the keys) sees keys k <= q + (sk - sq). From indices only."""
+    keep = cols < sk
+    if CAUSAL:
+        keep = keep & (cols <= row % sq + (sk - sq))
+    return keep
+
+
+@triton.jit
 def _masked_scores(X, MASK, row, cols, sq, sk, heads, scale, m_sb, m_sh, m_sq, MASK_KIND: tl.constexpr):
     """Scores for columns `cols` of row `row` of x: [b * heads * sq, sk]: scale * x in fp32, -inf where
-    masked. Causal (MASK_KIND 1): query q sees keys k <= q + (sk - sq), from indices, no mask read.
-    Padding (MASK_KIND 2): mask[b, h, q, k] True = masked out; broadcast dims have stride 0."""
-    in_row = cols < sk
-    s = tl.load(X + row * sk + cols, mask=in_row, other=0.0).to(tl.float32) * scale
-    keep = in_row
-    if MASK_KIND == 1:
-        keep = keep & (cols <= row % sq + (sk - sq))
+    masked. MASK_KIND 1 (causal): from indices, no mask read. MASK_KIND 2 (padding): mask[b, h, q, k],
+    True = masked out, broadcast dims with stride 0. Masked keys of x are never read from memory."""
+    keep = _in_row(row, cols, sq, sk, MASK_KIND == 1)
     if MASK_KIND == 2:
         bh = row // sq
         mask_row = MASK + (bh // heads) * m_sb + (bh % heads) * m_sh + (row % sq) * m_sq
-        keep = keep & (tl.load(mask_row + cols, mask=in_row, other=1) == 0)
-    return tl.where(keep, s, float("-inf"))
+        keep = keep & (tl.load(mask_row + cols, mask=cols < sk, other=1) == 0)
+    x = tl.load(X + row * sk + cols, mask=keep, other=0.0)
+    return tl.where(keep, x.to(tl.float32) * scale, float("-inf"))
 
 
 @triton.jit
 def _softmax_fwd_kernel(X, Y, MASK, sq, sk, heads, scale, m_sb, m_sh, m_sq,
                         MASK_KIND: tl.constexpr, BLOCK: tl.constexpr):
     """One program per row of x: [b * heads * sq, sk], the whole row in one block (sk <= BLOCK).
-    Traffic: reads x once (and, for padding, the mask row), writes y once.
-    Unfused PyTorch (float(), * scale, masked_fill, softmax, to(dtype)) reads and writes the whole
+    Traffic: reads x once (only the visible keys: about half of it for causal; and for padding the mask
+    row), writes y once. Unfused PyTorch (float(), * scale, masked_fill, softmax, to(dtype)) reads and writes the whole
     tensor five times each, mostly in fp32: about 9x the bytes for fp16/bf16 (36 vs 4 per element)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -214,36 +226,39 @@ def _softmax_fwd_looped_kernel(X, Y, MASK, sq, sk, heads, scale, m_sb, m_sh, m_s
 
 
 @triton.jit
-def _softmax_bwd_kernel(Y, DY, DX, sk, scale, BLOCK: tl.constexpr):
+def _softmax_bwd_kernel(Y, DY, DX, sq, sk, scale, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
     """dx = scale * y * (dy - sum(dy * y)), one program per row, the row in one block (sk <= BLOCK).
-    Needs only y and dy: the mask is inside y already (masked y = 0 gives masked dx = 0).
-    Traffic: reads y and dy once, writes dx once. Unfused autograd: softmax backward (reads y, dy,
-    writes dx in fp32), then masked_fill's, the scale's and the casts' backwards each read and write
-    the whole tensor again."""
+    Needs only y and dy: the mask is inside y already (masked y = 0 gives masked dx = 0); for a causal
+    mask, y and dy above the diagonal are not even read.
+    Traffic: reads y and dy once, writes dx once. Unfused autograd: softmax backward (reads y, dy, writes
+    dx in fp32), then masked_fill's, the scale's and the casts' backwards each read and write the whole
+    tensor again."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    in_row = cols < sk
-    y = tl.load(Y + row * sk + cols, mask=in_row, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row * sk + cols, mask=in_row, other=0.0).to(tl.float32)
+    visible = _in_row(row, cols, sq, sk, CAUSAL)
+    y = tl.load(Y + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
     dx = scale * y * (dy - tl.sum(dy * y, axis=0))
-    tl.store(DX + row * sk + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+    tl.store(DX + row * sk + cols, dx.to(DX.dtype.element_ty), mask=cols < sk)
 
 
 @triton.jit
-def _softmax_bwd_looped_kernel(Y, DY, DX, sk, scale, BLOCK: tl.constexpr):
+def _softmax_bwd_looped_kernel(Y, DY, DX, sq, sk, scale, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
     """As _softmax_bwd_kernel, for sk > BLOCK: sweep 1 sums dy * y in chunks, sweep 2 writes dx.
     Traffic: reads y and dy twice, writes dx once."""
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, sk, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        y = tl.load(Y + row * sk + cols, mask=cols < sk, other=0.0).to(tl.float32)
-        acc += y * tl.load(DY + row * sk + cols, mask=cols < sk, other=0.0).to(tl.float32)
+        visible = _in_row(row, cols, sq, sk, CAUSAL)
+        y = tl.load(Y + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
+        acc += y * tl.load(DY + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
     dot = tl.sum(acc, axis=0)
     for start in range(0, sk, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        y = tl.load(Y + row * sk + cols, mask=cols < sk, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * sk + cols, mask=cols < sk, other=0.0).to(tl.float32)
+        visible = _in_row(row, cols, sq, sk, CAUSAL)
+        y = tl.load(Y + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
         tl.store(DX + row * sk + cols, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=cols < sk)
 
 
@@ -297,14 +312,15 @@ def _softmax_fwd(x, scale, mask_kind, mask):
     return y
 
 
-def _softmax_bwd(y, dy, scale):
+def _softmax_bwd(y, dy, scale, mask_kind):
     """y, dy: [b, heads, sq, sk] -> dx, in y's dtype."""
-    sk = y.shape[-1]
+    sq, sk = y.shape[-2:]
     dy = dy.contiguous()
     dx = _empty(y.shape, y.dtype, y.device)
     block = min(triton.next_power_of_2(sk), SOFTMAX_BLOCK)
     kernel = _softmax_bwd_kernel if sk <= block else _softmax_bwd_looped_kernel
-    kernel[(y.numel() // sk,)](y, dy, dx, sk, float(scale), BLOCK=block, num_warps=_num_warps(block))
+    kernel[(y.numel() // sk,)](y, dy, dx, sq, sk, float(scale), CAUSAL=mask_kind == "causal", BLOCK=block,
+                               num_warps=_num_warps(block))
     return dx
 
 
@@ -315,13 +331,13 @@ class TritonScaleMaskSoftmax(torch.autograd.Function):
     def forward(ctx, x, scale, mask_kind, mask):
         y = _softmax_fwd(x, scale, mask_kind, mask)
         ctx.save_for_backward(y)
-        ctx.scale = scale
+        ctx.scale, ctx.mask_kind = scale, mask_kind
         return y
 
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return _softmax_bwd(y, dy, ctx.scale), None, None, None
+        return _softmax_bwd(y, dy, ctx.scale, ctx.mask_kind), None, None, None
 
 
 def scale_mask_softmax_reference(x, *, scale=1.0, mask_kind="none", mask=None):
