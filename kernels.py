@@ -5,7 +5,7 @@ signature (DESIGN.md, idea 5):
 
 | op                 | here                  | Megatron-LM                                                        |
 | ------------------ | --------------------- | ------------------------------------------------------------------ |
-| scale-mask-softmax | `scale_mask_softmax`  | FusedScaleMaskSoftmax: scaled_upper_triang_masked_softmax (causal), |
+| scale-mask-softmax | `scale_mask_softmax`  | FusedScaleMaskSoftmax: scaled_upper_triang_masked_softmax (causal) |
 |                    |                       | scaled_masked_softmax (padding), scaled_softmax (none)             |
 | LayerNorm          | `layer_norm`          | MixedFusedLayerNorm, `apply_layernorm_1p` (zero-centred gamma)     |
 | RMSNorm            | `rms_norm`            | MixedFusedRMSNorm                                                  |
@@ -300,7 +300,7 @@ def _mask_operand(x, mask):
 
 def _softmax_fwd(x, scale, mask_kind, mask):
     """x: [b, heads, sq, sk] -> y of the same shape and dtype, by the one-block or looped kernel."""
-    _check_dtype("scale_mask_softmax", "x", x, KERNEL_DTYPES)
+    _check_softmax_args(x, scale, mask_kind, mask, KERNEL_DTYPES)
     b, heads, sq, sk = x.shape
     x = x.contiguous()
     y = _empty(x.shape, x.dtype, x.device)
@@ -555,10 +555,7 @@ def _check_norm_args(op, x, weight, bias, dtypes) -> None:
 
 def _norm_fwd(x, weight, bias, eps, zero_centered, is_rms):
     """x: [..., n] -> (y like x, mean [rows] fp32 or None for RMSNorm, rstd [rows] fp32)."""
-    op = "rms_norm" if is_rms else "layer_norm"
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None:
-            _check_dtype(op, name, t, KERNEL_DTYPES)
+    _check_norm_args("rms_norm" if is_rms else "layer_norm", x, weight, bias, KERNEL_DTYPES)
     n = x.shape[-1]
     x2, weight = x.contiguous().view(-1, n), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -767,9 +764,7 @@ def _check_bias_gelu_args(x, bias, approximate, dtypes) -> None:
 
 def _bias_gelu_fwd(x, bias, approximate):
     """x: [..., n] -> y like x."""
-    for name, t in (("x", x), ("bias", bias)):
-        if t is not None:
-            _check_dtype("bias_gelu", name, t, KERNEL_DTYPES)
+    _check_bias_gelu_args(x, bias, approximate, KERNEL_DTYPES)
     n = x.shape[-1]
     x2, bias = x.contiguous().view(-1, n), None if bias is None else bias.contiguous()
     y = _empty(x2.shape, x.dtype, x.device)
