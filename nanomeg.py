@@ -82,6 +82,8 @@ class GPTConfig:
             object.__setattr__(self, "kv_heads", self.heads)
         if self.ffn is None:
             object.__setattr__(self, "ffn", 4 * self.hidden)
+        if self.ffn < 1:
+            raise ValueError(f"ffn must be >= 1, got {self.ffn}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.kv_heads < 1 or self.heads % self.kv_heads:
@@ -476,14 +478,20 @@ def from_hf_gpt2(state_dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         state_dict = load_file(state_dict)
+    check_gpt2_compatible(cfg)
     sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
     need = ["wte.weight", "wpe.weight", "ln_f.weight"] + [f"h.{i}.attn.c_attn.weight" for i in range(cfg.layers)]
     missing = [k for k in need if k not in sd]
     if missing:
         raise ValueError(f"not a GPT-2 state dict for {cfg.layers} layers: missing {missing[:3]}")
+    if f"h.{cfg.layers}.attn.c_attn.weight" in sd:
+        extra = len({k.split(".")[1] for k in sd if k.startswith("h.")})
+        raise ValueError(f"the state dict holds {extra} layers (h.0 to h.{extra - 1}), the config {cfg.layers}")
     if sd["wte.weight"].shape != (cfg.vocab_size, cfg.hidden):
         raise ValueError(f"wte.weight shape {tuple(sd['wte.weight'].shape)} != (vocab_size, hidden) = "
                          f"({cfg.vocab_size}, {cfg.hidden})")
+    if sd["wpe.weight"].shape[0] < cfg.max_seq:
+        raise ValueError(f"wpe.weight has {sd['wpe.weight'].shape[0]} positions, fewer than max_seq={cfg.max_seq}")
     regroup = lambda w: rearrange(w, "(three n d) ... -> (n three d) ...", three=3, n=cfg.heads)
     word = torch.zeros(cfg.padded_vocab, cfg.hidden, dtype=sd["wte.weight"].dtype)
     word[: cfg.vocab_size] = sd["wte.weight"]
@@ -500,11 +508,27 @@ def from_hf_gpt2(state_dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
               f"{pre}.mlp.fc1.weight": sd[f"{h}.mlp.c_fc.weight"].t(), f"{pre}.mlp.fc1.bias": sd[f"{h}.mlp.c_fc.bias"],
               f"{pre}.mlp.fc2.weight": sd[f"{h}.mlp.c_proj.weight"].t(),
               f"{pre}.mlp.fc2.bias": sd[f"{h}.mlp.c_proj.bias"]}
+    shapes = gpt_shapes(cfg)
+    for name, value in p.items():
+        if tuple(value.shape) != shapes[name][0]:
+            raise ValueError(f"{name}: the checkpoint gives shape {tuple(value.shape)}, the config "
+                             f"needs {shapes[name][0]}")
     return {k: v.contiguous().clone() for k, v in p.items()}
+
+
+def check_gpt2_compatible(cfg: GPTConfig) -> None:
+    """GPT-2 holds only: LayerNorm, tanh GeLU, learned positions, biases, tied
+    embeddings, multi-head attention, ffn = 4h. Anything else is a ValueError."""
+    want = dict(norm="layernorm", activation="gelu_tanh", position="learned", bias=True, tie_embeddings=True,
+                kv_heads=cfg.heads, ffn=4 * cfg.hidden, zero_centered_gamma=False, residual_post_norm=False)
+    wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
+    if wrong:
+        raise ValueError(f"GPT-2 cannot hold this config: {wrong} (GPT-2 has {dict((k, want[k]) for k in wrong)})")
 
 
 def to_hf_gpt2(params, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """A GPT2LMHeadModel state dict from full nanomeg parameters (inverse of from_hf_gpt2)."""
+    check_gpt2_compatible(cfg)
     ungroup = lambda w: rearrange(w, "(n three d) ... -> (three n d) ...", three=3, n=cfg.heads)
     sd = {"transformer.wte.weight": params["embed.word"][: cfg.vocab_size],
           "transformer.wpe.weight": params["embed.pos"],
