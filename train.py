@@ -287,6 +287,8 @@ def main(argv=None) -> int:
     except UsageError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
+        else:  # every rank stops; let rank 0 be the first, so torchrun's
+            time.sleep(2)  # first signal to the others never cuts its message
         return 2
     finally:
         if torch.distributed.is_initialized():
