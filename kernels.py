@@ -32,11 +32,11 @@ and read once; a longer row is swept in chunks of that size by a "looped" kernel
 constants read at call time, so tests lower them to make "longer than one block" cheap.
 """
 
-import math
 import os
 import types
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -347,12 +347,12 @@ def scale_mask_softmax_reference(x, *, scale=1.0, mask_kind="none", mask=None):
     sq, sk = x.shape[-2:]
     if mask_kind == "causal":  # query i sees keys j <= i + (sk - sq)
         mask = torch.ones(sq, sk, dtype=torch.bool, device=x.device).triu(sk - sq + 1)
-    if mask is not None:
-        s = s.masked_fill(mask, float("-inf"))
-    row_max = s.amax(dim=-1, keepdim=True).detach()  # softmax is shift-invariant: a constant is exact
-    e = torch.exp(s - torch.where(row_max == float("-inf"), 0.0, row_max))
-    total = e.sum(dim=-1, keepdim=True)
-    return (e / torch.where(total == 0, 1.0, total)).to(x.dtype)  # a fully masked row: 0 / 1 = 0
+    if mask is None:
+        return torch.softmax(s, dim=-1).to(x.dtype)
+    y = torch.softmax(s.masked_fill_(mask, float("-inf")), dim=-1)  # s is our own fresh tensor: in place
+    if mask_kind == "causal":  # with sq <= sk every row sees at least one key
+        return y.to(x.dtype)
+    return y.masked_fill(mask.all(dim=-1, keepdim=True), 0.0).to(x.dtype)  # a fully masked row: 0, not NaN
 
 
 def scale_mask_softmax(x, *, scale=1.0, mask_kind="none", mask=None):
@@ -631,8 +631,9 @@ def layer_norm_reference(x, weight, bias=None, eps=1e-5, *, zero_centered_gamma=
     """Plain-PyTorch twin of layer_norm (same arguments, same result; accepts float64 too)."""
     _check_norm_args("layer_norm", x, weight, bias, REFERENCE_DTYPES)
     xf = x.to(_compute_dtype(x))
-    xc = xf - xf.mean(dim=-1, keepdim=True)
-    y = xc * torch.rsqrt((xc * xc).mean(dim=-1, keepdim=True) + eps) * _gamma(weight, zero_centered_gamma, xf.dtype)
+    xc = xf - xf.mean(dim=-1, keepdim=True)  # written out, not F.layer_norm: its fp32 backward leaves
+    y = xc * torch.rsqrt((xc * xc).mean(dim=-1, keepdim=True) + eps)  # ~1e-5 noise where dx is exactly 0
+    y = y * _gamma(weight, zero_centered_gamma, xf.dtype)
     if bias is not None:
         y = y + bias.to(xf.dtype)
     return y.to(x.dtype)
@@ -642,8 +643,7 @@ def rms_norm_reference(x, weight, eps=1e-5, *, zero_centered_gamma=False):
     """Plain-PyTorch twin of rms_norm (same arguments, same result; accepts float64 too)."""
     _check_norm_args("rms_norm", x, weight, None, REFERENCE_DTYPES)
     xf = x.to(_compute_dtype(x))
-    y = xf * torch.rsqrt((xf * xf).mean(dim=-1, keepdim=True) + eps) * _gamma(weight, zero_centered_gamma, xf.dtype)
-    return y.to(x.dtype)
+    return F.rms_norm(xf, xf.shape[-1:], _gamma(weight, zero_centered_gamma, xf.dtype), eps).to(x.dtype)
 
 
 def layer_norm(x, weight, bias=None, eps=1e-5, *, zero_centered_gamma=False):
@@ -811,11 +811,7 @@ def bias_gelu_reference(x, bias=None, *, approximate="tanh"):
     z = x.to(_compute_dtype(x))
     if bias is not None:
         z = z + bias.to(z.dtype)
-    if approximate == "tanh":
-        y = 0.5 * z * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
-    else:
-        y = 0.5 * z * (1.0 + torch.erf(z / math.sqrt(2.0)))
-    return y.to(x.dtype)
+    return F.gelu(z, approximate=approximate).to(x.dtype)  # tanh: 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))
 
 
 def bias_gelu(x, bias=None, *, approximate="tanh"):

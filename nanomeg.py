@@ -248,8 +248,9 @@ def core_attention(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, seed
     q: [b, n/t, sq, d]; k, v: [b, g/t, sk, d] (g kv heads) -> [b, n/t, sq, d].
     scores = q k^T -> fused scale-mask-softmax -> dropout -> probs v."""
     groups = q.shape[1] // k.shape[1]
-    k = repeat(k, "b g s d -> b (g r) s d", r=groups)  # each kv head serves `groups` q heads
-    v = repeat(v, "b g s d -> b (g r) s d", r=groups)
+    if groups > 1:  # grouped-query: each kv head serves `groups` query heads
+        k = repeat(k, "b g s d -> b (g r) s d", r=groups)
+        v = repeat(v, "b g s d -> b (g r) s d", r=groups)
     scores = q @ k.transpose(-1, -2)  # [b, n/t, sq, sk]
     probs = kernels.scale_mask_softmax(scores, scale=1.0 / math.sqrt(q.shape[-1]), mask_kind=mask_kind, mask=mask)
     if training and cfg.attention_dropout > 0:

@@ -425,10 +425,9 @@ def column_parallel_linear(x, weight, bias, mesh, *, gather_output=False, sequen
     _check_linear(x, weight, bias, "column_parallel_linear")
     if sequence_parallel and mesh.tp > 1:
         y = _SequenceGatherLinear.apply(x, weight, mesh)
+        y = y if bias is None else y + bias
     else:
-        y = copy_to_tp(x, mesh) @ weight.t()
-    if bias is not None:
-        y = y + bias
+        y = torch.nn.functional.linear(copy_to_tp(x, mesh), weight, bias)  # x A^T + b in one addmm
     return gather_from_tp(y, mesh) if gather_output else y
 
 
