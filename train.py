@@ -66,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=4)
-    ap.add_argument("--peak-flops", type=float, default=1e11,
-                    help="peak FLOP/s of one device, for the MFU estimate (default 1e11: a few CPU cores)")
+    ap.add_argument("--peak-flops", type=float,
+                    help="peak FLOP/s of one rank's device for MFU (default: measured with a matmul at start)")
     ap.add_argument("--sample-tokens", type=int, default=200, help="bytes generated at the end (0: none)")
     ap.add_argument("--prompt", default="def ", help="the sample's prompt")
     return ap.parse_args(argv)
@@ -177,12 +177,13 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     return cfg, tp
 
 
-def evaluate(params, data, cfg, mesh, args) -> float:
+def evaluate(params, data, cfg, mesh, args, device) -> float:
     """Mean loss over --eval-batches fixed held-out batches (no dropout)."""
     losses = []
     with torch.no_grad(), autocast(args):
         for i in range(args.eval_batches):
             x, y = batch(data, args.batch, args.seq, seed=10_000_019 + i)
+            x, y = x.to(device), y.to(device)
             losses.append(N.gpt_loss(params, x, y, cfg, mesh, training=False).float())
     return torch.stack(losses).mean().item()
 
@@ -190,6 +191,24 @@ def evaluate(params, data, cfg, mesh, args) -> float:
 def autocast(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+def measure_peak_flops(args, device) -> float:
+    """FLOP/s of a large matmul in the run's dtype on this rank's device: the
+    achievable peak that MFU is reported against when --peak-flops is not given."""
+    n = 4096 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def make_optimizer(params: dict, args) -> torch.optim.AdamW:
@@ -223,12 +242,15 @@ def train(args) -> int:
     texts, source = load_corpus(args.data)
     train_data, eval_data = split_corpus(texts, args.seq)
 
-    rank, world = P.init_distributed()
+    rank, world = P.init_distributed()  # nccl and one GPU per rank when CUDA is there, else gloo on CPU
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
     torch.manual_seed(args.seed)
     mesh = P.Mesh.build(tp=tp)
     say = print if rank == 0 else (lambda *a, **k: None)
     specs = N.gpt_specs(cfg)
-    params = {k: v.requires_grad_(True) for k, v in P.shard(N.init_gpt(cfg, args.seed), specs, mesh).items()}
+    params = {k: v.to(device).requires_grad_(True)
+              for k, v in P.shard(N.init_gpt(cfg, args.seed), specs, mesh).items()}
     opt = make_optimizer(params, args)
     n_params = sum(math.prod(shape) for shape, _ in N.gpt_shapes(cfg).values())
     tokens_per_step = args.batch * args.seq * mesh.dp
@@ -237,7 +259,10 @@ def train(args) -> int:
     say(f"model: GPT {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {n_params / 1e6:.2f}M parameters "
         f"(vocab 256 padded to {cfg.padded_vocab}); mesh tp={mesh.tp} dp={mesh.dp}"
         f"{', sequence parallel' if cfg.sequence_parallel else ''}{', bf16' if args.bf16 else ''}")
-    say(f"eval loss at step 0: {evaluate(params, eval_data, cfg, mesh, args):.4f}")
+    peak = args.peak_flops or measure_peak_flops(args, device)
+    say(f"MFU is against {peak / 1e9:,.1f} GFLOP/s per rank ("
+        f"{'--peak-flops' if args.peak_flops else 'measured: a matmul on this device, all ranks at once'})")
+    say(f"eval loss at step 0: {evaluate(params, eval_data, cfg, mesh, args, device):.4f}")
 
     bar = Progress(args.steps, rank == 0)
     t_last, steps_since = time.perf_counter(), 0
@@ -245,6 +270,7 @@ def train(args) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         x, y = batch(train_data, args.batch, args.seq, seed=args.seed * 1_000_003 + step * 7919 + mesh.dp_rank)
+        x, y = x.to(device), y.to(device)
         with P.count_comms() as comms:
             with autocast(args):
                 loss = N.gpt_loss(params, x, y, cfg, mesh, seed=args.seed + step, training=True)
@@ -266,13 +292,13 @@ def train(args) -> int:
             bar.clear()
             say(f"step {step:5d} | loss {loss_value:.4f} | lr {lr_at(step, args):.2e} | grad norm "
                 f"{grad_norm.item():.3f} | {tokens_per_step / dt:,.0f} tok/s | {flops / 1e9:.2f} GFLOP/s | "
-                f"MFU {flops / (world * args.peak_flops):.1%} | comm {sum(c['elements'] for c in comms):,} el/step")
+                f"MFU {flops / (world * peak):.1%} | comm {sum(c['elements'] for c in comms):,} el/step")
         if step % args.eval_every == 0 or step == args.steps:
             bar.clear()
-            say(f"eval loss at step {step}: {evaluate(params, eval_data, cfg, mesh, args):.4f}")
+            say(f"eval loss at step {step}: {evaluate(params, eval_data, cfg, mesh, args, device):.4f}")
 
     if args.sample_tokens > 0:
-        prompt = torch.tensor([list(args.prompt.encode() or b"\n")])
+        prompt = torch.tensor([list(args.prompt.encode() or b"\n")], device=device)
         n = min(args.sample_tokens, args.seq - prompt.shape[1])  # positions beyond --seq were never trained
         out = N.generate({k: v.detach() for k, v in params.items()}, prompt, cfg, mesh, n,
                          temperature=0.8, top_k=40, seed=args.seed)
