@@ -121,3 +121,22 @@ class WorkerPool:
         if errors:
             raise WorkerError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
         return [done[r] for r in range(self.world)]
+
+
+def value_errors_then_in_step(cases, mesh) -> list:
+    """Run each zero-argument case on this rank; collect str(ValueError) (None
+    when a case did not raise), then one all-reduce over tp: it returns only if
+    every rank is still in step, i.e. no case left a rank inside a collective."""
+    import torch
+
+    import parallel
+
+    messages = []
+    for case in cases:
+        try:
+            case()
+            messages.append(None)
+        except ValueError as e:
+            messages.append(str(e))
+    messages.append(parallel.all_reduce(torch.ones(1), mesh, "tp").item())
+    return messages

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from harness import value_errors_then_in_step
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -614,15 +615,7 @@ def bad_input_case(mesh):
         lambda: gpt_loss(params, ids, torch.tensor([[0, 1, 11, 2]]), cfg, mesh),
         lambda: generate(params, ids, cfg, mesh, 5),
     ]
-    messages = []
-    for case in cases:
-        try:
-            case()
-            messages.append(None)
-        except ValueError as e:
-            messages.append(str(e))
-    messages.append(P.all_reduce(torch.ones(1), mesh, "tp").item())  # every rank is still in step
-    return messages
+    return value_errors_then_in_step(cases, mesh)
 
 
 def test_bad_input_raises_on_every_rank_and_nothing_hangs(pool):

@@ -8,7 +8,7 @@ rank of the worker pool with a tp>1 mesh, and here in the test process on
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import WorkerError
+from harness import WorkerError, value_errors_then_in_step
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -269,7 +269,6 @@ def test_dropout_mask_beyond_two_to_the_32_elements():
 
 def bad_input_case(mesh):
     """Every case must raise ValueError on every rank before any collective."""
-    messages = []
     cases = [
         lambda: P.shard({"w": torch.zeros(3, 4)}, {"w": 0}, mesh),
         lambda: P.shard({"w": torch.zeros(3, 4)}, {}, mesh),
@@ -281,15 +280,7 @@ def bad_input_case(mesh):
         lambda: P.vocab_parallel_cross_entropy(torch.zeros(1, 2, 4), torch.tensor([[0, 9]]), mesh, vocab_size=7),
         lambda: P.vocab_parallel_cross_entropy(torch.zeros(1, 2, 4), torch.tensor([[0, 1, 2]]), mesh),
     ]
-    for case in cases:
-        try:
-            case()
-            messages.append(None)
-        except ValueError as e:
-            messages.append(str(e))
-    # every rank is still in step: a collective after the errors completes
-    messages.append(P.all_reduce(torch.ones(1), mesh, "tp").item())
-    return messages
+    return value_errors_then_in_step(cases, mesh)
 
 
 def test_bad_input_raises_on_every_rank_and_nothing_hangs(pool):
