@@ -54,6 +54,14 @@ def test_torchrun_tp2_sequence_parallel_learns_and_counts_communication(text_fil
     assert comm > 0
 
 
+def test_bf16_and_the_other_architecture_switches_run(text_file):
+    out = run("--data", text_file, "--steps", "6", "--log-every", "3", "--eval-every", "6", "--bf16",
+              "--position", "rope", "--norm", "rmsnorm", "--activation", "swiglu", "--kv-heads", "1",
+              "--attention", "sdpa", "--recompute", "full", *TINY)
+    assert out.returncode == 0, out.stderr
+    assert ", bf16" in out.stdout and len(eval_losses(out.stdout)) == 2
+
+
 @pytest.mark.parametrize("args,message", [
     (["--data", "/no/such/file"], "error: --data /no/such/file: no such file or directory"),
     (["--heads", "3", "--hidden", "96", "--tp", "2"], "error: --tp 2 does not divide the world size 1"),
