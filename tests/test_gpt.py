@@ -197,6 +197,50 @@ def test_parallel_gpt_equals_serial(pool, case):
         assert_close(got, want, f"rank {rank} (tp={case.tp})")
 
 
+def padded_stack_case(mesh, cfg, full, ids, targets, key_padding, seed):
+    """The stack with a padding mask instead of the causal one (the bidirectional, BERT-style path):
+    embed -> run_layers(mask_kind="padding") -> lm_logits -> loss, forward and backward."""
+    from nanomeg import embed, lm_logits, run_layers
+
+    specs = gpt_specs(cfg)
+    params = {k: v.requires_grad_(True) for k, v in P.shard(full, specs, mesh).items()}
+    mask = key_padding[:, None, None, :]  # [b, 1, 1, s], True = a padded key nobody attends to
+    x = embed(params, ids, cfg, mesh, seed=seed, training=True)
+    x = run_layers(params, x, cfg, mesh, mask_kind="padding", mask=mask, seed=seed, training=True)
+    loss = lm_loss(lm_logits(params, x, cfg, mesh), targets, cfg, mesh)
+    loss.backward()
+    return dict(loss=loss.detach(), grads=P.unshard({k: p.grad for k, p in params.items()}, specs, mesh))
+
+
+@given(tp=st.sampled_from([2, 4]), sp=st.booleans(), sdpa=st.booleans(), s_per=st.integers(1, 2),
+       seed=st.integers(0, 2**16))
+def test_padding_mask_parallel_equals_serial(pool, tp, sp, sdpa, s_per, seed):
+    s = 4 * s_per
+    cfg = GPTConfig(vocab_size=11, vocab_multiple=4, max_seq=s, layers=2, hidden=16, heads=4, ffn=8,
+                    sequence_parallel=sp, attention="sdpa" if sdpa else "core",
+                    hidden_dropout=0.0 if sdpa else 0.1, attention_dropout=0.0 if sdpa else 0.2)
+    full = model_params(cfg, seed)
+    ids, targets = randint(seed, 11, 2, s), randint(seed + 1, 11, 2, s)
+    key_padding = rand(seed + 2, 2, s) > 0.3
+    key_padding[:, 0] = False  # every query sees at least one key
+    want = padded_stack_case(SERIAL, replace(cfg, sequence_parallel=False, attention="core"), full, ids, targets,
+                             key_padding, seed)
+    # the mask is real: what stands at padded positions never reaches the other positions' logits
+    from nanomeg import embed, lm_logits, run_layers
+
+    def logits_of(tokens):
+        x = run_layers(full, embed(full, tokens, cfg, SERIAL), replace(cfg, sequence_parallel=False), SERIAL,
+                       mask_kind="padding", mask=key_padding[:, None, None, :])
+        return lm_logits(full, x, replace(cfg, sequence_parallel=False), SERIAL)
+    swapped = torch.where(key_padding, (ids + 1) % 11, ids)
+    seen = ~key_padding
+    torch.testing.assert_close(logits_of(swapped)[seen], logits_of(ids)[seen], **TOL)
+    if key_padding.any():  # while a padded position's own logits do change
+        assert not torch.allclose(logits_of(swapped)[key_padding], logits_of(ids)[key_padding])
+    for rank, got in enumerate(pool.run(padded_stack_case, cfg, full, ids, targets, key_padding, seed, tp=tp)):
+        assert_close(got, want, f"rank {rank} (tp={tp}, sp={sp}, sdpa={sdpa})")
+
+
 def test_dropout_is_on_and_depends_on_the_seed():
     """The equivalence above means little if dropout were silently off."""
     case = GPT2_LIKE
