@@ -78,16 +78,12 @@ class GPTConfig:
         for name in ("vocab_size", "max_seq", "layers", "hidden", "heads", "vocab_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kv_heads is None:
-            object.__setattr__(self, "kv_heads", self.heads)
-        if self.ffn is None:
-            object.__setattr__(self, "ffn", 4 * self.hidden)
-        if self.ffn < 1:
+        if self.ffn_hidden < 1:
             raise ValueError(f"ffn must be >= 1, got {self.ffn}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
-        if self.kv_heads < 1 or self.heads % self.kv_heads:
-            raise ValueError(f"heads={self.heads} is not divisible by kv_heads={self.kv_heads}")
+        if self.num_kv_heads < 1 or self.heads % self.num_kv_heads:
+            raise ValueError(f"heads={self.heads} is not divisible by kv_heads={self.num_kv_heads}")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head dim, got hidden/heads = {self.head_dim}")
         for name in ("hidden_dropout", "attention_dropout", "label_smoothing"):
@@ -96,6 +92,16 @@ class GPTConfig:
         if self.attention == "sdpa" and self.attention_dropout > 0:
             raise ValueError("attention='sdpa' has no counter-based dropout: use attention='core' "
                              f"with attention_dropout={self.attention_dropout}")
+
+    # kv_heads and ffn stay as given (None: the default), so dataclasses.replace(cfg, heads=...)
+    # re-derives them; these two properties are the resolved sizes.
+    @property
+    def num_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return 4 * self.hidden if self.ffn is None else self.ffn
 
     @property
     def head_dim(self) -> int:
@@ -110,7 +116,7 @@ class GPTConfig:
     def check_mesh(self, mesh: Mesh) -> None:
         """ValueError naming the sizes if this model cannot be split over mesh.tp."""
         t = mesh.tp
-        for name, n in (("heads", self.heads), ("kv_heads", self.kv_heads), ("ffn", self.ffn),
+        for name, n in (("heads", self.heads), ("kv_heads", self.num_kv_heads), ("ffn", self.ffn_hidden),
                         ("padded vocab", self.padded_vocab)):
             if n % t:
                 raise ValueError(f"tp={t} does not divide {name}={n}")
@@ -134,8 +140,8 @@ def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     SwiGLU fc1 rows interleaved [gate_i, up_i]; so a contiguous tp slice of
     either always holds whole heads / matching halves."""
     h, v = cfg.hidden, cfg.padded_vocab
-    qkv = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim
-    fc1 = cfg.ffn * (2 if cfg.activation == "swiglu" else 1)
+    qkv = (cfg.heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    fc1 = cfg.ffn_hidden * (2 if cfg.activation == "swiglu" else 1)
     ln = lambda name: {f"{name}.weight": ((h,), "gamma")} | (
         {f"{name}.bias": ((h,), "zeros")} if cfg.norm == "layernorm" else {})
     linear = lambda name, out, inp, rule: {f"{name}.weight": ((out, inp), rule)} | (
@@ -148,7 +154,7 @@ def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
         shapes |= (ln(f"{pre}.ln1") | linear(f"{pre}.attn.qkv", qkv, h, "normal")
                    | linear(f"{pre}.attn.proj", h, cfg.heads * cfg.head_dim, "scaled")
                    | ln(f"{pre}.ln2") | linear(f"{pre}.mlp.fc1", fc1, h, "normal")
-                   | linear(f"{pre}.mlp.fc2", h, cfg.ffn, "scaled"))
+                   | linear(f"{pre}.mlp.fc2", h, cfg.ffn_hidden, "scaled"))
     shapes |= ln("final_norm")
     if not cfg.tie_embeddings:
         shapes["head.weight"] = ((v, h), "normal")
@@ -289,8 +295,8 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
     d, t = cfg.head_dim, mesh.tp
     qkv = P.column_parallel_linear(x, params[f"{prefix}.qkv.weight"], params.get(f"{prefix}.qkv.bias"), mesh,
                                    sequence_parallel=cfg.sequence_parallel)  # [b, s, (n + 2g) d / t]
-    per_group = cfg.heads // cfg.kv_heads
-    qkv = rearrange(qkv, "b s (g r d) -> b g r s d", g=cfg.kv_heads // t, r=per_group + 2, d=d)
+    per_group = cfg.heads // cfg.num_kv_heads
+    qkv = rearrange(qkv, "b s (g r d) -> b g r s d", g=cfg.num_kv_heads // t, r=per_group + 2, d=d)
     q = rearrange(qkv[:, :, :per_group], "b g r s d -> b (g r) s d")  # [b, n/t, s, d]
     k, v = qkv[:, :, per_group], qkv[:, :, per_group + 1]  # [b, g/t, s, d]
     if cfg.position == "rope":
@@ -413,8 +419,8 @@ def gpt_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
     matmul plus the two [s, s] attention matmuls; for a GPT with ffn = 4h
     this is Megatron's 72 B s l h^2 (1 + s/6h + V/12lh)."""
     h, d = cfg.hidden, cfg.head_dim
-    per_layer = h * (cfg.heads + 2 * cfg.kv_heads) * d + cfg.heads * d * h \
-        + h * cfg.ffn * (3 if cfg.activation == "swiglu" else 2)  # matmul weights
+    per_layer = h * (cfg.heads + 2 * cfg.num_kv_heads) * d + cfg.heads * d * h \
+        + h * cfg.ffn_hidden * (3 if cfg.activation == "swiglu" else 2)  # matmul weights
     tokens = batch * seq
     forward = 2 * tokens * (cfg.layers * per_layer + h * cfg.padded_vocab) + 4 * batch * seq * seq * h * cfg.layers
     return 3.0 * forward
@@ -521,7 +527,8 @@ def check_gpt2_compatible(cfg: GPTConfig) -> None:
     """GPT-2 holds only: LayerNorm, tanh GeLU, learned positions, biases, tied
     embeddings, multi-head attention, ffn = 4h. Anything else is a ValueError."""
     want = dict(norm="layernorm", activation="gelu_tanh", position="learned", bias=True, tie_embeddings=True,
-                kv_heads=cfg.heads, ffn=4 * cfg.hidden, zero_centered_gamma=False, residual_post_norm=False)
+                num_kv_heads=cfg.heads, ffn_hidden=4 * cfg.hidden, zero_centered_gamma=False,
+                residual_post_norm=False)
     wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
     if wrong:
         raise ValueError(f"GPT-2 cannot hold this config: {wrong} (GPT-2 has {dict((k, want[k]) for k in wrong)})")

@@ -571,7 +571,7 @@ def from_hf_llama(sd, cfg: GPTConfig) -> dict:
     [its q heads, k, v]; SwiGLU fc1 rows interleaved [gate_i, up_i]."""
     from einops import rearrange
 
-    g, d = cfg.kv_heads, cfg.head_dim
+    g, d = cfg.num_kv_heads, cfg.head_dim
     word = torch.zeros(cfg.padded_vocab, cfg.hidden)
     word[: cfg.vocab_size] = sd["model.embed_tokens.weight"]
     head = torch.zeros(cfg.padded_vocab, cfg.hidden)
@@ -755,3 +755,11 @@ def test_shard_unshard_round_trip_at_tp4(pool):
                 want[specs[name]] //= 4
             assert got["shapes"][name] == tuple(want), (rank, name)
             assert torch.equal(got["full"][name], p), (rank, name)
+
+
+def test_replace_re_derives_the_default_sizes():
+    """kv_heads and ffn left at None follow heads and hidden through dataclasses.replace."""
+    cfg = GPTConfig(hidden=16, heads=4)
+    wider = replace(cfg, hidden=32, heads=8)
+    assert (wider.num_kv_heads, wider.ffn_hidden) == (8, 128)
+    assert (replace(cfg, kv_heads=2).num_kv_heads, replace(cfg, ffn=7).ffn_hidden) == (2, 7)
