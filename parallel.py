@@ -68,8 +68,11 @@ class Mesh:
         `torch.distributed.device_mesh.init_device_mesh` with dims (pp, dp, tp).
         """
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if dp is None:
-            dp = world // (tp * pp) if tp >= 1 and pp >= 1 and world % (tp * pp) == 0 else 0
+        if dp is None:  # data parallel fills what tp and pp leave
+            check_mesh_sizes(tp, pp, 1, tp * pp)
+            if world % (tp * pp):
+                raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}")
+            dp = world // (tp * pp)
         check_mesh_sizes(tp, pp, dp, world)
         if world == 1:
             return Mesh()

@@ -170,6 +170,47 @@ def test_vocab_parallel_cross_entropy_equals_torch(pool, tp, b, s, vocab, eps, s
     assert_all_equal(pool.run(cross_entropy_case, logits, targets, vocab, eps, weights, tp=tp), want)
 
 
+def mappings_case(mesh, x, g):
+    """Each region mapping on x: [b, s, h] (every rank holds the same x and upstream grad g):
+    its output and input gradient, gathered to full size."""
+    out = {}
+    seq = lambda t: P.all_gather(t.detach(), mesh, "tp", 1)
+    last = lambda t: P.all_gather(t.detach(), mesh, "tp", -1)
+    cases = {  # name: (mapping, input given to it, gather its output, slice of g it receives, gather its grad)
+        "copy_to_tp": (P.copy_to_tp, x, None, g, None),
+        "reduce_from_tp": (P.reduce_from_tp, x, None, g, None),
+        "scatter_to_tp": (P.scatter_to_tp, x, last, P.split(g, mesh, "tp", -1), None),
+        "gather_from_tp": (P.gather_from_tp, P.split(x, mesh, "tp", -1), None, g, last),
+        "scatter_to_sp": (P.scatter_to_sp, x, seq, P.split(g, mesh, "tp", 1), None),
+        "gather_from_sp": (P.gather_from_sp, P.split(x, mesh, "tp", 1), None, g, seq),
+        "gather_from_sp(no tp grad)": (lambda t, m: P.gather_from_sp(t, m, tp_output_grad=False),
+                                       P.split(x, mesh, "tp", 1), None, g, seq),
+        "reduce_scatter_to_sp": (P.reduce_scatter_to_sp, x, seq, P.split(g, mesh, "tp", 1), None),
+    }
+    for name, (mapping, inp, gather_out, grad_in, gather_grad) in cases.items():
+        leaf_in = leaf(inp)
+        y = mapping(leaf_in, mesh)
+        y.backward(grad_in)
+        out[name] = ((gather_out or (lambda t: t.detach()))(y), (gather_grad or (lambda t: t))(leaf_in.grad))
+    return out
+
+
+@given(tp=tps, b=st.integers(1, 2), s_per=st.integers(1, 3), h_per=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_region_mappings_move_what_their_docstrings_say(pool, tp, b, s_per, h_per, seed):
+    """Forward and backward of each mapping, against what the sum over tp ranks means: f (copy) is
+    identity forward, sum backward; g (reduce) the reverse; split / gather are each other's backward;
+    reduce-scatter and all-gather along s likewise. Every rank gave the same x and g, so a sum is t * x."""
+    x, g = rand(seed, b, s_per * tp, h_per * tp), rand(seed + 1, b, s_per * tp, h_per * tp)
+    want = {"copy_to_tp": (x, tp * g), "reduce_from_tp": (tp * x, g), "scatter_to_tp": (x, g),
+            "gather_from_tp": (x, g), "scatter_to_sp": (x, g), "gather_from_sp": (x, tp * g),
+            "gather_from_sp(no tp grad)": (x, g), "reduce_scatter_to_sp": (tp * x, g)}
+    for rank, got in enumerate(pool.run(mappings_case, x, g, tp=tp)):
+        for name, (y, grad) in want.items():
+            where = f"rank {rank} {name}"
+            torch.testing.assert_close(got[name][0], y, **TOL, msg=lambda m, w=where: f"{w} output: {m}")
+            torch.testing.assert_close(got[name][1], grad, **TOL, msg=lambda m, w=where: f"{w} grad: {m}")
+
+
 # ---------------------------------------------------------------- shard / unshard
 
 
@@ -226,8 +267,10 @@ def test_mesh_sizes_are_checked():
         P.check_mesh_sizes(3, 1, 1, 4)
     with pytest.raises(ValueError, match="tp must be an integer >= 1, got tp=0"):
         P.check_mesh_sizes(0, 1, 1, 4)
-    with pytest.raises(ValueError, match="dp must be"):
-        P.Mesh.build(tp=3)  # no process group: world 1, and 1 % 3 != 0
+    with pytest.raises(ValueError, match=r"world size 1 is not divisible by tp\*pp = 3\*1 = 3"):
+        P.Mesh.build(tp=3)  # no process group: world 1
+    with pytest.raises(ValueError, match="pp must be an integer >= 1, got pp=0"):
+        P.Mesh.build(pp=0)
     assert P.Mesh.serial() == P.Mesh.build()
 
 
