@@ -164,6 +164,9 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
+    for name in ("warmup", "min_lr", "weight_decay", "grad_clip", "sample_tokens"):
+        if (getattr(args, name) or 0) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     try:
         cfg = N.GPTConfig(vocab_size=256, max_seq=args.max_seq, layers=args.layers, hidden=args.hidden,
                           heads=args.heads, kv_heads=args.kv_heads, norm=args.norm, activation=args.activation,

@@ -68,6 +68,7 @@ def test_bf16_and_the_other_architecture_switches_run(text_file):
     (["--heads", "3", "--hidden", "32"], "error: hidden=32 is not divisible by heads=3"),
     (["--seq", "2048"], "error: sequence of 2048 tokens is longer than max_seq=1024"),
     (["--steps", "0"], "error: --steps must be >= 1, got 0"),
+    (["--warmup", "-3"], "error: --warmup must be >= 0, got -3"),
     (["--lr", "1e9", "--steps", "50", *TINY], "error: loss is nan at step"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(text_file, args, message):
