@@ -161,6 +161,16 @@ def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     return shapes
 
 
+def gpt_num_params(cfg: GPTConfig) -> int:
+    """Elements of the full (padded-vocabulary) parameters, from one layer's
+    shapes times the layer count: O(1) in cfg.layers, so a size can be
+    checked before anything is allocated."""
+    count = lambda shapes: sum(math.prod(shape) for shape, _ in shapes.values())
+    one = gpt_shapes(replace(cfg, layers=1))
+    per_layer = count({k: v for k, v in one.items() if k.startswith("layers.0.")})
+    return count(one) + (cfg.layers - 1) * per_layer
+
+
 def init_gpt(cfg: GPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Full GPT parameters, the same on every rank, with Megatron's init:
     normal(0, init_std) for every matrix, the output projections of attention
