@@ -20,7 +20,8 @@ Every function takes this rank's parameter shards and a `parallel.Mesh`; on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import numbers
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,49 @@ CHOICES = dict(
     attention=("core", "sdpa"),
     recompute=("none", "selective", "full"),
 )
+
+
+# Ranges of the config fields; their types come from the annotations. Shared
+# by every model's config, so a nan, a float size or a string switch is caught
+# in one place, with the field named.
+FIELD_RANGES = {
+    **dict.fromkeys(("vocab_size", "max_seq", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab_multiple"),
+                    (">=", 1)),
+    **dict.fromkeys(("norm_eps", "rope_base"), (">", 0)),
+    "init_std": (">=", 0),
+    **dict.fromkeys(("hidden_dropout", "attention_dropout", "label_smoothing"), ("in [0, 1)", None)),
+}
+
+
+def _has_type(value, kind: str) -> bool:
+    """int: an integer, not a bool; float: a finite real number, not a bool; bool: True or False only."""
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return isinstance(value, numbers.Integral) if kind == "int" else math.isfinite(value)
+
+
+def check_fields(cfg) -> None:
+    """ValueError naming the field unless every field of the dataclass `cfg`
+    has its annotated type (`int`, `float` (finite), `bool`, `str`; `X | None`
+    also takes None), is in FIELD_RANGES, and is one of CHOICES."""
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), f.type.removesuffix(" | None")
+        if value is None and f.type.endswith("| None"):
+            continue
+        if not _has_type(value, kind):
+            what = {"int": "an integer", "float": "a finite number", "bool": "True or False", "str": "a string"}[kind]
+            raise ValueError(f"{f.name} must be {what}, got {value!r} ({type(value).__name__})")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise ValueError(f"{f.name}={value!r} is not one of {CHOICES[f.name]}")
+        op, bound = FIELD_RANGES.get(f.name, (None, None))
+        if (op == ">=" and value < bound) or (op == ">" and value <= bound) or \
+                (op == "in [0, 1)" and not 0.0 <= value < 1.0):
+            raise ValueError(f"{f.name} must be {op} {'' if bound is None else bound}".rstrip()
+                             + f", got {value}")
 
 
 @dataclass(frozen=True)
@@ -72,23 +116,13 @@ class GPTConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self):
-        for name, options in CHOICES.items():
-            if getattr(self, name) not in options:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {options}")
-        for name in ("vocab_size", "max_seq", "layers", "hidden", "heads", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.ffn_hidden < 1:
-            raise ValueError(f"ffn must be >= 1, got {self.ffn}")
+        check_fields(self)
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
-        if self.num_kv_heads < 1 or self.heads % self.num_kv_heads:
+        if self.heads % self.num_kv_heads:
             raise ValueError(f"heads={self.heads} is not divisible by kv_heads={self.num_kv_heads}")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head dim, got hidden/heads = {self.head_dim}")
-        for name in ("hidden_dropout", "attention_dropout", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.attention == "sdpa" and self.attention_dropout > 0:
             raise ValueError("attention='sdpa' has no counter-based dropout: use attention='core' "
                              f"with attention_dropout={self.attention_dropout}")
@@ -114,12 +148,16 @@ class GPTConfig:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def check_mesh(self, mesh: Mesh) -> None:
-        """ValueError naming the sizes if this model cannot be split over mesh.tp."""
+        """ValueError naming the sizes if this model cannot be split over mesh.tp.
+        With more tp ranks than kv heads, each kv head is replicated over
+        tp/kv_heads ranks (`parallel.HeadGroups`), so one must divide the other."""
         t = mesh.tp
-        for name, n in (("heads", self.heads), ("kv_heads", self.num_kv_heads), ("ffn", self.ffn_hidden),
-                        ("padded vocab", self.padded_vocab)):
+        for name, n in (("heads", self.heads), ("ffn", self.ffn_hidden), ("padded vocab", self.padded_vocab)):
             if n % t:
                 raise ValueError(f"tp={t} does not divide {name}={n}")
+        if self.num_kv_heads % t and t % self.num_kv_heads:
+            raise ValueError(f"tp={t} and kv_heads={self.num_kv_heads}: one must divide the other (tp > kv_heads "
+                             "replicates each kv head over tp/kv_heads ranks)")
 
     def check_seq(self, s: int, mesh: Mesh, pos_offset: int = 0) -> None:
         if pos_offset + s > self.max_seq:
@@ -191,14 +229,21 @@ def init_gpt(cfg: GPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, to
 # The tensor-parallel split, by parameter name without its "layers.{i}." prefix:
 # column-parallel weights and biases split dim 0 (output features), row-parallel
 # weights dim 1 (input features); everything else is replicated.
-TP_SPLIT = {"embed.word": 0, "head.weight": 0, "attn.qkv.weight": 0, "attn.qkv.bias": 0,
-            "attn.proj.weight": 1, "mlp.fc1.weight": 0, "mlp.fc1.bias": 0, "mlp.fc2.weight": 1}
+# (attn.qkv is split by whole kv-head groups: `qkv_split`.)
+TP_SPLIT = {"embed.word": 0, "head.weight": 0, "attn.proj.weight": 1, "mlp.fc1.weight": 0, "mlp.fc1.bias": 0, "mlp.fc2.weight": 1}
 
 
-def gpt_specs(cfg: GPTConfig) -> dict[str, int | None]:
-    """name -> the dim split over tp, or None for replicated."""
+def qkv_split(cfg: GPTConfig) -> P.HeadGroups:
+    """The tp split of the fused qkv rows: whole kv-head groups per rank, or,
+    with more ranks than kv heads, each kv head replicated over tp/kv_heads."""
+    return P.HeadGroups(cfg.num_kv_heads, cfg.heads // cfg.num_kv_heads, cfg.head_dim)
+
+
+def gpt_specs(cfg: GPTConfig) -> dict[str, int | P.HeadGroups | None]:
+    """name -> the dim split over tp (qkv: a `parallel.HeadGroups`), or None for replicated."""
     local = lambda name: name.split(".", 2)[2] if name.startswith("layers.") else name
-    return {name: TP_SPLIT.get(local(name)) for name in gpt_shapes(cfg)}
+    split = lambda name: qkv_split(cfg) if local(name).startswith("attn.qkv.") else TP_SPLIT.get(local(name))
+    return {name: split(name) for name in gpt_shapes(cfg)}
 
 
 # ---------------------------------------------------------------------------
@@ -299,14 +344,16 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
     """Self-attention. x: [b, s(/t), h] -> (out [b, s(/t), h], proj bias or None).
 
     qkv is column-parallel: this rank computes whole heads, n/t query and g/t
-    kv heads; proj is row-parallel: partial outputs summed over tp (or
+    kv heads (one replicated kv head when t > g); proj is row-parallel: partial outputs summed over tp (or
     reduce-scattered along s). The proj bias is returned, not added, for the
     fused bias-dropout-add. `cache` (a dict, decoding only) keeps k and v."""
-    d, t = cfg.head_dim, mesh.tp
-    qkv = P.column_parallel_linear(x, params[f"{prefix}.qkv.weight"], params.get(f"{prefix}.qkv.bias"), mesh,
-                                   sequence_parallel=cfg.sequence_parallel)  # [b, s, (n + 2g) d / t]
-    per_group = cfg.heads // cfg.num_kv_heads
-    qkv = rearrange(qkv, "b s (g r d) -> b g r s d", g=cfg.num_kv_heads // t, r=per_group + 2, d=d)
+    split = qkv_split(cfg)  # with tp > kv heads each kv head is replicated: its grad summed over the replicas
+    weight, bias = (P.sync_kv_replica_grad(params.get(f"{prefix}.qkv.{n}"), split, mesh) for n in ("weight", "bias"))
+    qkv = P.column_parallel_linear(x, weight, bias, mesh,
+                                   sequence_parallel=cfg.sequence_parallel)  # [b, s, (n/t + 2 g_local) d]
+    g_local = max(1, cfg.num_kv_heads // mesh.tp)  # kv heads on this rank
+    per_group = cfg.heads // mesh.tp // g_local  # query heads per local kv head
+    qkv = rearrange(qkv, "b s (g r d) -> b g r s d", g=g_local, r=per_group + 2, d=cfg.head_dim)
     q = rearrange(qkv[:, :, :per_group], "b g r s d -> b (g r) s d")  # [b, n/t, s, d]
     k, v = qkv[:, :, per_group], qkv[:, :, per_group + 1]  # [b, g/t, s, d]
     if cfg.position == "rope":

@@ -23,6 +23,7 @@ parallel model on `Mesh.serial()`: there is no second code path.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from einops import rearrange
+from torch.autograd.function import once_differentiable
 
 # ---------------------------------------------------------------------------
 # 1. Mesh
@@ -215,6 +217,9 @@ def _check_divisible(x: torch.Tensor, along: int, size: int, what: str) -> None:
 # 4. Region mappings (Megatron's mappings.py), as autograd functions.
 #    Each pairs a forward collective with the backward that makes it correct.
 #    SEQ = 1: activations are [b, s, h], so the sequence dim is 1.
+#    Every backward here (and in sections 5 and 8) is `once_differentiable`:
+#    autograd does not see inside a collective or a hand-written gradient, so a
+#    second derivative through one would be silently wrong; it raises instead.
 # ---------------------------------------------------------------------------
 
 SEQ = 1
@@ -232,6 +237,7 @@ class _CopyToTP(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         return all_reduce(g, ctx.mesh, "tp", "backward"), None
 
@@ -246,6 +252,7 @@ class _ReduceFromTP(torch.autograd.Function):
         return all_reduce(x, mesh, "tp", "forward")
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         return g, None
 
@@ -260,6 +267,7 @@ class _ScatterToTP(torch.autograd.Function):
         return split(x, mesh, "tp", -1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         return all_gather(g, ctx.mesh, "tp", -1, "backward"), None
 
@@ -275,6 +283,7 @@ class _GatherFromTP(torch.autograd.Function):
         return all_gather(x, mesh, "tp", -1, "forward")
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         return split(g, ctx.mesh, "tp", -1), None
 
@@ -290,6 +299,7 @@ class _ScatterToSP(torch.autograd.Function):
         return split(x, mesh, "tp", SEQ)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         return all_gather(g, ctx.mesh, "tp", SEQ, "backward"), None
 
@@ -307,6 +317,7 @@ class _GatherFromSP(torch.autograd.Function):
         return all_gather(x, mesh, "tp", SEQ, "forward")
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         if ctx.tp_output_grad:
             return reduce_scatter(g, ctx.mesh, "tp", SEQ, "backward"), None, None
@@ -325,6 +336,7 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return reduce_scatter(x, mesh, "tp", SEQ, "forward")
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         return all_gather(g, ctx.mesh, "tp", SEQ, "backward"), None
 
@@ -375,6 +387,42 @@ def sync_replicated_grad(param: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     return copy_to_tp(param, mesh)
 
 
+class _SyncKVReplicaGrad(torch.autograd.Function):
+    """A fused qkv weight (or bias) whose kv heads are replicated over
+    rep = tp/g ranks (`HeadGroups`, tp > kv heads). Forward: identity.
+    Backward: each replica's k/v rows hold a partial gradient (from its own
+    query heads only); they are summed over the group's replicas. Done with
+    the tp group alone: every rank writes its k/v gradient rows into its
+    group's slot of a zero [g, 2d, ...] buffer, one all-reduce over tp sums
+    the slots, and each rank takes its group's slot back.
+    Elements moved: backward g·2d·h (+ g·2d for the bias). A process group
+    per kv head would move 2d·h, at the cost of groups per layout."""
+
+    @staticmethod
+    def forward(ctx, param, groups, head_dim, mesh):
+        ctx.groups, ctx.head_dim, ctx.mesh = groups, head_dim, mesh
+        return param.view_as(param)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        rows, mesh = 2 * ctx.head_dim, ctx.mesh
+        group = mesh.tp_rank // (mesh.tp // ctx.groups)
+        slots = g.new_zeros((ctx.groups, rows, *g.shape[1:]))
+        slots[group] = g[-rows:]
+        kv = all_reduce(slots, mesh, "tp", "backward")[group]
+        return torch.cat([g[:-rows], kv]), None, None, None
+
+
+def sync_kv_replica_grad(param, spec, mesh: Mesh):
+    """Use this rank's qkv weight/bias shard; when its kv heads are replicated
+    (spec.replicas(tp) > 1) their gradient is summed over the replicas in
+    backward (see _SyncKVReplicaGrad). A no-op otherwise."""
+    if param is None or spec.replicas(mesh.tp) == 1:
+        return param
+    return _SyncKVReplicaGrad.apply(param, spec.groups, spec.head_dim, mesh)
+
+
 # ---------------------------------------------------------------------------
 # 5. Tensor-parallel layers. Weights are [out, in] as in torch.nn.Linear.
 # ---------------------------------------------------------------------------
@@ -399,6 +447,7 @@ class _SequenceGatherLinear(torch.autograd.Function):
         return all_gather(x, mesh, "tp", SEQ, "forward") @ weight.t()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         x_full = all_gather(x, ctx.mesh, "tp", SEQ, "backward")  # [b, s, h_in]
@@ -533,6 +582,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         softmax, local_t, mine, real = ctx.saved_tensors
         eps = ctx.label_smoothing
@@ -566,8 +616,69 @@ def vocab_parallel_cross_entropy(logits, targets, mesh, *, label_smoothing=0.0, 
 
 # ---------------------------------------------------------------------------
 # 6. shard / unshard a flat parameter dict.
-#    specs[name] is the tensor dim split over tp, or None (replicated).
+#    specs[name] is the tensor dim split over tp, None (replicated), or a
+#    `HeadGroups` (a fused qkv tensor, whose kv heads may be replicated).
 # ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadGroups:
+    """The tp split of a fused qkv weight [(n + 2g)·d, h] or bias [(n + 2g)·d].
+
+    Rows are grouped per kv head: [q heads of group 0, k_0, v_0, q heads of
+    group 1, k_1, v_1, ...], each head d = head_dim rows, q_per_group = n/g.
+    * tp divides g: rank r holds g/tp whole groups, a contiguous dim-0 slice.
+    * g divides tp (more ranks than kv heads, e.g. MQA at tp = 2): each kv
+      head is replicated over rep = tp/g ranks. Rank r = group·rep + j holds
+      the j-th 1/rep of its group's query heads plus the group's k and v:
+      [(n/tp + 2)·d, h]. The replicas' k/v gradients are partial (each saw only
+      its own query heads) and are summed by `sync_kv_replica_grad`.
+    Either way rank r's query heads are heads [r·n/tp, (r+1)·n/tp)."""
+
+    groups: int
+    q_per_group: int
+    head_dim: int
+
+    def replicas(self, tp: int) -> int:
+        """Ranks that hold each kv head: 1 when tp divides the groups."""
+        return max(1, tp // self.groups)
+
+    def check(self, rows: int, tp: int, name: str) -> None:
+        want = self.groups * (self.q_per_group + 2) * self.head_dim
+        if rows != want:
+            raise ValueError(f"parameter {name!r}: {rows} rows, but {self.groups} kv heads x ({self.q_per_group} "
+                             f"q + k + v) x head dim {self.head_dim} = {want}")
+        rep = self.replicas(tp)
+        if (self.groups % tp and tp % self.groups) or self.q_per_group % rep:
+            raise ValueError(f"parameter {name!r}: tp={tp} cannot split {self.groups} kv heads of "
+                             f"{self.q_per_group} query heads each (one of tp, kv_heads must divide the other, "
+                             f"and tp must divide the query heads)")
+
+    def shard(self, full: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+        """full [(n + 2g)·d, ...] -> this rank's rows (see the class docstring)."""
+        rep = self.replicas(mesh.tp)
+        if rep == 1:
+            return split(full, mesh, "tp", 0)
+        group, j = divmod(mesh.tp_rank, rep)
+        heads = rearrange(full, "(g r d) ... -> g r d ...", g=self.groups, d=self.head_dim)[group]  # [n/g + 2, d, ..]
+        q = heads[: self.q_per_group].chunk(rep)[j]  # [n/tp, d, ...]
+        return torch.cat([q, heads[self.q_per_group:]]).flatten(0, 1)
+
+    def unshard(self, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+        """Inverse of `shard`: one all-gather over tp of every rank's rows;
+        each group's k and v are taken from its first replica."""
+        rep = self.replicas(mesh.tp)
+        if rep == 1:
+            return all_gather(local, mesh, "tp", 0)
+        every = rearrange(all_gather(local[None], mesh, "tp", 0), "(g j) (r d) ... -> g j r d ...",
+                          j=rep, d=self.head_dim)  # [g, rep, n/tp + 2, d, ...]
+        q = rearrange(every[:, :, :-2], "g j r d ... -> g (j r) d ...")  # [g, n/g, d, ...]
+        return rearrange(torch.cat([q, every[:, 0, -2:]], dim=1), "g r d ... -> (g r d) ...")
+
+    def counted(self, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+        """The rows this rank counts in a global norm: k and v only on a group's first replica."""
+        rep = self.replicas(mesh.tp)
+        return local if rep == 1 or mesh.tp_rank % rep == 0 else local[: -2 * self.head_dim]
 
 
 def _check_specs(params: dict, specs: dict, mesh: Mesh, full: bool) -> None:
@@ -576,25 +687,39 @@ def _check_specs(params: dict, specs: dict, mesh: Mesh, full: bool) -> None:
         raise ValueError(f"no sharding spec for parameter(s) {missing}")
     for name, p in params.items():
         d = specs[name]
-        if d is not None and full and p.shape[d] % mesh.tp:
+        if isinstance(d, HeadGroups) and full:
+            d.check(p.shape[0], mesh.tp, name)
+        elif d is not None and full and p.shape[d] % mesh.tp:
             raise ValueError(f"parameter {name!r} of shape {tuple(p.shape)}: dim {d} of size "
                              f"{p.shape[d]} is not divisible by tp={mesh.tp}")
+
+
+def shard_tensor(p: torch.Tensor, spec, mesh: Mesh) -> torch.Tensor:
+    """This rank's slice of one full tensor under its spec (no communication)."""
+    if spec is None:
+        return p
+    return spec.shard(p, mesh) if isinstance(spec, HeadGroups) else split(p, mesh, "tp", spec)
+
+
+def unshard_tensor(p: torch.Tensor, spec, mesh: Mesh) -> torch.Tensor:
+    """The full tensor from every rank's slice: one all-gather over tp (none if replicated)."""
+    if spec is None:
+        return p
+    return spec.unshard(p, mesh) if isinstance(spec, HeadGroups) else all_gather(p, mesh, "tp", spec)
 
 
 def shard(params: dict, specs: dict, mesh: Mesh) -> dict:
     """This rank's slices of full parameters: fresh tensors, no communication.
     {name: [.., n, ..]} -> {name: [.., n/t, ..]} along specs[name]."""
     _check_specs(params, specs, mesh, full=True)
-    return {name: (p if specs[name] is None else split(p, mesh, "tp", specs[name])).detach().clone()
-            for name, p in params.items()}
+    return {name: shard_tensor(p, specs[name], mesh).detach().clone() for name, p in params.items()}
 
 
 def unshard(params: dict, specs: dict, mesh: Mesh) -> dict:
     """Full parameters (or gradients) from every rank's slices: one all-gather
     over tp per split tensor, of its full size. Inverse of `shard`."""
     _check_specs(params, specs, mesh, full=False)
-    return {name: p if specs[name] is None else all_gather(p.detach(), mesh, "tp", specs[name])
-            for name, p in params.items()}
+    return {name: unshard_tensor(p.detach(), specs[name], mesh) for name, p in params.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -691,18 +816,23 @@ def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float) -> to
 
     The norm is over the *full* model: split parameters contribute their
     shard on every tp rank, replicated ones are counted once (on tp rank 0),
+    replicated kv heads once (on their first replica, `HeadGroups.counted`),
     then one all-reduce of a single element over tp sums the squares.
     """
-    sharded = [p.grad for n, p in params.items() if p.grad is not None and specs[n] is not None]
-    replicated = [p.grad for n, p in params.items() if p.grad is not None and specs[n] is None]
-    counted = sharded + (replicated if mesh.tp_rank == 0 else [])
+    if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm >= 0):
+        raise ValueError(f"max_norm must be a finite number >= 0 (0: no clipping), got {max_norm!r}")
+    grads = {n: p.grad for n, p in params.items() if p.grad is not None}
     device = next(iter(params.values())).device
     sq = torch.zeros((), dtype=torch.float64, device=device)
-    for g in counted:
-        sq = sq + g.detach().double().pow(2).sum()
+    for name, g in grads.items():
+        spec = specs[name]
+        if spec is None and mesh.tp_rank != 0:
+            continue  # replicated: counted once, on tp rank 0
+        counted = spec.counted(g, mesh) if isinstance(spec, HeadGroups) else g
+        sq = sq + counted.detach().double().pow(2).sum()
     norm = all_reduce(sq, mesh, "tp").sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in sharded + replicated:
+        for g in grads.values():
             g.mul_(scale.to(g.dtype))
     return norm

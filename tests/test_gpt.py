@@ -624,7 +624,7 @@ def test_rope_rmsnorm_swiglu_gqa_equal_hugging_face_llama():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(hidden=30, heads=4), "hidden=30 is not divisible by heads=4"),
     (dict(heads=4, kv_heads=3), "heads=4 is not divisible by kv_heads=3"),
-    (dict(heads=4, kv_heads=0), "heads=4 is not divisible by kv_heads=0"),
+    (dict(heads=4, kv_heads=0), "kv_heads must be >= 1, got 0"),
     (dict(norm="batchnorm"), "norm='batchnorm' is not one of ('layernorm', 'rmsnorm')"),
     (dict(activation="relu"), "activation='relu' is not one of"),
     (dict(position="alibi"), "position='alibi' is not one of"),
@@ -651,7 +651,7 @@ def bad_input_case(mesh):
     unsplittable = lambda **kw: (lambda: gpt_logits(init_gpt(replace(cfg, **kw), 0), ids, replace(cfg, **kw), mesh))
     cases = [
         unsplittable(hidden=12, heads=3, kv_heads=3),
-        unsplittable(heads=2, kv_heads=1),
+        unsplittable(hidden=12, heads=6, kv_heads=3),
         unsplittable(ffn=5),
         lambda: gpt_logits(params, torch.zeros(1, 9, dtype=torch.int64), cfg, mesh),
         lambda: gpt_logits(params, torch.tensor([[1, 10, 2, 3]]), cfg, mesh),  # 10 is a padded id: not a token
@@ -663,7 +663,7 @@ def bad_input_case(mesh):
 
 
 def test_bad_input_raises_on_every_rank_and_nothing_hangs(pool):
-    want = ["tp=2 does not divide heads=3", "tp=2 does not divide kv_heads=1", "tp=2 does not divide ffn=5",
+    want = ["tp=2 does not divide heads=3", "tp=2 and kv_heads=3: one must divide the other", "tp=2 does not divide ffn=5",
             "sequence of 9 tokens is longer than max_seq=8", "token id 10 out of range [0, 10)",
             "sequence parallel needs seq % tp == 0, got seq=3, tp=2", "target id 11 out of range [0, 10)",
             "prompt of 4 + 5 new tokens is longer than max_seq=8", 2.0]
@@ -676,7 +676,7 @@ def test_bad_input_raises_on_every_rank_and_nothing_hangs(pool):
 def test_check_mesh_and_check_seq():
     cfg = GPTConfig(vocab_size=10, vocab_multiple=4, max_seq=8, hidden=12, heads=6, kv_heads=3, ffn=8)
     cfg.check_mesh(P.Mesh(tp=1))
-    for tp, message in [(4, "tp=4 does not divide heads=6"), (2, "tp=2 does not divide kv_heads=3"),
+    for tp, message in [(4, "tp=4 does not divide heads=6"), (2, "tp=2 and kv_heads=3: one must divide the other"),
                         (3, "tp=3 does not divide ffn=8")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             cfg.check_mesh(P.Mesh(tp=tp))
@@ -726,12 +726,13 @@ def test_specs_cover_every_parameter_as_the_design_table_says():
                     activation="swiglu", tie_embeddings=False)
     specs = gpt_specs(cfg)
     assert specs.keys() == gpt_shapes(cfg).keys() == init_gpt(cfg).keys()
+    qkv = P.HeadGroups(groups=1, q_per_group=2, head_dim=4)  # rows [q0, q1, k, v] of the one kv head
     table = {"embed.word": 0, "head.weight": 0, "embed.pos": None, "final_norm.weight": None,
              "final_norm.bias": None}
     for i in range(cfg.layers):
         table |= {f"layers.{i}.{k}": v for k, v in {
             "ln1.weight": None, "ln1.bias": None, "ln2.weight": None, "ln2.bias": None,
-            "attn.qkv.weight": 0, "attn.qkv.bias": 0, "attn.proj.weight": 1, "attn.proj.bias": None,
+            "attn.qkv.weight": qkv, "attn.qkv.bias": qkv, "attn.proj.weight": 1, "attn.proj.bias": None,
             "mlp.fc1.weight": 0, "mlp.fc1.bias": 0, "mlp.fc2.weight": 1, "mlp.fc2.bias": None}.items()}
     assert specs == table
     assert gpt_shapes(cfg)["layers.0.attn.qkv.weight"][0] == ((2 + 2 * 1) * 4, 8)
@@ -752,7 +753,7 @@ def test_shard_unshard_round_trip_at_tp4(pool):
         for name, p in full.items():
             want = list(p.shape)
             if specs[name] is not None:
-                want[specs[name]] //= 4
+                want[0 if isinstance(specs[name], P.HeadGroups) else specs[name]] //= 4
             assert got["shapes"][name] == tuple(want), (rank, name)
             assert torch.equal(got["full"][name], p), (rank, name)
 
