@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -230,7 +232,8 @@ def init_gpt(cfg: GPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, to
 # column-parallel weights and biases split dim 0 (output features), row-parallel
 # weights dim 1 (input features); everything else is replicated.
 # (attn.qkv is split by whole kv-head groups: `qkv_split`.)
-TP_SPLIT = {"embed.word": 0, "head.weight": 0, "attn.proj.weight": 1, "mlp.fc1.weight": 0, "mlp.fc1.bias": 0, "mlp.fc2.weight": 1}
+TP_SPLIT = {"embed.word": 0, "head.weight": 0, "attn.proj.weight": 1, "mlp.fc1.weight": 0, "mlp.fc1.bias": 0,
+            "mlp.fc2.weight": 1}
 
 
 def qkv_split(cfg: GPTConfig) -> P.HeadGroups:
@@ -442,10 +445,21 @@ def run_layers(params, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind="causal", mas
 
 def lm_logits(params, x, cfg: GPTConfig, mesh: Mesh):
     """Final norm and output layer. x: [b, s(/t), h] -> logits [b, s, V/t],
-    kept vocab-parallel for the loss (the tied embedding is the weight)."""
+    kept vocab-parallel for the loss (the tied embedding is the weight).
+    The padded vocabulary columns (ids >= cfg.vocab_size) are -inf, so no
+    argmax, softmax or sample of these logits can pick a padded id."""
     x = norm(params, "final_norm", x, cfg, mesh)
     weight = params["embed.word"] if cfg.tie_embeddings else params["head.weight"]
-    return P.column_parallel_linear(x, weight, None, mesh, sequence_parallel=cfg.sequence_parallel)
+    logits = P.column_parallel_linear(x, weight, None, mesh, sequence_parallel=cfg.sequence_parallel)
+    return mask_padded_vocab(logits, cfg.vocab_size, mesh)
+
+
+def mask_padded_vocab(logits, vocab_size: int, mesh: Mesh):
+    """logits [..., V/t] with the padded vocabulary columns set to -inf (no gradient flows there)."""
+    if P.vocab_range(logits.shape[-1], mesh)[1] <= vocab_size:
+        return logits  # this rank holds no padding
+    real = P.real_vocab_columns(logits.shape[-1], vocab_size, mesh, logits.device)
+    return logits.masked_fill(~real, float("-inf"))
 
 
 def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=False, caches=None, pos_offset=0):
@@ -457,12 +471,33 @@ def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=Fals
 
 
 def lm_loss(logits, targets, cfg: GPTConfig, mesh: Mesh, loss_mask=None):
-    """Mean vocab-parallel cross-entropy over the tokens where loss_mask is 1."""
+    """Mean vocab-parallel cross-entropy, weighted by loss_mask.
+    logits [b, s, V/t], targets [b, s] -> scalar. loss_mask: None (every
+    token counts) or [b, s] exactly, bool or float weights >= 0 (Megatron's
+    0/1 float mask): sum(loss * mask) / sum(mask), 0 when the mask is all 0."""
+    check_loss_mask(loss_mask, targets)
     losses = P.vocab_parallel_cross_entropy(logits, targets, mesh, label_smoothing=cfg.label_smoothing,
                                             vocab_size=cfg.vocab_size)  # [b, s]
     if loss_mask is None:
         return losses.mean()
+    loss_mask = loss_mask.to(losses.dtype)
     return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+
+def check_loss_mask(loss_mask, targets) -> None:
+    """ValueError unless loss_mask is None or has targets' exact shape (a mask
+    that merely broadcasts, [b, 1] or [s], would scale the mean by its size),
+    a bool or float dtype, and finite weights >= 0."""
+    if loss_mask is None:
+        return
+    if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != targets.shape:
+        shape = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
+        raise ValueError(f"loss_mask shape {shape} != targets shape {tuple(targets.shape)}: "
+                         "give one weight per target")
+    if loss_mask.dtype != torch.bool and not loss_mask.is_floating_point():
+        raise ValueError(f"loss_mask must be bool or float, got dtype {loss_mask.dtype}")
+    if loss_mask.is_floating_point() and not bool(((loss_mask >= 0) & loss_mask.isfinite()).all()):
+        raise ValueError("loss_mask weights must be finite and >= 0")
 
 
 def gpt_loss(params, ids, targets, cfg: GPTConfig, mesh: Mesh, *, loss_mask=None, seed=0, training=True):
@@ -497,12 +532,8 @@ def generate(params, prompt_ids, cfg: GPTConfig, mesh: Mesh, max_new_tokens: int
     position's vocab-parallel logits are all-gathered (b * V elements) so every
     tp rank samples the same token from the same generator. temperature 0 is
     greedy; padded vocabulary ids are never sampled."""
+    check_generate_args(prompt_ids, cfg, max_new_tokens, temperature, top_k, seed)
     cfg = replace(cfg, sequence_parallel=False, recompute="none")
-    if prompt_ids.shape[1] + max_new_tokens > cfg.max_seq:
-        raise ValueError(f"prompt of {prompt_ids.shape[1]} + {max_new_tokens} new tokens is longer than "
-                         f"max_seq={cfg.max_seq}")
-    if temperature < 0 or (top_k is not None and top_k < 1):
-        raise ValueError(f"need temperature >= 0 and top_k >= 1, got temperature={temperature}, top_k={top_k}")
     gen = torch.Generator(device=prompt_ids.device).manual_seed(seed)
     caches = {i: {} for i in layer_ids(params)}
     ids, feed, pos = prompt_ids, prompt_ids, 0
@@ -523,6 +554,31 @@ def generate(params, prompt_ids, cfg: GPTConfig, mesh: Mesh, max_new_tokens: int
     return ids
 
 
+def check_generate_args(prompt_ids, cfg: GPTConfig, max_new_tokens, temperature, top_k, seed) -> None:
+    """ValueError naming the value unless: prompt_ids is an integer tensor
+    [b >= 1, s0 >= 1]; max_new_tokens an int >= 0 with s0 + max_new_tokens <=
+    max_seq; temperature a finite number >= 0; top_k None or an int >= 1; seed
+    an int in [0, 2**63). (Token ids are range-checked by the embedding.)"""
+    is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or 0 in prompt_ids.shape:
+        shape = tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__
+        raise ValueError(f"prompt_ids must be a [batch, tokens] tensor with at least one token, got {shape}")
+    if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
+        raise ValueError(f"prompt_ids must be an integer tensor, got dtype {prompt_ids.dtype}")
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if prompt_ids.shape[1] + max_new_tokens > cfg.max_seq:
+        raise ValueError(f"prompt of {prompt_ids.shape[1]} + {max_new_tokens} new tokens is longer than "
+                         f"max_seq={cfg.max_seq}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
+            not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got temperature={temperature!r}")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got top_k={top_k!r}")
+    if not is_int(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
 # ---------------------------------------------------------------------------
 # 6. GPT-2 weights (Hugging Face GPT2LMHeadModel) in and out
 # ---------------------------------------------------------------------------
@@ -534,32 +590,73 @@ def gpt2_config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions
                      activation="gelu_tanh", position="learned", norm="layernorm", **overrides)
 
 
+def gpt2_hf_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The GPT2LMHeadModel tensors a config needs (without the "transformer."
+    prefix), with their shapes. HF's Conv1D weights are [in, out]. wpe may
+    hold more positions than max_seq (only the first max_seq are used)."""
+    h, f = cfg.hidden, cfg.ffn_hidden
+    shapes = {"wte.weight": (cfg.vocab_size, h), "wpe.weight": (cfg.max_seq, h), "ln_f.weight": (h,),
+              "ln_f.bias": (h,)}
+    for i in range(cfg.layers):
+        shapes |= {f"h.{i}.{k}": v for k, v in {
+            "ln_1.weight": (h,), "ln_1.bias": (h,), "attn.c_attn.weight": (h, 3 * h), "attn.c_attn.bias": (3 * h,),
+            "attn.c_proj.weight": (h, h), "attn.c_proj.bias": (h,), "ln_2.weight": (h,), "ln_2.bias": (h,),
+            "mlp.c_fc.weight": (h, f), "mlp.c_fc.bias": (f,), "mlp.c_proj.weight": (f, h),
+            "mlp.c_proj.bias": (h,)}.items()}
+    return shapes
+
+
+def load_state_dict(source) -> dict[str, torch.Tensor]:
+    """A state dict as given, or read from a .safetensors file, or from a
+    folder holding model.safetensors (as save_pretrained writes it)."""
+    if isinstance(source, dict):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"expected a state dict or a path to a .safetensors file, got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise ValueError(f"{path}: a folder without model.safetensors (only safetensors weights are read)")
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+
+
 def from_hf_gpt2(state_dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """nanomeg parameters from a GPT2LMHeadModel state dict (or a path to a
-    .safetensors file). HF's Conv1D weights are [in, out]: transposed here;
-    c_attn's [q | k | v] columns regrouped per head as [q_i, k_i, v_i]."""
-    if isinstance(state_dict, str):
-        from safetensors.torch import load_file
-
-        state_dict = load_file(state_dict)
+    .safetensors file, or a folder holding model.safetensors). Every tensor the
+    config needs is checked by name and shape first; HF's Conv1D weights are
+    transposed, c_attn's [q | k | v] columns regrouped per head as [q_i, k_i, v_i]."""
     check_gpt2_compatible(cfg)
-    sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
-    need = ["wte.weight", "wpe.weight", "ln_f.weight"] + [f"h.{i}.attn.c_attn.weight" for i in range(cfg.layers)]
-    missing = [k for k in need if k not in sd]
+    sd = {k.removeprefix("transformer."): v for k, v in load_state_dict(state_dict).items()}
+    want = gpt2_hf_shapes(cfg)
+    missing = [k for k in want if k not in sd]
     if missing:
-        raise ValueError(f"not a GPT-2 state dict for {cfg.layers} layers: missing {missing[:3]}")
+        raise ValueError(f"not a GPT-2 state dict for this config: missing {missing[:3]}"
+                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
     if f"h.{cfg.layers}.attn.c_attn.weight" in sd:
         extra = len({k.split(".")[1] for k in sd if k.startswith("h.")})
         raise ValueError(f"the state dict holds {extra} layers (h.0 to h.{extra - 1}), the config {cfg.layers}")
-    if sd["wte.weight"].shape != (cfg.vocab_size, cfg.hidden):
-        raise ValueError(f"wte.weight shape {tuple(sd['wte.weight'].shape)} != (vocab_size, hidden) = "
-                         f"({cfg.vocab_size}, {cfg.hidden})")
-    if sd["wpe.weight"].shape[0] < cfg.max_seq:
-        raise ValueError(f"wpe.weight has {sd['wpe.weight'].shape[0]} positions, fewer than max_seq={cfg.max_seq}")
+    for name, shape in want.items():
+        got = tuple(sd[name].shape)
+        if got != shape and not (name == "wpe.weight" and got[1:] == shape[1:] and got[0] >= shape[0]):
+            raise ValueError(f"{name}: the checkpoint has shape {got}, the config needs {shape}"
+                             f"{' (at least max_seq rows)' if name == 'wpe.weight' else ''}")
+    head = sd.get("lm_head.weight")
+    if head is not None and head.data_ptr() != sd["wte.weight"].data_ptr() and not torch.equal(head, sd["wte.weight"]):
+        raise ValueError("lm_head.weight differs from wte.weight: an untied output layer, which GPT-2 (and this "
+                         "import) does not hold; refusing rather than dropping it")
     regroup = lambda w: rearrange(w, "(three n d) ... -> (n three d) ...", three=3, n=cfg.heads)
     word = torch.zeros(cfg.padded_vocab, cfg.hidden, dtype=sd["wte.weight"].dtype)
     word[: cfg.vocab_size] = sd["wte.weight"]
-    p = {"embed.word": word, "embed.pos": sd["wpe.weight"][: cfg.max_seq].clone(),
+    p = {"embed.word": word, "embed.pos": sd["wpe.weight"][: cfg.max_seq],
          "final_norm.weight": sd["ln_f.weight"], "final_norm.bias": sd["ln_f.bias"]}
     for i in range(cfg.layers):
         h, pre = f"h.{i}", f"layers.{i}"
@@ -572,12 +669,19 @@ def from_hf_gpt2(state_dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
               f"{pre}.mlp.fc1.weight": sd[f"{h}.mlp.c_fc.weight"].t(), f"{pre}.mlp.fc1.bias": sd[f"{h}.mlp.c_fc.bias"],
               f"{pre}.mlp.fc2.weight": sd[f"{h}.mlp.c_proj.weight"].t(),
               f"{pre}.mlp.fc2.bias": sd[f"{h}.mlp.c_proj.bias"]}
-    shapes = gpt_shapes(cfg)
-    for name, value in p.items():
-        if tuple(value.shape) != shapes[name][0]:
-            raise ValueError(f"{name}: the checkpoint gives shape {tuple(value.shape)}, the config "
-                             f"needs {shapes[name][0]}")
     return {k: v.contiguous().clone() for k, v in p.items()}
+
+
+def check_full_params(params: dict, shapes: dict) -> None:
+    """ValueError unless params holds exactly the names of `shapes` (name ->
+    (full shape, rule)) at their full shapes; names the first that does not."""
+    missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"the parameters do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, (shape, _) in shapes.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(params[name].shape)}, the full parameter is {shape}: "
+                             "one rank's tensor-parallel shards? Gather them with parallel.unshard first")
 
 
 def check_gpt2_compatible(cfg: GPTConfig) -> None:
@@ -592,8 +696,10 @@ def check_gpt2_compatible(cfg: GPTConfig) -> None:
 
 
 def to_hf_gpt2(params, cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """A GPT2LMHeadModel state dict from full nanomeg parameters (inverse of from_hf_gpt2)."""
+    """A GPT2LMHeadModel state dict from full nanomeg parameters (inverse of
+    from_hf_gpt2). One rank's shards are refused: unshard them first."""
     check_gpt2_compatible(cfg)
+    check_full_params(params, gpt_shapes(cfg))
     ungroup = lambda w: rearrange(w, "(n three d) ... -> (three n d) ...", three=3, n=cfg.heads)
     sd = {"transformer.wte.weight": params["embed.word"][: cfg.vocab_size],
           "transformer.wpe.weight": params["embed.pos"],

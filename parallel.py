@@ -511,6 +511,13 @@ def vocab_range(vocab_local: int, mesh: Mesh) -> tuple[int, int]:
     return start, start + vocab_local
 
 
+def real_vocab_columns(vocab_local: int, vocab_size: int, mesh: Mesh, device=None) -> torch.Tensor:
+    """bool [V/t]: True where this rank's vocabulary column is a real id
+    (< vocab_size), False on the padding rows added to make V divisible."""
+    start, end = vocab_range(vocab_local, mesh)
+    return torch.arange(start, end, device=device) < vocab_size
+
+
 def check_ids(ids: torch.Tensor, vocab_size: int, what: str = "token id") -> None:
     """ValueError if any id is negative or >= vocab_size (checked on every rank)."""
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -561,8 +568,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, mesh, vocab_size, label_smoothing):
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         start, end = vocab_range(logits.shape[-1], mesh)
-        columns = torch.arange(start, end, device=logits.device)
-        real = columns < vocab_size  # [V/t]: padded columns never count
+        real = real_vocab_columns(logits.shape[-1], vocab_size, mesh, logits.device)  # [V/t]: padding never counts
         logits = logits.masked_fill(~real, float("-inf"))
         m = all_reduce(logits.max(dim=-1).values, mesh, "tp", op=dist.ReduceOp.MAX)
         shifted = logits - m.unsqueeze(-1)  # [b, s, V/t], <= 0

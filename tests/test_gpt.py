@@ -375,8 +375,9 @@ def generate_case(mesh, cfg, full, prompt, new, seed):
     s0 = prompt.shape[1]
     out = dict(greedy=generate(params, prompt, cfg, mesh, new, temperature=0))
     out["greedy_logits"] = steps(out["greedy"])
-    out["padded_wins"] = bool((P.gather_from_tp(gpt_logits(params, prompt, plain, mesh), mesh).argmax(-1)
-                               >= cfg.vocab_size).all())
+    public = P.gather_from_tp(gpt_logits(params, prompt, plain, mesh), mesh)  # [b, s0, V_padded]
+    out["padded_wins"] = bool((public.argmax(-1) >= cfg.vocab_size).any())
+    out["padded_columns"] = public[..., cfg.vocab_size:]
     # the KV cache: the prompt in two chunks (queries aligned to the end of the keys), then token by token
     caches, cached, uncached = {i: {} for i in layer_ids(params)}, [], []
     seq = out["greedy"]
@@ -420,8 +421,14 @@ def test_generation(pool, case):
     prompt = randint(seed, cfg.vocab_size, b, s0)
     serial = generate_case(SERIAL, cfg, full, prompt, new, seed)
     results = pool.run(generate_case, cfg, full, prompt, new, seed, tp=2)
+    # the trap is real: without the mask in lm_logits every padded id would win by far
+    from nanomeg import embed, norm, run_layers
+    x = norm(full, "final_norm", run_layers(full, embed(full, prompt, cfg, SERIAL), cfg, SERIAL), cfg, SERIAL)
+    head = full["embed.word" if cfg.tie_embeddings else "head.weight"]
+    assert ((x @ head.t()).argmax(-1) >= cfg.vocab_size).all(), "the padded ids are meant to be the trap"
     for who, got in [("serial", serial)] + [(f"rank {r}", g) for r, g in enumerate(results)]:
-        assert got["padded_wins"], "the padded ids are meant to be the trap"
+        assert not got["padded_wins"], f"{who}: gpt_logits let a padded id win an argmax"
+        assert (got["padded_columns"] == float("-inf")).all(), f"{who}: padded logits are not -inf"
         for name in ("greedy", "hot", "top3", "top1"):
             ids = got[name]
             assert ids.shape == (b, s0 + new) and torch.equal(ids[:, :s0], prompt), (who, name)
@@ -511,7 +518,8 @@ def test_gpt2_from_a_safetensors_file(hf_gpt2, tmp_path):
     torch.testing.assert_close(got, hf_logits(model, GPT2_IDS), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="missing"):
         from_hf_gpt2({k: v for k, v in sd.items() if not k.startswith("h.1.")}, cfg)
-    with pytest.raises(ValueError, match=re.escape("(vocab_size, hidden) = (100, 32)")):
+    with pytest.raises(ValueError, match=re.escape("wte.weight: the checkpoint has shape (101, 32), the config "
+                                                   "needs (100, 32)")):
         from_hf_gpt2(sd, gpt2_config(**{**HF_SIZES, "vocab_size": 100}))
 
 
@@ -663,7 +671,8 @@ def bad_input_case(mesh):
 
 
 def test_bad_input_raises_on_every_rank_and_nothing_hangs(pool):
-    want = ["tp=2 does not divide heads=3", "tp=2 and kv_heads=3: one must divide the other", "tp=2 does not divide ffn=5",
+    want = ["tp=2 does not divide heads=3", "tp=2 and kv_heads=3: one must divide the other",
+            "tp=2 does not divide ffn=5",
             "sequence of 9 tokens is longer than max_seq=8", "token id 10 out of range [0, 10)",
             "sequence parallel needs seq % tp == 0, got seq=3, tp=2", "target id 11 out of range [0, 10)",
             "prompt of 4 + 5 new tokens is longer than max_seq=8", 2.0]
