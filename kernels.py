@@ -16,9 +16,15 @@ Every op is four things: Triton kernels (forward, backward), a `*_reference` in 
 the public dispatcher. The dispatcher decides at every call:
 
 * CUDA tensors take Triton, CPU tensors take the reference;
-* `NANOMEG_TRITON=1` forces Triton (CPU tensors then need `TRITON_INTERPRET=1`, set before triton is
-  first imported: the tests do this); `NANOMEG_TRITON=0` forces the reference;
+* `NANOMEG_TRITON` overrides that, read case-insensitively: 1, true, yes or on force Triton (CPU tensors
+  then need `TRITON_INTERPRET=1`, set before triton is first imported: the tests do this); 0, false, no
+  or off force the reference; unset or empty keeps the rule above; any other value is a ValueError;
 * without an importable triton, the references are used, and forcing Triton raises a RuntimeError.
+
+Gradients. The Triton backward kernels give first-order gradients only: a second differentiation
+through them (`torch.autograd.grad(..., create_graph=True)`, then a backward through that gradient)
+raises a RuntimeError naming the op. The references are plain autograd and differentiate to any order
+(gradgradcheck in the tests): use them, `NANOMEG_TRITON=0`, for higher-order gradients.
 
 Bad input is a ValueError naming the sizes, raised before any launch. A non-contiguous input is copied
 with `.contiguous()` first: the kernels address row r of a [rows, n] tensor as `x + r * n`.
@@ -32,6 +38,7 @@ and read once; a longer row is swept in chunks of that size by a "looped" kernel
 constants read at call time, so tests lower them to make "longer than one block" cheap.
 """
 
+import functools
 import os
 import types
 
@@ -67,21 +74,85 @@ GELU_APPROXIMATIONS = ("tanh", "none")
 # ----------------------------------------------------------------------------------------------------
 
 
+TRITON_ON = ("1", "true", "yes", "on")  # NANOMEG_TRITON spellings that force the Triton kernels
+TRITON_OFF = ("0", "false", "no", "off")  # ... and those that force the references
+
+
+def _triton_switch() -> bool | None:
+    """NANOMEG_TRITON, read: True (force Triton), False (force the references), None (unset or empty:
+    decide by device). Case and surrounding spaces do not matter; an unknown value is a ValueError, so
+    that a typo cannot silently pick the other path."""
+    value = os.environ.get("NANOMEG_TRITON", "")
+    word = value.strip().lower()
+    if word == "":
+        return None
+    if word in TRITON_ON or word in TRITON_OFF:
+        return word in TRITON_ON
+    raise ValueError(
+        f"NANOMEG_TRITON={value!r} is not understood: use one of {'/'.join(TRITON_ON)} to force the Triton "
+        f"kernels, one of {'/'.join(TRITON_OFF)} to force the references, or leave it unset"
+    )
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     """True when `x` should go to the Triton kernels (see the module docstring for the rules)."""
-    forced = os.environ.get("NANOMEG_TRITON", "")
-    if forced == "0":
-        return False
-    if forced == "1":
+    forced = _triton_switch()
+    if forced is None:
+        return HAVE_TRITON and x.is_cuda
+    if forced:
+        value = os.environ["NANOMEG_TRITON"]
         if not HAVE_TRITON:
-            raise RuntimeError("NANOMEG_TRITON=1 forces the Triton kernels, but triton cannot be imported")
+            raise RuntimeError(f"NANOMEG_TRITON={value} forces the Triton kernels, but triton cannot be imported")
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
-                f"NANOMEG_TRITON=1 with a {x.device.type} tensor needs the Triton interpreter: "
+                f"NANOMEG_TRITON={value} with a {x.device.type} tensor needs the Triton interpreter: "
                 "set TRITON_INTERPRET=1 before triton is first imported"
             )
-        return True
-    return HAVE_TRITON and x.is_cuda
+    return forced
+
+
+class _NoHigherOrder(torch.autograd.Function):
+    """Passes the gradients a Triton backward computed through unchanged, as a node of the graph that
+    create_graph=True builds, with the tensors those gradients depend on (dy and what forward saved)
+    as its inputs. Differentiating through it raises: the Triton backward kernels are not themselves
+    differentiable, and without this node autograd would take their results for constants, so that
+    a second-order gradient would silently lose every term that passes through them."""
+
+    @staticmethod
+    def forward(ctx, op, n_grads, *tensors):
+        ctx.op = op
+        return tensors[:n_grads]  # the rest (dependencies) only connect this node to the graph
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"{ctx.op}: the Triton kernels give first-order gradients only, so this gradient of a gradient "
+            "cannot be computed; for higher-order gradients use the reference (NANOMEG_TRITON=0)"
+        )
+
+
+def _first_order_only(op: str):
+    """Decorator for the backward of a Triton autograd function. Under create_graph=True the gradients
+    it returns pass through _NoHigherOrder, so that a second differentiation raises a RuntimeError
+    naming `op`. (torch's once_differentiable is not enough: it hangs its error node on detached
+    copies, which autograd.grad(..., inputs=x) prunes, and adds none when dy needs no gradient; either
+    way the second-order gradient then comes back short, without an error.)"""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():  # create_graph=False: the usual first-order backward
+                return grads
+            depends_on = [t for t in (*grad_outputs, *ctx.saved_tensors) if t is not None and t.requires_grad]
+            tensors = [g for g in grads if g is not None]
+            guarded = iter(_NoHigherOrder.apply(op, len(tensors), *tensors, *depends_on))
+            return tuple(None if g is None else next(guarded) for g in grads)
+
+        return wrapper
+
+    return decorate
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -161,25 +232,26 @@ def _inv_or_zero(d):
 
 
 @triton.jit
-def _in_row(row, cols, sq, sk, CAUSAL: tl.constexpr):
-    """Columns `cols` that lie in row `row` of [b * heads * sq, sk] and, if CAUSAL, are keys its query
-    may see: query q (aligned to the end of the keys) sees keys k <= q + (sk - sq). From indices only."""
+def _visible(MASK, row, cols, sq, sk, heads, m_sb, m_sh, m_sq, MASK_KIND: tl.constexpr):
+    """Columns `cols` of row `row` of [b * heads * sq, sk] that are keys its query may attend to.
+    MASK_KIND 1 (causal): from indices, no mask read: query q (aligned to the end of the keys) sees keys
+    k <= q + (sk - sq). MASK_KIND 2 (padding): mask[b, h, q, k], True = masked out, broadcast dims with
+    stride 0."""
     keep = cols < sk
-    if CAUSAL:
+    if MASK_KIND == 1:
         keep = keep & (cols <= row % sq + (sk - sq))
+    if MASK_KIND == 2:
+        bh = row // sq
+        mask_row = MASK + (bh // heads) * m_sb + (bh % heads) * m_sh + (row % sq) * m_sq
+        keep = keep & (tl.load(mask_row + cols, mask=cols < sk, other=1) == 0)
     return keep
 
 
 @triton.jit
 def _masked_scores(X, MASK, row, cols, sq, sk, heads, scale, m_sb, m_sh, m_sq, MASK_KIND: tl.constexpr):
     """Scores for columns `cols` of row `row` of x: [b * heads * sq, sk]: scale * x in fp32, -inf where
-    masked. MASK_KIND 1 (causal): from indices, no mask read. MASK_KIND 2 (padding): mask[b, h, q, k],
-    True = masked out, broadcast dims with stride 0. Masked keys of x are never read from memory."""
-    keep = _in_row(row, cols, sq, sk, MASK_KIND == 1)
-    if MASK_KIND == 2:
-        bh = row // sq
-        mask_row = MASK + (bh // heads) * m_sb + (bh % heads) * m_sh + (row % sq) * m_sq
-        keep = keep & (tl.load(mask_row + cols, mask=cols < sk, other=1) == 0)
+    masked (see _visible). Masked keys of x are never read from memory."""
+    keep = _visible(MASK, row, cols, sq, sk, heads, m_sb, m_sh, m_sq, MASK_KIND)
     x = tl.load(X + row * sk + cols, mask=keep, other=0.0)
     return tl.where(keep, x.to(tl.float32) * scale, float("-inf"))
 
@@ -226,40 +298,43 @@ def _softmax_fwd_looped_kernel(X, Y, MASK, sq, sk, heads, scale, m_sb, m_sh, m_s
 
 
 @triton.jit
-def _softmax_bwd_kernel(Y, DY, DX, sq, sk, scale, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+def _softmax_bwd_kernel(Y, DY, DX, MASK, sq, sk, heads, scale, m_sb, m_sh, m_sq,
+                        MASK_KIND: tl.constexpr, BLOCK: tl.constexpr):
     """dx = scale * y * (dy - sum(dy * y)), one program per row, the row in one block (sk <= BLOCK).
-    Needs only y and dy: the mask is inside y already (masked y = 0 gives masked dx = 0); for a causal
-    mask, y and dy above the diagonal are not even read.
-    Traffic: reads y and dy once, writes dx once. Unfused autograd: softmax backward (reads y, dy, writes
-    dx in fp32), then masked_fill's, the scale's and the casts' backwards each read and write the whole
-    tensor again."""
+    Needs only y, dy and the mask: masked keys' y and dy are not read (above the diagonal for causal),
+    and their dx is written as exactly 0, as the reference's gradient is, even in a NaN row.
+    Traffic: reads y and dy once (and for padding the mask row), writes dx once. Unfused autograd:
+    softmax backward (reads y, dy, writes dx in fp32), then masked_fill's, the scale's and the casts'
+    backwards each read and write the whole tensor again."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    visible = _in_row(row, cols, sq, sk, CAUSAL)
+    visible = _visible(MASK, row, cols, sq, sk, heads, m_sb, m_sh, m_sq, MASK_KIND)
     y = tl.load(Y + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
     dy = tl.load(DY + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
-    dx = scale * y * (dy - tl.sum(dy * y, axis=0))
+    dx = tl.where(visible, scale * y * (dy - tl.sum(dy * y, axis=0)), 0.0)
     tl.store(DX + row * sk + cols, dx.to(DX.dtype.element_ty), mask=cols < sk)
 
 
 @triton.jit
-def _softmax_bwd_looped_kernel(Y, DY, DX, sq, sk, scale, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+def _softmax_bwd_looped_kernel(Y, DY, DX, MASK, sq, sk, heads, scale, m_sb, m_sh, m_sq,
+                               MASK_KIND: tl.constexpr, BLOCK: tl.constexpr):
     """As _softmax_bwd_kernel, for sk > BLOCK: sweep 1 sums dy * y in chunks, sweep 2 writes dx.
-    Traffic: reads y and dy twice, writes dx once."""
+    Traffic: reads y and dy twice (and for padding the mask row twice), writes dx once."""
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, sk, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        visible = _in_row(row, cols, sq, sk, CAUSAL)
+        visible = _visible(MASK, row, cols, sq, sk, heads, m_sb, m_sh, m_sq, MASK_KIND)
         y = tl.load(Y + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
         acc += y * tl.load(DY + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
     dot = tl.sum(acc, axis=0)
     for start in range(0, sk, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        visible = _in_row(row, cols, sq, sk, CAUSAL)
+        visible = _visible(MASK, row, cols, sq, sk, heads, m_sb, m_sh, m_sq, MASK_KIND)
         y = tl.load(Y + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * sk + cols, mask=visible, other=0.0).to(tl.float32)
-        tl.store(DX + row * sk + cols, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=cols < sk)
+        dx = tl.where(visible, scale * y * (dy - dot), 0.0)
+        tl.store(DX + row * sk + cols, dx.to(DX.dtype.element_ty), mask=cols < sk)
 
 
 def _check_softmax_args(x, scale, mask_kind, mask, dtypes) -> None:
@@ -312,32 +387,34 @@ def _softmax_fwd(x, scale, mask_kind, mask):
     return y
 
 
-def _softmax_bwd(y, dy, scale, mask_kind):
+def _softmax_bwd(y, dy, scale, mask_kind, mask):
     """y, dy: [b, heads, sq, sk] -> dx, in y's dtype."""
-    sq, sk = y.shape[-2:]
+    b, heads, sq, sk = y.shape
     dy = dy.contiguous()
     dx = _empty(y.shape, y.dtype, y.device)
     block = min(triton.next_power_of_2(sk), SOFTMAX_BLOCK)
     kernel = _softmax_bwd_kernel if sk <= block else _softmax_bwd_looped_kernel
-    kernel[(y.numel() // sk,)](y, dy, dx, sq, sk, float(scale), CAUSAL=mask_kind == "causal", BLOCK=block,
-                               num_warps=_num_warps(block))
+    mask_ptr, (m_sb, m_sh, m_sq) = _mask_operand(y, mask)
+    kernel[(b * heads * sq,)](y, dy, dx, mask_ptr, sq, sk, heads, float(scale), m_sb, m_sh, m_sq,
+                              MASK_KIND=MASK_KINDS[mask_kind], BLOCK=block, num_warps=_num_warps(block))
     return dx
 
 
 class TritonScaleMaskSoftmax(torch.autograd.Function):
-    """scale_mask_softmax on the Triton kernels. Saves only y for backward (as Megatron's kernels)."""
+    """scale_mask_softmax on the Triton kernels. Saves y (and a padding mask) for backward, as Megatron's kernels."""
 
     @staticmethod
     def forward(ctx, x, scale, mask_kind, mask):
         y = _softmax_fwd(x, scale, mask_kind, mask)
-        ctx.save_for_backward(y)
+        ctx.save_for_backward(y, mask)
         ctx.scale, ctx.mask_kind = scale, mask_kind
         return y
 
     @staticmethod
+    @_first_order_only("scale_mask_softmax")
     def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        return _softmax_bwd(y, dy, ctx.scale, ctx.mask_kind), None, None, None
+        y, mask = ctx.saved_tensors
+        return _softmax_bwd(y, dy, ctx.scale, ctx.mask_kind, mask), None, None, None
 
 
 def scale_mask_softmax_reference(x, *, scale=1.0, mask_kind="none", mask=None):
@@ -347,12 +424,16 @@ def scale_mask_softmax_reference(x, *, scale=1.0, mask_kind="none", mask=None):
     sq, sk = x.shape[-2:]
     if mask_kind == "causal":  # query i sees keys j <= i + (sk - sq)
         mask = torch.ones(sq, sk, dtype=torch.bool, device=x.device).triu(sk - sq + 1)
-    if mask is None:
+    if mask is not None:
+        s.masked_fill_(mask, float("-inf"))  # s is our own fresh tensor: in place
+    with torch.no_grad():  # a row whose every score is -inf (masked, or -inf in x): torch.softmax gives NaN
+        dead = s.amax(dim=-1, keepdim=True) == float("-inf")  # a NaN or +inf score is not -inf: NaN row
+    if not dead.any():  # the common case costs one read of s (and, on CUDA, a sync: this is the CPU path)
         return torch.softmax(s, dim=-1).to(x.dtype)
-    y = torch.softmax(s.masked_fill_(mask, float("-inf")), dim=-1)  # s is our own fresh tensor: in place
-    if mask_kind == "causal":  # with sq <= sk every row sees at least one key
-        return y.to(x.dtype)
-    return y.masked_fill(mask.all(dim=-1, keepdim=True), 0.0).to(x.dtype)  # a fully masked row: 0, not NaN
+    # Give the dead rows a finite score first, so that neither softmax nor its backward meets 0/0 there,
+    # then zero them: output and gradient are exactly 0 in those rows.
+    y = torch.softmax(s.masked_fill_(dead, 0.0), dim=-1)
+    return y.masked_fill(dead, 0.0).to(x.dtype)
 
 
 def scale_mask_softmax(x, *, scale=1.0, mask_kind="none", mask=None):
@@ -362,7 +443,10 @@ def scale_mask_softmax(x, *, scale=1.0, mask_kind="none", mask=None):
     mask_kind: "none"; "causal" (query i sees keys j <= i + (sk - sq): sq <= sk, the queries aligned to
     the end of the keys, as when decoding with a KV cache; no mask tensor); "padding" (mask: bool
     [b or 1, heads or 1, sq or 1, sk], True = masked out, as in Megatron).
-    A fully masked row gives zeros, never NaN. Differentiable w.r.t. x.
+    A row with nothing to attend to gives zeros (and zero gradient), never NaN: every key masked, or
+    every score -inf (-inf in x), for any mask_kind. Masked keys of x are never read, so what they hold
+    (even NaN or inf) does not matter. A +inf or NaN score on a visible key makes its whole row NaN, on
+    every path (softmax of +inf is inf / inf). Differentiable w.r.t. x.
     """
     _check_softmax_args(x, scale, mask_kind, mask, REFERENCE_DTYPES)
     if x.numel() == 0 or not _use_triton(x):
@@ -598,6 +682,7 @@ class TritonLayerNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_first_order_only("layer_norm")
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dw, db = _norm_bwd(dy, x, weight, bias, mean, rstd, ctx.zero_centered_gamma, is_rms=False)
@@ -615,6 +700,7 @@ class TritonRMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_first_order_only("rms_norm")
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         dx, dw, _ = _norm_bwd(dy, x, weight, None, None, rstd, ctx.zero_centered_gamma, is_rms=True)
@@ -652,6 +738,7 @@ def layer_norm(x, weight, bias=None, eps=1e-5, *, zero_centered_gamma=False):
     x: [..., h] fp16, bf16 or fp32, any h >= 1; weight, bias: [h], fp32 or low precision (bias may be
     None). The output has x's dtype. zero_centered_gamma: weight stored around 0, applied as 1 + weight
     (Megatron's apply_layernorm_1p). Differentiable w.r.t. x, weight and bias.
+    An inf or NaN in a row of x makes that row NaN (inf - inf), alike on every path.
     """
     _check_norm_args("layer_norm", x, weight, bias, REFERENCE_DTYPES)
     if x.numel() == 0 or not _use_triton(x):
@@ -664,6 +751,7 @@ def rms_norm(x, weight, eps=1e-5, *, zero_centered_gamma=False):
 
     x: [..., h] fp16, bf16 or fp32, any h >= 1; weight: [h]. The output has x's dtype.
     zero_centered_gamma: weight applied as 1 + weight. Differentiable w.r.t. x and weight.
+    An inf or NaN in a row of x gives NaN where the formula does (inf / inf), alike on every path.
     """
     _check_norm_args("rms_norm", x, weight, None, REFERENCE_DTYPES)
     if x.numel() == 0 or not _use_triton(x):
@@ -799,6 +887,7 @@ class TritonBiasGelu(torch.autograd.Function):
         return _bias_gelu_fwd(x, bias, approximate)
 
     @staticmethod
+    @_first_order_only("bias_gelu")
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
         dx, db = _bias_gelu_bwd(dy, x, bias, ctx.approximate)
@@ -819,6 +908,12 @@ def bias_gelu(x, bias=None, *, approximate="tanh"):
 
     x: [..., h] fp16, bf16 or fp32; bias: [h] or None. approximate: "tanh" (Megatron's bias_gelu_impl)
     or "none" (exact, with erf). Differentiable w.r.t. x and bias (db = dx summed over leading dims).
+
+    Non-finite z = x + b, as the formula z * Phi(z) gives in fp32: NaN gives NaN, -inf gives NaN
+    (-inf * 0), +inf gives +inf; the gradient at +-inf is NaN. The same on every path, with two
+    exceptions outside the range of real activations: torch's vectorized CPU F.gelu, which the exact
+    form's reference calls, gives NaN at +inf and inf for z >= ~1.7e38 where Triton gives z; and the
+    tanh form's gradient is NaN on every path for |z| >= ~1e19, where z^3 overflows fp32.
     """
     _check_bias_gelu_args(x, bias, approximate, REFERENCE_DTYPES)
     if x.numel() == 0 or not _use_triton(x):

@@ -497,10 +497,9 @@ for kind in (0, 1, 2):
     for k in (kernels._softmax_fwd_kernel, kernels._softmax_fwd_looped_kernel):
         compile(k, dict(X=P(dt), Y=P(dt), MASK="*u8", sq="i32", sk="i32", heads="i32", scale="fp32", m_sb="i32",
                         m_sh="i32", m_sq="i32"), dict(MASK_KIND=kind, BLOCK=1024)); n += 1
-for k in (kernels._softmax_bwd_kernel, kernels._softmax_bwd_looped_kernel):
-    for causal in (False, True):
-        compile(k, dict(Y=P(dt), DY=P(dt), DX=P(dt), sq="i32", sk="i32", scale="fp32"), dict(CAUSAL=causal, BLOCK=1024))
-        n += 1
+    for k in (kernels._softmax_bwd_kernel, kernels._softmax_bwd_looped_kernel):
+        compile(k, dict(Y=P(dt), DY=P(dt), DX=P(dt), MASK="*u8", sq="i32", sk="i32", heads="i32", scale="fp32",
+                        m_sb="i32", m_sh="i32", m_sq="i32"), dict(MASK_KIND=kind, BLOCK=1024)); n += 1
 for is_rms, has_bias, zero_centered in ((False, True, False), (False, False, True), (True, False, True)):
     c = dict(IS_RMS=is_rms, HAS_BIAS=has_bias, ZERO_CENTERED=zero_centered, BLOCK=1024)
     for k in (kernels._norm_fwd_kernel, kernels._norm_fwd_looped_kernel):
@@ -527,5 +526,5 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert "compiled 27" in out.stdout
+    assert "compiled 29" in out.stdout
 
