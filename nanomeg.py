@@ -44,6 +44,7 @@ CHOICES = dict(
     position=("learned", "rope"),
     attention=("core", "sdpa"),
     recompute=("none", "selective", "full"),
+    norm_order=("pre", "post"),
 )
 
 
@@ -54,7 +55,7 @@ FIELD_RANGES = {
     **dict.fromkeys(("vocab_size", "max_seq", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab_multiple"),
                     (">=", 1)),
     **dict.fromkeys(("norm_eps", "rope_base"), (">", 0)),
-    "init_std": (">=", 0),
+    **dict.fromkeys(("init_std", "type_vocab"), (">=", 0)),
     **dict.fromkeys(("hidden_dropout", "attention_dropout", "label_smoothing"), ("in [0, 1)", None)),
 }
 
@@ -92,6 +93,9 @@ def check_fields(cfg) -> None:
 
 @dataclass(frozen=True)
 class GPTConfig:
+    """The shared core's config: every switch the layers of section 3 read.
+    GPT uses it as it is; `BertConfig` (section 7) adds BERT's heads."""
+
     vocab_size: int = 256
     max_seq: int = 256  # rows of the position table / longest sequence
     layers: int = 4
@@ -108,6 +112,8 @@ class GPTConfig:
     bias: bool = True  # biases of the linear layers
     tie_embeddings: bool = True
     residual_post_norm: bool = False  # Megatron's apply_residual_connection_post_layernorm
+    norm_order: str = "pre"  # pre: x + f(norm(x)), a final norm; post (original BERT): norm(x + f(x)), embedding norm
+    type_vocab: int = 0  # token types (BERT's segment ids) added to the embedding; 0: none
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     attention: str = "core"  # core: QK^T -> fused softmax -> dropout -> .V;  sdpa: torch's fused path
@@ -128,6 +134,9 @@ class GPTConfig:
         if self.attention == "sdpa" and self.attention_dropout > 0:
             raise ValueError("attention='sdpa' has no counter-based dropout: use attention='core' "
                              f"with attention_dropout={self.attention_dropout}")
+        if self.norm_order == "post" and self.residual_post_norm:
+            raise ValueError("residual_post_norm=True is a pre-norm option; norm_order='post' already adds the "
+                             "residual before the norm")
 
     # kv_heads and ffn stay as given (None: the default), so dataclasses.replace(cfg, heads=...)
     # re-derives them; these two properties are the resolved sizes.
@@ -173,31 +182,51 @@ class GPTConfig:
 # ---------------------------------------------------------------------------
 
 
-def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (full shape, init rule), in a fixed order. Init rules: normal,
+def norm_shapes(name: str, cfg: GPTConfig) -> dict:
+    """A norm's weight [h] (and bias [h] for LayerNorm)."""
+    return {f"{name}.weight": ((cfg.hidden,), "gamma")} | (
+        {f"{name}.bias": ((cfg.hidden,), "zeros")} if cfg.norm == "layernorm" else {})
+
+
+def linear_shapes(name: str, out: int, inp: int, rule: str, bias: bool) -> dict:
+    """A linear layer's weight [out, inp] (and bias [out])."""
+    return {f"{name}.weight": ((out, inp), rule)} | ({f"{name}.bias": ((out,), "zeros")} if bias else {})
+
+
+def stack_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The shared core's parameters, every model's: embeddings, the layers,
+    the final norm (pre-norm) or the embedding norm (post-norm).
+    name -> (full shape, init rule), in a fixed order. Init rules: normal,
     scaled (the residual branch ends), gamma (norm weights), zeros (biases).
     Layouts: qkv rows grouped per kv head as [q heads of the group, k, v];
     SwiGLU fc1 rows interleaved [gate_i, up_i]; so a contiguous tp slice of
     either always holds whole heads / matching halves."""
-    h, v = cfg.hidden, cfg.padded_vocab
+    h = cfg.hidden
     qkv = (cfg.heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     fc1 = cfg.ffn_hidden * (2 if cfg.activation == "swiglu" else 1)
-    ln = lambda name: {f"{name}.weight": ((h,), "gamma")} | (
-        {f"{name}.bias": ((h,), "zeros")} if cfg.norm == "layernorm" else {})
-    linear = lambda name, out, inp, rule: {f"{name}.weight": ((out, inp), rule)} | (
-        {f"{name}.bias": ((out,), "zeros")} if cfg.bias else {})
-    shapes = {"embed.word": ((v, h), "normal")}
+    shapes = {"embed.word": ((cfg.padded_vocab, h), "normal")}
     if cfg.position == "learned":
         shapes["embed.pos"] = ((cfg.max_seq, h), "normal")
+    if cfg.type_vocab:
+        shapes["embed.type"] = ((cfg.type_vocab, h), "normal")
+    if cfg.norm_order == "post":
+        shapes |= norm_shapes("embed.norm", cfg)
     for i in range(cfg.layers):
         pre = f"layers.{i}"
-        shapes |= (ln(f"{pre}.ln1") | linear(f"{pre}.attn.qkv", qkv, h, "normal")
-                   | linear(f"{pre}.attn.proj", h, cfg.heads * cfg.head_dim, "scaled")
-                   | ln(f"{pre}.ln2") | linear(f"{pre}.mlp.fc1", fc1, h, "normal")
-                   | linear(f"{pre}.mlp.fc2", h, cfg.ffn_hidden, "scaled"))
-    shapes |= ln("final_norm")
+        shapes |= (norm_shapes(f"{pre}.ln1", cfg) | linear_shapes(f"{pre}.attn.qkv", qkv, h, "normal", cfg.bias)
+                   | linear_shapes(f"{pre}.attn.proj", h, cfg.heads * cfg.head_dim, "scaled", cfg.bias)
+                   | norm_shapes(f"{pre}.ln2", cfg) | linear_shapes(f"{pre}.mlp.fc1", fc1, h, "normal", cfg.bias)
+                   | linear_shapes(f"{pre}.mlp.fc2", h, cfg.ffn_hidden, "scaled", cfg.bias))
+    if cfg.norm_order == "pre":
+        shapes |= norm_shapes("final_norm", cfg)
+    return shapes
+
+
+def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """GPT: the core stack plus, when untied, its own output layer."""
+    shapes = stack_shapes(cfg)
     if not cfg.tie_embeddings:
-        shapes["head.weight"] = ((v, h), "normal")
+        shapes["head.weight"] = ((cfg.padded_vocab, cfg.hidden), "normal")
     return shapes
 
 
@@ -212,14 +241,19 @@ def gpt_num_params(cfg: GPTConfig) -> int:
 
 
 def init_gpt(cfg: GPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Full GPT parameters, the same on every rank, with Megatron's init:
-    normal(0, init_std) for every matrix, the output projections of attention
-    and MLP scaled by 1/sqrt(2 * layers), norm weights 1 (0 when zero-centred,
-    applied as 1 + w), biases 0."""
+    """Full GPT parameters, the same on every rank (see `init_params`)."""
+    return init_params(gpt_shapes(cfg), cfg, seed, dtype)
+
+
+def init_params(shapes: dict, cfg: GPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Full parameters of `shapes` (name -> (shape, rule)), with Megatron's
+    init: normal(0, init_std) for every matrix, the output projections of
+    attention and MLP scaled by 1/sqrt(2 * layers), norm weights 1 (0 when
+    zero-centred, applied as 1 + w), biases 0."""
     gen = torch.Generator().manual_seed(seed)
     std = {"normal": cfg.init_std, "scaled": cfg.init_std / math.sqrt(2 * cfg.layers)}
     params = {}
-    for name, (shape, rule) in gpt_shapes(cfg).items():
+    for name, (shape, rule) in shapes.items():
         if rule in std:
             params[name] = (torch.randn(shape, generator=gen) * std[rule]).to(dtype)
         else:
@@ -244,9 +278,14 @@ def qkv_split(cfg: GPTConfig) -> P.HeadGroups:
 
 def gpt_specs(cfg: GPTConfig) -> dict[str, int | P.HeadGroups | None]:
     """name -> the dim split over tp (qkv: a `parallel.HeadGroups`), or None for replicated."""
+    return _stack_specs(gpt_shapes(cfg), cfg)
+
+
+def _stack_specs(shapes: dict, cfg: GPTConfig) -> dict[str, int | P.HeadGroups | None]:
+    """The split of every name in `shapes` by the core's rules (TP_SPLIT, qkv_split)."""
     local = lambda name: name.split(".", 2)[2] if name.startswith("layers.") else name
     split = lambda name: qkv_split(cfg) if local(name).startswith("attn.qkv.") else TP_SPLIT.get(local(name))
-    return {name: split(name) for name in gpt_shapes(cfg)}
+    return {name: split(name) for name in shapes}
 
 
 # ---------------------------------------------------------------------------
@@ -294,17 +333,38 @@ def hidden_dropout(x, p, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
     return P.dropout(x, p, seed=seed, stream=stream)
 
 
-def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=False, pos_offset=0):
+def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, training=False, pos_offset=0):
     """Token ids [b, s] -> hidden [b, s, h] ([b, s/t, h] under sequence parallel).
     Word rows are vocab-parallel (an all-reduce, or a reduce-scatter along s);
-    learned positions are replicated and added to this rank's sequence chunk."""
+    learned positions and token types [b, s] (BERT's segments; default all 0)
+    are replicated and added to this rank's sequence chunk. Post-norm models
+    normalise the sum (BERT's embedding LayerNorm); then dropout."""
     cfg.check_seq(ids.shape[1], mesh, pos_offset)
+    check_token_types(token_types, ids, cfg)
     x = P.vocab_parallel_embedding(ids, params["embed.word"], mesh,
                                    sequence_parallel=cfg.sequence_parallel, vocab_size=cfg.vocab_size)
+    local = lambda rows, dim: P.split(rows, mesh, "tp", dim) if cfg.sequence_parallel else rows  # this chunk of s
     if cfg.position == "learned":
-        pos = _replicated(params["embed.pos"][pos_offset: pos_offset + ids.shape[1]], cfg, mesh)  # [s, h]
-        x = x + (P.split(pos, mesh, "tp", 0) if cfg.sequence_parallel else pos)
+        x = x + local(_replicated(params["embed.pos"][pos_offset: pos_offset + ids.shape[1]], cfg, mesh), 0)
+    if cfg.type_vocab:
+        types = torch.zeros_like(ids) if token_types is None else token_types
+        x = x + local(F.embedding(types, _replicated(params["embed.type"], cfg, mesh)), 1)  # [b, s(/t), h]
+    if cfg.norm_order == "post":
+        x = norm(params, "embed.norm", x, cfg, mesh)
     return hidden_dropout(x, cfg.hidden_dropout, cfg, mesh, seed=seed, stream="embed", training=training)
+
+
+def check_token_types(token_types, ids, cfg: GPTConfig) -> None:
+    """ValueError unless token_types is None or integer [b, s] like ids, with
+    every id in [0, type_vocab); a model without token types takes none."""
+    if token_types is None:
+        return
+    if not cfg.type_vocab:
+        raise ValueError("token_types given, but the model has none (type_vocab=0)")
+    if not isinstance(token_types, torch.Tensor) or token_types.shape != ids.shape:
+        shape = tuple(token_types.shape) if isinstance(token_types, torch.Tensor) else type(token_types).__name__
+        raise ValueError(f"token_types shape {shape} != ids shape {tuple(ids.shape)}")
+    P.check_ids(token_types, cfg.type_vocab, "token type id")
 
 
 def core_attention(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, seed, stream, training):
@@ -327,13 +387,19 @@ def core_attention(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, seed
 def sdpa_attention(q, k, v, *, mask_kind, mask):
     """The fast path: torch's fused scaled_dot_product_attention (flash or
     memory-efficient kernels on GPU). Same shapes as core_attention.
-    Megatron's mask is True = masked out; SDPA's is True = attend."""
+    Megatron's mask is True = masked out; SDPA's is True = attend. A query
+    that may see no key (a padded query under BERT's mask) gets zeros, as
+    from the fused softmax, where SDPA alone would give NaN."""
     sq, sk = q.shape[-2], k.shape[-2]
     if mask_kind == "causal" and sq != sk:  # decoding with a cache: the causal diagonal is shifted
         mask_kind, mask = "padding", causal_mask(sq, sk, q.device)
-    attend = None if mask_kind != "padding" else ~mask
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=mask_kind == "causal",
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    attend, blind = None, None
+    if mask_kind == "padding":
+        blind = mask.all(dim=-1, keepdim=True)  # [b|1, n|1, sq|1, 1]: rows with nothing to see
+        attend = ~mask | blind  # let them see everything, then zero their output
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=mask_kind == "causal",
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out if blind is None else out.masked_fill(blind, 0.0)
 
 
 def causal_mask(sq: int, sk: int, device=None):
@@ -405,11 +471,21 @@ def bias_dropout_add(x, bias, residual, cfg: GPTConfig, mesh: Mesh, *, seed, str
 
 def transformer_block(params, i, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=None, seed=0, training=False,
                       cache=None, pos_offset=0):
-    """Pre-norm block i. x: [b, s(/t), h] -> [b, s(/t), h].
-    x = x + attn(norm1(x)); x = x + mlp(norm2(x)) (the residual taken after the
-    norm instead, with residual_post_norm). Per block without sequence
-    parallel: 2 all-reduces of b*s*h forward and 2 backward."""
+    """Block i. x: [b, s(/t), h] -> [b, s(/t), h].
+    Pre-norm: x = x + attn(norm1(x)); x = x + mlp(norm2(x)) (the residual
+    taken after the norm instead, with residual_post_norm). Post-norm (the
+    original BERT): x = norm1(x + attn(x)); x = norm2(x + mlp(x)). Per block
+    without sequence parallel: 2 all-reduces of b*s*h forward and 2 backward."""
     pre = f"layers.{i}"
+    branch = dict(seed=seed, training=training)
+    if cfg.norm_order == "post":
+        out, bias = attention(params, f"{pre}.attn", x, cfg, mesh, mask_kind=mask_kind, mask=mask,
+                              stream=f"{i}.attn", cache=cache, pos_offset=pos_offset, **branch)
+        x = norm(params, f"{pre}.ln1", bias_dropout_add(out, bias, x, cfg, mesh, stream=f"{i}.attn_out", **branch),
+                 cfg, mesh)
+        out, bias = mlp(params, f"{pre}.mlp", x, cfg, mesh)
+        return norm(params, f"{pre}.ln2", bias_dropout_add(out, bias, x, cfg, mesh, stream=f"{i}.mlp_out", **branch),
+                    cfg, mesh)
     h = norm(params, f"{pre}.ln1", x, cfg, mesh)
     out, bias = attention(params, f"{pre}.attn", h, cfg, mesh, mask_kind=mask_kind, mask=mask, seed=seed,
                           stream=f"{i}.attn", training=training, cache=cache, pos_offset=pos_offset)
@@ -443,12 +519,17 @@ def run_layers(params, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind="causal", mas
     return x
 
 
+def final_norm(params, x, cfg: GPTConfig, mesh: Mesh):
+    """The norm after the last layer of a pre-norm stack (post-norm stacks end normalised already)."""
+    return norm(params, "final_norm", x, cfg, mesh) if cfg.norm_order == "pre" else x
+
+
 def lm_logits(params, x, cfg: GPTConfig, mesh: Mesh):
     """Final norm and output layer. x: [b, s(/t), h] -> logits [b, s, V/t],
     kept vocab-parallel for the loss (the tied embedding is the weight).
     The padded vocabulary columns (ids >= cfg.vocab_size) are -inf, so no
     argmax, softmax or sample of these logits can pick a padded id."""
-    x = norm(params, "final_norm", x, cfg, mesh)
+    x = final_norm(params, x, cfg, mesh)
     weight = params["embed.word"] if cfg.tie_embeddings else params["head.weight"]
     logits = P.column_parallel_linear(x, weight, None, mesh, sequence_parallel=cfg.sequence_parallel)
     return mask_padded_vocab(logits, cfg.vocab_size, mesh)
@@ -689,7 +770,7 @@ def check_gpt2_compatible(cfg: GPTConfig) -> None:
     embeddings, multi-head attention, ffn = 4h. Anything else is a ValueError."""
     want = dict(norm="layernorm", activation="gelu_tanh", position="learned", bias=True, tie_embeddings=True,
                 num_kv_heads=cfg.heads, ffn_hidden=4 * cfg.hidden, zero_centered_gamma=False,
-                residual_post_norm=False)
+                residual_post_norm=False, norm_order="pre", type_vocab=0)
     wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
     if wrong:
         raise ValueError(f"GPT-2 cannot hold this config: {wrong} (GPT-2 has {dict((k, want[k]) for k in wrong)})")
@@ -717,4 +798,330 @@ def to_hf_gpt2(params, cfg: GPTConfig) -> dict[str, torch.Tensor]:
                f"{h}.mlp.c_proj.weight": params[f"{pre}.mlp.fc2.weight"].t(),
                f"{h}.mlp.c_proj.bias": params[f"{pre}.mlp.fc2.bias"]}
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return {k: v.contiguous().clone() for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------
+# 7. BERT: the same stack with a padding mask, token types and three heads
+# ---------------------------------------------------------------------------
+
+CHOICES["task"] = ("pretrain", "classify", "multiple_choice")
+FIELD_RANGES["num_classes"] = (">=", 1)
+
+
+@dataclass(frozen=True)
+class BertConfig(GPTConfig):
+    """BERT = the core stack, bidirectional, with token types and heads.
+    Defaults are the original BERT's arrangement (post-norm, exact GeLU, two
+    token types, LayerNorm eps 1e-12); norm_order="pre" is Megatron's BERT.
+    task: "pretrain" (masked-LM head, plus the next-sentence head on the
+    pooler when binary_head), "classify" (pooler -> dropout -> [num_classes]),
+    "multiple_choice" (each of K choices pooled -> one score)."""
+
+    max_seq: int = 512
+    norm_eps: float = 1e-12
+    norm_order: str = "post"
+    type_vocab: int = 2
+    binary_head: bool = True
+    task: str = "pretrain"
+    num_classes: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.activation == "swiglu":
+            raise ValueError("activation='swiglu': BERT's MLP and LM head use GeLU ('gelu' or 'gelu_tanh')")
+        if not self.tie_embeddings:
+            raise ValueError("tie_embeddings=False: BERT's LM head always uses the word embedding")
+
+    @property
+    def has_pooler(self) -> bool:
+        return self.task != "pretrain" or self.binary_head
+
+
+def bert_shapes(cfg: BertConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The core stack plus the pooler and the task's heads (name -> (shape, rule))."""
+    h = cfg.hidden
+    shapes = stack_shapes(cfg)
+    if cfg.has_pooler:
+        shapes |= linear_shapes("pooler", h, h, "normal", bias=True)
+    if cfg.task == "pretrain":
+        shapes |= linear_shapes("lm_head.dense", h, h, "normal", bias=True) | norm_shapes("lm_head.norm", cfg)
+        shapes["lm_head.bias"] = ((cfg.padded_vocab,), "zeros")  # vocab-parallel, beside the tied embedding
+        if cfg.binary_head:
+            shapes |= linear_shapes("binary_head", 2, h, "normal", bias=True)
+    else:
+        shapes |= linear_shapes("classifier", cfg.num_classes if cfg.task == "classify" else 1, h, "normal", True)
+    return shapes
+
+
+def init_bert(cfg: BertConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Full BERT parameters, the same on every rank (Megatron's init, `init_params`)."""
+    return init_params(bert_shapes(cfg), cfg, seed, dtype)
+
+
+def bert_specs(cfg: BertConfig) -> dict[str, int | P.HeadGroups | None]:
+    """The core's specs (`gpt_specs`' rules) plus the heads: the LM output
+    bias is vocab-parallel (dim 0); pooler, LM-head dense and norm, binary
+    and task heads are replicated."""
+    return {name: 0 if name == "lm_head.bias" else spec for name, spec in
+            _stack_specs(bert_shapes(cfg), cfg).items()}
+
+
+def bert_attention_mask(attention_mask, ids):
+    """Megatron's bert_extended_attention_mask. attention_mask [b, s]: 1/True
+    at real tokens, 0 at padding (as HF and Megatron take it) -> [b, 1, s, s]
+    bool, True = masked: a pair (query, key) is masked when EITHER is
+    padding. A padded query so sees nothing and its output is zeros."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else \
+            type(attention_mask).__name__
+        raise ValueError(f"attention_mask shape {shape} != ids shape {tuple(ids.shape)}: one 1/0 per token")
+    if attention_mask.is_floating_point() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"attention_mask must hold only 0 and 1 (bool or integer), got dtype {attention_mask.dtype}")
+    real = attention_mask.bool()
+    return ~(real[:, None, :, None] & real[:, None, None, :])
+
+
+def bert_encode(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None, seed=0,
+                training=False):
+    """ids [b, s] -> the sequence output [b, s(/t), h] (after the final norm
+    of a pre-norm stack). The same embed / run_layers as GPT, with the padding
+    mask of `bert_attention_mask` instead of the causal one."""
+    cfg.check_mesh(mesh)
+    mask = bert_attention_mask(attention_mask, ids)
+    x = embed(params, ids, cfg, mesh, token_types=token_types, seed=seed, training=training)
+    x = run_layers(params, x, cfg, mesh, mask_kind="none" if mask is None else "padding", mask=mask, seed=seed,
+                   training=training)
+    return final_norm(params, x, cfg, mesh)
+
+
+def bert_pool(params, x, cfg: BertConfig, mesh: Mesh):
+    """The pooler: x [b, s(/t), h] -> tanh(dense(x[:, 0])) [b, h], replicated.
+    Under sequence parallel [CLS] sits on tp rank 0's chunk, so the sequence
+    is all-gathered first (b*s*h); the backward is a split, not a
+    reduce-scatter: the pooler is replicated, so every rank's gradient is
+    already the whole (Megatron's tensor_parallel_output_grad=False)."""
+    if cfg.sequence_parallel:
+        x = P.gather_from_sp(x, mesh, tp_output_grad=False)
+    return torch.tanh(F.linear(x[:, 0], params["pooler.weight"], params["pooler.bias"]))
+
+
+def bert_lm_logits(params, x, cfg: BertConfig, mesh: Mesh):
+    """The masked-LM head: x [b, s(/t), h] -> vocab-parallel logits [b, s, V/t]:
+    dense -> GeLU -> norm (replicated), then the tied word embedding as a
+    column-parallel output layer plus its vocab-parallel bias [V/t]. Padded
+    columns are -inf."""
+    gelu = "tanh" if cfg.activation == "gelu_tanh" else "none"
+    y = F.linear(x, _replicated(params["lm_head.dense.weight"], cfg, mesh))
+    y = kernels.bias_gelu(y, _replicated(params["lm_head.dense.bias"], cfg, mesh), approximate=gelu)
+    y = norm(params, "lm_head.norm", y, cfg, mesh)
+    logits = P.column_parallel_linear(y, params["embed.word"], params["lm_head.bias"], mesh,
+                                      sequence_parallel=cfg.sequence_parallel)
+    return mask_padded_vocab(logits, cfg.vocab_size, mesh)
+
+
+def bert_pretrain(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None, seed=0,
+                  training=False):
+    """-> (masked-LM logits [b, s, V/t] vocab-parallel, next-sentence logits
+    [b, 2] or None without the binary head)."""
+    _check_task(cfg, "pretrain")
+    x = bert_encode(params, ids, cfg, mesh, token_types=token_types, attention_mask=attention_mask, seed=seed,
+                    training=training)
+    nsp = None
+    if cfg.binary_head:
+        nsp = F.linear(bert_pool(params, x, cfg, mesh), params["binary_head.weight"], params["binary_head.bias"])
+    return bert_lm_logits(params, x, cfg, mesh), nsp
+
+
+def bert_loss(params, ids, cfg: BertConfig, mesh: Mesh, *, mlm_targets, mlm_mask, nsp_labels=None,
+              token_types=None, attention_mask=None, seed=0, training=True):
+    """BERT pretraining: -> (total, masked-LM loss, next-sentence loss or None).
+    mlm_targets [b, s] the original ids; mlm_mask [b, s]: 1 where a token was
+    chosen for prediction (the loss is the mean over those only); nsp_labels
+    [b]: 1 when segment B is random, 0 when it follows A (HF's convention)."""
+    mlm_logits, nsp_logits = bert_pretrain(params, ids, cfg, mesh, token_types=token_types,
+                                           attention_mask=attention_mask, seed=seed, training=training)
+    mlm = lm_loss(mlm_logits, mlm_targets, cfg, mesh, loss_mask=mlm_mask)
+    if nsp_logits is None:
+        return mlm, mlm, None
+    if nsp_labels is None or nsp_labels.shape != (ids.shape[0],):
+        raise ValueError(f"nsp_labels must be [b] = ({ids.shape[0]},) with the binary head, got "
+                         f"{None if nsp_labels is None else tuple(nsp_labels.shape)}")
+    P.check_ids(nsp_labels, 2, "next-sentence label")
+    nsp = F.cross_entropy(nsp_logits.float(), nsp_labels)
+    return mlm + nsp, mlm, nsp
+
+
+def bert_classify(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None, seed=0,
+                  training=False):
+    """Sequence classification: ids [b, s] -> logits [b, num_classes]:
+    pooled -> dropout -> classifier. Replicated on every tp rank."""
+    _check_task(cfg, "classify")
+    return _pooled_head(params, ids, cfg, mesh, token_types, attention_mask, seed, training)
+
+
+def bert_multiple_choice(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None,
+                         seed=0, training=False):
+    """Multiple choice: ids [b, K, s] (one sequence per choice) -> scores
+    [b, K]: the K sequences are encoded as a batch of b*K, each pooled and
+    scored by classifier [1, h]; a softmax over K picks the answer."""
+    _check_task(cfg, "multiple_choice")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 3 or 0 in ids.shape[:2]:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"multiple choice takes ids [b, K, s] with b, K >= 1, got {shape}")
+    b, k, s = ids.shape
+    flat = lambda t: None if t is None else (t.reshape(b * k, s) if t.shape == ids.shape else t)
+    scores = _pooled_head(params, flat(ids), cfg, mesh, flat(token_types), flat(attention_mask), seed, training)
+    return rearrange(scores, "(b k) 1 -> b k", b=b)
+
+
+def _pooled_head(params, ids, cfg: BertConfig, mesh: Mesh, token_types, attention_mask, seed, training):
+    """ids [n, s] -> classifier(dropout(pool(encode(ids)))) [n, C]."""
+    x = bert_encode(params, ids, cfg, mesh, token_types=token_types, attention_mask=attention_mask, seed=seed,
+                    training=training)
+    pooled = bert_pool(params, x, cfg, mesh)  # [n, h], the same on every tp rank
+    if training:
+        pooled = P.dropout(pooled, cfg.hidden_dropout, seed=seed, stream="classifier")
+    return F.linear(pooled, params["classifier.weight"], params["classifier.bias"])
+
+
+def _check_task(cfg: BertConfig, task: str) -> None:
+    if not isinstance(cfg, BertConfig) or cfg.task != task:
+        raise ValueError(f"this entry point needs a BertConfig with task={task!r}, got "
+                         f"{getattr(cfg, 'task', type(cfg).__name__)!r}")
+
+
+# ---------------------------------------------------------------------------
+# 8. BERT weights from / to Hugging Face: BertForPreTraining (post-norm),
+#    MegatronBertForPreTraining (pre-norm), and their classification heads
+# ---------------------------------------------------------------------------
+
+
+def bert_config_from_hf(hf_config, **overrides) -> BertConfig:
+    """The BertConfig of a transformers BertConfig or MegatronBertConfig
+    (model_type "megatron-bert" is pre-norm; "bert" is post-norm)."""
+    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf_config.hidden_act)
+    if act is None:
+        raise ValueError(f"hidden_act={hf_config.hidden_act!r}: nanomeg's BERT has 'gelu' and 'gelu_new' only")
+    return BertConfig(vocab_size=hf_config.vocab_size, max_seq=hf_config.max_position_embeddings,
+                      layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size,
+                      heads=hf_config.num_attention_heads, ffn=hf_config.intermediate_size,
+                      type_vocab=hf_config.type_vocab_size, norm_eps=hf_config.layer_norm_eps, activation=act,
+                      norm_order="pre" if hf_config.model_type == "megatron-bert" else "post", **overrides)
+
+
+def check_bert_compatible(cfg: BertConfig) -> None:
+    """HF's BERTs hold only: LayerNorm, biases, learned positions, multi-head
+    attention, no zero-centred gamma. Anything else is a ValueError."""
+    want = dict(norm="layernorm", bias=True, position="learned", num_kv_heads=cfg.heads, zero_centered_gamma=False,
+                residual_post_norm=False)
+    wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
+    if not isinstance(cfg, BertConfig) or wrong:
+        raise ValueError(f"Hugging Face's BERT cannot hold this config: {wrong or type(cfg).__name__}")
+
+
+def bert_hf_names(cfg: BertConfig) -> dict[str, str]:
+    """nanomeg name -> HF name, for every tensor that maps one to one (the
+    fused qkv is made of HF's three query/key/value tensors: apart)."""
+    pair = lambda ours, theirs: {f"{ours}.weight": f"{theirs}.weight", f"{ours}.bias": f"{theirs}.bias"}
+    post = cfg.norm_order == "post"
+    names = {"embed.word": "bert.embeddings.word_embeddings.weight",
+             "embed.pos": "bert.embeddings.position_embeddings.weight",
+             "embed.type": "bert.embeddings.token_type_embeddings.weight"}
+    if post:
+        names |= pair("embed.norm", "bert.embeddings.LayerNorm")
+    for i in range(cfg.layers):
+        ours, theirs = f"layers.{i}", f"bert.encoder.layer.{i}"
+        names |= (pair(f"{ours}.attn.proj", f"{theirs}.attention.output.dense")
+                  | pair(f"{ours}.mlp.fc1", f"{theirs}.intermediate.dense")
+                  | pair(f"{ours}.mlp.fc2", f"{theirs}.output.dense")
+                  | pair(f"{ours}.ln1", f"{theirs}.attention.output.LayerNorm" if post else f"{theirs}.attention.ln")
+                  | pair(f"{ours}.ln2", f"{theirs}.output.LayerNorm" if post else f"{theirs}.ln"))
+    if not post:
+        names |= pair("final_norm", "bert.encoder.ln")
+    if cfg.has_pooler:
+        names |= pair("pooler", "bert.pooler.dense")
+    if cfg.task == "pretrain":
+        names |= pair("lm_head.dense", "cls.predictions.transform.dense")
+        names |= pair("lm_head.norm", "cls.predictions.transform.LayerNorm") | {"lm_head.bias": "cls.predictions.bias"}
+        if cfg.binary_head:
+            names |= pair("binary_head", "cls.seq_relationship")
+    else:
+        names |= pair("classifier", "classifier")
+    return names
+
+
+def _hf_qkv_names(i: int, part: str) -> list[str]:
+    return [f"bert.encoder.layer.{i}.attention.self.{n}.{part}" for n in ("query", "key", "value")]
+
+
+def from_hf_bert(state_dict, cfg: BertConfig) -> dict[str, torch.Tensor]:
+    """nanomeg parameters from a BertForPreTraining / MegatronBertForPreTraining
+    (or ...ForSequenceClassification / ...ForMultipleChoice with the matching
+    task; a bare BertModel's keys, without "bert.", are taken too) state dict,
+    .safetensors file or folder. Every tensor is checked by name and shape
+    first; the untied-decoder case is refused, not dropped."""
+    check_bert_compatible(cfg)
+    sd = load_state_dict(state_dict)
+    if "bert.embeddings.word_embeddings.weight" not in sd and "embeddings.word_embeddings.weight" in sd:
+        sd = {(k if k.startswith(("cls.", "classifier.")) else f"bert.{k}"): v for k, v in sd.items()}
+    shapes = {name: shape for name, (shape, _) in bert_shapes(cfg).items()}
+    names = bert_hf_names(cfg)
+    want = {theirs: shapes[ours] for ours, theirs in names.items()}
+    want |= {"bert.embeddings.word_embeddings.weight": (cfg.vocab_size, cfg.hidden)}
+    if "lm_head.bias" in names:
+        want["cls.predictions.bias"] = (cfg.vocab_size,)
+    for i in range(cfg.layers):
+        want |= {n: (cfg.hidden, cfg.hidden) for n in _hf_qkv_names(i, "weight")}
+        want |= {n: (cfg.hidden,) for n in _hf_qkv_names(i, "bias")}
+    missing = [k for k in want if k not in sd]
+    if missing:
+        raise ValueError(f"not a BERT state dict for this config: missing {missing[:3]}"
+                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
+    if f"bert.encoder.layer.{cfg.layers}.attention.self.query.weight" in sd:
+        raise ValueError(f"the state dict holds more than the config's {cfg.layers} layers")
+    for name, shape in want.items():
+        got = tuple(sd[name].shape)
+        pos = name.endswith("position_embeddings.weight")
+        if got != shape and not (pos and got[1:] == shape[1:] and got[0] >= shape[0]):
+            raise ValueError(f"{name}: the checkpoint has shape {got}, the config needs {shape}"
+                             f"{' (at least max_seq rows)' if pos else ''}")
+    for tied, source in (("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+                         ("cls.predictions.decoder.bias", "cls.predictions.bias")):
+        if cfg.task == "pretrain" and tied in sd and not torch.equal(sd[tied], sd[source]):
+            raise ValueError(f"{tied} differs from {source}: an untied decoder, which nanomeg's BERT (always "
+                             "tied) cannot hold; refusing rather than dropping it")
+    params = {ours: sd[theirs] for ours, theirs in names.items()}
+    params["embed.pos"] = params["embed.pos"][: cfg.max_seq]
+    for name in ("embed.word", "lm_head.bias"):  # zero rows for the padded vocabulary
+        if name in params:
+            padded = params[name].new_zeros(shapes[name])
+            padded[: cfg.vocab_size] = params[name]
+            params[name] = padded
+    regroup = lambda q, k, v: rearrange(torch.stack([q, k, v]), "three (n d) ... -> (n three d) ...", n=cfg.heads)
+    for i in range(cfg.layers):
+        for part in ("weight", "bias"):
+            params[f"layers.{i}.attn.qkv.{part}"] = regroup(*(sd[n] for n in _hf_qkv_names(i, part)))
+    return {name: params[name].contiguous().clone() for name in shapes}
+
+
+def to_hf_bert(params, cfg: BertConfig) -> dict[str, torch.Tensor]:
+    """An HF state dict (BertForPreTraining or MegatronBertForPreTraining
+    keys, with the tied decoder written out) from full nanomeg parameters.
+    One rank's shards are refused: unshard them first."""
+    check_bert_compatible(cfg)
+    check_full_params(params, bert_shapes(cfg))
+    sd = {theirs: params[ours] for ours, theirs in bert_hf_names(cfg).items()}
+    sd["bert.embeddings.word_embeddings.weight"] = params["embed.word"][: cfg.vocab_size]
+    if cfg.task == "pretrain":
+        sd["cls.predictions.bias"] = params["lm_head.bias"][: cfg.vocab_size]
+        sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"]
+        sd["cls.predictions.decoder.bias"] = sd["cls.predictions.bias"]
+    for i in range(cfg.layers):
+        for part in ("weight", "bias"):
+            qkv = rearrange(params[f"layers.{i}.attn.qkv.{part}"], "(n three d) ... -> three (n d) ...", three=3,
+                            n=cfg.heads)
+            sd |= dict(zip(_hf_qkv_names(i, part), qkv))
     return {k: v.contiguous().clone() for k, v in sd.items()}
