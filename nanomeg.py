@@ -987,6 +987,18 @@ def _pooled_head(params, ids, cfg: BertConfig, mesh: Mesh, token_types, attentio
     return F.linear(pooled, params["classifier.weight"], params["classifier.bias"])
 
 
+def bert_flops(cfg: BertConfig, batch: int, seq: int) -> float:
+    """Model FLOPs of one BERT forward + backward (as `gpt_flops`): the stack
+    and, when pretraining, the LM head's dense h x h and the tied output
+    layer per token; the pooler and the small heads per sequence. batch
+    counts sequences (b*K for multiple choice)."""
+    h = cfg.hidden
+    stack = gpt_flops(replace(cfg, vocab_size=1, vocab_multiple=1), batch, seq) - 3.0 * 2 * batch * seq * h
+    head = 2 * batch * seq * (h * h + h * cfg.padded_vocab) if cfg.task == "pretrain" else 0
+    pooled = 2 * batch * h * (h + 2) if cfg.has_pooler else 0
+    return stack + 3.0 * (head + pooled)
+
+
 def _check_task(cfg: BertConfig, task: str) -> None:
     if not isinstance(cfg, BertConfig) or cfg.task != task:
         raise ValueError(f"this entry point needs a BertConfig with task={task!r}, got "
