@@ -10,11 +10,18 @@ GPT cut over `--tp` tensor-parallel ranks (the remaining ranks are data
 parallel), logs loss / lr / tokens/s / MFU / communication per step, evaluates
 on held-out files and writes a sample at the end.
 
-Follow one token: `batch()` cuts it out of the corpus -> `nanomeg.gpt_loss`
-embeds it (`parallel.vocab_parallel_embedding`), runs it through the blocks
-(`nanomeg.transformer_block`: `kernels.layer_norm`, column/row-parallel
-linears, `kernels.scale_mask_softmax`, `kernels.bias_gelu`) and scores the
-next one (`parallel.vocab_parallel_cross_entropy`).
+Follow one token: `batch()` cuts it out of the corpus at a window drawn from
+`batch_seed()` (one stream per data-parallel replica) -> `train_step()` ->
+`nanomeg.gpt_loss` embeds it (`parallel.vocab_parallel_embedding`), runs it
+through the blocks (`nanomeg.transformer_block`: `kernels.layer_norm`,
+column/row-parallel linears, `kernels.scale_mask_softmax`, `kernels.bias_gelu`)
+and scores the next one (`parallel.vocab_parallel_cross_entropy`); its gradient
+is averaged over data parallel, clipped with the others, and AdamW steps.
+
+Bad input is one line `error: ...` on stderr and exit code 2, on every rank,
+before any process group exists: `check_args` (every flag's range, the model
+config), `check_memory` (what the model and one step need) and `load_corpus`
+raise `UsageError`, and so does the argument parser itself.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import stat
 import sys
 import sysconfig
 import time
@@ -37,8 +46,16 @@ class UsageError(Exception):
     """Bad input from the command line: one line on stderr, exit code 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but its errors (an unknown flag, a value that is not a number)
+    are a UsageError like every other: one line, exit 2, said once by rank 0."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Train a tensor-parallel GPT on bytes.")
+    ap = ArgumentParser(description="Train a tensor-parallel GPT on bytes.")
     ap.add_argument("--data", help="a text file or a folder of text files (default: the Python stdlib's source)")
     ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
@@ -61,15 +78,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--activation", choices=N.CHOICES["activation"], default="gelu")
     ap.add_argument("--position", choices=N.CHOICES["position"], default="learned")
     ap.add_argument("--attention", choices=N.CHOICES["attention"], default="core")
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--seed", type=int, default=1234, help="in [0, 2**31)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast; master weights stay fp32")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--peak-flops", type=float,
                     help="peak FLOP/s of one rank's device for MFU (default: measured with a matmul at start)")
-    ap.add_argument("--sample-tokens", type=int, default=200, help="bytes generated at the end (0: none)")
-    ap.add_argument("--prompt", default="def ", help="the sample's prompt")
+    ap.add_argument("--sample-tokens", type=int, default=200,
+                    help="bytes generated at the end (0: none; capped so prompt + sample fit in --seq)")
+    ap.add_argument("--prompt", default="def ", help="the sample's prompt (its raw bytes; shorter than --seq)")
     return ap.parse_args(argv)
 
 
@@ -78,8 +96,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------
 
 
+def printable(text: str) -> str:
+    """text safe to print: a path that is not UTF-8 reaches Python with lone
+    surrogates (surrogateescape), which print() would refuse to encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def read_bytes(path: Path, what: str = "--data") -> bytes:
+    """path's bytes; an OS error (no permission, a folder, a vanished file) is
+    a UsageError naming the path and the reason."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+
+
 def read_text_file(path: Path) -> bytes:
-    data = path.read_bytes()
+    """A --data file's bytes, refused unless it is UTF-8 text."""
+    data = read_bytes(path)
     nul = data.find(b"\0")
     if nul >= 0:
         raise UsageError(f"--data {path}: looks binary (a NUL byte at offset {nul}); expected text")
@@ -90,6 +124,19 @@ def read_text_file(path: Path) -> bytes:
     return data
 
 
+def data_files(folder: Path) -> list[Path]:
+    """The regular files under folder, sorted, skipping hidden ones: any name
+    starting with '.' below folder, files and folders (.git, .venv) alike."""
+    def fail(e: OSError):
+        raise UsageError(f"--data {folder}: cannot list {e.filename} ({e.strerror})")
+
+    files = []
+    for root, dirs, names in os.walk(folder, onerror=fail):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # os.walk does not descend into what is removed
+        files += [Path(root, n) for n in names if not n.startswith(".")]
+    return sorted(f for f in files if f.is_file())
+
+
 def load_corpus(path: str | None) -> tuple[list[bytes], str]:
     """The texts to train on: the default stdlib sources or --data's files."""
     if path is None:
@@ -97,20 +144,29 @@ def load_corpus(path: str | None) -> tuple[list[bytes], str]:
         files = sorted(stdlib.glob("*.py"))
         if not files:
             raise UsageError(f"found no *.py files in the standard library at {stdlib}; pass --data PATH")
-        return [f.read_bytes() for f in files], f"{len(files)} files of the Python standard library ({stdlib})"
+        texts = [read_bytes(f, "the standard library's") for f in files]
+        return texts, f"{len(files)} files of the Python standard library ({printable(str(stdlib))})"
+    if path == "":
+        raise UsageError("--data is an empty path: give a text file or a folder of text files")
     p = Path(path)
-    if not p.exists():
-        raise UsageError(f"--data {path}: no such file or directory")
-    if p.is_file():
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise UsageError(f"--data {path}: no such file or directory") from None
+    except OSError as e:
+        raise UsageError(f"--data {path}: cannot use it ({e.strerror or e})") from None
+    if stat.S_ISREG(mode):
         texts = [read_text_file(p)]
-    else:
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    elif stat.S_ISDIR(mode):
+        files = data_files(p)
         if not files:
-            raise UsageError(f"--data {path}: the folder holds no files")
+            raise UsageError(f"--data {path}: the folder holds no files (hidden ones are skipped)")
         texts = [read_text_file(f) for f in files]
+    else:  # a FIFO would block the read forever, /dev/zero never end it
+        raise UsageError(f"--data {path}: not a regular file or folder (a pipe, a socket or a device)")
     if sum(map(len, texts)) == 0:
         raise UsageError(f"--data {path}: empty (0 bytes)")
-    return texts, f"{len(texts)} file(s) from {path}"
+    return texts, printable(f"{len(texts)} file(s) from {path}")
 
 
 def split_corpus(texts: list[bytes], seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,34 +195,85 @@ def batch(data: torch.Tensor, batch_size: int, seq: int, seed: int) -> tuple[tor
     return window[:, :-1], window[:, 1:]
 
 
-# ---------------------------------------------------------------------------
-# Setup, the training loop, evaluation, the sample
-# ---------------------------------------------------------------------------
+def batch_seed(args, step: int, mesh: P.Mesh) -> int:
+    """The seed of this rank's training batch at step. Every tp rank of one
+    replica gets the same (they must see the same tokens: no tp_rank in it);
+    each dp replica (dp_rank < 7919) and each step gets its own. Kept in
+    [0, 2**63), which torch.Generator.manual_seed takes, for any --seed and --steps."""
+    return (args.seed * 1_000_003 + step * 7919 + mesh.dp_rank) % 2**63
 
 
-def lr_at(step: int, args) -> float:
-    """Linear warmup to --lr, then cosine decay to --min-lr at --steps."""
-    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    if step <= args.warmup:
-        return args.lr * step / max(args.warmup, 1)
-    progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
-    return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+# ---------------------------------------------------------------------------
+# Validation: every flag, the config, the memory, before any process group
+# ---------------------------------------------------------------------------
+
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0), ("> 0", lambda v: v > 0)
+
+# Every numeric flag and its range (a float must also be finite: nan fails
+# every comparison, inf passes "> 0"). A flag left at None takes a default.
+RANGES = {
+    "tp": AT_LEAST_1, "seq": AT_LEAST_1, "max_seq": AT_LEAST_1, "layers": AT_LEAST_1, "hidden": AT_LEAST_1,
+    "heads": AT_LEAST_1, "kv_heads": AT_LEAST_1, "batch": AT_LEAST_1, "steps": AT_LEAST_1,
+    "log_every": AT_LEAST_1, "eval_every": AT_LEAST_1, "eval_batches": AT_LEAST_1,
+    "warmup": AT_LEAST_0, "sample_tokens": AT_LEAST_0, "seed": ("in [0, 2**31)", lambda v: 0 <= v < 2**31),
+    "lr": ABOVE_0, "min_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0,
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "peak_flops": ABOVE_0,
+}
+
+# GPTConfig's fields (and check_mesh's / check_seq's names) -> the flag that sets them.
+CONFIG_FLAGS = {"max_seq": "--max-seq", "layers": "--layers", "hidden": "--hidden", "heads": "--heads",
+                "kv_heads": "--kv-heads", "hidden_dropout": "--dropout", "attention_dropout": "--dropout",
+                "norm": "--norm", "activation": "--activation", "position": "--position",
+                "attention": "--attention", "recompute": "--recompute", "sequence_parallel": "--sequence-parallel",
+                "tp": "--tp", "seq": "--seq"}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_ranges(args) -> None:
+    """UsageError naming the flag unless every numeric flag is in its range."""
+    for name, (rule, ok) in RANGES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not (math.isfinite(value) and ok(value)):
+            raise UsageError(f"{flag(name)} must be a finite number {rule}, got {value}")
+        if not ok(value):
+            raise UsageError(f"{flag(name)} must be {rule}, got {value}")
+
+
+def in_flags(message: str) -> str:
+    """A GPTConfig message in the words of the command line: `field=value`
+    becomes `--flag value` and `field must` becomes `--flag must`, for every
+    field a flag sets ("hidden=32 is not divisible by heads=3" -> "--hidden 32
+    is not divisible by --heads 3"). Fields without a flag are left as they are."""
+    fields = "|".join(sorted(CONFIG_FLAGS, key=len, reverse=True))
+    message = re.sub(rf"\b({fields})='?([^\s,;:')]*)'?", lambda m: f"{CONFIG_FLAGS[m[1]]} {m[2]}", message)
+    return re.sub(rf"\b({fields}) must\b", lambda m: f"{CONFIG_FLAGS[m[1]]} must", message)
+
+
+def prompt_bytes(args) -> bytes:
+    """--prompt's raw bytes (a byte-level model: argv that is not UTF-8 comes
+    back exactly as typed), a newline when empty."""
+    return os.fsencode(args.prompt) or b"\n"
 
 
 def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
-    """All validation, before any process group exists: every rank raises the
-    same UsageError, so no rank is left waiting."""
+    """All validation of the flags, before any process group exists: every
+    rank raises the same UsageError, so no rank is left waiting."""
+    check_ranges(args)
     tp = world if args.tp is None else args.tp
-    if tp < 1 or world % tp:
+    if world % tp:
         raise UsageError(f"--tp {tp} does not divide the world size {world} (data parallel fills the rest)")
-    for name in ("seq", "layers", "hidden", "heads", "batch", "steps", "log_every", "eval_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
-    for name in ("warmup", "min_lr", "weight_decay", "grad_clip", "sample_tokens"):
-        if (getattr(args, name) or 0) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.min_lr is not None and args.min_lr > args.lr:
+        raise UsageError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decays from --lr to --min-lr")
+    if args.seq > args.max_seq:
+        raise UsageError(f"--seq {args.seq} is longer than --max-seq {args.max_seq} (the position table's rows)")
+    if args.sample_tokens > 0 and len(prompt_bytes(args)) >= args.seq:
+        raise UsageError(f"--prompt is {len(prompt_bytes(args))} bytes, not shorter than --seq {args.seq}: "
+                         "no room to sample (shorten it, or --sample-tokens 0)")
     try:
         cfg = N.GPTConfig(vocab_size=256, max_seq=args.max_seq, layers=args.layers, hidden=args.hidden,
                           heads=args.heads, kv_heads=args.kv_heads, norm=args.norm, activation=args.activation,
@@ -176,8 +283,122 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
         cfg.check_mesh(P.Mesh(tp=tp))
         cfg.check_seq(args.seq, P.Mesh(tp=tp))
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(in_flags(str(e))) from None
     return cfg, tp
+
+
+def memory_needed(cfg: N.GPTConfig, args, tp: int, device: torch.device) -> tuple[float, float]:
+    """(parameter bytes, activation bytes) one rank needs for training, from
+    the config alone: nothing allocated, O(1) in --layers.
+
+    Parameters: this rank's 1/tp share of the fp32 weights, their grads and
+    AdamW's two moments (16 B per element); on CPU also init_gpt's full fp32
+    copy, which every rank builds before keeping its shard.
+    Activations stored for backward, per layer b·s·h·(34 + 5·heads·s/h) bytes
+    in 16-bit (Korthikanti et al. 2022; 10 of the 34 are not split by tp
+    unless sequence parallel; selective recompute drops the 5·heads·s/h of
+    the attention core, full recompute keeps only the layer's 2·b·s·h input),
+    doubled in fp32; plus the fp32 logits, their softmax and gradient, 3·b·s·V/tp·4 B."""
+    b, s, h, n = args.batch, args.seq, cfg.hidden, N.gpt_num_params(cfg)
+    params = 16 * n / tp + (4 * n if device.type == "cpu" else 0)
+    if cfg.recompute == "full":
+        per_layer = 2 / (tp if cfg.sequence_parallel else 1)
+    else:
+        split = 24 + (0 if cfg.recompute == "selective" else 5 * cfg.heads * s / h)
+        per_layer = (10 + split) / tp if cfg.sequence_parallel else 10 + split / tp
+    activations = b * s * h * per_layer * cfg.layers * (1 if args.bf16 else 2) + 3 * b * s * cfg.padded_vocab / tp * 4
+    return params, activations
+
+
+def _read_int(path: str, key: str | None = None) -> int | None:
+    """An integer from a /proc or /sys file (the line starting with key), or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if key is None or line.startswith(key):
+                    return int(line.split()[1 if key else 0])
+    except (OSError, ValueError, IndexError):  # no such file; "max" (no limit)
+        return None
+
+
+def memory_available(device: torch.device) -> int | None:
+    """Bytes this run can use: the GPU's free memory; on CPU the kernel's
+    MemAvailable (or the physical memory), capped by a container's cgroup limit."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = _read_int("/proc/meminfo", "MemAvailable:")
+    if free is not None:
+        free *= 1024
+    elif hasattr(os, "sysconf"):  # no /proc (macOS): the physical memory
+        free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return None  # unknown: no check
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    return min(free, limit - used) if limit is not None and used is not None else free
+
+
+def check_memory(cfg: N.GPTConfig, args, tp: int, device: torch.device) -> None:
+    """UsageError with the figures when the model and one step cannot fit. The
+    CPU ranks of one machine share its memory; each GPU rank has its own device."""
+    ranks = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    params, activations = (ranks * m for m in memory_needed(cfg, args, tp, device))
+    have = memory_available(device)
+    if have is not None and params + activations > have:
+        gib = lambda n: f"{n / 2**30:,.1f}" if n >= 2**30 else f"{n / 2**30:.2g}"
+        where = f"{ranks} ranks on this machine" if ranks > 1 else "this machine"
+        raise UsageError(f"the model and one step need about {gib(params + activations)} GiB (parameters "
+                         f"{gib(params)} GiB, activations {gib(activations)} GiB) but "
+                         f"{'this GPU has' if device.type == 'cuda' else f'{where} has'} {gib(have)} GiB free: "
+                         "lower --hidden/--layers/--batch/--seq")
+
+
+# ---------------------------------------------------------------------------
+# The schedule, the optimizer, one step, evaluation, the sample
+# ---------------------------------------------------------------------------
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup to --lr (reached exactly at step --warmup), then cosine
+    decay to --min-lr (reached exactly at --steps). Steps count from 1."""
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    if step <= args.warmup:
+        return args.lr * (step / max(args.warmup, 1))  # exactly --lr at step --warmup
+    progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
+    return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(params: dict, args) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+
+def train_step(params, opt, x, y, cfg, mesh, specs, args, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step at lr_at(step): forward, backward, average the grads over data
+    parallel, clip their global norm to --grad-clip (0: off), opt.step().
+    Returns (this replica's loss, the global grad norm before clipping)."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    with autocast(args):
+        loss = N.gpt_loss(params, x, y, cfg, mesh, seed=args.seed + step, training=True)
+    loss.backward()
+    P.all_reduce_grads_dp(params, mesh)
+    grad_norm = P.clip_grad_norm(params, specs, mesh, args.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
+
+
+def diverged_message(step: int, loss: float, grad_norm: float, last_finite, args) -> str:
+    """The facts of a run whose loss or grad norm is no longer finite, without
+    guessing which flag is at fault. last_finite: (step, grad norm) or None."""
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"grad norm is {grad_norm} (loss {loss:.4g})"
+    last = f"{last_finite[1]:.4g} at step {last_finite[0]}" if last_finite else "none (not one step was finite)"
+    clip = f"on at --grad-clip {args.grad_clip}" if args.grad_clip > 0 else "off (--grad-clip 0)"
+    return (f"{what} at step {step}: stopping (lr at that step {lr_at(step, args):.3g}, "
+            f"last finite grad norm {last}, gradient clipping {clip})")
 
 
 def evaluate(params, data, cfg, mesh, args, device) -> float:
@@ -189,6 +410,19 @@ def evaluate(params, data, cfg, mesh, args, device) -> float:
             x, y = x.to(device), y.to(device)
             losses.append(N.gpt_loss(params, x, y, cfg, mesh, training=False).float())
     return torch.stack(losses).mean().item()
+
+
+def sample(params, cfg, mesh, args, device) -> str:
+    """The text to print: --sample-tokens bytes after --prompt's bytes, capped
+    so prompt + sample fit in --seq (positions beyond it were never trained);
+    the header says so when it caps. Bytes that are not UTF-8 print as U+FFFD."""
+    prompt = prompt_bytes(args)
+    n = min(args.sample_tokens, args.seq - len(prompt))
+    out = N.generate({k: v.detach() for k, v in params.items()}, torch.tensor([list(prompt)], device=device),
+                     cfg, mesh, n, temperature=0.8, top_k=40, seed=args.seed)
+    capped = f" ({n} of --sample-tokens {args.sample_tokens} bytes: --prompt + sample must fit in --seq {args.seq})"
+    capped = capped if n < args.sample_tokens else ""
+    return f"sample{capped}:\n" + bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 
 def autocast(args):
@@ -214,14 +448,6 @@ def measure_peak_flops(args, device) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def make_optimizer(params: dict, args) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms and biases)."""
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-
-
 class Progress:
     """A one-line progress bar on rank 0's terminal (nothing when not a tty)."""
 
@@ -241,13 +467,14 @@ class Progress:
 
 def train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
     cfg, tp = check_args(args, world)
+    check_memory(cfg, args, tp, device)
     texts, source = load_corpus(args.data)
     train_data, eval_data = split_corpus(texts, args.seq)
 
     rank, world = P.init_distributed()  # nccl and one GPU per rank when CUDA is there, else gloo on CPU
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
-        else torch.device("cpu")
     torch.manual_seed(args.seed)
     mesh = P.Mesh.build(tp=tp)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -255,7 +482,7 @@ def train(args) -> int:
     params = {k: v.to(device).requires_grad_(True)
               for k, v in P.shard(N.init_gpt(cfg, args.seed), specs, mesh).items()}
     opt = make_optimizer(params, args)
-    n_params = sum(math.prod(shape) for shape, _ in N.gpt_shapes(cfg).values())
+    n_params = N.gpt_num_params(cfg)
     tokens_per_step = args.batch * args.seq * mesh.dp
     flops_per_step = N.gpt_flops(cfg, args.batch * mesh.dp, args.seq)
     say(f"data: {source}: {len(train_data):,} training bytes, {len(eval_data):,} held out")
@@ -268,24 +495,18 @@ def train(args) -> int:
     say(f"eval loss at step 0: {evaluate(params, eval_data, cfg, mesh, args, device):.4f}")
 
     bar = Progress(args.steps, rank == 0)
-    t_last, steps_since = time.perf_counter(), 0
+    t_last, steps_since, last_finite = time.perf_counter(), 0, None
     for step in range(1, args.steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        x, y = batch(train_data, args.batch, args.seq, seed=args.seed * 1_000_003 + step * 7919 + mesh.dp_rank)
-        x, y = x.to(device), y.to(device)
+        x, y = batch(train_data, args.batch, args.seq, batch_seed(args, step, mesh))
         with P.count_comms() as comms:
-            with autocast(args):
-                loss = N.gpt_loss(params, x, y, cfg, mesh, seed=args.seed + step, training=True)
-            loss.backward()
-            P.all_reduce_grads_dp(params, mesh)
-            grad_norm = P.clip_grad_norm(params, specs, mesh, args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = (P.all_reduce(loss.detach().float(), mesh, "dp") / mesh.dp).item()
-        if not math.isfinite(loss_value):
+            loss, grad_norm = train_step(params, opt, x.to(device), y.to(device), cfg, mesh, specs, args, step)
+        loss_value = (P.all_reduce(loss.float(), mesh, "dp") / mesh.dp).item()
+        norm_value = grad_norm.item()  # the same on every rank, so every rank stops at the same step
+        if math.isfinite(norm_value):
+            last_finite = (step, norm_value)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             bar.clear()
-            raise UsageError(f"loss is {loss_value} at step {step}: stopping (try a lower --lr, now {args.lr})")
+            raise UsageError(diverged_message(step, loss_value, norm_value, last_finite, args))
         steps_since += 1
         bar.update(step, loss_value)
         if step % args.log_every == 0 or step == args.steps:
@@ -294,25 +515,20 @@ def train(args) -> int:
             flops = flops_per_step / dt
             bar.clear()
             say(f"step {step:5d} | loss {loss_value:.4f} | lr {lr_at(step, args):.2e} | grad norm "
-                f"{grad_norm.item():.3f} | {tokens_per_step / dt:,.0f} tok/s | {flops / 1e9:.2f} GFLOP/s | "
+                f"{norm_value:.3f} | {tokens_per_step / dt:,.0f} tok/s | {flops / 1e9:.2f} GFLOP/s | "
                 f"MFU {flops / (world * peak):.1%} | comm {sum(c['elements'] for c in comms):,} el/step")
         if step % args.eval_every == 0 or step == args.steps:
             bar.clear()
             say(f"eval loss at step {step}: {evaluate(params, eval_data, cfg, mesh, args, device):.4f}")
 
     if args.sample_tokens > 0:
-        prompt = torch.tensor([list(args.prompt.encode() or b"\n")], device=device)
-        n = min(args.sample_tokens, args.seq - prompt.shape[1])  # positions beyond --seq were never trained
-        out = N.generate({k: v.detach() for k, v in params.items()}, prompt, cfg, mesh, n,
-                         temperature=0.8, top_k=40, seed=args.seed)
-        say("sample:\n" + bytes(out[0].tolist()).decode("utf-8", errors="replace"))
+        say(sample(params, cfg, mesh, args, device))
     return 0
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
-        return train(args)
+        return train(parse_args(argv))
     except UsageError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -1,8 +1,14 @@
-"""train.py end to end, as a user runs it: exit codes, messages, learning.
+"""train.py: end to end as a user runs it (exit codes, messages, learning),
+and its functions one by one (the schedule, the optimizer's groups, clipping,
+the per-rank data split, the checks), imported as `train`.
 
-train.py is run as a program (nothing imports it), on a small model and a
-data file written by the test."""
+End-to-end runs start processes (a second or two each just to import torch),
+so bad input is checked in this process through `train.main(argv)`, which
+prints the same line and returns the same exit code; a few cases also run as
+a real process, to prove the promise holds there."""
 
+import errno
+import math
 import os
 import re
 import subprocess
@@ -10,9 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import nanomeg as N
+import parallel as P
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--seq", "32", "--batch", "4", "--sample-tokens", "0"]
+CPU = torch.device("cpu")
 
 
 def run(*args, torchrun=0, timeout=240):
@@ -31,6 +43,22 @@ def text_file(tmp_path_factory):
 
 def eval_losses(stdout):
     return [float(v) for v in re.findall(r"eval loss at step \d+: ([0-9.]+)", stdout)]
+
+
+def args_of(*argv):
+    return train.parse_args([*argv])
+
+
+def tiny_model(dtype=torch.float32, **overrides):
+    """A one-layer GPT with layernorm, biases and learned positions: (cfg, params)."""
+    cfg = N.GPTConfig(vocab_size=256, max_seq=32, layers=1, hidden=16, heads=2, **overrides)
+    params = {k: v.requires_grad_(True) for k, v in N.init_gpt(cfg, seed=0, dtype=dtype).items()}
+    return cfg, params
+
+
+# ---------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------
 
 
 def test_a_short_run_learns_and_writes_a_sample(text_file):
@@ -54,47 +82,316 @@ def test_torchrun_tp2_sequence_parallel_learns_and_counts_communication(text_fil
     assert comm > 0
 
 
-def test_bf16_and_the_other_architecture_switches_run(text_file):
+def test_bf16_and_the_other_architecture_switches_run_and_a_prompt_that_is_not_utf8_samples(text_file):
+    # argv bytes that are not UTF-8 reach Python surrogate-escaped; the byte-level model takes them as they are
     out = run("--data", text_file, "--steps", "6", "--log-every", "3", "--eval-every", "6", "--bf16",
               "--position", "rope", "--norm", "rmsnorm", "--activation", "swiglu", "--kv-heads", "1",
-              "--attention", "sdpa", "--recompute", "full", *TINY)
+              "--attention", "sdpa", "--recompute", "full", *TINY, "--sample-tokens", "4", "--prompt", b"\xff\xfe")
     assert out.returncode == 0, out.stderr
     assert ", bf16" in out.stdout and len(eval_losses(out.stdout)) == 2
+    assert "sample:\n\ufffd\ufffd" in out.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data", "/no/such/file"], "error: --data /no/such/file: no such file or directory"),
-    (["--heads", "3", "--hidden", "96", "--tp", "2"], "error: --tp 2 does not divide the world size 1"),
-    (["--heads", "3", "--hidden", "32"], "error: hidden=32 is not divisible by heads=3"),
-    (["--seq", "2048"], "error: sequence of 2048 tokens is longer than max_seq=1024"),
-    (["--steps", "0"], "error: --steps must be >= 1, got 0"),
-    (["--warmup", "-3"], "error: --warmup must be >= 0, got -3"),
-    (["--lr", "1e9", "--steps", "50", *TINY], "error: loss is nan at step"),
-])
-def test_bad_input_is_one_line_and_exit_code_2(text_file, args, message):
-    out = run("--data", text_file, *args) if "--data" not in args else run(*args)
-    assert out.returncode == 2, (out.stdout, out.stderr)
-    assert out.stderr.strip().startswith(message), out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # no traceback wall
-
-
-def test_an_unknown_flag_is_exit_code_2():
-    out = run("--no-such-flag")
-    assert out.returncode == 2 and "unrecognized arguments: --no-such-flag" in out.stderr
-
-
-def test_empty_and_binary_data_are_refused(tmp_path):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "blob.bin").write_bytes(b"\x7fELF\x00\x01\x02" * 50)
-    for name, message in [("empty.txt", "empty (0 bytes)"), ("blob.bin", "looks binary (a NUL byte at offset 4)")]:
-        out = run("--data", str(tmp_path / name))
-        assert out.returncode == 2 and message in out.stderr, out.stderr
+def test_bad_input_is_one_line_and_exit_code_2_as_a_process():
+    for args, message in [(["--no-such-flag"], "error: unrecognized arguments: --no-such-flag (see --help)"),
+                          (["--lr", "nan"], "error: --lr must be a finite number > 0, got nan")]:
+        out = run(*args)
+        assert out.returncode == 2, (out.stdout, out.stderr)
+        assert out.stderr == message + "\n"  # one line: no usage line, no traceback
 
 
 def test_tp_that_does_not_divide_heads_under_torchrun_exits_2_on_every_rank(text_file):
     out = run("--data", text_file, "--heads", "3", "--hidden", "48", "--steps", "1", torchrun=2)
-    assert "error: tp=2 does not divide heads=3" in out.stderr
-    assert out.stderr.count("error: tp=2") == 1  # said once, by rank 0
+    assert "error: --tp 2 does not divide --heads 3" in out.stderr
+    assert out.stderr.count("error: --tp 2") == 1  # said once, by rank 0
     codes = re.findall(r"exitcode\s*: (-?\d+)", out.stderr)
     # every rank exits 2 on its own; torchrun may SIGTERM (-15) a rank that had not exited yet
     assert "2" in codes and set(codes) <= {"2", "-15"}, out.stderr
+
+
+# ---------------------------------------------------------------------------
+# Bad input, in this process: one line `error: ...`, exit code 2
+# ---------------------------------------------------------------------------
+
+TOO_BIG = "the model and one step need about"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/no/such/file"], "--data /no/such/file: no such file or directory"),
+    (["--data", ""], "--data is an empty path"),
+    (["--data", "/dev/null"], "--data /dev/null: not a regular file or folder"),
+    (["--heads", "3", "--hidden", "96", "--tp", "2"], "--tp 2 does not divide the world size 1"),
+    (["--heads", "3", "--hidden", "32"], "--hidden 32 is not divisible by --heads 3"),
+    (["--heads", "4", "--kv-heads", "3"], "--heads 4 is not divisible by --kv-heads 3"),
+    (["--dropout", "0.1", "--attention", "sdpa"], "--attention sdpa has no counter-based dropout: use --attention "
+                                                  "core with --dropout 0.1"),
+    (["--seq", "2048"], "--seq 2048 is longer than --max-seq 1024"),
+    (["--max-seq", "0"], "--max-seq must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--warmup", "-3"], "--warmup must be >= 0, got -3"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0, got nan"),
+    (["--weight-decay=-inf"], "--weight-decay must be a finite number >= 0, got -inf"),
+    (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 is above --lr 0.01"),
+    (["--peak-flops", "0"], "--peak-flops must be a finite number > 0, got 0.0"),
+    (["--peak-flops", "nan"], "--peak-flops must be a finite number > 0, got nan"),
+    (["--dropout", "nan"], "--dropout must be a finite number in [0, 1), got nan"),
+    (["--dropout", "1"], "--dropout must be a finite number in [0, 1), got 1.0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**31), got -1"),
+    (["--seed", str(2**31)], f"--seed must be in [0, 2**31), got {2**31}"),
+    (["--sample-tokens", "5", "--prompt", "x" * 32], "--prompt is 32 bytes, not shorter than --seq 32"),
+    (["--hidden", "1048576"], TOO_BIG),
+    (["--batch", "1000000000"], TOO_BIG),
+    (["--layers", "100000000"], TOO_BIG),  # refused at once: nothing is O(layers) before the check
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag (see --help)"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast' (see --help)"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, message):
+    # a case wrongly accepted would train for one step on TINY and fail on its exit code
+    base = ["--data", text_file, *TINY, "--steps", "1", "--eval-batches", "1", "--peak-flops", "1e9"]
+    code = train.main(base + args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: " + message), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+
+
+def test_a_diverging_run_stops_with_the_facts_not_a_guess(text_file, capsys):
+    code = train.main(["--data", text_file, *TINY, "--steps", "50", "--lr", "1e9", "--peak-flops", "1e9"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert re.match(r"error: (loss|grad norm) is (nan|inf).* at step \d+: stopping \(lr at that step .*, last finite "
+                    r"grad norm .*, gradient clipping on at --grad-clip 1.0\)", err), err
+
+
+def test_diverged_message_states_step_lr_last_finite_norm_and_clipping():
+    args = args_of("--lr", "0.01", "--warmup", "10", "--grad-clip", "0")
+    assert train.diverged_message(5, math.nan, math.nan, (4, 2.5), args) == (
+        "loss is nan at step 5: stopping (lr at that step 0.005, last finite grad norm 2.5 at step 4, "
+        "gradient clipping off (--grad-clip 0))")
+    args.grad_clip = 1.0
+    assert train.diverged_message(1, 3.25, math.inf, None, args) == (
+        "grad norm is inf (loss 3.25) at step 1: stopping (lr at that step 0.001, last finite grad norm none "
+        "(not one step was finite), gradient clipping on at --grad-clip 1.0)")
+
+
+def test_config_messages_name_the_flags():
+    with pytest.raises(ValueError) as e:
+        N.GPTConfig(hidden=32, heads=3)
+    assert train.in_flags(str(e.value)) == "--hidden 32 is not divisible by --heads 3"
+    with pytest.raises(ValueError) as e:
+        N.GPTConfig(hidden_dropout=1.5)
+    assert train.in_flags(str(e.value)).startswith("--dropout must be ")
+    for config, flags in [
+        ("max_seq must be >= 1, got 0", "--max-seq must be >= 1, got 0"),
+        ("attention_dropout must be in [0, 1), got nan", "--dropout must be in [0, 1), got nan"),
+        ("tp=2 does not divide kv_heads=3", "--tp 2 does not divide --kv-heads 3"),
+        ("sequence parallel needs seq % tp == 0, got seq=33, tp=2",
+         "sequence parallel needs seq % tp == 0, got --seq 33, --tp 2"),
+        ("attention='sdpa' has no counter-based dropout: use attention='core' with attention_dropout=0.1",
+         "--attention sdpa has no counter-based dropout: use --attention core with --dropout 0.1"),
+        ("layers must be an integer, got 1.5 (float)", "--layers must be an integer, got 1.5 (float)"),
+        ("norm_eps must be a finite number > 0, got nan", "norm_eps must be a finite number > 0, got nan"),  # no flag
+        ("tp=4 does not divide ffn=6", "--tp 4 does not divide ffn=6"),
+    ]:
+        assert train.in_flags(config) == flags
+
+
+# ---------------------------------------------------------------------------
+# --data
+# ---------------------------------------------------------------------------
+
+
+def test_empty_binary_and_not_utf8_data_are_refused(tmp_path):
+    for name, content, message in [("empty.txt", b"", "empty (0 bytes)"),
+                                   ("blob.bin", b"\x7fELF\x00\x01\x02" * 50, "looks binary (a NUL byte at offset 4)"),
+                                   ("latin1.txt", b"caf\xe9 au lait", "not UTF-8 text (invalid continuation byte")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(train.UsageError, match=re.escape(message)):
+            train.load_corpus(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
+                                   IsADirectoryError(errno.EISDIR, "Is a directory")])
+def test_data_that_cannot_be_read_names_the_path_and_the_reason(tmp_path, monkeypatch, error):
+    # chmod 000 does not stop root, so the read itself is made to fail
+    path = tmp_path / "notes.txt"
+    path.write_text("some text")
+
+    def read_bytes(self):
+        raise error
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    for given in (path, tmp_path):  # the file itself, and the file in a folder
+        with pytest.raises(train.UsageError) as e:
+            train.load_corpus(str(given))
+        assert str(e.value) == f"--data {path}: cannot read it ({error.strerror})"
+
+
+def test_a_data_folder_that_cannot_be_listed_names_it(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "sub":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # what os.walk lists a folder with
+    with pytest.raises(train.UsageError) as e:
+        train.load_corpus(str(tmp_path))
+    assert str(e.value) == f"--data {tmp_path}: cannot list {tmp_path / 'sub'} (Permission denied)"
+
+
+def test_data_that_is_a_pipe_or_a_device_is_refused_not_read(tmp_path):
+    os.mkfifo(tmp_path / "fifo")  # reading it would block forever
+    for path in (str(tmp_path / "fifo"), "/dev/null"):
+        with pytest.raises(train.UsageError, match=f"--data {path}: not a regular file or folder"):
+            train.load_corpus(path)
+    with pytest.raises(train.UsageError, match="--data is an empty path"):  # Path("") would be the cwd
+        train.load_corpus("")
+
+
+def test_a_data_folder_skips_hidden_folders_and_files_at_any_depth(tmp_path):
+    root = tmp_path / os.fsdecode(b"notes\xff")  # a folder name that is not UTF-8 still prints
+    for name, content in [("a.txt", b"aaa"), ("sub/b.txt", b"bbb"), (".hidden.txt", b"hhh"),
+                          (".git/objects/ab/cdef", b"x\0\x01binary"), ("sub/.cache/c.txt", b"ccc")]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    texts, source = train.load_corpus(str(root))
+    assert texts == [b"aaa", b"bbb"]
+    assert source.encode("utf-8") and "2 file(s) from" in source
+    only_hidden = tmp_path / "repo"
+    (only_hidden / ".git").mkdir(parents=True)
+    (only_hidden / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    with pytest.raises(train.UsageError, match="the folder holds no files"):
+        train.load_corpus(str(only_hidden))
+
+
+# ---------------------------------------------------------------------------
+# The schedule, the optimizer's groups, clipping, the per-rank data split
+# ---------------------------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_linearly_to_lr_then_decays_to_min_lr():
+    args = args_of("--lr", "3e-3", "--min-lr", "1e-4", "--warmup", "3", "--steps", "13")
+    assert train.lr_at(1, args) == pytest.approx(1e-3, rel=1e-12)  # 1/3 of the way, not 0 nor 2/3
+    assert train.lr_at(2, args) == pytest.approx(2e-3, rel=1e-12)
+    assert train.lr_at(3, args) == 3e-3  # the peak at step --warmup, exactly --lr
+    just_after = 1e-4 + 0.5 * (3e-3 - 1e-4) * (1 + math.cos(math.pi * 1 / 10))
+    assert train.lr_at(4, args) == pytest.approx(just_after, rel=1e-12)
+    assert train.lr_at(13, args) == 1e-4  # exactly --min-lr at --steps
+    after = [train.lr_at(s, args) for s in range(3, 14)]
+    assert all(a > b for a, b in zip(after, after[1:]))  # strictly down after the warmup
+    args.min_lr = None
+    assert train.lr_at(13, args) == pytest.approx(3e-4, rel=1e-12)  # default --min-lr: --lr / 10
+    args.warmup = 0
+    assert train.lr_at(1, args) == pytest.approx(3e-4 + 0.5 * 2.7e-3 * (1 + math.cos(math.pi / 13)), rel=1e-12)
+    assert train.lr_at(1, args) < 3e-3
+
+
+def test_weight_decay_on_matrices_only_never_on_biases_or_norms():
+    _, params = tiny_model()
+    opt = train.make_optimizer(params, args_of("--weight-decay", "0.25"))
+    decay_of = {id(p): group["weight_decay"] for group in opt.param_groups for p in group["params"]}
+    assert len(decay_of) == len(params)  # every parameter in exactly one group
+    decay = {name for name, p in params.items() if decay_of[id(p)] == 0.25}
+    no_decay = {name for name, p in params.items() if decay_of[id(p)] == 0.0}
+    assert decay == {"embed.word", "embed.pos", "layers.0.attn.qkv.weight", "layers.0.attn.proj.weight",
+                     "layers.0.mlp.fc1.weight", "layers.0.mlp.fc2.weight"}
+    assert no_decay == {"layers.0.ln1.weight", "layers.0.ln1.bias", "layers.0.ln2.weight", "layers.0.ln2.bias",
+                        "final_norm.weight", "final_norm.bias", "layers.0.attn.qkv.bias",
+                        "layers.0.attn.proj.bias", "layers.0.mlp.fc1.bias", "layers.0.mlp.fc2.bias"}
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.0])
+def test_train_step_applies_grad_clip(clip):
+    """With plain SGD the applied update is -lr * grad: the grads scaled to norm
+    --grad-clip when it is below their norm, and untouched with --grad-clip 0."""
+    cfg, params = tiny_model(torch.float64)
+    args = args_of("--lr", "0.5", "--warmup", "0", "--steps", "10", "--grad-clip", str(clip))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    x, y = ids[:, :-1], ids[:, 1:]
+    before = {k: v.detach().clone() for k, v in params.items()}
+    grads = torch.autograd.grad(N.gpt_loss(params, x, y, cfg, P.Mesh.serial()), list(params.values()))
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    scale = clip / norm if clip else 1.0
+    assert clip == 0 or scale < 0.01  # clipping must matter for the test to mean anything
+
+    opt = torch.optim.SGD(list(params.values()), lr=1.0)
+    loss, grad_norm = train.train_step(params, opt, x, y, cfg, P.Mesh.serial(), N.gpt_specs(cfg), args, step=1)
+    assert grad_norm.item() == pytest.approx(norm.item(), rel=1e-9)  # the norm before clipping
+    lr = train.lr_at(1, args)
+    for (name, p), g in zip(params.items(), grads):
+        torch.testing.assert_close(p.detach(), before[name] - lr * scale * g, rtol=1e-6, atol=1e-12, msg=name)
+
+
+def test_batch_seed_one_stream_per_data_parallel_replica_shared_by_its_tensor_parallel_ranks():
+    args = args_of("--seed", "1234")
+    data = torch.arange(10_000, dtype=torch.int64) % 251
+    seeds = {(step, dp, tp): train.batch_seed(args, step, P.Mesh(tp=2, dp=3, tp_rank=tp, dp_rank=dp))
+             for step in (1, 2) for dp in range(3) for tp in range(2)}
+    batches = {key: train.batch(data, 4, 16, seed)[0] for key, seed in seeds.items()}
+    for step in (1, 2):
+        for dp in range(3):
+            assert seeds[step, dp, 0] == seeds[step, dp, 1]  # the tp ranks of one replica: the same tokens
+            assert torch.equal(batches[step, dp, 0], batches[step, dp, 1])
+    distinct = {seeds[step, dp, 0] for step in (1, 2) for dp in range(3)}
+    assert len(distinct) == 6  # every replica at every step its own batch
+    for a, b in [((1, 0, 0), (1, 1, 0)), ((1, 1, 0), (1, 2, 0)), ((1, 0, 0), (2, 0, 0))]:
+        assert not torch.equal(batches[a], batches[b]), (a, b)
+
+
+def test_every_derived_seed_fits_torch_generator_for_any_step():
+    args = args_of("--seed", str(2**31 - 1))  # the largest --seed
+    for step in (1, 10**6, 10**30):
+        seed = train.batch_seed(args, step, P.Mesh(tp=1, dp=8, dp_rank=7))
+        assert 0 <= seed < 2**63
+        torch.Generator().manual_seed(seed)
+    train.check_args(args, world=1)
+    for seed in (-1, 2**31, 2**63):
+        with pytest.raises(train.UsageError, match=r"--seed must be in \[0, 2\*\*31\)"):
+            train.check_args(args_of("--seed", str(seed)), world=1)
+
+
+# ---------------------------------------------------------------------------
+# Memory, the sample
+# ---------------------------------------------------------------------------
+
+
+def test_memory_estimate_from_the_config_and_the_refusal_names_the_figures(monkeypatch):
+    args = args_of()  # the default run: 4 layers, hidden 128, heads 4, seq 128, batch 16, fp32
+    cfg, tp = train.check_args(args, world=1)
+    params, activations = train.memory_needed(cfg, args, tp, CPU)
+    n = N.gpt_num_params(cfg)
+    assert n == sum(p.numel() for p in N.init_gpt(cfg).values())
+    assert params == 16 * n + 4 * n  # weights, grads, 2 AdamW moments + init's full copy (on CPU)
+    b, s, h, a = 16, 128, 128, 4
+    assert activations == b * s * h * (34 + 5 * a * s / h) * 4 * 2 + 3 * b * s * 256 * 4
+    train.check_memory(cfg, args, tp, CPU)  # the default run fits this machine
+
+    monkeypatch.setattr(train, "memory_available", lambda device: 2**27)  # 0.125 GiB free
+    with pytest.raises(train.UsageError) as e:
+        train.check_memory(cfg, args, tp, CPU)
+    figures = re.fullmatch(r"the model and one step need about (\S+) GiB \(parameters (\S+) GiB, activations (\S+) "
+                           r"GiB\) but this machine has 0.12 GiB free: lower --hidden/--layers/--batch/--seq",
+                           str(e.value))
+    assert figures, str(e.value)
+    total, in_params, in_activations = (float(v) for v in figures.groups())
+    assert (in_params, in_activations) == (round(params / 2**30, 3), round(activations / 2**30, 2))
+    assert total == pytest.approx(in_params + in_activations, abs=0.01)
+
+
+def test_sample_takes_the_prompts_bytes_and_says_when_seq_caps_it():
+    cfg, params = tiny_model()
+    not_utf8 = os.fsdecode(b"\xff\xfedef")  # what argv gives for these bytes (surrogateescape)
+    args = args_of("--seq", "16", "--sample-tokens", "100", "--prompt", not_utf8)
+    text = train.sample(params, cfg, P.Mesh.serial(), args, CPU)
+    assert text.startswith("sample (11 of --sample-tokens 100 bytes: --prompt + sample must fit in --seq 16):\n"
+                           "\ufffd\ufffddef"), text
+    args.sample_tokens = 3
+    assert train.sample(params, cfg, P.Mesh.serial(), args, CPU).startswith("sample:\n\ufffd\ufffddef")
+    args.prompt, args.sample_tokens = "x" * 16, 0  # a long prompt is fine when nothing is sampled
+    train.check_args(args, world=1)
