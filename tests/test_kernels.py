@@ -6,10 +6,13 @@
   looped kernels) is a row of a few dozen elements, cheap under the interpreter.
 * Every buffer a kernel writes comes from kernels._empty, replaced here by a NaN-filled allocation: an
   element a kernel forgets to write fails the comparison.
-* The references: gradcheck in float64, and forward against torch.softmax / F.layer_norm / F.rms_norm /
-  F.gelu.
+* Every kernel variant also has one pinned fp32 example (no hypothesis draw), at a few ulps.
+* The references: gradcheck and gradgradcheck in float64, and forward against torch.softmax /
+  F.layer_norm / F.rms_norm / F.gelu. The Triton ops refuse a second differentiation (RuntimeError).
 """
 
+import functools
+import itertools
 import os
 import subprocess
 import sys
@@ -151,6 +154,65 @@ def test_softmax_fully_masked_row_is_zeros(triton, sk):
     assert torch.equal(y[1, :, 2], torch.zeros(2, sk)) and torch.equal(dx[1, :, 2], torch.zeros(2, sk))
     assert torch.equal(y[0, :, 0], torch.nn.functional.one_hot(torch.zeros(2, dtype=torch.long), sk).float())
     assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+
+
+def special_rows_case(kind, sk):
+    """(x, mask, kinds of row) for [1, 2, 4, sk]: rows of x holding -inf, +inf and NaN, on visible keys
+    or on masked ones. Row kinds, by (head, query): "dead" (every visible score -inf: zeros), "nan"
+    (a visible +inf or NaN: a NaN row), "finite" (any -inf or non-finite value sits on masked keys)."""
+    g = torch.Generator().manual_seed(sk)
+    x = 3 * torch.randn(1, 2, 4, sk, generator=g)
+    visible = torch.ones(4, sk, dtype=torch.bool)
+    mask = None
+    if kind == "causal":
+        visible = ~causal_mask_from_indices(4, sk)
+    if kind == "padding":
+        mask = torch.arange(sk).repeat(4, 1) % 3 == 1  # [sq, sk]: every third key masked ...
+        mask[3, :] = True  # ... and query 3 sees nothing
+        visible, mask = ~mask, mask[None, None]
+    inf, nan = float("inf"), float("nan")
+    first_visible = [int(v.nonzero()[0, 0]) if v.any() else 0 for v in visible]
+    x[0, 0, 0] = -inf  # every score -inf
+    x[0, 0, 1, ::2] = -inf  # mixed: some -inf; visible odd keys stay finite for every kind here
+    x[0, 0, 2][~visible[2]] = nan  # NaN only on masked keys (none for kind "none", so a finite row)
+    x[0, 0, 3, first_visible[3]] = inf  # a visible +inf
+    x[0, 1, 0, first_visible[0]] = nan  # a visible NaN
+    x[0, 1, 1][visible[1]] = -inf  # every visible key -inf; the masked ones keep finite values
+    x[0, 1, 2][~visible[2]] = inf  # +inf only on masked keys
+    x[0, 1, 3] = -inf  # one visible key left finite: a one-hot row
+    x[0, 1, 3, first_visible[3]] = 1.0
+    dead_row = ~visible.any(dim=-1)
+    rows = [["dead", "finite", "finite", "nan"], ["nan", "dead", "finite", "finite"]]
+    for h in range(2):
+        for q in range(4):
+            if dead_row[q]:
+                rows[h][q] = "dead"
+    return x, mask, rows
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("sk", [7, SMALL_BLOCK + 3], ids=["one-block", "looped"])
+@pytest.mark.parametrize("kind", ["none", "causal", "padding"])
+def test_softmax_inf_and_nan_rows_agree_on_every_path(kind, sk):
+    """Reference and Triton agree, forward and backward, on rows holding -inf, +inf and NaN: a row whose
+    every visible score is -inf gives zeros and a zero gradient; a visible +inf or NaN gives a NaN row
+    (and NaN dx on its visible keys, 0 on its masked ones); values on masked keys are never seen."""
+    x, mask, rows = special_rows_case(kind, sk)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(scale=0.5, mask_kind=kind, mask=mask)
+    y, (dx,) = forward_backward(kernels.scale_mask_softmax, [x], dy, triton=True, **kwargs)
+    y_ref, (dx_ref,) = forward_backward(kernels.scale_mask_softmax, [x], dy, triton=False, **kwargs)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+    for h in range(2):
+        for q in range(4):
+            row, grad = y[0, h, q], dx[0, h, q]
+            if rows[h][q] == "dead":
+                assert torch.equal(row, torch.zeros(sk)) and torch.equal(grad, torch.zeros(sk)), (h, q)
+            elif rows[h][q] == "nan":
+                assert row.isnan().all(), (h, q)
+            else:
+                assert row.isfinite().all() and grad.isfinite().all() and abs(row.sum() - 1) < 1e-6, (h, q)
 
 
 def test_softmax_long_rows_at_the_real_block_size():
@@ -301,6 +363,62 @@ def test_bias_gelu_saturates_without_nan():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Every kernel variant, pinned: one fixed fp32 example each, Triton against the reference
+# ----------------------------------------------------------------------------------------------------
+
+PINNED_TOLERANCE = dict(rtol=1e-5, atol=1e-6)  # fp32: a few ulps, far below any formula mistake
+
+
+def pinned_variants():
+    """pytest.param(fn, inputs, dy) for every variant of every kernel, on fixed fp32 inputs uniform in
+    [-4, 4]: large enough that the tanh term of the GeLU derivative matters (it peaks near |z| = 1.5).
+    dy is uniform in [-1, 1]: PINNED_TOLERANCE is absolute near 0, and the fp32 reference's own error
+    grows with |dy| (in the GeLU tail torch's 1 + tanh(u) cancels: about 2.5e-7 * |dy| off)."""
+    g = torch.Generator().manual_seed(2024)
+    uniform = lambda *shape, r=4.0: (2 * torch.rand(*shape, generator=g) - 1) * r
+    sizes = {"one-block": SMALL_BLOCK - 3, "looped": 2 * SMALL_BLOCK + 5}  # looped: 3 chunks, the last partial
+    cases = []
+    for size, n in sizes.items():
+        for kind in kernels.MASK_KINDS:
+            x = uniform(1, 2, 3, n)
+            mask = None
+            if kind == "padding":
+                mask = torch.rand(1, 1, 3, n, generator=g) < 0.3  # broadcast over heads
+                mask[0, 0, 2] = True  # a fully masked row
+            fn = functools.partial(kernels.scale_mask_softmax, scale=0.7, mask_kind=kind, mask=mask)
+            cases.append(pytest.param(fn, [x], uniform(*x.shape, r=1.0), id=f"softmax-{kind}-{size}"))
+        norms = [("layer_norm", True, "-bias"), ("layer_norm", False, "-no_bias"), ("rms_norm", False, "")]
+        for (op, bias, bias_id), zero_centered in itertools.product(norms, [False, True]):
+            x = uniform(5, n) + 0.5
+            inputs = [x, uniform(n, r=0.5 if zero_centered else 2.0)]  # weight: a zero-centred one is near 0
+            if op == "layer_norm":
+                inputs.append(uniform(n, r=1.0) if bias else None)
+            fn = functools.partial(getattr(kernels, op), zero_centered_gamma=zero_centered)
+            name = f"{op}{bias_id}-zc_{zero_centered}-{size}"
+            cases.append(pytest.param(fn, inputs, uniform(*x.shape, r=1.0), id=name))
+    for approximate in kernels.GELU_APPROXIMATIONS:
+        for bias in [True, False]:
+            x = uniform(5, 24)  # 2 x 2 tiles of GELU_BLOCK_M x GELU_BLOCK_N (4 x 16 here), both partial
+            fn = functools.partial(kernels.bias_gelu, approximate=approximate)
+            inputs = [x, uniform(24, r=1.0) if bias else None]
+            name = f"bias_gelu-{approximate}-{'bias' if bias else 'no_bias'}"
+            cases.append(pytest.param(fn, inputs, uniform(*x.shape, r=1.0), id=name))
+    return cases
+
+
+@pytest.mark.parametrize("fn, inputs, dy", pinned_variants())
+def test_every_variant_in_fp32_matches_the_reference(fn, inputs, dy):
+    """No draw of luck: each variant's forward and every gradient (x, weight, bias), Triton against the
+    reference, in fp32 at a few ulps."""
+    y, grads = forward_backward(fn, inputs, dy, triton=True)
+    y_ref, grads_ref = forward_backward(fn, inputs, dy, triton=False)
+    torch.testing.assert_close(y, y_ref, **PINNED_TOLERANCE)
+    assert len(grads) == len([t for t in inputs if t is not None])
+    for name, g, g_ref in zip(["x", "weight or bias", "bias"], grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, **PINNED_TOLERANCE, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # The references: gradcheck in float64
 # ----------------------------------------------------------------------------------------------------
 
@@ -309,14 +427,21 @@ def gradcheck_cases():
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
     mask = torch.rand(2, 1, 3, 5, generator=g) < 0.4
-    mask[1, 0, 2] = True
+    mask[1, 0, 2] = True  # a fully masked row
+    x_dead = rand(2, 2, 3, 5)
+    x_dead[0, 1, 2] = float("-inf")  # a row of -inf scores, which the reference must turn into zeros
+    x_dead[1, 0, 0, :2] = float("-inf")  # and a row with some
     return [
         ("softmax none", lambda x: kernels.scale_mask_softmax_reference(x, scale=0.7), [rand(2, 2, 3, 5)]),
+        ("softmax none, -inf rows", lambda x: kernels.scale_mask_softmax_reference(x, scale=0.7), [x_dead]),
         ("softmax causal", lambda x: kernels.scale_mask_softmax_reference(x, mask_kind="causal"), [rand(2, 2, 3, 5)]),
         ("softmax padding",
          lambda x: kernels.scale_mask_softmax_reference(x, scale=2.0, mask_kind="padding", mask=mask),
          [rand(2, 2, 3, 5)]),
         ("layer_norm", lambda x, w, b: kernels.layer_norm_reference(x, w, b), [rand(3, 6), rand(6), rand(6)]),
+        ("layer_norm, no bias", lambda x, w: kernels.layer_norm_reference(x, w), [rand(3, 6), rand(6)]),
+        ("layer_norm 1p", lambda x, w, b: kernels.layer_norm_reference(x, w, b, zero_centered_gamma=True),
+         [rand(3, 6), rand(6), rand(6)]),
         ("layer_norm 1p, no bias", lambda x, w: kernels.layer_norm_reference(x, w, zero_centered_gamma=True),
          [rand(2, 3, 6), rand(6)]),
         ("rms_norm", lambda x, w: kernels.rms_norm_reference(x, w), [rand(3, 6), rand(6)]),
@@ -330,6 +455,41 @@ def gradcheck_cases():
 @pytest.mark.parametrize("name, fn, inputs", gradcheck_cases(), ids=[c[0] for c in gradcheck_cases()])
 def test_reference_gradcheck(name, fn, inputs):
     assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in inputs])
+
+
+@pytest.mark.parametrize("name, fn, inputs", gradcheck_cases(), ids=[c[0] for c in gradcheck_cases()])
+def test_reference_gradgradcheck(name, fn, inputs):
+    """The references differentiate twice correctly: they are the path for higher-order gradients."""
+    assert torch.autograd.gradgradcheck(fn, [t.requires_grad_() for t in inputs])
+
+
+OP_NAMES = {"softmax": "scale_mask_softmax", "layer_norm": "layer_norm", "rms_norm": "rms_norm",
+            "bias_gelu": "bias_gelu"}
+
+
+@pytest.mark.parametrize("first_loss", ["sum", "square"])
+@pytest.mark.parametrize("op", list(OP_NAMES))
+def test_triton_double_backward_raises(op, first_loss):
+    """A gradient taken with create_graph=True through a Triton op is right, but differentiating it again
+    raises a RuntimeError naming the op and the way out (it used to leave out every term through the
+    kernels and return a wrong number). With first_loss "sum", dy itself needs no gradient."""
+    _, fn, inputs, kwargs = next(c for c in all_ops() if c[0] == op)
+    loss = (lambda y: y.sum()) if first_loss == "sum" else (lambda y: (y * y).sum())
+    leaves = [t.requires_grad_() for t in inputs]
+    firsts = []
+    for triton in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("NANOMEG_TRITON", "1" if triton else "0")
+            y = fn(*leaves, **kwargs)
+        firsts.append((y, torch.autograd.grad(loss(y), leaves, create_graph=True)))
+    (y, grads), (y_ref, grads_ref) = firsts
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    second_loss = lambda y, grads: sum((g * g).sum() for g in grads) + y.sum()  # a gradient penalty
+    assert all(h.isfinite().all() for h in torch.autograd.grad(second_loss(y_ref, grads_ref), leaves))
+    with pytest.raises(RuntimeError, match=rf"{OP_NAMES[op]}: the Triton kernels give first-order gradients only"
+                                           r".*use the reference \(NANOMEG_TRITON=0\)"):
+        torch.autograd.grad(second_loss(y, grads), leaves)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,6 +519,30 @@ def test_dispatch_on_cpu_follows_the_switch(forced, expect_triton):
                 mp.setenv("NANOMEG_TRITON", forced)
             y = fn(*[t.requires_grad_() for t in inputs], **kwargs)
         assert type(y.grad_fn).__name__.startswith("Triton") == expect_triton
+
+
+@pytest.mark.parametrize("value, expect_triton", [
+    *[(v, True) for v in ["1", "true", "True", "YES", "on", " On "]],
+    *[(v, False) for v in ["0", "false", "FALSE", "no", "Off", "0 "]],
+    ("", False),  # empty is unset: CPU tensors take the reference
+])
+def test_nanomeg_triton_spellings(value, expect_triton):
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOMEG_TRITON", value)
+        y = kernels.bias_gelu(x)
+    assert type(y.grad_fn).__name__.startswith("Triton") == expect_triton
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "tru", "1.0", "y", "enable"])
+def test_nanomeg_triton_unknown_value_is_a_value_error(value):
+    """A typo must not silently choose a path: the error names the variable and the value."""
+    for _, fn, inputs, kwargs in all_ops():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("NANOMEG_TRITON", value)
+            with pytest.raises(ValueError, match=rf"NANOMEG_TRITON={value!r} is not understood: use one of "
+                                                 r"1/true/yes/on .* 0/false/no/off"):
+                fn(*inputs, **kwargs)
 
 
 def test_without_triton_the_references_run_and_forcing_raises():
