@@ -401,7 +401,8 @@ def _softmax_bwd(y, dy, scale, mask_kind, mask):
 
 
 class TritonScaleMaskSoftmax(torch.autograd.Function):
-    """scale_mask_softmax on the Triton kernels. Saves y (and a padding mask) for backward, as Megatron's kernels."""
+    """scale_mask_softmax on the Triton kernels. Saves y for backward (as Megatron's kernels) and the
+    padding mask, so that the backward skips masked keys and gives them dx = 0 exactly."""
 
     @staticmethod
     def forward(ctx, x, scale, mask_kind, mask):
@@ -776,8 +777,9 @@ def _gelu_and_grad(z, APPROX_TANH: tl.constexpr):
         k = 0.7978845608028654  # sqrt(2 / pi)
         u = k * (z + 0.044715 * z * z * z)
         e = tl.exp(-2.0 * tl.abs(u))  # never overflows
-        s = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-        one_minus_s = tl.where(u >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
+        r = 1.0 / (1.0 + e)  # sigmoid(2|u|); e * r = sigmoid(-2|u|)
+        s = tl.where(u >= 0, r, e * r)
+        one_minus_s = tl.where(u >= 0, e * r, r)
         y = z * s
         # s' = 2 s (1 - s) du/dz (that is, (1 - tanh^2) / 2 * du/dz), du/dz = k (1 + 3 * 0.044715 z^2)
         dy_dz = s + 2.0 * z * s * one_minus_s * k * (1.0 + 3.0 * 0.044715 * z * z)
@@ -912,7 +914,7 @@ def bias_gelu(x, bias=None, *, approximate="tanh"):
     (-inf * 0), +inf gives +inf; the gradient at +-inf is NaN. The same on every path, with two
     exceptions outside the range of real activations: torch's vectorized CPU F.gelu, which the exact
     form's reference calls, gives NaN at +inf and inf for z >= ~1.7e38 where Triton gives z; and the
-    tanh form's gradient is NaN on every path for |z| >= ~1e19, where z^3 overflows fp32.
+    tanh form's gradient is NaN on every path for |z| >= ~1.8e19, where z^2 overflows fp32.
     """
     _check_bias_gelu_args(x, bias, approximate, REFERENCE_DTYPES)
     if x.numel() == 0 or not _use_triton(x):
