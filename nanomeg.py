@@ -562,7 +562,8 @@ def lm_loss(logits, targets, cfg: GPTConfig, mesh: Mesh, loss_mask=None):
     if loss_mask is None:
         return losses.mean()
     loss_mask = loss_mask.to(losses.dtype)
-    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    total = loss_mask.sum()
+    return (losses * loss_mask).sum() / torch.where(total > 0, total, 1.0)  # an all-zero mask: 0, not nan
 
 
 def check_loss_mask(loss_mask, targets) -> None:

@@ -23,7 +23,9 @@ parallel model on `Mesh.serial()`: there is no second code path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +33,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from einops import rearrange
-from torch.autograd.function import once_differentiable
 
 # ---------------------------------------------------------------------------
 # 1. Mesh
@@ -217,10 +218,26 @@ def _check_divisible(x: torch.Tensor, along: int, size: int, what: str) -> None:
 # 4. Region mappings (Megatron's mappings.py), as autograd functions.
 #    Each pairs a forward collective with the backward that makes it correct.
 #    SEQ = 1: activations are [b, s, h], so the sequence dim is 1.
-#    Every backward here (and in sections 5 and 8) is `once_differentiable`:
-#    autograd does not see inside a collective or a hand-written gradient, so a
-#    second derivative through one would be silently wrong; it raises instead.
+#    Every backward here (and in section 5) is `first_order_only`.
 # ---------------------------------------------------------------------------
+
+
+def first_order_only(backward):
+    """Decorator for a hand-written backward. Autograd cannot see inside a
+    collective or a gradient formula built from saved tensors, so a second
+    derivative through one would silently miss its terms (torch's
+    once_differentiable does not catch every such case). Under
+    create_graph=True (grad mode on during backward) it raises instead."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{backward.__qualname__.split('.')[0]}: a hand-written backward gives first-order "
+                               "gradients only; create_graph=True (a gradient of a gradient) is not supported")
+        return backward(ctx, *grads)
+
+    return wrapper
+
 
 SEQ = 1
 
@@ -237,7 +254,7 @@ class _CopyToTP(torch.autograd.Function):
         return x
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         return all_reduce(g, ctx.mesh, "tp", "backward"), None
 
@@ -252,7 +269,7 @@ class _ReduceFromTP(torch.autograd.Function):
         return all_reduce(x, mesh, "tp", "forward")
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         return g, None
 
@@ -267,7 +284,7 @@ class _ScatterToTP(torch.autograd.Function):
         return split(x, mesh, "tp", -1)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         return all_gather(g, ctx.mesh, "tp", -1, "backward"), None
 
@@ -283,7 +300,7 @@ class _GatherFromTP(torch.autograd.Function):
         return all_gather(x, mesh, "tp", -1, "forward")
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         return split(g, ctx.mesh, "tp", -1), None
 
@@ -299,7 +316,7 @@ class _ScatterToSP(torch.autograd.Function):
         return split(x, mesh, "tp", SEQ)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         return all_gather(g, ctx.mesh, "tp", SEQ, "backward"), None
 
@@ -317,7 +334,7 @@ class _GatherFromSP(torch.autograd.Function):
         return all_gather(x, mesh, "tp", SEQ, "forward")
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         if ctx.tp_output_grad:
             return reduce_scatter(g, ctx.mesh, "tp", SEQ, "backward"), None, None
@@ -336,7 +353,7 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return reduce_scatter(x, mesh, "tp", SEQ, "forward")
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         return all_gather(g, ctx.mesh, "tp", SEQ, "backward"), None
 
@@ -404,7 +421,7 @@ class _SyncKVReplicaGrad(torch.autograd.Function):
         return param.view_as(param)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         rows, mesh = 2 * ctx.head_dim, ctx.mesh
         group = mesh.tp_rank // (mesh.tp // ctx.groups)
@@ -447,7 +464,7 @@ class _SequenceGatherLinear(torch.autograd.Function):
         return all_gather(x, mesh, "tp", SEQ, "forward") @ weight.t()
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         x_full = all_gather(x, ctx.mesh, "tp", SEQ, "backward")  # [b, s, h_in]
@@ -588,7 +605,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         softmax, local_t, mine, real = ctx.saved_tensors
         eps = ctx.label_smoothing
@@ -825,7 +842,8 @@ def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float) -> to
     replicated kv heads once (on their first replica, `HeadGroups.counted`),
     then one all-reduce of a single element over tp sums the squares.
     """
-    if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm >= 0):
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or \
+            not (math.isfinite(max_norm) and max_norm >= 0):
         raise ValueError(f"max_norm must be a finite number >= 0 (0: no clipping), got {max_norm!r}")
     grads = {n: p.grad for n, p in params.items() if p.grad is not None}
     device = next(iter(params.values())).device

@@ -329,14 +329,14 @@ def test_cross_entropy_second_derivative_raises():
     logits = rand(0, 2, 3, 7).requires_grad_(True)
     targets = randint(1, 5, 2, 3)
     loss = P.vocab_parallel_cross_entropy(logits, targets, SERIAL, vocab_size=5).pow(2).mean()
-    (g,) = torch.autograd.grad(loss, logits, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError):  # refused at create_graph=True already, or at the second backward
+        (g,) = torch.autograd.grad(loss, logits, create_graph=True)
         g.pow(2).sum().backward()
     # weighted per-token losses, the weights being parameters, likewise
     weights = torch.rand(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
     loss = (P.vocab_parallel_cross_entropy(logits, targets, SERIAL, vocab_size=5) * weights).sum()
-    (g,) = torch.autograd.grad(loss, logits, create_graph=True)
     with pytest.raises(RuntimeError):
+        (g,) = torch.autograd.grad(loss, logits, create_graph=True)
         g.pow(2).sum().backward()
 
 
@@ -362,16 +362,16 @@ def test_gradient_penalty_through_cross_entropy_is_right_or_raises():
 
 
 def double_backward_case(mesh, x, w1, w2, sp, upstream):
-    """x -> column-parallel w1 -> tanh -> row-parallel w2 -> y; d/dx of a loss, then a second backward.
-    Returns (the second backward's RuntimeError message or None, in step)."""
+    """x -> column-parallel w1 -> tanh -> row-parallel w2 -> y; d/dx of a loss with create_graph, then a
+    second backward. Returns (the RuntimeError message of either, or None, in step)."""
     xs = (P.split(x, mesh, "tp", 1) if sp else x).clone().requires_grad_(True)
     w1s = P.split(w1, mesh, "tp", 0).clone().requires_grad_(True)
     w2s = P.split(w2, mesh, "tp", 1).clone().requires_grad_(True)
     h = torch.tanh(P.column_parallel_linear(xs, w1s, None, mesh, sequence_parallel=sp))
     y = P.row_parallel_linear(h, w2s, None, mesh, sequence_parallel=sp)
     loss = y.pow(2).sum() if upstream == "square" else (y * x.sum()).sum()
-    (gx,) = torch.autograd.grad(loss, xs, create_graph=True)
     try:
+        (gx,) = torch.autograd.grad(loss, xs, create_graph=True)
         gx.pow(2).sum().backward()
         error = None
     except RuntimeError as e:
