@@ -879,8 +879,11 @@ def bert_attention_mask(attention_mask, ids):
         shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else \
             type(attention_mask).__name__
         raise ValueError(f"attention_mask shape {shape} != ids shape {tuple(ids.shape)}: one 1/0 per token")
-    if attention_mask.is_floating_point() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError(f"attention_mask must hold only 0 and 1 (bool or integer), got dtype {attention_mask.dtype}")
+    if attention_mask.is_floating_point():
+        raise ValueError(f"attention_mask must be bool or integer 0/1, got dtype {attention_mask.dtype}")
+    bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+    if bad.numel():
+        raise ValueError(f"attention_mask must hold only 0 and 1, got {bad[0].item()}")
     real = attention_mask.bool()
     return ~(real[:, None, :, None] & real[:, None, None, :])
 
@@ -946,12 +949,15 @@ def bert_loss(params, ids, cfg: BertConfig, mesh: Mesh, *, mlm_targets, mlm_mask
                                            attention_mask=attention_mask, seed=seed, training=training)
     mlm = lm_loss(mlm_logits, mlm_targets, cfg, mesh, loss_mask=mlm_mask)
     if nsp_logits is None:
+        if nsp_labels is not None:
+            raise ValueError("nsp_labels given, but the model has no next-sentence head (binary_head=False)")
         return mlm, mlm, None
     if nsp_labels is None or nsp_labels.shape != (ids.shape[0],):
         raise ValueError(f"nsp_labels must be [b] = ({ids.shape[0]},) with the binary head, got "
                          f"{None if nsp_labels is None else tuple(nsp_labels.shape)}")
     P.check_ids(nsp_labels, 2, "next-sentence label")
-    nsp = F.cross_entropy(nsp_logits.float(), nsp_labels)
+    nsp = F.cross_entropy(nsp_logits.float() if nsp_logits.dtype in (torch.float16, torch.bfloat16) else nsp_logits,
+                          nsp_labels)
     return mlm + nsp, mlm, nsp
 
 
@@ -973,7 +979,10 @@ def bert_multiple_choice(params, ids, cfg: BertConfig, mesh: Mesh, *, token_type
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"multiple choice takes ids [b, K, s] with b, K >= 1, got {shape}")
     b, k, s = ids.shape
-    flat = lambda t: None if t is None else (t.reshape(b * k, s) if t.shape == ids.shape else t)
+    for name, t in (("token_types", token_types), ("attention_mask", attention_mask)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != ids.shape):
+            raise ValueError(f"{name} shape {getattr(t, 'shape', type(t).__name__)} != ids shape {tuple(ids.shape)}")
+    flat = lambda t: None if t is None else t.reshape(b * k, s)
     scores = _pooled_head(params, flat(ids), cfg, mesh, flat(token_types), flat(attention_mask), seed, training)
     return rearrange(scores, "(b k) 1 -> b k", b=b)
 
@@ -1030,6 +1039,8 @@ def check_bert_compatible(cfg: BertConfig) -> None:
     attention, no zero-centred gamma. Anything else is a ValueError."""
     want = dict(norm="layernorm", bias=True, position="learned", num_kv_heads=cfg.heads, zero_centered_gamma=False,
                 residual_post_norm=False)
+    if cfg.type_vocab < 1:
+        raise ValueError("Hugging Face's BERT always has token types: type_vocab must be >= 1, got 0")
     wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
     if not isinstance(cfg, BertConfig) or wrong:
         raise ValueError(f"Hugging Face's BERT cannot hold this config: {wrong or type(cfg).__name__}")

@@ -649,14 +649,16 @@ def test_hugging_face_bert_from_a_safetensors_file(tmp_path):
         assert_close(from_hf_bert(source, cfg), want, f"from {source!r}", dict(rtol=0, atol=0))
 
 
-def test_bert_export_without_token_types():
-    """type_vocab=0 is a valid BertConfig (no token-type table): the export must not need one.
-    (Fails today: bert_hf_names always maps embed.type, so to_hf_bert raises KeyError 'embed.type'.)"""
+def test_bert_export_without_token_types_is_refused():
+    """type_vocab=0 is a valid BertConfig (no token-type table), but Hugging Face's BERT always looks up
+    token types (an Embedding(0, h) cannot run): export and import refuse it, naming type_vocab, instead
+    of a KeyError on 'embed.type'."""
     cfg = BertConfig(vocab_size=10, vocab_multiple=4, max_seq=8, layers=1, hidden=8, heads=2, type_vocab=0)
     params = init_bert(cfg, 0)
-    sd = to_hf_bert(params, cfg)
-    assert "bert.embeddings.token_type_embeddings.weight" not in sd
-    assert_close(from_hf_bert(sd, cfg), params, "round trip")
+    with pytest.raises(ValueError, match="type_vocab"):
+        to_hf_bert(params, cfg)
+    with pytest.raises(ValueError, match="type_vocab"):
+        from_hf_bert({}, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
