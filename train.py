@@ -85,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--peak-flops", type=float,
                     help="peak FLOP/s of one rank's device for MFU (default: measured with a matmul at start)")
-    ap.add_argument("--sample-tokens", type=int, default=200,
-                    help="bytes generated at the end (0: none; capped so prompt + sample fit in --seq)")
+    ap.add_argument("--sample-tokens", type=int,
+                    help="bytes generated at the end (default: as many as fit in --seq after the prompt; 0: none)")
     ap.add_argument("--prompt", default="def ", help="the sample's prompt (its raw bytes; shorter than --seq)")
     return ap.parse_args(argv)
 
@@ -271,7 +271,7 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
         raise UsageError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decays from --lr to --min-lr")
     if args.seq > args.max_seq:
         raise UsageError(f"--seq {args.seq} is longer than --max-seq {args.max_seq} (the position table's rows)")
-    if args.sample_tokens > 0 and len(prompt_bytes(args)) >= args.seq:
+    if args.sample_tokens != 0 and len(prompt_bytes(args)) >= args.seq:
         raise UsageError(f"--prompt is {len(prompt_bytes(args))} bytes, not shorter than --seq {args.seq}: "
                          "no room to sample (shorten it, or --sample-tokens 0)")
     try:
@@ -413,16 +413,18 @@ def evaluate(params, data, cfg, mesh, args, device) -> float:
 
 
 def sample(params, cfg, mesh, args, device) -> str:
-    """The text to print: --sample-tokens bytes after --prompt's bytes, capped
-    so prompt + sample fit in --seq (positions beyond it were never trained);
-    the header says so when it caps. Bytes that are not UTF-8 print as U+FFFD."""
+    """The text to print: --sample-tokens bytes (default: all that fit) after
+    --prompt's bytes, capped so prompt + sample fit in --seq (positions beyond
+    it were never trained); the header says so when it cuts what was asked.
+    Bytes that are not UTF-8 print as U+FFFD."""
     prompt = prompt_bytes(args)
-    n = min(args.sample_tokens, args.seq - len(prompt))
+    room = args.seq - len(prompt)
+    n = room if args.sample_tokens is None else min(args.sample_tokens, room)
     out = N.generate({k: v.detach() for k, v in params.items()}, torch.tensor([list(prompt)], device=device),
                      cfg, mesh, n, temperature=0.8, top_k=40, seed=args.seed)
-    capped = f" ({n} of --sample-tokens {args.sample_tokens} bytes: --prompt + sample must fit in --seq {args.seq})"
-    capped = capped if n < args.sample_tokens else ""
-    return f"sample{capped}:\n" + bytes(out[0].tolist()).decode("utf-8", errors="replace")
+    capped = args.sample_tokens is not None and n < args.sample_tokens
+    note = f" ({n} of --sample-tokens {args.sample_tokens} bytes: --prompt + sample must fit in --seq {args.seq})"
+    return f"sample{note if capped else ''}:\n" + bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 
 def autocast(args):
@@ -521,7 +523,7 @@ def train(args) -> int:
             bar.clear()
             say(f"eval loss at step {step}: {evaluate(params, eval_data, cfg, mesh, args, device):.4f}")
 
-    if args.sample_tokens > 0:
+    if args.sample_tokens != 0:
         say(sample(params, cfg, mesh, args, device))
     return 0
 

@@ -393,5 +393,8 @@ def test_sample_takes_the_prompts_bytes_and_says_when_seq_caps_it():
                            "\ufffd\ufffddef"), text
     args.sample_tokens = 3
     assert train.sample(params, cfg, P.Mesh.serial(), args, CPU).startswith("sample:\n\ufffd\ufffddef")
+    args.sample_tokens = None  # the default: all that fits, nothing to say
+    text = train.sample(params, cfg, P.Mesh.serial(), args, CPU)
+    assert text.startswith("sample:\n\ufffd\ufffddef")
     args.prompt, args.sample_tokens = "x" * 16, 0  # a long prompt is fine when nothing is sampled
     train.check_args(args, world=1)
