@@ -343,11 +343,20 @@ def _check_softmax_args(x, scale, mask_kind, mask, dtypes) -> None:
     if x.dim() != 4:
         raise ValueError(f"{op}: x must be [b, heads, sq, sk], got shape {tuple(x.shape)}")
     _check_dtype(op, "x", x, dtypes)
-    if mask_kind not in MASK_KINDS:
-        raise ValueError(f"{op}: unknown mask_kind {mask_kind!r}; expected one of {sorted(MASK_KINDS)}")
     if not isinstance(scale, (int, float)):
         raise ValueError(f"{op}: scale must be a Python number, got {type(scale).__name__}")
-    b, heads, sq, sk = x.shape
+    check_mask(mask_kind, mask, tuple(x.shape), x.device, op)
+
+
+def check_mask(mask_kind, mask, shape, device, op="attention") -> None:
+    """ValueError unless mask_kind and mask fit attention scores of `shape` =
+    (b, heads, sq, sk) on `device`: "none" and "causal" (sq <= sk) take no
+    tensor; "padding" takes a bool mask [b or 1, heads or 1, sq or 1, sk],
+    True = masked out. Shared by the fused softmax and nanomeg's SDPA path,
+    so both refuse what one would read differently (a [b, sk] mask, say)."""
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"{op}: unknown mask_kind {mask_kind!r}; expected one of {sorted(MASK_KINDS)}")
+    b, heads, sq, sk = shape
     if mask_kind == "causal" and sq > sk:
         raise ValueError(f"{op}: causal mask needs sq <= sk (queries aligned to the end), got sq={sq}, sk={sk}")
     if mask_kind != "padding":
@@ -356,11 +365,12 @@ def _check_softmax_args(x, scale, mask_kind, mask, dtypes) -> None:
         return
     if mask is None:
         raise ValueError(f"{op}: mask_kind='padding' needs a boolean mask of shape [b or 1, heads or 1, sq or 1, sk]")
-    if mask.dtype != torch.bool or mask.device != x.device:
-        raise ValueError(f"{op}: mask must be torch.bool on {x.device}, got {mask.dtype} on {mask.device}")
-    if mask.dim() != 4 or mask.shape[3] != sk or any(m not in (1, n) for m, n in zip(mask.shape[:3], x.shape[:3])):
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.device != device:
+        got = f"{mask.dtype} on {mask.device}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{op}: mask must be torch.bool on {device}, got {got}")
+    if mask.dim() != 4 or mask.shape[3] != sk or any(m not in (1, n) for m, n in zip(mask.shape[:3], shape[:3])):
         raise ValueError(
-            f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to x of shape {tuple(x.shape)}: "
+            f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(shape)}: "
             f"need [{b} or 1, {heads} or 1, {sq} or 1, {sk}]"
         )
 

@@ -432,6 +432,7 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
         if "k" in cache:
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         cache["k"], cache["v"] = k, v
+    kernels.check_mask(mask_kind, mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q.device)  # both paths
     if cfg.attention == "sdpa":
         ctx = sdpa_attention(q, k, v, mask_kind=mask_kind, mask=mask)
     else:

@@ -601,7 +601,7 @@ def bad_inputs():
         (lambda: smx(x4, mask_kind="upper"), r"unknown mask_kind 'upper'"),
         (lambda: smx(x4, mask_kind="padding"), r"mask_kind='padding' needs a boolean mask"),
         (lambda: smx(x4, mask_kind="padding", mask=torch.zeros(2, 3, 4, 7, dtype=torch.bool)),
-         r"mask of shape \(2, 3, 4, 7\) does not broadcast to x of shape \(2, 3, 4, 8\)"),
+         r"mask of shape \(2, 3, 4, 7\) does not broadcast to scores of shape \(2, 3, 4, 8\)"),
         (lambda: smx(x4, mask_kind="padding", mask=torch.zeros(2, 2, 1, 8, dtype=torch.bool)),
          r"mask of shape \(2, 2, 1, 8\) does not broadcast"),
         (lambda: smx(x4, mask_kind="padding", mask=torch.zeros(2, 3, 4, 8)), r"mask must be torch.bool"),

@@ -670,3 +670,26 @@ def test_clip_grad_norm_refuses_a_nan_or_negative_max_norm(max_norm):
     assert_close(norm, before.norm(), "the norm before clipping")
     assert_close(params["w"].grad.norm(), torch.tensor(1.0, dtype=torch.float64), "clipped to 1",
                  dict(rtol=1e-5, atol=1e-6))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 9. An attention mask is checked the same on both paths (SDPA alone would broadcast a [b, sk] mask)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["core", "sdpa"])
+@pytest.mark.parametrize("mask, mask_kind, fragment", [
+    (torch.zeros(2, 4, dtype=torch.bool), "padding", "does not broadcast"),  # [b, sk]: SDPA read it as [sq, sk]
+    (torch.zeros(4, 4, dtype=torch.bool), "padding", "does not broadcast"),
+    (torch.zeros(2, 1, 1, 4), "padding", "torch.bool"),
+    (torch.zeros(2, 1, 1, 4, dtype=torch.bool), "causal", "takes no mask tensor"),
+    (None, "padding", "needs a boolean mask"),
+])
+def test_attention_mask_is_checked_on_both_paths(attention, mask, mask_kind, fragment):
+    from nanomeg import embed, init_gpt, run_layers
+
+    cfg = GPTConfig(vocab_size=10, vocab_multiple=4, max_seq=8, layers=1, hidden=8, heads=2, attention=attention)
+    params = init_gpt(cfg, 0, torch.float64)
+    x = embed(params, randint(0, 10, 2, 4), cfg, SERIAL)
+    with pytest.raises(ValueError, match=fragment):
+        run_layers(params, x, cfg, SERIAL, mask_kind=mask_kind, mask=mask)
