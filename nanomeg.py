@@ -230,12 +230,13 @@ def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     return shapes
 
 
-def gpt_num_params(cfg: GPTConfig) -> int:
-    """Elements of the full (padded-vocabulary) parameters, from one layer's
-    shapes times the layer count: O(1) in cfg.layers, so a size can be
-    checked before anything is allocated."""
+def num_params(cfg: GPTConfig, shapes_of=None) -> int:
+    """Elements of the full (padded-vocabulary) parameters of a model whose
+    shapes come from shapes_of (default: gpt_shapes), from one layer's shapes
+    times the layer count: O(1) in cfg.layers, so a size can be checked
+    before anything is allocated."""
     count = lambda shapes: sum(math.prod(shape) for shape, _ in shapes.values())
-    one = gpt_shapes(replace(cfg, layers=1))
+    one = (shapes_of or gpt_shapes)(replace(cfg, layers=1))
     per_layer = count({k: v for k, v in one.items() if k.startswith("layers.0.")})
     return count(one) + (cfg.layers - 1) * per_layer
 
@@ -945,21 +946,33 @@ def bert_loss(params, ids, cfg: BertConfig, mesh: Mesh, *, mlm_targets, mlm_mask
     """BERT pretraining: -> (total, masked-LM loss, next-sentence loss or None).
     mlm_targets [b, s] the original ids; mlm_mask [b, s]: 1 where a token was
     chosen for prediction (the loss is the mean over those only); nsp_labels
-    [b]: 1 when segment B is random, 0 when it follows A (HF's convention)."""
+    [b]: 1 when segment B is random, 0 when it follows A (HF's convention).
+    `bert_loss_and_metrics` also returns the next-sentence accuracy."""
+    out = bert_loss_and_metrics(params, ids, cfg, mesh, mlm_targets=mlm_targets, mlm_mask=mlm_mask,
+                                nsp_labels=nsp_labels, token_types=token_types, attention_mask=attention_mask,
+                                seed=seed, training=training)
+    return out["loss"], out["mlm"], out.get("nsp")
+
+
+def bert_loss_and_metrics(params, ids, cfg: BertConfig, mesh: Mesh, *, mlm_targets, mlm_mask, nsp_labels=None,
+                          token_types=None, attention_mask=None, seed=0, training=True) -> dict:
+    """As `bert_loss`, as a dict: loss (MLM + NSP), mlm, and with the binary
+    head nsp and nsp_acc (the fraction of next-sentence labels right)."""
     mlm_logits, nsp_logits = bert_pretrain(params, ids, cfg, mesh, token_types=token_types,
                                            attention_mask=attention_mask, seed=seed, training=training)
     mlm = lm_loss(mlm_logits, mlm_targets, cfg, mesh, loss_mask=mlm_mask)
     if nsp_logits is None:
         if nsp_labels is not None:
             raise ValueError("nsp_labels given, but the model has no next-sentence head (binary_head=False)")
-        return mlm, mlm, None
+        return dict(loss=mlm, mlm=mlm)
     if nsp_labels is None or nsp_labels.shape != (ids.shape[0],):
         raise ValueError(f"nsp_labels must be [b] = ({ids.shape[0]},) with the binary head, got "
                          f"{None if nsp_labels is None else tuple(nsp_labels.shape)}")
     P.check_ids(nsp_labels, 2, "next-sentence label")
     nsp = F.cross_entropy(nsp_logits.float() if nsp_logits.dtype in (torch.float16, torch.bfloat16) else nsp_logits,
                           nsp_labels)
-    return mlm + nsp, mlm, nsp
+    nsp_acc = (nsp_logits.detach().argmax(-1) == nsp_labels).float().mean()
+    return dict(loss=mlm + nsp, mlm=mlm, nsp=nsp, nsp_acc=nsp_acc)
 
 
 def bert_classify(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None, seed=0,

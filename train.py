@@ -55,7 +55,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(description="Train a tensor-parallel GPT on bytes.")
+    ap = ArgumentParser(description="Train a tensor-parallel GPT (or BERT) on bytes.")
+    ap.add_argument("--model", choices=tuple(TASKS), default="gpt",
+                    help="gpt: next-byte prediction; bert: masked-LM + next-sentence pretraining")
     ap.add_argument("--data", help="a text file or a folder of text files (default: the Python stdlib's source)")
     ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
@@ -75,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sequence-parallel", action="store_true")
     ap.add_argument("--recompute", choices=N.CHOICES["recompute"], default="none")
     ap.add_argument("--norm", choices=N.CHOICES["norm"], default="layernorm")
+    ap.add_argument("--norm-order", choices=N.CHOICES["norm_order"],
+                    help="pre: x + f(norm(x)) (GPT's and Megatron BERT's); post: norm(x + f(x)) (the original BERT's); "
+                         "default: the model's (gpt pre, bert post)")
     ap.add_argument("--activation", choices=N.CHOICES["activation"], default="gelu")
     ap.add_argument("--position", choices=N.CHOICES["position"], default="learned")
     ap.add_argument("--attention", choices=N.CHOICES["attention"], default="core")
@@ -86,8 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--peak-flops", type=float,
                     help="peak FLOP/s of one rank's device for MFU (default: measured with a matmul at start)")
     ap.add_argument("--sample-tokens", type=int,
-                    help="bytes generated at the end (default: as many as fit in --seq after the prompt; 0: none)")
-    ap.add_argument("--prompt", default="def ", help="the sample's prompt (its raw bytes; shorter than --seq)")
+                    help="gpt only: bytes generated at the end (default: as many as fit in --seq after the prompt; "
+                         "0: none)")
+    ap.add_argument("--prompt",
+                    help="gpt only: the sample's prompt (its raw bytes; shorter than --seq; default 'def ')")
     return ap.parse_args(argv)
 
 
@@ -203,6 +210,99 @@ def batch_seed(args, step: int, mesh: P.Mesh) -> int:
     return (args.seed * 1_000_003 + step * 7919 + mesh.dp_rank) % 2**63
 
 
+# BERT's ids: the 256 bytes, then four special tokens.
+CLS, SEP, MASK, PAD = 256, 257, 258, 259
+
+
+def bert_batch(data: torch.Tensor, batch_size: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """batch_size sentence pairs for masked-LM + next-sentence pretraining,
+    each [CLS] A [SEP] B [SEP] [PAD]... of --seq ids (A, B: byte runs):
+    * B follows A in the corpus (nsp_label 0) or starts anywhere (1), 50/50;
+    * 10% of the pairs are shorter than --seq, so batches hold padding
+      (Megatron's short_seq_prob);
+    * 15% of A's and B's bytes (at least one) are chosen for prediction:
+      80% become [MASK], 10% a random byte, 10% stay (BERT's 80/10/10).
+    Returns ids, token_types (0 for A, 1 for B), attention_mask (1 = real),
+    mlm_targets (the original ids), mlm_mask (1 = chosen), all [b, seq],
+    and nsp_labels [b]. The same seed gives the same batch on every tp rank."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(shape, generator=gen)
+    pick = lambda lo, hi: int(torch.randint(lo, hi, (), generator=gen))  # in [lo, hi)
+    ids = torch.full((batch_size, seq), PAD, dtype=torch.long)
+    types = torch.zeros(batch_size, seq, dtype=torch.long)
+    nsp = (rand(batch_size) < 0.5).long()
+    for i in range(batch_size):
+        n = seq - 3 if rand(1).item() >= 0.1 else pick(2, seq - 2)  # bytes of A + B
+        la = pick(1, n)
+        a = pick(0, len(data) - n)
+        b = pick(0, len(data) - (n - la)) if nsp[i] else a + la
+        pair = [CLS, *data[a: a + la].tolist(), SEP, *data[b: b + n - la].tolist(), SEP]
+        ids[i, : len(pair)] = torch.tensor(pair)
+        types[i, la + 2: len(pair)] = 1
+    real = ids != PAD
+    text = real & (ids < CLS)  # the bytes of A and B
+    chosen = text & (rand(batch_size, seq) < 0.15)
+    chosen[~chosen.any(-1), 1] = True  # a pair with nothing chosen gets its first byte
+    roll = rand(batch_size, seq)
+    inputs = torch.where(chosen & (roll < 0.8), MASK, ids)
+    random_bytes = torch.randint(0, 256, (batch_size, seq), generator=gen)
+    inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_bytes, inputs)
+    return dict(ids=inputs, token_types=types, attention_mask=real.long(), mlm_targets=ids,
+                mlm_mask=chosen.float(), nsp_labels=nsp)
+
+
+# ---------------------------------------------------------------------------
+# Tasks: what a model contributes to the one training loop
+# ---------------------------------------------------------------------------
+
+
+class GPTTask:
+    """Next-byte prediction with nanomeg's GPT: a batch is ids and targets."""
+
+    name, vocab = "GPT", 256
+    shapes, init, specs, flops = N.gpt_shapes, N.init_gpt, N.gpt_specs, N.gpt_flops
+
+    @staticmethod
+    def config(args, **common) -> N.GPTConfig:
+        return N.GPTConfig(vocab_size=256, **common)
+
+    @staticmethod
+    def batch(data, args, seed) -> dict[str, torch.Tensor]:
+        ids, targets = batch(data, args.batch, args.seq, seed)
+        return dict(ids=ids, targets=targets)
+
+    @staticmethod
+    def loss(params, inputs, cfg, mesh, *, seed, training) -> dict[str, torch.Tensor]:
+        return dict(loss=N.gpt_loss(params, inputs["ids"], inputs["targets"], cfg, mesh, seed=seed,
+                                    training=training))
+
+
+class BertTask:
+    """Masked-LM + next-sentence pretraining with nanomeg's BERT: a batch is
+    `bert_batch`'s sentence pairs; the loss is MLM + NSP."""
+
+    name, vocab = "BERT", PAD + 1
+    shapes, init, specs, flops = N.bert_shapes, N.init_bert, N.bert_specs, N.bert_flops
+
+    @staticmethod
+    def config(args, **common) -> N.BertConfig:
+        return N.BertConfig(vocab_size=PAD + 1, **common)
+
+    @staticmethod
+    def batch(data, args, seed) -> dict[str, torch.Tensor]:
+        return bert_batch(data, args.batch, args.seq, seed)
+
+    @staticmethod
+    def loss(params, inputs, cfg, mesh, *, seed, training) -> dict[str, torch.Tensor]:
+        return N.bert_loss_and_metrics(params, inputs["ids"], cfg, mesh, mlm_targets=inputs["mlm_targets"],
+                                       mlm_mask=inputs["mlm_mask"], nsp_labels=inputs["nsp_labels"],
+                                       token_types=inputs["token_types"], attention_mask=inputs["attention_mask"],
+                                       seed=seed, training=training)
+
+
+TASKS = {"gpt": GPTTask, "bert": BertTask}
+
+
 # ---------------------------------------------------------------------------
 # Validation: every flag, the config, the memory, before any process group
 # ---------------------------------------------------------------------------
@@ -225,7 +325,7 @@ CONFIG_FLAGS = {"max_seq": "--max-seq", "layers": "--layers", "hidden": "--hidde
                 "kv_heads": "--kv-heads", "hidden_dropout": "--dropout", "attention_dropout": "--dropout",
                 "norm": "--norm", "activation": "--activation", "position": "--position",
                 "attention": "--attention", "recompute": "--recompute", "sequence_parallel": "--sequence-parallel",
-                "tp": "--tp", "seq": "--seq"}
+                "norm_order": "--norm-order", "tp": "--tp", "seq": "--seq"}
 
 
 def flag(name: str) -> str:
@@ -257,7 +357,7 @@ def in_flags(message: str) -> str:
 def prompt_bytes(args) -> bytes:
     """--prompt's raw bytes (a byte-level model: argv that is not UTF-8 comes
     back exactly as typed), a newline when empty."""
-    return os.fsencode(args.prompt) or b"\n"
+    return os.fsencode("def " if args.prompt is None else args.prompt) or b"\n"
 
 
 def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
@@ -271,15 +371,24 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
         raise UsageError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decays from --lr to --min-lr")
     if args.seq > args.max_seq:
         raise UsageError(f"--seq {args.seq} is longer than --max-seq {args.max_seq} (the position table's rows)")
-    if args.sample_tokens != 0 and len(prompt_bytes(args)) >= args.seq:
+    if args.model != "gpt":
+        for name in ("prompt", "sample_tokens"):
+            if getattr(args, name) is not None:
+                raise UsageError(f"{flag(name)} is for --model gpt (its sample); {args.model} prints a fill-in "
+                                 "of held-out text instead")
+        if args.seq < 5:
+            raise UsageError(f"--seq {args.seq} is too short for BERT: [CLS] A [SEP] B [SEP] needs at least 5")
+    elif args.sample_tokens != 0 and len(prompt_bytes(args)) >= args.seq:
         raise UsageError(f"--prompt is {len(prompt_bytes(args))} bytes, not shorter than --seq {args.seq}: "
                          "no room to sample (shorten it, or --sample-tokens 0)")
     try:
-        cfg = N.GPTConfig(vocab_size=256, max_seq=args.max_seq, layers=args.layers, hidden=args.hidden,
-                          heads=args.heads, kv_heads=args.kv_heads, norm=args.norm, activation=args.activation,
-                          position=args.position, attention=args.attention, recompute=args.recompute,
-                          hidden_dropout=args.dropout, attention_dropout=args.dropout,
-                          sequence_parallel=args.sequence_parallel and tp > 1, vocab_multiple=128 * tp)
+        order = {} if args.norm_order is None else dict(norm_order=args.norm_order)
+        cfg = TASKS[args.model].config(
+            args, max_seq=args.max_seq, layers=args.layers, hidden=args.hidden, heads=args.heads,
+            kv_heads=args.kv_heads, norm=args.norm, activation=args.activation, position=args.position,
+            attention=args.attention, recompute=args.recompute, hidden_dropout=args.dropout,
+            attention_dropout=args.dropout, sequence_parallel=args.sequence_parallel and tp > 1,
+            vocab_multiple=128 * tp, **order)
         cfg.check_mesh(P.Mesh(tp=tp))
         cfg.check_seq(args.seq, P.Mesh(tp=tp))
     except ValueError as e:
@@ -299,7 +408,7 @@ def memory_needed(cfg: N.GPTConfig, args, tp: int, device: torch.device) -> tupl
     unless sequence parallel; selective recompute drops the 5·heads·s/h of
     the attention core, full recompute keeps only the layer's 2·b·s·h input),
     doubled in fp32; plus the fp32 logits, their softmax and gradient, 3·b·s·V/tp·4 B."""
-    b, s, h, n = args.batch, args.seq, cfg.hidden, N.gpt_num_params(cfg)
+    b, s, h, n = args.batch, args.seq, cfg.hidden, N.num_params(cfg, TASKS[args.model].shapes)
     params = 16 * n / tp + (4 * n if device.type == "cpu" else 0)
     if cfg.recompute == "full":
         per_layer = 2 / (tp if cfg.sequence_parallel else 1)
@@ -375,20 +484,21 @@ def make_optimizer(params: dict, args) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
 
-def train_step(params, opt, x, y, cfg, mesh, specs, args, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step at lr_at(step): forward, backward, average the grads over data
-    parallel, clip their global norm to --grad-clip (0: off), opt.step().
-    Returns (this replica's loss, the global grad norm before clipping)."""
+def train_step(params, opt, inputs, task, cfg, mesh, specs, args, step: int) -> tuple[dict, torch.Tensor]:
+    """One step at lr_at(step): the task's forward and loss, backward, average
+    the grads over data parallel, clip their global norm to --grad-clip
+    (0: off), opt.step(). Returns (this replica's losses and metrics,
+    detached; the global grad norm before clipping)."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args)
     with autocast(args):
-        loss = N.gpt_loss(params, x, y, cfg, mesh, seed=args.seed + step, training=True)
-    loss.backward()
+        metrics = task.loss(params, inputs, cfg, mesh, seed=args.seed + step, training=True)
+    metrics["loss"].backward()
     P.all_reduce_grads_dp(params, mesh)
     grad_norm = P.clip_grad_norm(params, specs, mesh, args.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.detach(), grad_norm
+    return {k: v.detach() for k, v in metrics.items()}, grad_norm
 
 
 def diverged_message(step: int, loss: float, grad_norm: float, last_finite, args) -> str:
@@ -401,15 +511,43 @@ def diverged_message(step: int, loss: float, grad_norm: float, last_finite, args
             f"last finite grad norm {last}, gradient clipping {clip})")
 
 
-def evaluate(params, data, cfg, mesh, args, device) -> float:
-    """Mean loss over --eval-batches fixed held-out batches (no dropout)."""
-    losses = []
+def evaluate(params, data, task, cfg, mesh, args, device) -> dict[str, float]:
+    """The task's losses and metrics, each the mean over --eval-batches fixed
+    held-out batches (no dropout)."""
+    totals = {}
     with torch.no_grad(), autocast(args):
         for i in range(args.eval_batches):
-            x, y = batch(data, args.batch, args.seq, seed=10_000_019 + i)
-            x, y = x.to(device), y.to(device)
-            losses.append(N.gpt_loss(params, x, y, cfg, mesh, training=False).float())
-    return torch.stack(losses).mean().item()
+            inputs = {k: v.to(device) for k, v in task.batch(data, args, seed=10_000_019 + i).items()}
+            for k, v in task.loss(params, inputs, cfg, mesh, seed=0, training=False).items():
+                totals[k] = totals.get(k, 0.0) + v.float().item() / args.eval_batches
+    return totals
+
+
+def metrics_line(metrics: dict[str, float], style: str) -> str:
+    """The metrics beside the loss: '' for GPT (the loss alone); for BERT
+    ' | mlm 2.1000 | nsp 0.6900' in the step line ('log') or
+    ' (mlm 2.1000, nsp 0.6900, nsp acc 51.2%)' in the eval line ('eval')."""
+    parts = [f"{k.replace('_acc', ' acc')} {v:.1%}" if k.endswith("_acc") else f"{k} {v:.4f}"
+             for k, v in metrics.items() if k != "loss" and (style == "eval" or not k.endswith("_acc"))]
+    if not parts:
+        return ""
+    return "".join(f" | {p}" for p in parts) if style == "log" else f" ({', '.join(parts)})"
+
+
+def fill_in(params, data, cfg, mesh, args, device) -> str:
+    """BERT's sample: one held-out pair with its chosen bytes shown as '_',
+    and the model's guess for each (bytes that are not UTF-8 as U+FFFD)."""
+    inputs = {k: v.to(device) for k, v in bert_batch(data, 1, args.seq, seed=10_000_019).items()}
+    with torch.no_grad():
+        logits, _ = N.bert_pretrain(params, inputs["ids"], cfg, mesh, token_types=inputs["token_types"],
+                                    attention_mask=inputs["attention_mask"])
+    guess = P.gather_from_tp(logits, mesh)[0, :, :256].argmax(-1)  # bytes only: never a special id
+    target, chosen = inputs["mlm_targets"][0], inputs["mlm_mask"][0].bool()
+    text = lambda ids: bytes(t for t in ids.tolist() if t < 256).decode("utf-8", errors="replace")
+    right = (guess == target)[chosen].float().mean().item()
+    return (f"fill-in ({int(chosen.sum())} held-out bytes hidden as _, {right:.0%} guessed right):\n"
+            f"{text(torch.where(chosen, ord('_'), target))}\n--- the model's guesses:\n"
+            f"{text(torch.where(chosen, guess, target))}")
 
 
 def sample(params, cfg, mesh, args, device) -> str:
@@ -480,29 +618,36 @@ def train(args) -> int:
     torch.manual_seed(args.seed)
     mesh = P.Mesh.build(tp=tp)
     say = print if rank == 0 else (lambda *a, **k: None)
-    specs = N.gpt_specs(cfg)
+    task = TASKS[args.model]
+    specs = task.specs(cfg)
     params = {k: v.to(device).requires_grad_(True)
-              for k, v in P.shard(N.init_gpt(cfg, args.seed), specs, mesh).items()}
+              for k, v in P.shard(task.init(cfg, args.seed), specs, mesh).items()}
     opt = make_optimizer(params, args)
-    n_params = N.gpt_num_params(cfg)
+    n_params = N.num_params(cfg, task.shapes)
     tokens_per_step = args.batch * args.seq * mesh.dp
-    flops_per_step = N.gpt_flops(cfg, args.batch * mesh.dp, args.seq)
+    flops_per_step = task.flops(cfg, args.batch * mesh.dp, args.seq)
     say(f"data: {source}: {len(train_data):,} training bytes, {len(eval_data):,} held out")
-    say(f"model: GPT {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {n_params / 1e6:.2f}M parameters "
-        f"(vocab 256 padded to {cfg.padded_vocab}); mesh tp={mesh.tp} dp={mesh.dp}"
-        f"{', sequence parallel' if cfg.sequence_parallel else ''}{', bf16' if args.bf16 else ''}")
+    say(f"model: {task.name} {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {cfg.norm_order}-norm, "
+        f"{n_params / 1e6:.2f}M parameters (vocab {task.vocab} padded to {cfg.padded_vocab}); "
+        f"mesh tp={mesh.tp} dp={mesh.dp}{', sequence parallel' if cfg.sequence_parallel else ''}"
+        f"{', bf16' if args.bf16 else ''}")
     peak = args.peak_flops or measure_peak_flops(args, device)
     say(f"MFU is against {peak / 1e9:,.1f} GFLOP/s per rank ("
         f"{'--peak-flops' if args.peak_flops else 'measured: a matmul on this device, all ranks at once'})")
-    say(f"eval loss at step 0: {evaluate(params, eval_data, cfg, mesh, args, device):.4f}")
+    def say_eval(step):
+        metrics = evaluate(params, eval_data, task, cfg, mesh, args, device)
+        say(f"eval loss at step {step}: {metrics['loss']:.4f}{metrics_line(metrics, 'eval')}")
+
+    say_eval(0)
 
     bar = Progress(args.steps, rank == 0)
     t_last, steps_since, last_finite = time.perf_counter(), 0, None
     for step in range(1, args.steps + 1):
-        x, y = batch(train_data, args.batch, args.seq, batch_seed(args, step, mesh))
+        inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
         with P.count_comms() as comms:
-            loss, grad_norm = train_step(params, opt, x.to(device), y.to(device), cfg, mesh, specs, args, step)
-        loss_value = (P.all_reduce(loss.float(), mesh, "dp") / mesh.dp).item()
+            metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step)
+        metrics = {k: (P.all_reduce(v.float(), mesh, "dp") / mesh.dp).item() for k, v in metrics.items()}
+        loss_value = metrics["loss"]
         norm_value = grad_norm.item()  # the same on every rank, so every rank stops at the same step
         if math.isfinite(norm_value):
             last_finite = (step, norm_value)
@@ -516,14 +661,17 @@ def train(args) -> int:
             t_last, steps_since = time.perf_counter(), 0
             flops = flops_per_step / dt
             bar.clear()
-            say(f"step {step:5d} | loss {loss_value:.4f} | lr {lr_at(step, args):.2e} | grad norm "
+            say(f"step {step:5d} | loss {loss_value:.4f}{metrics_line(metrics, 'log')} | lr {lr_at(step, args):.2e} "
+                f"| grad norm "
                 f"{norm_value:.3f} | {tokens_per_step / dt:,.0f} tok/s | {flops / 1e9:.2f} GFLOP/s | "
                 f"MFU {flops / (world * peak):.1%} | comm {sum(c['elements'] for c in comms):,} el/step")
         if step % args.eval_every == 0 or step == args.steps:
             bar.clear()
-            say(f"eval loss at step {step}: {evaluate(params, eval_data, cfg, mesh, args, device):.4f}")
+            say_eval(step)
 
-    if args.sample_tokens != 0:
+    if args.model == "bert":
+        say(fill_in(params, eval_data, cfg, mesh, args, device))
+    elif args.sample_tokens != 0:
         say(sample(params, cfg, mesh, args, device))
     return 0
 

@@ -321,7 +321,8 @@ def test_train_step_applies_grad_clip(clip):
     assert clip == 0 or scale < 0.01  # clipping must matter for the test to mean anything
 
     opt = torch.optim.SGD(list(params.values()), lr=1.0)
-    loss, grad_norm = train.train_step(params, opt, x, y, cfg, P.Mesh.serial(), N.gpt_specs(cfg), args, step=1)
+    _, grad_norm = train.train_step(params, opt, dict(ids=x, targets=y), train.GPTTask, cfg, P.Mesh.serial(),
+                                    N.gpt_specs(cfg), args, step=1)
     assert grad_norm.item() == pytest.approx(norm.item(), rel=1e-9)  # the norm before clipping
     lr = train.lr_at(1, args)
     for (name, p), g in zip(params.items(), grads):
@@ -365,7 +366,7 @@ def test_memory_estimate_from_the_config_and_the_refusal_names_the_figures(monke
     args = args_of()  # the default run: 4 layers, hidden 128, heads 4, seq 128, batch 16, fp32
     cfg, tp = train.check_args(args, world=1)
     params, activations = train.memory_needed(cfg, args, tp, CPU)
-    n = N.gpt_num_params(cfg)
+    n = N.num_params(cfg)
     assert n == sum(p.numel() for p in N.init_gpt(cfg).values())
     assert params == 16 * n + 4 * n  # weights, grads, 2 AdamW moments + init's full copy (on CPU)
     b, s, h, a = 16, 128, 128, 4
@@ -398,3 +399,72 @@ def test_sample_takes_the_prompts_bytes_and_says_when_seq_caps_it():
     assert text.startswith("sample:\n\ufffd\ufffddef")
     args.prompt, args.sample_tokens = "x" * 16, 0  # a long prompt is fine when nothing is sampled
     train.check_args(args, world=1)
+
+
+# ---------------------------------------------------------------------------
+# --model bert: the data, the run, its own bad input
+# ---------------------------------------------------------------------------
+
+BERT_TINY = TINY[:-2]  # no --sample-tokens: that flag is GPT's
+
+
+def test_bert_batch_is_bert_pretraining_data():
+    """[CLS] A [SEP] B [SEP] [PAD]..., token types 0 then 1, B after A or random (50/50), 15% of the
+    bytes chosen with 80/10/10 [MASK]/random/kept, some pairs short (padding), and the same batch for
+    the same seed. data[i] = i % 251, so "B follows A" is checkable from the bytes themselves."""
+    data = (torch.arange(50_000) % 251).to(torch.uint8)
+    b, seq = 400, 32
+    out = train.bert_batch(data, b, seq, seed=7)
+    assert all(torch.equal(out[k], v) for k, v in train.bert_batch(data, b, seq, seed=7).items())
+    ids, targets, types, real = out["ids"], out["mlm_targets"], out["token_types"], out["attention_mask"].bool()
+    assert {k: tuple(v.shape) for k, v in out.items()} == {**dict.fromkeys(
+        ["ids", "token_types", "attention_mask", "mlm_targets", "mlm_mask"], (b, seq)), "nsp_labels": (b,)}
+    assert torch.equal(real, targets != train.PAD) and (targets[:, 0] == train.CLS).all()
+    short = 0
+    for i in range(b):
+        n = int(real[i].sum())
+        short += n < seq
+        seps = (targets[i, :n] == train.SEP).nonzero().flatten().tolist()
+        assert len(seps) == 2 and seps[1] == n - 1, targets[i]
+        assert not real[i, n:].any() and (types[i, n:] == 0).all()
+        assert (types[i, : seps[0] + 1] == 0).all() and (types[i, seps[0] + 1: n] == 1).all()
+        a_last, b_first = int(targets[i, seps[0] - 1]), int(targets[i, seps[0] + 1])
+        if out["nsp_labels"][i] == 0:
+            assert b_first == (a_last + 1) % 251, (i, targets[i])  # B continues A in the corpus
+    assert 0.4 < out["nsp_labels"].float().mean() < 0.6 and 0.04 < short / b < 0.2
+    chosen = out["mlm_mask"].bool()
+    text = real & (targets < train.CLS)
+    assert not (chosen & ~text).any() and chosen.any(-1).all()
+    assert torch.equal(ids[~chosen], targets[~chosen])  # what was not chosen is untouched
+    assert 0.13 < chosen.sum() / text.sum() < 0.17
+    masked, kept = (ids[chosen] == train.MASK).float().mean(), (ids[chosen] == targets[chosen]).float().mean()
+    assert 0.76 < masked < 0.84 and 0.07 < kept < 0.14 and (ids[chosen] <= train.MASK).all()
+
+
+def test_torchrun_bert_tp2_sequence_parallel_learns_and_fills_in(text_file):
+    out = run("--model", "bert", "--data", text_file, "--steps", "30", "--log-every", "15", "--eval-every", "30",
+              "--lr", "1e-2", "--sequence-parallel", *BERT_TINY, torchrun=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model: BERT 1 layers" in out.stdout and "post-norm" in out.stdout and "sequence parallel" in out.stdout
+    assert re.search(r"step +30 \| loss [0-9.]+ \| mlm [0-9.]+ \| nsp [0-9.]+ \| lr ", out.stdout), out.stdout
+    mlm = [float(v) for v in re.findall(r"eval loss at step \d+: [0-9.]+ \(mlm ([0-9.]+), nsp [0-9.]+, nsp acc",
+                                        out.stdout)]
+    assert len(mlm) == 2 and mlm[1] < mlm[0] - 1.0, out.stdout  # a repetitive text is learned fast
+    assert "fill-in (" in out.stdout and "--- the model's guesses:" in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "x"], "--prompt is for --model gpt"),
+    (["--sample-tokens", "0"], "--sample-tokens is for --model gpt"),
+    (["--activation", "swiglu"], "--activation swiglu: BERT's MLP and LM head use GeLU"),
+    (["--seq", "4"], "--seq 4 is too short for BERT"),
+    (["--model", "t9"], "argument --model: invalid choice: 't9'"),
+])
+def test_bert_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, message):
+    base = ["--model", "bert", "--data", text_file, *BERT_TINY, "--steps", "1", "--eval-batches", "1",
+            "--peak-flops", "1e9"]
+    code = train.main(base + args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: " + message), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
