@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -250,17 +251,32 @@ def init_params(shapes: dict, cfg: GPTConfig, seed: int = 0, dtype=torch.float32
     """Full parameters of `shapes` (name -> (shape, rule)), with Megatron's
     init: normal(0, init_std) for every matrix, the output projections of
     attention and MLP scaled by 1/sqrt(2 * layers), norm weights 1 (0 when
-    zero-centred, applied as 1 + w), biases 0."""
-    gen = torch.Generator().manual_seed(seed)
+    zero-centred, applied as 1 + w), biases 0.
+
+    Layout-independent: each tensor is drawn from its own generator, keyed
+    by (seed, name), and a vocabulary-sized tensor draws only its real rows
+    (the padding rows are zeros). So the full parameters are the same
+    whatever tp (and so the padding multiple), the other names or their
+    order: a model cut over 4 ranks starts exactly where the uncut one does."""
     std = {"normal": cfg.init_std, "scaled": cfg.init_std / math.sqrt(2 * cfg.layers)}
     params = {}
     for name, (shape, rule) in shapes.items():
         if rule in std:
-            params[name] = (torch.randn(shape, generator=gen) * std[rule]).to(dtype)
+            real = (cfg.vocab_size, *shape[1:]) if shape[0] == cfg.padded_vocab and name in VOCAB_ROWS else shape
+            draw = torch.randn(real, generator=param_generator(seed, name)) * std[rule]
+            params[name] = torch.cat([draw, draw.new_zeros((shape[0] - real[0], *shape[1:]))]).to(dtype)
         else:
             fill = 1.0 if rule == "gamma" and not cfg.zero_centered_gamma else 0.0
             params[name] = torch.full(shape, fill, dtype=dtype)
     return params
+
+
+VOCAB_ROWS = ("embed.word", "head.weight", "lm_head.bias")  # tensors with one row per (padded) vocabulary id
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """A generator for one parameter: a pure function of (seed, name)."""
+    return torch.Generator().manual_seed((int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
 
 
 # The tensor-parallel split, by parameter name without its "layers.{i}." prefix:
@@ -1009,6 +1025,20 @@ def _pooled_head(params, ids, cfg: BertConfig, mesh: Mesh, token_types, attentio
     if training:
         pooled = P.dropout(pooled, cfg.hidden_dropout, seed=seed, stream="classifier")
     return F.linear(pooled, params["classifier.weight"], params["classifier.bias"])
+
+
+def bert_for_task(params, cfg: BertConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fine-tuning's start: keep the encoder (and pooler) of full BERT
+    parameters from any task, e.g. a pretraining checkpoint, drop the heads
+    cfg.task does not use, and draw the heads it needs but params lack
+    (Megatron's init; the pooler too when params have none). The encoder's
+    names and shapes must match cfg. -> full parameters for cfg, ready to `shard`."""
+    shapes = bert_shapes(cfg)
+    fresh = init_params({k: v for k, v in shapes.items() if k not in params}, cfg, seed,
+                        next(iter(params.values())).dtype)
+    out = {k: v for k, v in params.items() if k in shapes} | fresh
+    check_full_params(out, shapes)
+    return {k: out[k] for k in shapes}
 
 
 def bert_flops(cfg: BertConfig, batch: int, seq: int) -> float:

@@ -638,6 +638,46 @@ def test_hugging_face_bert_split_over_tp_equals_serial(pool, kind):
         assert_close(got, want, f"rank {rank}")
 
 
+def finetune_case(mesh, cfg, full, inputs, labels, steps):
+    """Fine-tune a classifier from full parameters: shard them, then `steps` AdamW steps on the
+    cross-entropy of bert_classify (dropout on), the grads clipped by their tp-correct global norm.
+    Returns the losses and the full parameters after training."""
+    specs = bert_specs(cfg)
+    params = {k: v.requires_grad_(True) for k, v in P.shard(full, specs, mesh).items()}
+    opt = torch.optim.AdamW(params.values(), lr=1e-2)
+    losses = []
+    for step in range(steps):
+        logits = bert_classify(params, inputs["ids"], cfg, mesh, token_types=inputs["token_types"],
+                               attention_mask=inputs["attention_mask"], seed=step, training=True)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        P.clip_grad_norm(params, specs, mesh, 0.5)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return dict(losses=losses, params=P.unshard(params, specs, mesh))
+
+
+def test_a_pretrained_checkpoint_fine_tunes_as_a_classifier_over_tp(pool):
+    """The user's path: an HF BertForPreTraining checkpoint -> from_hf_bert -> bert_for_task (keeps the
+    encoder and pooler, draws a fresh classifier, drops the MLM/NSP heads) -> sharded over tp = 2 with
+    sequence parallel -> AdamW steps. Every loss and every trained parameter equals the serial run."""
+    from nanomeg import bert_for_task
+
+    model = hf_model("bert", "PreTraining", hidden_size=16, num_attention_heads=4)
+    pretrained = {k: v.double() for k, v in from_hf_bert(model.state_dict(), nanomeg_config(model)).items()}
+    cfg = nanomeg_config(model, task="classify", num_classes=3, hidden_dropout=0.1, attention_dropout=0.1,
+                         sequence_parallel=True)
+    full = bert_for_task(pretrained, cfg, seed=5)
+    assert full.keys() == bert_shapes(cfg).keys() and "lm_head.bias" not in full
+    assert all(torch.equal(full[k], pretrained[k]) for k in full if not k.startswith("classifier."))
+    inputs, labels = hf_inputs("classify"), torch.tensor([0, 2, 1])
+    want = finetune_case(SERIAL, replace(cfg, sequence_parallel=False), full, inputs, labels, steps=3)
+    assert want["losses"][-1] < want["losses"][0]
+    for rank, got in enumerate(pool.run(finetune_case, cfg, full, inputs, labels, 3, tp=2)):
+        assert_close(got, want, f"rank {rank}")
+
+
 def test_hugging_face_bert_from_a_safetensors_file(tmp_path):
     """save_pretrained's folder (tied decoder not stored), and its model.safetensors file, load as the state dict."""
     pytest.importorskip("safetensors.torch", reason="the .safetensors path needs safetensors")
