@@ -666,8 +666,8 @@ def test_a_pretrained_checkpoint_fine_tunes_as_a_classifier_over_tp(pool):
 
     model = hf_model("bert", "PreTraining", hidden_size=16, num_attention_heads=4)
     pretrained = {k: v.double() for k, v in from_hf_bert(model.state_dict(), nanomeg_config(model)).items()}
-    cfg = nanomeg_config(model, task="classify", num_classes=3, hidden_dropout=0.1, attention_dropout=0.1,
-                         sequence_parallel=True)
+    cfg = replace(nanomeg_config(model), task="classify", num_classes=3, hidden_dropout=0.1, attention_dropout=0.1,
+                  sequence_parallel=True)
     full = bert_for_task(pretrained, cfg, seed=5)
     assert full.keys() == bert_shapes(cfg).keys() and "lm_head.bias" not in full
     assert all(torch.equal(full[k], pretrained[k]) for k in full if not k.startswith("classifier."))

@@ -773,3 +773,23 @@ def test_replace_re_derives_the_default_sizes():
     wider = replace(cfg, hidden=32, heads=8)
     assert (wider.num_kv_heads, wider.ffn_hidden) == (8, 128)
     assert (replace(cfg, kv_heads=2).num_kv_heads, replace(cfg, ffn=7).ffn_hidden) == (2, 7)
+
+
+def test_init_does_not_depend_on_the_layout():
+    """Each tensor is drawn from its own (seed, name) generator, the real vocabulary rows before padding:
+    the padding multiple train.py sets for tp = 1, 2, 4 (128·tp), the layer count and the other switches
+    change none of the shared tensors; padded rows are zeros. (Before, one generator drew everything in
+    order, so a larger padded embedding shifted every later weight.)"""
+    base = GPTConfig(vocab_size=200, layers=2, hidden=16, heads=4, tie_embeddings=False)
+    inits = {tp: init_gpt(replace(base, vocab_multiple=128 * tp), seed=9) for tp in (1, 2, 4)}
+    for tp, params in inits.items():
+        for name, p in params.items():
+            if name in ("embed.word", "head.weight"):
+                assert p.shape[0] == 256 * (1 if tp < 4 else 2) and not p[200:].any(), (tp, name)
+                p = p[:200]
+            ref = inits[1][name][:200] if name in ("embed.word", "head.weight") else inits[1][name]
+            assert torch.equal(p, ref), (tp, name)
+    deeper = init_gpt(replace(base, layers=3, vocab_multiple=128), seed=9)
+    assert all(torch.equal(deeper[k], v) for k, v in inits[1].items())
+    assert not torch.equal(init_gpt(base, seed=10)["embed.word"], inits[1]["embed.word"])
+    assert not torch.equal(inits[1]["layers.0.attn.qkv.weight"], inits[1]["layers.1.attn.qkv.weight"])
