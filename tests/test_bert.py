@@ -19,6 +19,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
+from common import SERIAL, TOL, assert_close, jittered, rand, randint
 from harness import value_errors_then_in_step
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -46,41 +47,16 @@ from nanomeg import (
     to_hf_gpt2,
 )
 
-TOL = dict(rtol=1e-9, atol=1e-10)
 HF_TOL = dict(rtol=1e-5, atol=1e-5)
-SERIAL = P.Mesh.serial()
 
 
-def rand(seed, *shape):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def randint(seed, high, *shape):
-    return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def bert_params(cfg: BertConfig, seed: int, dtype=torch.float64) -> dict:
-    """init_bert's parameters with every norm weight and bias jittered (at init they are all 1 or 0, and a bias
-    added on every rank before a reduce, or a gain applied twice, would go unseen)."""
-    params = init_bert(cfg, seed, dtype)
-    return {k: v + 0.1 * rand(seed + 1000 + i, *v.shape).to(dtype) if v.dim() == 1 else v
-            for i, (k, v) in enumerate(params.items())}
+    """init_bert's parameters with every norm weight and bias jittered (common.jittered)."""
+    return jittered(init_bert(cfg, seed, dtype), seed)
 
 
-def assert_close(got, want, what, tol=TOL):
-    """Tensors, or dicts / lists of them, equal to `tol`; the message names the entry."""
-    if isinstance(want, dict):
-        assert got.keys() == want.keys(), f"{what}: keys {sorted(got)} != {sorted(want)}"
-        for k in want:
-            assert_close(got[k], want[k], f"{what}[{k}]", tol)
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), f"{what}: {len(got)} entries, want {len(want)}"
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_close(g, w, f"{what}[{i}]", tol)
-    elif isinstance(want, torch.Tensor):
-        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}")
-    else:
-        assert got == want, f"{what}: {got!r} != {want!r}"
 
 
 # ---------------------------------------------------------------------------------------------------

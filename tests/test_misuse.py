@@ -20,6 +20,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from common import SERIAL, assert_close, jittered, rand, randint
 from einops import rearrange
 from harness import value_errors_then_in_step
 from hypothesis import example, given
@@ -33,40 +34,15 @@ from nanomeg import GPTConfig
 # its assertion, not on an import.
 HeadGroups = getattr(P, "HeadGroups", None)
 
-TOL = dict(rtol=1e-9, atol=1e-10)
-SERIAL = P.Mesh.serial()
 NAN, INF = float("nan"), float("inf")
 
 
-def rand(seed, *shape):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def randint(seed, high, *shape):
-    return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
-
 
 def model_params(cfg: GPTConfig, seed: int) -> dict:
-    """init_gpt in float64 with every norm weight and bias jittered (at init they are all 1 or 0)."""
-    params = N.init_gpt(cfg, seed, torch.float64)
-    return {k: v + 0.1 * rand(seed + 1000 + i, *v.shape) if v.dim() == 1 else v
-            for i, (k, v) in enumerate(params.items())}
+    """init_gpt's parameters with every norm weight and bias jittered (common.jittered)."""
+    return jittered(N.init_gpt(cfg, seed, torch.float64), seed)
 
 
-def assert_close(got, want, what, tol=TOL):
-    """Tensors, or dicts / lists of them, equal to `tol` (infinities must match); the message names the entry."""
-    if isinstance(want, dict):
-        assert got.keys() == want.keys(), f"{what}: keys {sorted(got)} != {sorted(want)}"
-        for k in want:
-            assert_close(got[k], want[k], f"{what}[{k}]", tol)
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), f"{what}: {len(got)} entries, want {len(want)}"
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_close(g, w, f"{what}[{i}]", tol)
-    elif isinstance(want, torch.Tensor):
-        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}")
-    else:
-        assert got == want, f"{what}: {got!r} != {want!r}"
 
 
 def raises_naming(call, *fragments):
