@@ -310,19 +310,24 @@ def _stack_specs(shapes: dict, cfg: GPTConfig) -> dict[str, int | P.HeadGroups |
 # ---------------------------------------------------------------------------
 
 
-def _replicated(param, cfg: GPTConfig, mesh: Mesh):
-    """A replicated parameter used on a sequence-parallel activation: its
-    gradient is partial on each tp rank, so sum it over tp in backward."""
+def allreduce_grad_if_sp(param, cfg: GPTConfig, mesh: Mesh):
+    """A replicated parameter (norm weight, row-parallel bias, position or
+    token-type rows, BERT's LM-head dense) used on a sequence-parallel
+    activation [b, s/t, h]: each tp rank sees only its s/t tokens, so its
+    gradient is partial. Under sequence parallel the parameter passes through
+    `parallel.sync_replicated_grad`, whose backward ALL-REDUCES THE GRADIENT
+    OVER TP (param.numel() elements); without it, a no-op. `clip_grad_norm`
+    counts replicated gradients once, which is right only because of this."""
     return P.sync_replicated_grad(param, mesh) if cfg.sequence_parallel and param is not None else param
 
 
 def norm(params, prefix, x, cfg: GPTConfig, mesh: Mesh):
     """LayerNorm or RMSNorm over the last dim, through the fused kernel.
     x: [b, s(/t), h] -> same shape. Weights are replicated on every tp rank."""
-    w = _replicated(params[f"{prefix}.weight"], cfg, mesh)
+    w = allreduce_grad_if_sp(params[f"{prefix}.weight"], cfg, mesh)
     if cfg.norm == "rmsnorm":
         return kernels.rms_norm(x, w, cfg.norm_eps, zero_centered_gamma=cfg.zero_centered_gamma)
-    b = _replicated(params.get(f"{prefix}.bias"), cfg, mesh)
+    b = allreduce_grad_if_sp(params.get(f"{prefix}.bias"), cfg, mesh)
     return kernels.layer_norm(x, w, b, cfg.norm_eps, zero_centered_gamma=cfg.zero_centered_gamma)
 
 
@@ -362,10 +367,10 @@ def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, 
                                    sequence_parallel=cfg.sequence_parallel, vocab_size=cfg.vocab_size)
     local = lambda rows, dim: P.split(rows, mesh, "tp", dim) if cfg.sequence_parallel else rows  # this chunk of s
     if cfg.position == "learned":
-        x = x + local(_replicated(params["embed.pos"][pos_offset: pos_offset + ids.shape[1]], cfg, mesh), 0)
+        x = x + local(allreduce_grad_if_sp(params["embed.pos"][pos_offset: pos_offset + ids.shape[1]], cfg, mesh), 0)
     if cfg.type_vocab:
         types = torch.zeros_like(ids) if token_types is None else token_types
-        x = x + local(F.embedding(types, _replicated(params["embed.type"], cfg, mesh)), 1)  # [b, s(/t), h]
+        x = x + local(F.embedding(types, allreduce_grad_if_sp(params["embed.type"], cfg, mesh)), 1)  # [b, s(/t), h]
     if cfg.norm_order == "post":
         x = norm(params, "embed.norm", x, cfg, mesh)
     return hidden_dropout(x, cfg.hidden_dropout, cfg, mesh, seed=seed, stream="embed", training=training)
@@ -437,11 +442,18 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
     weight, bias = (P.sync_kv_replica_grad(params.get(f"{prefix}.qkv.{n}"), split, mesh) for n in ("weight", "bias"))
     qkv = P.column_parallel_linear(x, weight, bias, mesh,
                                    sequence_parallel=cfg.sequence_parallel)  # [b, s, (n/t + 2 g_local) d]
-    g_local = max(1, cfg.num_kv_heads // mesh.tp)  # kv heads on this rank
-    per_group = cfg.heads // mesh.tp // g_local  # query heads per local kv head
-    qkv = rearrange(qkv, "b s (g r d) -> b g r s d", g=g_local, r=per_group + 2, d=cfg.head_dim)
-    q = rearrange(qkv[:, :, :per_group], "b g r s d -> b (g r) s d")  # [b, n/t, s, d]
-    k, v = qkv[:, :, per_group], qkv[:, :, per_group + 1]  # [b, g/t, s, d]
+    # The qkv rows, grouped per kv head (GQA, 4 query heads, 2 kv heads, tp = 2):
+    #   full:    [q0 q1 k0 v0 | q2 q3 k1 v1]      each entry head_dim rows
+    #   rank 0:  [q0 q1 k0 v0]    rank 1: [q2 q3 k1 v1]    (a contiguous half)
+    # MQA (1 kv head) at tp = 2: the kv head is replicated (parallel.HeadGroups):
+    #   full:    [q0 q1 q2 q3 k0 v0]
+    #   rank 0:  [q0 q1 k0 v0]    rank 1: [q2 q3 k0 v0]
+    local_kv_groups = max(1, cfg.num_kv_heads // mesh.tp)  # kv heads on this rank
+    q_per_group = cfg.heads // mesh.tp // local_kv_groups  # query heads per local kv head
+    qkv = rearrange(qkv, "b s (kv_group rows_per_group d) -> b kv_group rows_per_group s d",
+                    kv_group=local_kv_groups, rows_per_group=q_per_group + 2, d=cfg.head_dim)
+    q = rearrange(qkv[:, :, :q_per_group], "b kv_group q s d -> b (kv_group q) s d")  # [b, n/t, s, d]
+    k, v = qkv[:, :, q_per_group], qkv[:, :, q_per_group + 1]  # [b, g/t, s, d]
     if cfg.position == "rope":
         positions = torch.arange(pos_offset, pos_offset + q.shape[2], device=x.device)
         q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
@@ -483,7 +495,7 @@ def mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh):
 def bias_dropout_add(x, bias, residual, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
     """residual + dropout(x + bias): the end of each residual branch."""
     if bias is not None:
-        x = x + _replicated(bias, cfg, mesh)
+        x = x + allreduce_grad_if_sp(bias, cfg, mesh)
     return residual + hidden_dropout(x, cfg.hidden_dropout, cfg, mesh, seed=seed, stream=stream, training=training)
 
 
@@ -936,8 +948,8 @@ def bert_lm_logits(params, x, cfg: BertConfig, mesh: Mesh):
     column-parallel output layer plus its vocab-parallel bias [V/t]. Padded
     columns are -inf."""
     gelu = "tanh" if cfg.activation == "gelu_tanh" else "none"
-    y = F.linear(x, _replicated(params["lm_head.dense.weight"], cfg, mesh))
-    y = kernels.bias_gelu(y, _replicated(params["lm_head.dense.bias"], cfg, mesh), approximate=gelu)
+    y = F.linear(x, allreduce_grad_if_sp(params["lm_head.dense.weight"], cfg, mesh))
+    y = kernels.bias_gelu(y, allreduce_grad_if_sp(params["lm_head.dense.bias"], cfg, mesh), approximate=gelu)
     y = norm(params, "lm_head.norm", y, cfg, mesh)
     logits = P.column_parallel_linear(y, params["embed.word"], params["lm_head.bias"], mesh,
                                       sequence_parallel=cfg.sequence_parallel)

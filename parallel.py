@@ -138,7 +138,8 @@ def count_comms():
     Yields a list that fills with dicts {op, dim, elements, phase, dtype}:
     op in all_reduce / all_gather / reduce_scatter / send / recv, dim the mesh
     dim ("tp", "pp", "dp"), elements as defined in the module docstring,
-    phase "forward" or "backward". Collectives on a group of one are not
+    phase "forward", "backward" or "optimizer" (after backward, before the
+    optimizer step: the grad norm). Collectives on a group of one are not
     issued and so not recorded. Opt-in: costs nothing when not used.
     """
     records: list[dict] = []
@@ -490,6 +491,15 @@ def column_parallel_linear(x, weight, bias, mesh, *, gather_output=False, sequen
     Communication: without sequence parallel, copy_to_tp (backward all-reduce
     of b*s*h_in); with it, the all-gather / re-gather / reduce-scatter of
     `_SequenceGatherLinear`.
+
+    THIS is where a sequence-parallel activation enters the tensor-parallel
+    region (Megatron: gather_from_sequence_parallel_region). The model never calls
+    gather_from_sp itself; the all-gather lives inside _SequenceGatherLinear,
+    fused with the matmul so its full input is never stored. One attention
+    block under tensor + sequence parallel:
+        x [b, s/t, h] --all-gather(s)--> [b, s, h] --qkv--> [b, s, (n+2g)d/t]
+          --attention--> [b, s, h/t] --proj (row-parallel)--> partial [b, s, h]
+          --reduce-scatter(s)--> [b, s/t, h]
     """
     _check_linear(x, weight, bias, "column_parallel_linear")
     if sequence_parallel and mesh.tp > 1:
@@ -745,6 +755,64 @@ def unshard(params: dict, specs: dict, mesh: Mesh) -> dict:
     return {name: unshard_tensor(p.detach(), specs[name], mesh) for name, p in params.items()}
 
 
+def shard_layout(shapes: dict, specs: dict, mesh: Mesh) -> list[dict]:
+    """What this rank holds of each full parameter, from the specs and this
+    mesh's coordinates alone: no tensors, no communication. The local shapes
+    are the ones `shard` produces (tests/test_train.py checks them slice by slice).
+
+    shapes: {name: full shape}, e.g. {k: s for k, (s, _) in gpt_shapes(cfg).items()}.
+    Returns one dict per name, in shapes' order: name, local_shape,
+    full_shape and slice_desc, which reads (t = tp, r = tp_rank):
+      "whole"                                      tp = 1: nothing is split
+      "replicated"                                 spec None: every tp rank holds all of it
+      "rows a:b of [n, m]", "columns a:b of [n, m]", "elements a:b of [n]"
+                                                   a dim split over tp: a = r·n/t, b = a + n/t
+      "q heads 0-1, kv heads 0-1: rows 0:192 of [384, 128]"
+                                                   a HeadGroups with t <= kv heads: whole groups
+      "q heads 2-3 + kv head 0 (replicated on tp ranks 0-1) of [192, 128]"
+                                                   t > kv heads: the kv head's rows sit on t/g ranks
+    Raises `shard`'s ValueError when a spec cannot split its shape over tp."""
+    _check_specs({name: torch.empty(shape, device="meta") for name, shape in shapes.items()}, specs, mesh,
+                 full=True)
+    return [dict(name=name, full_shape=tuple(shape), **_local_slice(tuple(shape), specs[name], mesh))
+            for name, shape in shapes.items()]
+
+
+def _local_slice(shape: tuple, spec, mesh: Mesh) -> dict:
+    """{local_shape, slice_desc} of one full shape under its spec on this rank."""
+    t, r = mesh.tp, mesh.tp_rank
+    if t == 1 or spec is None:
+        return dict(local_shape=shape, slice_desc="whole" if t == 1 else "replicated")
+    if isinstance(spec, HeadGroups):
+        return _head_groups_slice(shape, spec, mesh)
+    dim = spec % len(shape)
+    n = shape[dim] // t
+    what = "elements" if len(shape) == 1 else {0: "rows", 1: "columns"}.get(dim, f"dim {dim}")
+    return dict(local_shape=shape[:dim] + (n,) + shape[dim + 1:],
+                slice_desc=f"{what} {r * n}:{(r + 1) * n} of {list(shape)}")
+
+
+def _head_groups_slice(shape: tuple, spec: HeadGroups, mesh: Mesh) -> dict:
+    """{local_shape, slice_desc} of a fused qkv [(n + 2g)·d, ...] on this rank (see `HeadGroups`)."""
+    t, r = mesh.tp, mesh.tp_rank
+    rep, q_local = spec.replicas(t), spec.groups * spec.q_per_group // t
+    q_heads = _heads("q head", r * q_local, (r + 1) * q_local)
+    if rep == 1:  # g/t whole groups: a contiguous slice of rows
+        rows, groups = shape[0] // t, spec.groups // t
+        return dict(local_shape=(rows, *shape[1:]),
+                    slice_desc=f"{q_heads}, {_heads('kv head', r * groups, (r + 1) * groups)}: "
+                               f"rows {r * rows}:{(r + 1) * rows} of {list(shape)}")
+    group = r // rep  # this rank's kv head, shared by tp ranks group·rep .. group·rep + rep - 1
+    return dict(local_shape=((q_local + 2) * spec.head_dim, *shape[1:]),
+                slice_desc=f"{q_heads} + kv head {group} (replicated on tp ranks {group * rep}-"
+                           f"{group * rep + rep - 1}) of {list(shape)}")
+
+
+def _heads(word: str, lo: int, hi: int) -> str:
+    """'q head 2' or 'q heads 2-3': the heads [lo, hi)."""
+    return f"{word} {lo}" if hi - lo == 1 else f"{word}s {lo}-{hi - 1}"
+
+
 # ---------------------------------------------------------------------------
 # 7. Counter-based randomness.
 #    A dropout mask bit is hash(seed, stream, global element index): no RNG
@@ -841,6 +909,9 @@ def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float) -> to
     shard on every tp rank, replicated ones are counted once (on tp rank 0),
     replicated kv heads once (on their first replica, `HeadGroups.counted`),
     then one all-reduce of a single element over tp sums the squares.
+    Counting a replicated gradient once is right only because it is whole on
+    every rank: under sequence parallel the layers all-reduce it over tp in
+    backward (`sync_replicated_grad`, nanomeg's `allreduce_grad_if_sp`).
     """
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or \
             not (math.isfinite(max_norm) and max_norm >= 0):
@@ -854,7 +925,7 @@ def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float) -> to
             continue  # replicated: counted once, on tp rank 0
         counted = spec.counted(g, mesh) if isinstance(spec, HeadGroups) else g
         sq = sq + counted.detach().double().pow(2).sum()
-    norm = all_reduce(sq, mesh, "tp").sqrt()
+    norm = all_reduce(sq, mesh, "tp", phase="optimizer").sqrt()  # after backward, before the step
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads.values():

@@ -328,6 +328,42 @@ def test_communication_formula_by_hand():
     assert megatron_comms(cfg, b, s, tp=1) == []
 
 
+def train_step_comms_case(mesh, argv):
+    """One real train.py step (train.train_step: forward, backward, dp averaging, grad-norm clipping,
+    AdamW) of the model train.py builds from argv; the collectives it issued, as (phase, op, dim, elements),
+    and the elements of this rank's parameter shards."""
+    import train
+
+    args = train.parse_args(argv)
+    cfg, _ = train.check_args(args, world=mesh.tp * mesh.dp)
+    task = train.TASKS[args.model]
+    specs = task.specs(cfg)
+    params = {k: v.requires_grad_(True) for k, v in P.shard(task.init(cfg, args.seed), specs, mesh).items()}
+    inputs = task.batch(torch.randint(0, 256, (10_000,), dtype=torch.uint8), args, seed=1)
+    with P.count_comms() as records:
+        train.train_step(params, train.make_optimizer(params, args), inputs, task, cfg, mesh, specs, args, step=1)
+    return [(c["phase"], c["op"], c["dim"], c["elements"]) for c in records], sum(p.numel() for p in params.values())
+
+
+@pytest.mark.parametrize("argv", [[], ["--layers", "2", "--hidden", "64", "--seq", "32", "--batch", "3"]])
+def test_the_readmes_communication_figure_is_what_a_train_step_moves(pool, argv):
+    """README: 'comm 4,724,737 el/step' for the default run at tp = 2, by hand: L layers x 4 all-reduces
+    of b·s·h + the embedding's and the output layer's b·s·h + 3 x b·s for the loss + 1 for the grad norm.
+    Checked on the real step of train.py, for the default sizes and another."""
+    import train
+
+    args = train.parse_args(argv)
+    b, s, h, layers = args.batch, args.seq, args.hidden, args.layers
+    formula = layers * 4 * b * s * h + 2 * b * s * h + 3 * b * s + 1
+    if not argv:
+        assert formula == 4_724_737  # the figure printed in the README
+    for rank, (records, local) in enumerate(pool.run(train_step_comms_case, argv, tp=2)):  # the pool: dp = 2
+        assert sum(e for _, _, dim, e in records if dim == "tp") == formula, (rank, records)
+        assert ("optimizer", "all_reduce", "tp", 1) in records  # the grad norm: after backward, not in forward
+        assert {phase for phase, _, _, _ in records} == {"forward", "backward", "optimizer"}
+        assert sum(e for _, _, dim, e in records if dim == "dp") == local  # each grad shard averaged over dp
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. Generation
 # ---------------------------------------------------------------------------------------------------
