@@ -801,7 +801,8 @@ def _head_groups_slice(shape: tuple, spec: HeadGroups, mesh: Mesh) -> dict:
         rows, groups = shape[0] // t, spec.groups // t
         return dict(local_shape=(rows, *shape[1:]),
                     slice_desc=f"{q_heads}, {_heads('kv head', r * groups, (r + 1) * groups)}: "
-                               f"rows {r * rows}:{(r + 1) * rows} of {list(shape)}")
+                               f"{'rows' if len(shape) > 1 else 'elements'} {r * rows}:{(r + 1) * rows} of "
+                               f"{list(shape)}")
     group = r // rep  # this rank's kv head, shared by tp ranks group·rep .. group·rep + rep - 1
     return dict(local_shape=((q_local + 2) * spec.head_dim, *shape[1:]),
                 slice_desc=f"{q_heads} + kv head {group} (replicated on tp ranks {group * rep}-"

@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 train.py          # tp = 2 on CPU (gloo)
     python train.py                               # one process, tp = 1
     python train.py --data notes.txt --steps 500  # your own text
+    torchrun --nproc-per-node 2 train.py --show-layout  # what each rank holds and moves; no training
 
 Reads bytes (a 256-id byte-level tokenizer; the default data is the Python
 standard library's own source, found from the running interpreter), trains a
@@ -27,6 +28,7 @@ raise `UsageError`, and so does the argument parser itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -98,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "0: none)")
     ap.add_argument("--prompt",
                     help="gpt only: the sample's prompt (its raw bytes; shorter than --seq; default 'def ')")
+    ap.add_argument("--show-layout", action="store_true",
+                    help="print every rank's mesh coordinates, parameter shards, memory and the collectives of "
+                         "one training step (run on a copy of the parameters), then exit without training")
     args = ap.parse_args(argv)
     task = TASKS[args.model]  # the defaults that depend on the model
     args.lr = task.lr if args.lr is None else args.lr
@@ -492,20 +497,31 @@ def make_optimizer(params: dict, args) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
 
-def train_step(params, opt, inputs, task, cfg, mesh, specs, args, step: int) -> tuple[dict, torch.Tensor]:
+def train_step(params, opt, inputs, task, cfg, mesh, specs, args, step: int,
+               comms: list | None = None) -> tuple[dict, torch.Tensor]:
     """One step at lr_at(step): the task's forward and loss, backward, average
     the grads over data parallel, clip their global norm to --grad-clip
     (0: off), opt.step(). Returns (this replica's losses and metrics,
-    detached; the global grad norm before clipping)."""
+    detached; the global grad norm before clipping).
+
+    comms: a list to extend with the step's collectives (`P.count_comms`
+    records), in the order issued; those of the forward and the backward keep
+    their phase, those after backward (dp averaging, the grad norm) get the
+    phase "after backward". Without it nothing is counted here, so a caller
+    may wrap the step in its own count_comms."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args)
-    with autocast(args):
-        metrics = task.loss(params, inputs, cfg, mesh, seed=args.seed + step, training=True)
-    metrics["loss"].backward()
-    P.all_reduce_grads_dp(params, mesh)
-    grad_norm = P.clip_grad_norm(params, specs, mesh, args.grad_clip)
+    with contextlib.nullcontext([]) if comms is None else P.count_comms() as records:
+        with autocast(args):
+            metrics = task.loss(params, inputs, cfg, mesh, seed=args.seed + step, training=True)
+        metrics["loss"].backward()
+        backward_done = len(records)
+        P.all_reduce_grads_dp(params, mesh)
+        grad_norm = P.clip_grad_norm(params, specs, mesh, args.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if comms is not None:
+        comms += records[:backward_done] + [dict(c, phase="after backward") for c in records[backward_done:]]
     return {k: v.detach() for k, v in metrics.items()}, grad_norm
 
 
@@ -613,6 +629,149 @@ class Progress:
             sys.stderr.write("\r" + " " * 70 + "\r")
 
 
+# ---------------------------------------------------------------------------
+# --show-layout: what each rank holds and what one step moves
+# ---------------------------------------------------------------------------
+
+PHASES = ("forward", "backward", "after backward")  # train_step's order
+MESH_ORDER = ("tp", "dp", "pp")
+DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict, args, step: int = 1) -> dict:
+    """This rank's picture, for `format_layout`. Collective only where the
+    step itself is: every rank of the mesh must call it together.
+
+    * rank, mesh: the global rank (Megatron's order, (pp_rank·dp + dp_rank)·tp
+      + tp_rank) and the tp/pp/dp sizes and this rank's coordinates;
+    * shards: `P.shard_layout` of the task's full shapes (name, local_shape,
+      full_shape, slice_desc), from the specs and the mesh alone; a ValueError
+      if params (this rank's shards, as `P.shard` makes them) disagree;
+    * bytes: weights, their grads (one per weight: same shape and dtype) and
+      AdamW's two moments, as measured on the optimizer after the step;
+    * comms: the collectives of one real `train_step` at `step` on inputs
+      (the task's batch), run on a throwaway copy of params with a fresh
+      AdamW, so params are untouched; each {op, dim, phase, elements, dtype, bytes}."""
+    shapes = {name: shape for name, (shape, _) in task.shapes(cfg).items()}
+    shards = P.shard_layout(shapes, specs, mesh)
+    if set(params) != set(shapes):
+        raise ValueError(f"params and the model's shapes differ: {sorted(set(params) ^ set(shapes))}")
+    for row in shards:
+        if tuple(params[row["name"]].shape) != row["local_shape"]:
+            raise ValueError(f"{row['name']} has shape {list(params[row['name']].shape)} but this rank's shard of "
+                             f"{list(row['full_shape'])} is {list(row['local_shape'])}: pass P.shard's output")
+    throwaway = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    opt = make_optimizer(throwaway, args)
+    comms = []
+    train_step(throwaway, opt, inputs, task, cfg, mesh, specs, args, step, comms)
+    weights = sum(p.numel() * p.element_size() for p in throwaway.values())
+    moments = sum(s[k].numel() * s[k].element_size() for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    return dict(
+        rank=(mesh.pp_rank * mesh.dp + mesh.dp_rank) * mesh.tp + mesh.tp_rank,
+        mesh={d: (mesh.rank(d), mesh.size(d)) for d in MESH_ORDER},
+        shards=shards,
+        bytes=dict(weights=weights, grads=weights, moments=moments,
+                   dtypes=sorted({dtype_name(p.dtype) for p in throwaway.values()})),
+        comms=[dict(op=c["op"], dim=c["dim"], phase=c["phase"], elements=c["elements"],
+                    dtype=dtype_name(c["dtype"]), bytes=c["elements"] * c["dtype"].itemsize) for c in comms])
+
+
+def span(numbers: list[int]) -> str:
+    """[1, 2, 3] -> '1-3', [4] -> '4', [1, 3] -> '1,3'."""
+    if len(numbers) > 1 and numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}-{numbers[-1]}"
+    return ",".join(map(str, numbers))
+
+
+def shard_lines(shards: list[dict]) -> list[str]:
+    """One line per tensor: name, local shape, slice. Layers that hold the
+    same shards as the first layer here (all of them, today) are one line."""
+    layers = {}
+    for row in shards:
+        if m := LAYER.fullmatch(row["name"]):
+            layers.setdefault(int(m[1]), []).append((m[2], row["local_shape"], row["full_shape"], row["slice_desc"]))
+    first = min(layers, default=None)
+    repeats = [i for i in sorted(layers) if i != first and layers[i] == layers[first]]
+    here = sum(math.prod(r["local_shape"]) for r in shards)
+    lines = [f"  parameters: {len(shards)} tensors, {here:,} of the model's "
+             f"{sum(math.prod(r['full_shape']) for r in shards):,} elements"]
+    rows = [r for r in shards if not ((m := LAYER.fullmatch(r["name"])) and int(m[1]) in repeats)]
+    width = max(len(r["name"]) for r in rows)
+    shape_width = max(len(str(list(r["local_shape"]))) for r in rows)
+    for row in rows:
+        lines.append(f"    {row['name']:<{width}}  {str(list(row['local_shape'])):<{shape_width}}  {row['slice_desc']}")
+        if repeats and row["name"] == f"layers.{first}.{layers[first][-1][0]}":  # after the first layer
+            lines.append(f"    layers.{span(repeats)}: the same {len(layers[first])} shards as layers.{first} "
+                         f"({len(layers)} layers, {len(layers) * len(layers[first])} layer tensors in all)")
+    return lines
+
+
+def memory_line(nbytes: dict) -> str:
+    """What the parameters cost this rank: weights + grads + AdamW's moments."""
+    total = nbytes["weights"] + nbytes["grads"] + nbytes["moments"]
+    return (f"  memory: weights {nbytes['weights']:,} B ({'/'.join(nbytes['dtypes'])}) + grads {nbytes['grads']:,} B "
+            f"+ AdamW moments {nbytes['moments']:,} B = {total:,} B ({total / 2**20:.2f} MiB)")
+
+
+def comm_lines(comms: list[dict]) -> list[str]:
+    """The step's collectives grouped by mesh dim and phase; within a group
+    one line per (op, elements, dtype) with how many were issued; then the total."""
+    if not comms:
+        return ["  collectives in one training step: none (no mesh dim of more than one rank)"]
+    order = lambda seq, known: sorted(set(seq), key=lambda v: (known.index(v) if v in known else len(known), v))
+    lines, rows = ["  collectives in one training step (parallel.count_comms), by mesh dim and phase:"], []
+    for dim in order([c["dim"] for c in comms], MESH_ORDER):
+        for phase in order([c["phase"] for c in comms if c["dim"] == dim], PHASES):
+            groups = {}
+            for c in comms:
+                if (c["dim"], c["phase"]) == (dim, phase):
+                    groups.setdefault((c["op"], c["elements"], c["dtype"]), []).append(c)
+            label = f"{dim} {phase}"
+            for (op, elements, dtype), same in sorted(groups.items(), key=lambda kv: -kv[0][1]):  # largest first
+                rows.append((f"{label:<17} {len(same):>3} x {op:<14} {elements:>11,} el {dtype}",
+                             elements * len(same), sum(c["bytes"] for c in same)))
+                label = ""
+    rows.append((f"{'total':<17} {len(comms):>3} collectives", sum(c["elements"] for c in comms),
+                 sum(c["bytes"] for c in comms)))
+    width = max(len(left) for left, _, _ in rows)
+    lines += [f"    {left:<{width}}  = {elements:>12,} el {nbytes:>13,} B" for left, elements, nbytes in rows]
+    return lines
+
+
+def format_layout(picture: dict) -> str:
+    """One rank's picture (`rank_layout`) as text."""
+    where = ", ".join(f"{d} rank {r} of {n}" for d, (r, n) in picture["mesh"].items())
+    return "\n".join([f"rank {picture['rank']}: {where}", *shard_lines(picture["shards"]),
+                      memory_line(picture["bytes"]), *comm_lines(picture["comms"])])
+
+
+def gather_to_rank0(obj) -> list | None:
+    """Every rank's obj, in rank order, on rank 0 (None on the others); [obj]
+    without a process group. A pickled gather: not a model collective."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    out = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
+def show_layout(params, data, task, cfg, mesh, specs, args, device) -> None:
+    """--show-layout: every rank's picture, printed by rank 0 in rank order.
+    The step runs on the batch step 1 would train on, on a copy of params."""
+    inputs = {k: v.to(device) for k, v in task.batch(data, args, batch_seed(args, 1, mesh)).items()}
+    pictures = gather_to_rank0(rank_layout(params, inputs, task, cfg, mesh, specs, args))
+    if pictures is not None:
+        print(f"layout: {len(pictures)} rank(s); one training step = batch {args.batch} x seq {args.seq} per "
+              "data-parallel replica, run on a copy of the parameters; then exit without training")
+        print("\n\n".join(map(format_layout, pictures)))
+
+
 def train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
@@ -639,6 +798,9 @@ def train(args) -> int:
         f"{n_params / 1e6:.2f}M parameters (vocab {task.vocab} padded to {cfg.padded_vocab}); "
         f"mesh tp={mesh.tp} dp={mesh.dp}{', sequence parallel' if cfg.sequence_parallel else ''}"
         f"{', bf16' if args.bf16 else ''}")
+    if args.show_layout:
+        show_layout(params, train_data, task, cfg, mesh, specs, args, device)
+        return 0
     peak = args.peak_flops or measure_peak_flops(args, device)
     say(f"MFU is against {peak / 1e9:,.1f} GFLOP/s per rank ("
         f"{'--peak-flops' if args.peak_flops else 'measured: a matmul on this device, all ranks at once'})")
@@ -652,8 +814,8 @@ def train(args) -> int:
     t_last, steps_since, last_finite = time.perf_counter(), 0, None
     for step in range(1, args.steps + 1):
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
-        with P.count_comms() as comms:
-            metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step)
+        comms = []
+        metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, comms)
         metrics = {k: (P.all_reduce(v.float(), mesh, "dp") / mesh.dp).item() for k, v in metrics.items()}
         loss_value = metrics["loss"]
         norm_value = grad_norm.item()  # the same on every rank, so every rank stops at the same step

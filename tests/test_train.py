@@ -145,6 +145,8 @@ TOO_BIG = "the model and one step need about"
     (["--hidden", "1048576"], TOO_BIG),
     (["--batch", "1000000000"], TOO_BIG),
     (["--layers", "100000000"], TOO_BIG),  # refused at once: nothing is O(layers) before the check
+    (["--show-layout", "--hidden", "1048576"], TOO_BIG),  # --show-layout checks what training checks
+    (["--show-layout", "--heads", "3", "--hidden", "32"], "--hidden 32 is not divisible by --heads 3"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag (see --help)"),
     (["--lr", "fast"], "argument --lr: invalid float value: 'fast' (see --help)"),
 ])
@@ -468,3 +470,163 @@ def test_bert_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, mes
     assert code == 2, err
     assert err.startswith("error: " + message), err
     assert err.count("\n") == 1 and err.endswith("\n"), err
+
+
+# ---------------------------------------------------------------------------
+# --show-layout: each rank's shards (parallel.shard_layout) and one counted step
+# ---------------------------------------------------------------------------
+
+LAYOUT_MODELS = {  # heads 4: tp = 4 gives MHA one kv head per rank, MQA its kv head on all four
+    "gpt-mha": (N.GPTConfig, N.init_gpt, N.gpt_shapes, N.gpt_specs, dict(kv_heads=4)),
+    "gpt-mqa": (N.GPTConfig, N.init_gpt, N.gpt_shapes, N.gpt_specs, dict(kv_heads=1)),
+    "bert": (N.BertConfig, N.init_bert, N.bert_shapes, N.bert_specs, {}),
+}
+
+
+def slice_of(full: torch.Tensor, desc: str, spec) -> torch.Tensor:
+    """The part of full that a shard_layout slice_desc names, cut out of full independently of P.shard."""
+    if desc in ("whole", "replicated"):
+        return full
+    if m := re.fullmatch(r"(rows|columns|elements) (\d+):(\d+) of \[[\d, ]+\]", desc):
+        return full.narrow(1 if m[1] == "columns" else 0, int(m[2]), int(m[3]) - int(m[2]))
+    m = re.fullmatch(r"q heads? (\d+)(?:-(\d+))?(?:, kv heads? (\d+)(?:-(\d+))?: (?:rows|elements) \d+:\d+"
+                     r"| \+ kv head (\d+) \(replicated on tp ranks \d+-\d+\)) of \[[\d, ]+\]", desc)
+    assert m, desc
+    q = range(int(m[1]), int(m[2] or m[1]) + 1)
+    kv = range(int(m[3]), int(m[4] or m[3]) + 1) if m[3] else [int(m[5])]
+    heads = full.unflatten(0, (spec.groups, spec.q_per_group + 2, spec.head_dim))  # [g, q heads + k + v, d, ...]
+    rows = [heads[g, [i % spec.q_per_group for i in q if i // spec.q_per_group == g] + [-2, -1]] for g in kv]
+    return torch.cat(rows).flatten(0, 1)  # per kv head: its q heads here, then its k and v
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("model", LAYOUT_MODELS)
+def test_shard_layout_is_what_shard_cuts(model, tp):
+    """For every rank: the local shape is P.shard's, and the slice the words name is P.shard's tensor."""
+    config, init, shapes_of, specs_of, extra = LAYOUT_MODELS[model]
+    cfg = config(vocab_size=260, max_seq=16, layers=2, hidden=32, heads=4, vocab_multiple=128, **extra)
+    full, specs = init(cfg), specs_of(cfg)
+    shapes = {name: shape for name, (shape, _) in shapes_of(cfg).items()}
+    kv_ranks = {}
+    for rank in range(tp):
+        mesh = P.Mesh(tp=tp, tp_rank=rank)
+        layout, shards = P.shard_layout(shapes, specs, mesh), P.shard(full, specs, mesh)
+        assert [row["name"] for row in layout] == list(shapes)
+        for row in layout:
+            name, desc = row["name"], row["slice_desc"]
+            assert row["full_shape"] == tuple(full[name].shape), name
+            assert row["local_shape"] == tuple(shards[name].shape), (name, desc)
+            assert torch.equal(slice_of(full[name], desc, specs[name]), shards[name]), (name, desc)
+            assert (desc == "whole") == (tp == 1) and (desc == "replicated") == (tp > 1 and specs[name] is None)
+            if m := re.search(r"kv head (\d+) \(replicated on tp ranks (\d+)-(\d+)\)", desc):
+                kv_ranks.setdefault(int(m[1]), set()).add(rank)
+                assert rank in range(int(m[2]), int(m[3]) + 1), desc
+    if model == "gpt-mqa" and tp > 1:
+        assert kv_ranks == {0: set(range(tp))}  # one kv head, on every tp rank
+
+
+def test_shard_layout_says_which_slice_in_words():
+    cfg = N.GPTConfig(vocab_size=256, max_seq=16, layers=1, hidden=32, heads=4, kv_heads=1)
+    shapes = {name: shape for name, (shape, _) in N.gpt_shapes(cfg).items()}
+    words = {row["name"]: (row["local_shape"], row["slice_desc"])
+             for row in P.shard_layout(shapes, N.gpt_specs(cfg), P.Mesh(tp=2, tp_rank=1))}
+    assert words["embed.word"] == ((128, 32), "rows 128:256 of [256, 32]")
+    assert words["layers.0.ln1.weight"] == ((32,), "replicated")
+    assert words["layers.0.attn.proj.weight"] == ((32, 16), "columns 16:32 of [32, 32]")
+    assert words["layers.0.attn.qkv.weight"] == ((32, 32), "q heads 2-3 + kv head 0 (replicated on tp ranks 0-1) "
+                                                           "of [48, 32]")
+    with pytest.raises(ValueError, match="tp=8 cannot split 1 kv heads"):  # shard's own refusal
+        P.shard_layout(shapes, N.gpt_specs(cfg), P.Mesh(tp=8))
+
+
+def layout_and_counted_step(mesh, argv, data_path):
+    """On every rank: train.rank_layout's picture; the same step (parameters, batch) run by train_step
+    under count_comms; and whether rank_layout left the parameters as they were."""
+    args = train.parse_args(argv)
+    cfg, _ = train.check_args(args, world=mesh.tp * mesh.dp)
+    task = train.TASKS[args.model]
+    specs = task.specs(cfg)
+    params = {k: v.requires_grad_(True) for k, v in P.shard(task.init(cfg, args.seed), specs, mesh).items()}
+    before = {k: v.detach().clone() for k, v in params.items()}
+    data, _ = train.split_corpus(train.load_corpus(data_path)[0], args.seq)
+    inputs = task.batch(data, args, train.batch_seed(args, 1, mesh))
+    picture = train.rank_layout(params, inputs, task, cfg, mesh, specs, args)
+    untouched = all(torch.equal(p, before[k]) and p.grad is None for k, p in params.items())
+    with P.count_comms() as counted:
+        train.train_step(params, train.make_optimizer(params, args), inputs, task, cfg, mesh, specs, args, step=1)
+    return picture, counted, untouched
+
+
+def rank_blocks(stdout: str) -> dict[int, str]:
+    """--show-layout's output cut into each rank's block."""
+    return {int(m[1]): m[2] for m in re.finditer(r"^rank (\d+): (.*?)(?=^rank \d+:|\Z)", stdout, re.M | re.S)}
+
+
+def printed_comms(block: str) -> dict[str, int]:
+    """{'tp forward': elements, ...} summed from a rank's collective lines, e.g.
+    '    tp forward   5 x all_reduce  262,144 el fp32  =  1,310,720 el  5,242,880 B'
+    (a line without a label continues the one above); each line's product is checked."""
+    elements, label = {}, None
+    for row in re.finditer(r"^    (\w+ (?:after )?\w+)? +(\d+) x \w+ +([\d,]+) el \w+ += +([\d,]+) el +[\d,]+ B$",
+                           block, re.M):
+        label = row[1] or label
+        count, each, product = int(row[2]), int(row[3].replace(",", "")), int(row[4].replace(",", ""))
+        assert product == count * each, row[0]
+        elements[label] = elements.get(label, 0) + product
+    return elements
+
+
+def test_show_layout_under_torchrun_prints_what_shard_holds_and_what_the_step_moves(text_file, pool):
+    argv = [*TINY, "--layers", "3", "--kv-heads", "1", "--data", text_file]
+    out = run(*argv, "--show-layout", torchrun=2)  # tp = 2: the MQA kv head on both ranks
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "eval loss" not in out.stdout and not re.search(r"^step ", out.stdout, re.M)  # no training
+    blocks = rank_blocks(out.stdout)
+    assert sorted(blocks) == [0, 1], out.stdout
+
+    # the same step in the pool at tp = 2 (dp = 2 there: the same tp collectives, and dp's)
+    results = pool.run(layout_and_counted_step, [*argv, "--tp", "2"], text_file, tp=2)
+    cfg, _ = train.check_args(args_of(*argv), world=2)
+    full = N.init_gpt(cfg)
+    for rank, block in blocks.items():
+        picture, counted, untouched = results[rank]  # pool rank r: tp rank r, dp rank 0
+        assert untouched
+        assert block.startswith(f"tp rank {rank} of 2, dp rank 0 of 1, pp rank 0 of 1\n"), block
+
+        shards = P.shard(full, N.gpt_specs(cfg), P.Mesh(tp=2, tp_rank=rank))
+        rows = dict(re.findall(r"^    (\S+) +(\[[\d, ]*\]) ", block, re.M))
+        assert "layers.1-2: the same 12 shards as layers.0 (3 layers, 36 layer tensors in all)" in block
+        assert set(rows) == {k for k in shards if not k.startswith(("layers.1.", "layers.2."))}
+        assert rows == {k: str(list(shards[k].shape)) for k in rows}
+        n = sum(p.numel() for p in shards.values())
+        assert f"memory: weights {4 * n:,} B (fp32) + grads {4 * n:,} B + AdamW moments {8 * n:,} B" in block
+        assert picture["bytes"] == dict(weights=4 * n, grads=4 * n, moments=8 * n, dtypes=["fp32"])
+
+        # the picture is the counted step: the same collectives in the same order, dp's after backward
+        assert [(c["op"], c["dim"], c["elements"]) for c in picture["comms"]] == \
+            [(c["op"], c["dim"], c["elements"]) for c in counted]
+        assert {c["phase"] for c in picture["comms"] if c["dim"] == "dp"} == {"after backward"}
+        assert sum(c["dim"] == "dp" for c in counted) == len(shards)  # one all-reduce per gradient
+
+        # what torchrun printed (dp = 1) is the tp part of it, per phase and in total
+        tp_part = [c for c in picture["comms"] if c["dim"] == "tp"]
+        want = {}
+        for c in tp_part:
+            want[f"tp {c['phase']}"] = want.get(f"tp {c['phase']}", 0) + c["elements"]
+        assert printed_comms(block) == want and set(want) == {"tp forward", "tp backward", "tp after backward"}
+        total = re.search(rf"^    total +{len(tp_part)} collectives += +([\d,]+) el", block, re.M)
+        assert total and int(total[1].replace(",", "")) == sum(c["elements"] for c in counted if c["dim"] == "tp")
+
+
+def test_show_layout_in_one_process_bert_exits_0_without_training(text_file, capsys):
+    argv = ["--model", "bert", "--data", text_file, *BERT_TINY, "--show-layout"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "eval loss" not in out and "fill-in" not in out
+    cfg, _ = train.check_args(args_of(*argv), world=1)
+    n = N.num_params(cfg, N.bert_shapes)
+    assert re.search(rf"^rank 0: tp rank 0 of 1, dp rank 0 of 1, pp rank 0 of 1\n  parameters: \d+ tensors, {n:,} of "
+                     rf"the model's {n:,} elements$", out, re.M), out
+    assert re.search(rf"^    lm_head.bias +\[{cfg.padded_vocab}\] +whole$", out, re.M), out
+    assert f"memory: weights {4 * n:,} B (fp32) + grads {4 * n:,} B + AdamW moments {8 * n:,} B" in out
+    assert "collectives in one training step: none (no mesh dim of more than one rank)" in out
