@@ -138,8 +138,9 @@ def count_comms():
     Yields a list that fills with dicts {op, dim, elements, phase, dtype}:
     op in all_reduce / all_gather / reduce_scatter / send / recv, dim the mesh
     dim ("tp", "pp", "dp"), elements as defined in the module docstring,
-    phase "forward", "backward" or "optimizer" (after backward, before the
-    optimizer step: the grad norm). Collectives on a group of one are not
+    phase "forward", "backward" or "after backward" (between backward and the
+    optimizer step: dp gradient averaging, the grad norm). Collectives on a
+    group of one are not
     issued and so not recorded. Opt-in: costs nothing when not used.
     """
     records: list[dict] = []
@@ -147,7 +148,8 @@ def count_comms():
     try:
         yield records
     finally:
-        _RECORDERS.remove(records)
+        del _RECORDERS[next(i for i, r in enumerate(_RECORDERS) if r is records)]  # by identity: nested
+        # records may be equal lists, and list.remove would drop the wrong one
 
 
 def _record(op: str, dim: str, elements: int, phase: str, dtype: torch.dtype) -> None:
@@ -899,7 +901,7 @@ def all_reduce_grads_dp(params: dict, mesh: Mesh) -> None:
         return
     for p in params.values():
         if p.grad is not None:
-            p.grad.copy_(all_reduce(p.grad, mesh, "dp", "backward") / mesh.dp)
+            p.grad.copy_(all_reduce(p.grad, mesh, "dp", "after backward") / mesh.dp)
 
 
 def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float) -> torch.Tensor:
@@ -926,7 +928,7 @@ def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float) -> to
             continue  # replicated: counted once, on tp rank 0
         counted = spec.counted(g, mesh) if isinstance(spec, HeadGroups) else g
         sq = sq + counted.detach().double().pow(2).sum()
-    norm = all_reduce(sq, mesh, "tp", phase="optimizer").sqrt()  # after backward, before the step
+    norm = all_reduce(sq, mesh, "tp", phase="after backward").sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads.values():

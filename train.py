@@ -28,7 +28,6 @@ raise `UsageError`, and so does the argument parser itself.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
@@ -497,31 +496,22 @@ def make_optimizer(params: dict, args) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
 
-def train_step(params, opt, inputs, task, cfg, mesh, specs, args, step: int,
-               comms: list | None = None) -> tuple[dict, torch.Tensor]:
+def train_step(params, opt, inputs, task, cfg, mesh, specs, args, step: int) -> tuple[dict, torch.Tensor]:
     """One step at lr_at(step): the task's forward and loss, backward, average
     the grads over data parallel, clip their global norm to --grad-clip
     (0: off), opt.step(). Returns (this replica's losses and metrics,
-    detached; the global grad norm before clipping).
-
-    comms: a list to extend with the step's collectives (`P.count_comms`
-    records), in the order issued; those of the forward and the backward keep
-    their phase, those after backward (dp averaging, the grad norm) get the
-    phase "after backward". Without it nothing is counted here, so a caller
-    may wrap the step in its own count_comms."""
+    detached; the global grad norm before clipping). Its collectives are
+    recorded by a surrounding `P.count_comms()`, in phases forward, backward
+    and after backward (dp averaging, the grad norm)."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args)
-    with contextlib.nullcontext([]) if comms is None else P.count_comms() as records:
-        with autocast(args):
-            metrics = task.loss(params, inputs, cfg, mesh, seed=args.seed + step, training=True)
-        metrics["loss"].backward()
-        backward_done = len(records)
-        P.all_reduce_grads_dp(params, mesh)
-        grad_norm = P.clip_grad_norm(params, specs, mesh, args.grad_clip)
+    with autocast(args):
+        metrics = task.loss(params, inputs, cfg, mesh, seed=args.seed + step, training=True)
+    metrics["loss"].backward()
+    P.all_reduce_grads_dp(params, mesh)
+    grad_norm = P.clip_grad_norm(params, specs, mesh, args.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if comms is not None:
-        comms += records[:backward_done] + [dict(c, phase="after backward") for c in records[backward_done:]]
     return {k: v.detach() for k, v in metrics.items()}, grad_norm
 
 
@@ -667,8 +657,8 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
                              f"{list(row['full_shape'])} is {list(row['local_shape'])}: pass P.shard's output")
     throwaway = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     opt = make_optimizer(throwaway, args)
-    comms = []
-    train_step(throwaway, opt, inputs, task, cfg, mesh, specs, args, step, comms)
+    with P.count_comms() as comms:
+        train_step(throwaway, opt, inputs, task, cfg, mesh, specs, args, step)
     weights = sum(p.numel() * p.element_size() for p in throwaway.values())
     moments = sum(s[k].numel() * s[k].element_size() for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
     return dict(
@@ -814,8 +804,8 @@ def train(args) -> int:
     t_last, steps_since, last_finite = time.perf_counter(), 0, None
     for step in range(1, args.steps + 1):
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
-        comms = []
-        metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, comms)
+        with P.count_comms() as comms:
+            metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step)
         metrics = {k: (P.all_reduce(v.float(), mesh, "dp") / mesh.dp).item() for k, v in metrics.items()}
         loss_value = metrics["loss"]
         norm_value = grad_norm.item()  # the same on every rank, so every rank stops at the same step

@@ -410,3 +410,13 @@ def test_data_parallel_grads_are_averaged(pool, tp):
     dp = 4 // tp
     for got in pool.run(dp_average_case, tp=tp):
         assert torch.equal(got, torch.full((3,), sum(range(dp)) / dp))
+
+
+def test_nested_count_comms_each_keep_recording():
+    """Leaving an inner count_comms removes that recorder only, even when the outer record is an equal
+    (here: empty) list: removal is by identity, not by value."""
+    with P.count_comms() as outer:
+        with P.count_comms() as inner:
+            pass
+        P._record("all_reduce", "tp", 5, "forward", torch.float32)
+    assert len(outer) == 1 and inner == [] and not P._RECORDERS
