@@ -505,6 +505,9 @@ def column_parallel_linear(x, weight, bias, mesh, *, gather_output=False, sequen
     """
     _check_linear(x, weight, bias, "column_parallel_linear")
     if sequence_parallel and mesh.tp > 1:
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not reach inside a Function's backward:
+            dtype = torch.get_autocast_dtype(x.device.type)  # cast here, so forward and backward agree
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
         y = _SequenceGatherLinear.apply(x, weight, mesh)
         y = y if bias is None else y + bias
     else:
@@ -884,7 +887,7 @@ def dropout(x, p: float, *, seed: int, stream, training: bool = True, offset=Non
     if not training or p == 0.0:
         return x
     mask = keep_mask(x.shape, p, seed, stream, offset, global_shape, x.device)
-    return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+    return torch.where(mask, x * (1.0 / (1.0 - p)), 0.0)  # autograd keeps the bool mask: 1 byte an element
 
 
 # ---------------------------------------------------------------------------

@@ -267,7 +267,6 @@ def differences(s, b, h, a, ffn, t, sp, recompute, elem, triton) -> list[tuple[s
     tokens = s * b / (t if sp else 1)
     att, gelu = a * s * s * b / t, s * b * ffn / t  # [b, a/t, s, s] and [b, s, ffn/t]
     body, core, ref = recompute != "full", recompute == "none", not triton
-    sp_bf16 = sp and t > 1 and elem == 2
     return [
         ("the residual stream is fp32 under autocast: the layer input is kept at 4 B, not 2 (once with full "
          "recompute, as the two LayerNorm inputs otherwise)", (4 - elem) * whole * (2 if body else 1)),
@@ -275,18 +274,11 @@ def differences(s, b, h, a, ffn, t, sp, recompute, elem, triton) -> list[tuple[s
          "formula keeps its input (1): +1 fp32 [b, s, h] per LayerNorm", 2 * 4 * whole * (body and ref)),
         ("LayerNorm statistics, not in the formula: rstd [b, s] fp32 (reference) or mean and rstd (Triton), "
          "per LayerNorm", 2 * (2 if triton else 1) * 4 * tokens * body),
-        ("the two hidden dropout masks are kept as fp32 (x's dtype: out + bias is fp32 under autocast too), "
-         "not 1 B", 2 * (4 - 1) * whole * body),
-        ("the attention dropout mask is kept in the probabilities' dtype, not 1 B", (elem - 1) * att * core),
         ("softmax output, CPU reference: kept in fp32 (the fp32 compute dtype), not in the scores' dtype",
          (4 - elem) * att * (core and ref)),
         ("GeLU input, CPU reference: kept in fp32 (upcast before F.gelu), not in fc1's output dtype",
          (4 - elem) * gelu * (body and ref)),
         ("causal mask, CPU reference: the [s, s] bool that masked_fill_ keeps", s * s * (core and ref)),
-        ("sequence parallel + bf16: _SequenceGatherLinear saves its fp32 input (autocast casts inside its "
-         "matmul, not what it saves): the qkv and fc1 inputs at 4 B, not 2", 2 * (4 - elem) * whole * body * sp_bf16),
-        ("sequence parallel + bf16: y + bias after it promotes qkv's output to fp32, so selective recompute keeps "
-         "fp32 q, k, v", 3 * (4 - elem) * s * b * h / t * (recompute == "selective") * sp_bf16),
     ]
 
 
@@ -385,10 +377,10 @@ def main():
 
 VERDICTS = """
 Verdicts (what is needed, what could go):
-  * dropout masks: parallel.dropout computes x * mask.to(x.dtype) * scale, so autograd's mul keeps the
-    mask as a float tensor of x's dtype (4 B in fp32, 2 B for bf16 probabilities). Avoidable:
-    torch.where(mask, x * scale, 0) keeps the bool mask (1 B, the formula's); a custom autograd.Function
-    could keep nothing and re-hash the counter-based mask in backward (0 B, at the cost of the hash).
+  * dropout masks: parallel.dropout is torch.where(mask, x * scale, 0), so autograd keeps the bool mask,
+    1 B an element, the formula's (it was x * mask.to(x.dtype) * scale: a float mask, 4 B in fp32; fixed
+    2026-11-25). A custom autograd.Function could keep nothing and re-hash the counter-based mask in
+    backward (0 B, at the cost of the hash).
   * fp32 residual stream under autocast: the embedding and the residual adds stay fp32 with fp32 master
     weights, so the LayerNorm inputs (and the full-recompute layer input) are 4 B. A choice, not waste:
     Megatron's bf16 model keeps them in bf16 unless --fp32-residual-connection.
@@ -402,12 +394,9 @@ Verdicts (what is needed, what could go):
   * causal mask and LayerNorm statistics: s*s bytes and 4-8 B per token per LayerNorm, < 0.3% here.
   * q, k, v: the q k^T and probs v matmuls keep contiguous copies of the head views of qkv (the qkv output
     itself is freed), so they cost the formula's 3 [b, s, h/t]; selective recompute keeps the qkv output.
-  * sequence parallel + bf16 (a bug): autocast casts inside _SequenceGatherLinear's matmul but the Function
-    saves its fp32 x and weight, and its backward (which autocast does not reach) then computes g @ weight
-    with a bf16 g and an fp32 weight: backward fails ("expected m1 and m2 to have the same dtype";
-    torchrun --nproc-per-node 2 train.py --bf16 --sequence-parallel stops at step 1). Fix: cast x, weight
-    and bias to the autocast dtype before the Function (parallel.column_parallel_linear); then it saves a
-    2-byte x, and qkv's output stays bf16.
+  * sequence parallel + bf16: column_parallel_linear casts x, weight and bias to the autocast dtype before
+    _SequenceGatherLinear (autocast does not reach a Function's backward); before that fix (2026-11-25) the
+    Function saved an fp32 x and its backward failed on bf16 g @ fp32 weight.
   * not found: a saved gathered input under sequence parallel (_SequenceGatherLinear keeps x's shard),
     or a copy of the probabilities beyond the formula's two (softmax output, dropout output)."""
 
