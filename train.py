@@ -4,12 +4,14 @@
     python train.py                               # one process, tp = 1
     python train.py --data notes.txt --steps 500  # your own text
     torchrun --nproc-per-node 2 train.py --show-layout  # what each rank holds and moves; no training
+    torchrun --nproc-per-node 2 train.py --model bert   # masked-LM + next-sentence pretraining
 
 Reads bytes (a 256-id byte-level tokenizer; the default data is the Python
 standard library's own source, found from the running interpreter), trains a
-GPT cut over `--tp` tensor-parallel ranks (the remaining ranks are data
-parallel), logs loss / lr / tokens/s / MFU / communication per step, evaluates
-on held-out files and writes a sample at the end.
+GPT (or, with --model bert, a BERT: a task per model in TASKS) cut over `--tp`
+tensor-parallel ranks (the remaining ranks are data parallel), logs loss / lr /
+tokens/s / MFU / communication per step, evaluates on held-out files and ends
+with a sample (GPT) or a fill-in of held-out text (BERT).
 
 Follow one token: `batch()` cuts it out of the corpus at a window drawn from
 `batch_seed()` (one stream per data-parallel replica) -> `train_step()` ->
