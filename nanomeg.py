@@ -46,6 +46,7 @@ CHOICES = dict(
     attention=("core", "sdpa"),
     recompute=("none", "selective", "full"),
     norm_order=("pre", "post"),
+    task=("pretrain", "classify", "multiple_choice"),  # BertConfig
 )
 
 
@@ -53,8 +54,8 @@ CHOICES = dict(
 # by every model's config, so a nan, a float size or a string switch is caught
 # in one place, with the field named.
 FIELD_RANGES = {
-    **dict.fromkeys(("vocab_size", "max_seq", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab_multiple"),
-                    (">=", 1)),
+    **dict.fromkeys(("vocab_size", "max_seq", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab_multiple",
+                     "num_classes"), (">=", 1)),
     **dict.fromkeys(("norm_eps", "rope_base"), (">", 0)),
     **dict.fromkeys(("init_std", "type_vocab"), (">=", 0)),
     **dict.fromkeys(("hidden_dropout", "attention_dropout", "label_smoothing"), ("in [0, 1)", None)),
@@ -70,6 +71,11 @@ def _has_type(value, kind: str) -> bool:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
     return isinstance(value, numbers.Integral) if kind == "int" else math.isfinite(value)
+
+
+def shape_of(x) -> tuple | str:
+    """For error messages: x's shape, or its type's name when x is no tensor."""
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def check_fields(cfg) -> None:
@@ -247,6 +253,11 @@ def init_gpt(cfg: GPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, to
     return init_params(gpt_shapes(cfg), cfg, seed, dtype)
 
 
+def pad_vocab_rows(t: torch.Tensor, padded: int) -> torch.Tensor:
+    """t [V, ...] -> [padded, ...]: zero rows for the padded vocabulary ids."""
+    return torch.cat([t, t.new_zeros((padded - t.shape[0], *t.shape[1:]))])
+
+
 def init_params(shapes: dict, cfg: GPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Full parameters of `shapes` (name -> (shape, rule)), with Megatron's
     init: normal(0, init_std) for every matrix, the output projections of
@@ -264,7 +275,7 @@ def init_params(shapes: dict, cfg: GPTConfig, seed: int = 0, dtype=torch.float32
         if rule in std:
             real = (cfg.vocab_size, *shape[1:]) if shape[0] == cfg.padded_vocab and name in VOCAB_ROWS else shape
             draw = torch.randn(real, generator=param_generator(seed, name)) * std[rule]
-            params[name] = torch.cat([draw, draw.new_zeros((shape[0] - real[0], *shape[1:]))]).to(dtype)
+            params[name] = pad_vocab_rows(draw, shape[0]).to(dtype)
         else:
             fill = 1.0 if rule == "gamma" and not cfg.zero_centered_gamma else 0.0
             params[name] = torch.full(shape, fill, dtype=dtype)
@@ -384,8 +395,7 @@ def check_token_types(token_types, ids, cfg: GPTConfig) -> None:
     if not cfg.type_vocab:
         raise ValueError("token_types given, but the model has none (type_vocab=0)")
     if not isinstance(token_types, torch.Tensor) or token_types.shape != ids.shape:
-        shape = tuple(token_types.shape) if isinstance(token_types, torch.Tensor) else type(token_types).__name__
-        raise ValueError(f"token_types shape {shape} != ids shape {tuple(ids.shape)}")
+        raise ValueError(f"token_types shape {shape_of(token_types)} != ids shape {tuple(ids.shape)}")
     P.check_ids(token_types, cfg.type_vocab, "token type id")
 
 
@@ -603,8 +613,7 @@ def check_loss_mask(loss_mask, targets) -> None:
     if loss_mask is None:
         return
     if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != targets.shape:
-        shape = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
-        raise ValueError(f"loss_mask shape {shape} != targets shape {tuple(targets.shape)}: "
+        raise ValueError(f"loss_mask shape {shape_of(loss_mask)} != targets shape {tuple(targets.shape)}: "
                          "give one weight per target")
     if loss_mask.dtype != torch.bool and not loss_mask.is_floating_point():
         raise ValueError(f"loss_mask must be bool or float, got dtype {loss_mask.dtype}")
@@ -673,8 +682,8 @@ def check_generate_args(prompt_ids, cfg: GPTConfig, max_new_tokens, temperature,
     an int in [0, 2**63). (Token ids are range-checked by the embedding.)"""
     is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or 0 in prompt_ids.shape:
-        shape = tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__
-        raise ValueError(f"prompt_ids must be a [batch, tokens] tensor with at least one token, got {shape}")
+        raise ValueError(f"prompt_ids must be a [batch, tokens] tensor with at least one token, "
+                         f"got {shape_of(prompt_ids)}")
     if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
         raise ValueError(f"prompt_ids must be an integer tensor, got dtype {prompt_ids.dtype}")
     if not is_int(max_new_tokens) or max_new_tokens < 0:
@@ -741,6 +750,33 @@ def load_state_dict(source) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
 
 
+def check_checkpoint(sd: dict, want: dict, *, what: str, positions: str, next_layer: str) -> None:
+    """ValueError naming the key unless the state dict sd holds every name of
+    `want` (name -> shape) at that shape (the position table `positions` may
+    hold more rows than max_seq) and no layer beyond the config's
+    (`next_layer`: a key of the layer after the last). Shared by the imports."""
+    missing = [k for k in want if k not in sd]
+    if missing:
+        raise ValueError(f"not a {what} state dict for this config: missing {missing[:3]}"
+                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
+    if next_layer in sd:
+        raise ValueError(f"the state dict holds more layers than the config's ({next_layer} is there)")
+    for name, shape in want.items():
+        got, pos = tuple(sd[name].shape), name == positions
+        if got != shape and not (pos and got[1:] == shape[1:] and got[0] >= shape[0]):
+            raise ValueError(f"{name}: the checkpoint has shape {got}, the config needs {shape}"
+                             f"{' (at least max_seq rows)' if pos else ''}")
+
+
+def check_tied(sd: dict, tied: str, source: str) -> None:
+    """ValueError if the state dict holds `tied` and it differs from `source`:
+    nanomeg's output layer is the word embedding itself, so an untied one is
+    refused rather than silently dropped."""
+    if tied in sd and sd[tied].data_ptr() != sd[source].data_ptr() and not torch.equal(sd[tied], sd[source]):
+        raise ValueError(f"{tied} differs from {source}: an untied output layer, which this import (always "
+                         "tied) does not hold; refusing rather than dropping it")
+
+
 def from_hf_gpt2(state_dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """nanomeg parameters from a GPT2LMHeadModel state dict (or a path to a
     .safetensors file, or a folder holding model.safetensors). Every tensor the
@@ -748,27 +784,12 @@ def from_hf_gpt2(state_dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     transposed, c_attn's [q | k | v] columns regrouped per head as [q_i, k_i, v_i]."""
     check_gpt2_compatible(cfg)
     sd = {k.removeprefix("transformer."): v for k, v in load_state_dict(state_dict).items()}
-    want = gpt2_hf_shapes(cfg)
-    missing = [k for k in want if k not in sd]
-    if missing:
-        raise ValueError(f"not a GPT-2 state dict for this config: missing {missing[:3]}"
-                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
-    if f"h.{cfg.layers}.attn.c_attn.weight" in sd:
-        extra = len({k.split(".")[1] for k in sd if k.startswith("h.")})
-        raise ValueError(f"the state dict holds {extra} layers (h.0 to h.{extra - 1}), the config {cfg.layers}")
-    for name, shape in want.items():
-        got = tuple(sd[name].shape)
-        if got != shape and not (name == "wpe.weight" and got[1:] == shape[1:] and got[0] >= shape[0]):
-            raise ValueError(f"{name}: the checkpoint has shape {got}, the config needs {shape}"
-                             f"{' (at least max_seq rows)' if name == 'wpe.weight' else ''}")
-    head = sd.get("lm_head.weight")
-    if head is not None and head.data_ptr() != sd["wte.weight"].data_ptr() and not torch.equal(head, sd["wte.weight"]):
-        raise ValueError("lm_head.weight differs from wte.weight: an untied output layer, which GPT-2 (and this "
-                         "import) does not hold; refusing rather than dropping it")
+    check_checkpoint(sd, gpt2_hf_shapes(cfg), what="GPT-2", positions="wpe.weight",
+                     next_layer=f"h.{cfg.layers}.attn.c_attn.weight")
+    check_tied(sd, "lm_head.weight", "wte.weight")
     regroup = lambda w: rearrange(w, "(three n d) ... -> (n three d) ...", three=3, n=cfg.heads)
-    word = torch.zeros(cfg.padded_vocab, cfg.hidden, dtype=sd["wte.weight"].dtype)
-    word[: cfg.vocab_size] = sd["wte.weight"]
-    p = {"embed.word": word, "embed.pos": sd["wpe.weight"][: cfg.max_seq],
+    p = {"embed.word": pad_vocab_rows(sd["wte.weight"], cfg.padded_vocab),
+         "embed.pos": sd["wpe.weight"][: cfg.max_seq],
          "final_norm.weight": sd["ln_f.weight"], "final_norm.bias": sd["ln_f.bias"]}
     for i in range(cfg.layers):
         h, pre = f"h.{i}", f"layers.{i}"
@@ -836,10 +857,6 @@ def to_hf_gpt2(params, cfg: GPTConfig) -> dict[str, torch.Tensor]:
 # 7. BERT: the same stack with a padding mask, token types and three heads
 # ---------------------------------------------------------------------------
 
-CHOICES["task"] = ("pretrain", "classify", "multiple_choice")
-FIELD_RANGES["num_classes"] = (">=", 1)
-
-
 @dataclass(frozen=True)
 class BertConfig(GPTConfig):
     """BERT = the core stack, bidirectional, with token types and heads.
@@ -906,9 +923,8 @@ def bert_attention_mask(attention_mask, ids):
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != ids.shape:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else \
-            type(attention_mask).__name__
-        raise ValueError(f"attention_mask shape {shape} != ids shape {tuple(ids.shape)}: one 1/0 per token")
+        raise ValueError(f"attention_mask shape {shape_of(attention_mask)} != ids shape {tuple(ids.shape)}: "
+                         "one 1/0 per token")
     if attention_mask.is_floating_point():
         raise ValueError(f"attention_mask must be bool or integer 0/1, got dtype {attention_mask.dtype}")
     bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
@@ -1018,12 +1034,11 @@ def bert_multiple_choice(params, ids, cfg: BertConfig, mesh: Mesh, *, token_type
     scored by classifier [1, h]; a softmax over K picks the answer."""
     _check_task(cfg, "multiple_choice")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 3 or 0 in ids.shape[:2]:
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"multiple choice takes ids [b, K, s] with b, K >= 1, got {shape}")
+        raise ValueError(f"multiple choice takes ids [b, K, s] with b, K >= 1, got {shape_of(ids)}")
     b, k, s = ids.shape
     for name, t in (("token_types", token_types), ("attention_mask", attention_mask)):
         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != ids.shape):
-            raise ValueError(f"{name} shape {getattr(t, 'shape', type(t).__name__)} != ids shape {tuple(ids.shape)}")
+            raise ValueError(f"{name} shape {shape_of(t)} != ids shape {tuple(ids.shape)}")
     flat = lambda t: None if t is None else t.reshape(b * k, s)
     scores = _pooled_head(params, flat(ids), cfg, mesh, flat(token_types), flat(attention_mask), seed, training)
     return rearrange(scores, "(b k) 1 -> b k", b=b)
@@ -1156,30 +1171,16 @@ def from_hf_bert(state_dict, cfg: BertConfig) -> dict[str, torch.Tensor]:
     for i in range(cfg.layers):
         want |= {n: (cfg.hidden, cfg.hidden) for n in _hf_qkv_names(i, "weight")}
         want |= {n: (cfg.hidden,) for n in _hf_qkv_names(i, "bias")}
-    missing = [k for k in want if k not in sd]
-    if missing:
-        raise ValueError(f"not a BERT state dict for this config: missing {missing[:3]}"
-                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
-    if f"bert.encoder.layer.{cfg.layers}.attention.self.query.weight" in sd:
-        raise ValueError(f"the state dict holds more than the config's {cfg.layers} layers")
-    for name, shape in want.items():
-        got = tuple(sd[name].shape)
-        pos = name.endswith("position_embeddings.weight")
-        if got != shape and not (pos and got[1:] == shape[1:] and got[0] >= shape[0]):
-            raise ValueError(f"{name}: the checkpoint has shape {got}, the config needs {shape}"
-                             f"{' (at least max_seq rows)' if pos else ''}")
-    for tied, source in (("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
-                         ("cls.predictions.decoder.bias", "cls.predictions.bias")):
-        if cfg.task == "pretrain" and tied in sd and not torch.equal(sd[tied], sd[source]):
-            raise ValueError(f"{tied} differs from {source}: an untied decoder, which nanomeg's BERT (always "
-                             "tied) cannot hold; refusing rather than dropping it")
+    check_checkpoint(sd, want, what="BERT", positions="bert.embeddings.position_embeddings.weight",
+                     next_layer=f"bert.encoder.layer.{cfg.layers}.attention.self.query.weight")
+    if cfg.task == "pretrain":
+        check_tied(sd, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")
+        check_tied(sd, "cls.predictions.decoder.bias", "cls.predictions.bias")
     params = {ours: sd[theirs] for ours, theirs in names.items()}
     params["embed.pos"] = params["embed.pos"][: cfg.max_seq]
-    for name in ("embed.word", "lm_head.bias"):  # zero rows for the padded vocabulary
+    for name in ("embed.word", "lm_head.bias"):
         if name in params:
-            padded = params[name].new_zeros(shapes[name])
-            padded[: cfg.vocab_size] = params[name]
-            params[name] = padded
+            params[name] = pad_vocab_rows(params[name], cfg.padded_vocab)
     regroup = lambda q, k, v: rearrange(torch.stack([q, k, v]), "three (n d) ... -> (n three d) ...", n=cfg.heads)
     for i in range(cfg.layers):
         for part in ("weight", "bias"):

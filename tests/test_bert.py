@@ -726,7 +726,7 @@ BAD_BERT_INPUT = [
     r"not a BERT state dict.*missing.*bert\.embeddings\.word_embeddings\.weight",
     re.escape("bert.encoder.layer.0.attention.self.query.weight: the checkpoint has shape (8, 7), the config "
               "needs (8, 8)"),
-    r"cls\.predictions\.decoder\.weight differs .* untied decoder",
+    r"cls\.predictions\.decoder\.weight differs .* untied output layer",
     r"activation='swiglu'",
     r"tie_embeddings=False",
     re.escape("task='classify', got 'pretrain'"),
