@@ -22,9 +22,11 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +43,8 @@ from parallel import Mesh
 
 CHOICES = dict(
     norm=("layernorm", "rmsnorm"),
-    activation=("gelu", "gelu_tanh", "swiglu"),
-    position=("learned", "rope"),
+    activation=("gelu", "gelu_tanh", "relu", "swiglu", "geglu"),  # the last two gated: act(gate) * up
+    position=("learned", "rope", "relative"),  # relative: T5's bucketed bias on the attention scores
     attention=("core", "sdpa"),
     recompute=("none", "selective", "full"),
     norm_order=("pre", "post"),
@@ -55,7 +57,8 @@ CHOICES = dict(
 # in one place, with the field named.
 FIELD_RANGES = {
     **dict.fromkeys(("vocab_size", "max_seq", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab_multiple",
-                     "num_classes"), (">=", 1)),
+                     "num_classes", "kv_channels", "decoder_layers", "rel_max_distance"), (">=", 1)),
+    "rel_buckets": (">=", 4),
     **dict.fromkeys(("norm_eps", "rope_base"), (">", 0)),
     **dict.fromkeys(("init_std", "type_vocab"), (">=", 0)),
     **dict.fromkeys(("hidden_dropout", "attention_dropout", "label_smoothing"), ("in [0, 1)", None)),
@@ -109,6 +112,7 @@ class GPTConfig:
     hidden: int = 128
     heads: int = 4
     kv_heads: int | None = None  # None: = heads (MHA); 1: MQA; else GQA
+    kv_channels: int | None = None  # the head dim (Megatron's kv_channels, T5's d_kv); None: hidden / heads
     ffn: int | None = None  # None: 4 * hidden
     norm: str = "layernorm"
     norm_eps: float = 1e-5
@@ -116,14 +120,18 @@ class GPTConfig:
     activation: str = "gelu"
     position: str = "learned"
     rope_base: float = 10000.0
+    rel_buckets: int = 32  # position="relative": buckets of T5's relative distances (half exact, half log-spaced)
+    rel_max_distance: int = 128  # ... and the distance from which all fall into the last bucket
     bias: bool = True  # biases of the linear layers
     tie_embeddings: bool = True
+    scale_output: bool = False  # x * hidden^-0.5 before the output layer (T5 v1.0's tied head)
     residual_post_norm: bool = False  # Megatron's apply_residual_connection_post_layernorm
     norm_order: str = "pre"  # pre: x + f(norm(x)), a final norm; post (original BERT): norm(x + f(x)), embedding norm
     type_vocab: int = 0  # token types (BERT's segment ids) added to the embedding; 0: none
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     attention: str = "core"  # core: QK^T -> fused softmax -> dropout -> .V;  sdpa: torch's fused path
+    scale_attention: bool = True  # scores / sqrt(head dim); Google's T5 does not scale (its init does instead)
     recompute: str = "none"  # activation recompute: selective = the attention core only
     sequence_parallel: bool = False
     init_std: float = 0.02
@@ -132,12 +140,15 @@ class GPTConfig:
 
     def __post_init__(self):
         check_fields(self)
-        if self.hidden % self.heads:
+        if self.kv_channels is None and self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.heads % self.num_kv_heads:
             raise ValueError(f"heads={self.heads} is not divisible by kv_heads={self.num_kv_heads}")
         if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head dim, got hidden/heads = {self.head_dim}")
+            raise ValueError(f"rotary embeddings need an even head dim, got {self.head_dim}")
+        if self.position == "relative" and self.rel_max_distance <= self.rel_buckets // 2:
+            raise ValueError(f"rel_max_distance={self.rel_max_distance} must be above rel_buckets/2 = "
+                             f"{self.rel_buckets // 2} (the exactly-counted distances of a causal stack)")
         if self.attention == "sdpa" and self.attention_dropout > 0:
             raise ValueError("attention='sdpa' has no counter-based dropout: use attention='core' "
                              f"with attention_dropout={self.attention_dropout}")
@@ -157,7 +168,16 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.hidden // self.heads if self.kv_channels is None else self.kv_channels
+
+    @property
+    def gated(self) -> bool:
+        """SwiGLU / GeGLU: fc1 makes a gate and an up projection, act(gate) * up."""
+        return self.activation in ("swiglu", "geglu")
+
+    def stacks(self) -> dict[str, int]:
+        """Parameter-name prefix of each layer stack -> its layer count."""
+        return {"": self.layers}
 
     @property
     def padded_vocab(self) -> int:
@@ -172,7 +192,9 @@ class GPTConfig:
         t = mesh.tp
         for name, n in (("heads", self.heads), ("ffn", self.ffn_hidden), ("padded vocab", self.padded_vocab)):
             if n % t:
-                raise ValueError(f"tp={t} does not divide {name}={n}")
+                also = " (nor the relative-bias table's columns, one per head)" if name == "heads" and \
+                    self.position == "relative" else ""
+                raise ValueError(f"tp={t} does not divide {name}={n}{also}")
         if self.num_kv_heads % t and t % self.num_kv_heads:
             raise ValueError(f"tp={t} and kv_heads={self.num_kv_heads}: one must divide the other (tp > kv_heads "
                              "replicates each kv head over tp/kv_heads ranks)")
@@ -200,17 +222,10 @@ def linear_shapes(name: str, out: int, inp: int, rule: str, bias: bool) -> dict:
     return {f"{name}.weight": ((out, inp), rule)} | ({f"{name}.bias": ((out,), "zeros")} if bias else {})
 
 
-def stack_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The shared core's parameters, every model's: embeddings, the layers,
-    the final norm (pre-norm) or the embedding norm (post-norm).
-    name -> (full shape, init rule), in a fixed order. Init rules: normal,
-    scaled (the residual branch ends), gamma (norm weights), zeros (biases).
-    Layouts: qkv rows grouped per kv head as [q heads of the group, k, v];
-    SwiGLU fc1 rows interleaved [gate_i, up_i]; so a contiguous tp slice of
-    either always holds whole heads / matching halves."""
+def embedding_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The embedding: word rows [padded V, h], learned positions [max_seq, h],
+    token types [type_vocab, h], and a post-norm stack's embedding norm."""
     h = cfg.hidden
-    qkv = (cfg.heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    fc1 = cfg.ffn_hidden * (2 if cfg.activation == "swiglu" else 1)
     shapes = {"embed.word": ((cfg.padded_vocab, h), "normal")}
     if cfg.position == "learned":
         shapes["embed.pos"] = ((cfg.max_seq, h), "normal")
@@ -218,15 +233,46 @@ def stack_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
         shapes["embed.type"] = ((cfg.type_vocab, h), "normal")
     if cfg.norm_order == "post":
         shapes |= norm_shapes("embed.norm", cfg)
-    for i in range(cfg.layers):
+    return shapes
+
+
+def layer_shapes(cfg: GPTConfig, layers: int, cross: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """A stack of `layers` blocks, then the final norm (pre-norm) and the
+    relative-bias table [buckets, heads] (position="relative": one per stack,
+    shared by its layers). cross: each block also attends to an encoder's
+    output (T5's decoder): ln_cross, cross_attn.q [n·d, h], cross_attn.kv
+    [2·n·d, h] (rows per head [k_i, v_i]), cross_attn.proj [h, n·d].
+    Layouts: qkv rows grouped per kv head as [q heads of the group, k, v];
+    gated fc1 rows interleaved [gate_i, up_i]; so a contiguous tp slice of
+    either always holds whole heads / matching halves."""
+    h, inner = cfg.hidden, cfg.heads * cfg.head_dim
+    qkv = (cfg.heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    fc1 = cfg.ffn_hidden * (2 if cfg.gated else 1)
+    shapes = {}
+    for i in range(layers):
         pre = f"layers.{i}"
-        shapes |= (norm_shapes(f"{pre}.ln1", cfg) | linear_shapes(f"{pre}.attn.qkv", qkv, h, "normal", cfg.bias)
-                   | linear_shapes(f"{pre}.attn.proj", h, cfg.heads * cfg.head_dim, "scaled", cfg.bias)
-                   | norm_shapes(f"{pre}.ln2", cfg) | linear_shapes(f"{pre}.mlp.fc1", fc1, h, "normal", cfg.bias)
-                   | linear_shapes(f"{pre}.mlp.fc2", h, cfg.ffn_hidden, "scaled", cfg.bias))
+        shapes |= norm_shapes(f"{pre}.ln1", cfg) | linear_shapes(f"{pre}.attn.qkv", qkv, h, "normal", cfg.bias) \
+            | linear_shapes(f"{pre}.attn.proj", h, inner, "scaled", cfg.bias)
+        if cross:
+            shapes |= norm_shapes(f"{pre}.ln_cross", cfg) \
+                | linear_shapes(f"{pre}.cross_attn.q", inner, h, "normal", cfg.bias) \
+                | linear_shapes(f"{pre}.cross_attn.kv", 2 * inner, h, "normal", cfg.bias) \
+                | linear_shapes(f"{pre}.cross_attn.proj", h, inner, "scaled", cfg.bias)
+        shapes |= norm_shapes(f"{pre}.ln2", cfg) | linear_shapes(f"{pre}.mlp.fc1", fc1, h, "normal", cfg.bias) \
+            | linear_shapes(f"{pre}.mlp.fc2", h, cfg.ffn_hidden, "scaled", cfg.bias)
     if cfg.norm_order == "pre":
         shapes |= norm_shapes("final_norm", cfg)
+    if cfg.position == "relative":
+        shapes["rel_bias"] = ((cfg.rel_buckets, cfg.heads), "normal")
     return shapes
+
+
+def stack_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The shared core's parameters, GPT's and BERT's: the embedding and one
+    stack of cfg.layers blocks. name -> (full shape, init rule), in a fixed
+    order. Init rules: normal, scaled (the residual branch ends), gamma (norm
+    weights), zeros (biases)."""
+    return embedding_shapes(cfg) | layer_shapes(cfg, cfg.layers)
 
 
 def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -240,12 +286,15 @@ def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
 def num_params(cfg: GPTConfig, shapes_of=None) -> int:
     """Elements of the full (padded-vocabulary) parameters of a model whose
     shapes come from shapes_of (default: gpt_shapes), from one layer's shapes
-    times the layer count: O(1) in cfg.layers, so a size can be checked
-    before anything is allocated."""
+    per stack times the stack's layer count: O(1) in the layers, so a size
+    can be checked before anything is allocated."""
     count = lambda shapes: sum(math.prod(shape) for shape, _ in shapes.values())
-    one = (shapes_of or gpt_shapes)(replace(cfg, layers=1))
-    per_layer = count({k: v for k, v in one.items() if k.startswith("layers.0.")})
-    return count(one) + (cfg.layers - 1) * per_layer
+    stacks = cfg.stacks()
+    one = (shapes_of or gpt_shapes)(replace(cfg, layers=1, **({"decoder_layers": 1} if len(stacks) > 1 else {})))
+    total = count(one)
+    for prefix, layers in stacks.items():
+        total += (layers - 1) * count({k: v for k, v in one.items() if k.startswith(f"{prefix}layers.0.")})
+    return total
 
 
 def init_gpt(cfg: GPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -294,8 +343,11 @@ def param_generator(seed: int, name: str) -> torch.Generator:
 # column-parallel weights and biases split dim 0 (output features), row-parallel
 # weights dim 1 (input features); everything else is replicated.
 # (attn.qkv is split by whole kv-head groups: `qkv_split`.)
-TP_SPLIT = {"embed.word": 0, "head.weight": 0, "attn.proj.weight": 1, "mlp.fc1.weight": 0, "mlp.fc1.bias": 0,
-            "mlp.fc2.weight": 1}
+TP_SPLIT = {"embed.word": 0, "head.weight": 0, "lm_head.bias": 0, "attn.proj.weight": 1, "mlp.fc1.weight": 0,
+            "mlp.fc1.bias": 0, "mlp.fc2.weight": 1, "rel_bias": 1, "cross_attn.proj.weight": 1,
+            **dict.fromkeys(("cross_attn.q.weight", "cross_attn.q.bias", "cross_attn.kv.weight", "cross_attn.kv.bias"), 0)}
+# (the relative-bias table [buckets, heads] by its head columns, as the heads;
+# the output bias beside a vocab-parallel output layer by vocabulary rows)
 
 
 def qkv_split(cfg: GPTConfig) -> P.HeadGroups:
@@ -310,8 +362,9 @@ def gpt_specs(cfg: GPTConfig) -> dict[str, int | P.HeadGroups | None]:
 
 
 def _stack_specs(shapes: dict, cfg: GPTConfig) -> dict[str, int | P.HeadGroups | None]:
-    """The split of every name in `shapes` by the core's rules (TP_SPLIT, qkv_split)."""
-    local = lambda name: name.split(".", 2)[2] if name.startswith("layers.") else name
+    """The split of every name in `shapes` by the core's rules (TP_SPLIT, qkv_split).
+    A name is looked up without its stack and layer ("decoder.layers.3.")."""
+    local = lambda name: re.sub(r"^(encoder\.|decoder\.)?(layers\.\d+\.)?", "", name)
     split = lambda name: qkv_split(cfg) if local(name).startswith("attn.qkv.") else TP_SPLIT.get(local(name))
     return {name: split(name) for name in shapes}
 
@@ -399,38 +452,51 @@ def check_token_types(token_types, ids, cfg: GPTConfig) -> None:
     P.check_ids(token_types, cfg.type_vocab, "token type id")
 
 
-def core_attention(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, seed, stream, training):
+def core_attention(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, bias=None, seed, stream, training):
     """Megatron's CoreAttention, the path a student reads.
     q: [b, n/t, sq, d]; k, v: [b, g/t, sk, d] (g kv heads) -> [b, n/t, sq, d].
-    scores = q k^T -> fused scale-mask-softmax -> dropout -> probs v."""
+    scores = q k^T (/ sqrt(d)) (+ relative bias [1, n/t, sq, sk]) -> fused
+    scale-mask-softmax -> dropout -> probs v."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # grouped-query: each kv head serves `groups` query heads
         k = repeat(k, "b g s d -> b (g r) s d", r=groups)
         v = repeat(v, "b g s d -> b (g r) s d", r=groups)
     scores = q @ k.transpose(-1, -2)  # [b, n/t, sq, sk]
-    probs = kernels.scale_mask_softmax(scores, scale=1.0 / math.sqrt(q.shape[-1]), mask_kind=mask_kind, mask=mask)
+    scale = attention_scale(q, cfg)
+    if bias is not None:  # the bias is added after the scale; the kernel then scales by 1
+        scores, scale = scores * scale + bias, 1.0
+    probs = kernels.scale_mask_softmax(scores, scale=scale, mask_kind=mask_kind, mask=mask)
     if training and cfg.attention_dropout > 0:
         b, n_local, sq, sk = probs.shape  # this rank holds heads [tp_rank*n/t, (tp_rank+1)*n/t)
         probs = P.dropout(probs, cfg.attention_dropout, seed=seed, stream=stream,
                           offset=(0, mesh.tp_rank * n_local, 0, 0), global_shape=(b, n_local * mesh.tp, sq, sk))
-    return probs @ v
+    return probs.to(v.dtype) @ v
 
 
-def sdpa_attention(q, k, v, *, mask_kind, mask):
+def attention_scale(q, cfg: GPTConfig) -> float:
+    """1/sqrt(head dim), or 1 for Google's T5 (scale_attention=False)."""
+    return 1.0 / math.sqrt(q.shape[-1]) if cfg.scale_attention else 1.0
+
+
+def sdpa_attention(q, k, v, *, mask_kind, mask, bias=None, scale=None):
     """The fast path: torch's fused scaled_dot_product_attention (flash or
     memory-efficient kernels on GPU). Same shapes as core_attention.
-    Megatron's mask is True = masked out; SDPA's is True = attend. A query
-    that may see no key (a padded query under BERT's mask) gets zeros, as
-    from the fused softmax, where SDPA alone would give NaN."""
+    Megatron's mask is True = masked out; SDPA's is True = attend (or a float
+    mask, added: how the relative bias goes in); scale: None for 1/sqrt(d). A query that may see no key
+    (a padded query under BERT's mask) gets zeros, as from the fused softmax,
+    where SDPA alone would give NaN."""
     sq, sk = q.shape[-2], k.shape[-2]
-    if mask_kind == "causal" and sq != sk:  # decoding with a cache: the causal diagonal is shifted
+    if mask_kind == "causal" and (sq != sk or bias is not None):  # shifted diagonal, or a bias to add: a tensor
         mask_kind, mask = "padding", causal_mask(sq, sk, q.device)
     attend, blind = None, None
     if mask_kind == "padding":
         blind = mask.all(dim=-1, keepdim=True)  # [b|1, n|1, sq|1, 1]: rows with nothing to see
         attend = ~mask | blind  # let them see everything, then zero their output
+    if bias is not None:
+        attend = bias if attend is None else bias.masked_fill(~attend, float("-inf"))
+        attend = attend.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=mask_kind == "causal",
-                                         enable_gqa=k.shape[1] != q.shape[1])
+                                         scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out if blind is None else out.masked_fill(blind, 0.0)
 
 
@@ -440,17 +506,67 @@ def causal_mask(sq: int, sk: int, device=None):
     return torch.arange(sk, device=device)[None] > i + (sk - sq)
 
 
-def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=None, seed=0, stream=0,
+def relative_buckets(sq: int, sk: int, cfg: GPTConfig, *, bidirectional: bool, q_offset: int = 0, device=None):
+    """T5's bucketed relative positions: [sq, sk] long in [0, rel_buckets).
+    The distance key - query (queries at q_offset + i, keys at j): half the
+    buckets count small distances exactly, the rest grow logarithmically up
+    to rel_max_distance, beyond which all share the last. Bidirectional (an
+    encoder) gives keys after the query their own half of the buckets; a
+    causal stack has only keys at or before the query."""
+    distance = torch.arange(sk, device=device)[None] - torch.arange(q_offset, q_offset + sq, device=device)[:, None]
+    buckets, base = cfg.rel_buckets, torch.zeros_like(distance)
+    if bidirectional:
+        buckets //= 2
+        base = (distance > 0).long() * buckets  # keys ahead of the query: the upper half
+        distance = distance.abs()
+    else:
+        distance = (-distance).clamp(min=0)  # how far back the key is (a later key is masked anyway)
+    exact = buckets // 2
+    log_ratio = torch.log(distance.clamp(min=1).double() / exact) / math.log(cfg.rel_max_distance / exact)
+    far = (exact + (log_ratio * (buckets - exact)).long()).clamp(max=buckets - 1)
+    return base + torch.where(distance < exact, distance, far)
+
+
+def position_bias(params, sq: int, sk: int, cfg: GPTConfig, *, bidirectional: bool, q_offset: int = 0):
+    """The relative-position bias of one stack: -> [1, n/t, sq, sk], added to
+    every layer's attention scores. The table rel_bias [buckets, n/t] is
+    split over tp by heads like the heads themselves, so each rank looks up
+    only its own heads' columns; the full [sq, sk] grid is made on every rank
+    (attention sees the whole sequence even under sequence parallel), so the
+    table's gradient is already complete: no collective."""
+    table = params["rel_bias"]
+    buckets = relative_buckets(sq, sk, cfg, bidirectional=bidirectional, q_offset=q_offset, device=table.device)
+    return rearrange(F.embedding(buckets, table), "sq sk n -> 1 n sq sk")
+
+
+def attend(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, bias, seed, stream, training):
+    """Self- or cross-attention's core: q [b, n/t, sq, d], k, v [b, g/t, sk, d]
+    -> context [b, sq, n/t·d], by cfg.attention's path. The mask is checked
+    the same way for both paths."""
+    kernels.check_mask(mask_kind, mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q.device)
+    if cfg.attention == "sdpa":
+        ctx = sdpa_attention(q, k, v, mask_kind=mask_kind, mask=mask, bias=bias, scale=attention_scale(q, cfg))
+    else:
+        core = lambda q, k, v, bias: core_attention(q, k, v, cfg, mesh, mask_kind=mask_kind, mask=mask, bias=bias,
+                                                    seed=seed, stream=stream, training=training)
+        # selective recompute: keep only q, k, v; redo the s^2-sized softmax and dropout in backward
+        ctx = checkpoint(core, q, k, v, bias, use_reentrant=False) if cfg.recompute == "selective" \
+            else core(q, k, v, bias)
+    return rearrange(ctx, "b n s d -> b s (n d)")
+
+
+def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=None, bias=None, seed=0, stream=0,
               training=False, cache=None, pos_offset=0):
     """Self-attention. x: [b, s(/t), h] -> (out [b, s(/t), h], proj bias or None).
 
     qkv is column-parallel: this rank computes whole heads, n/t query and g/t
     kv heads (one replicated kv head when t > g); proj is row-parallel: partial outputs summed over tp (or
     reduce-scattered along s). The proj bias is returned, not added, for the
-    fused bias-dropout-add. `cache` (a dict, decoding only) keeps k and v."""
+    fused bias-dropout-add. `cache` (a dict, decoding only) keeps k and v.
+    bias: the relative-position bias [1, n/t, sq, sk] (`position_bias`) or None."""
     split = qkv_split(cfg)  # with tp > kv heads each kv head is replicated: its grad summed over the replicas
-    weight, bias = (P.sync_kv_replica_grad(params.get(f"{prefix}.qkv.{n}"), split, mesh) for n in ("weight", "bias"))
-    qkv = P.column_parallel_linear(x, weight, bias, mesh,
+    weight, qkv_bias = (P.sync_kv_replica_grad(params.get(f"{prefix}.qkv.{n}"), split, mesh) for n in ("weight", "bias"))
+    qkv = P.column_parallel_linear(x, weight, qkv_bias, mesh,
                                    sequence_parallel=cfg.sequence_parallel)  # [b, s, (n/t + 2 g_local) d]
     # The qkv rows, grouped per kv head (GQA, 4 query heads, 2 kv heads, tp = 2):
     #   full:    [q0 q1 k0 v0 | q2 q3 k1 v1]      each entry head_dim rows
@@ -471,30 +587,73 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
         if "k" in cache:
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         cache["k"], cache["v"] = k, v
-    kernels.check_mask(mask_kind, mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q.device)  # both paths
-    if cfg.attention == "sdpa":
-        ctx = sdpa_attention(q, k, v, mask_kind=mask_kind, mask=mask)
-    else:
-        core = lambda q, k, v: core_attention(q, k, v, cfg, mesh, mask_kind=mask_kind, mask=mask, seed=seed,
-                                              stream=stream, training=training)
-        # selective recompute: keep only q, k, v; redo the s^2-sized softmax and dropout in backward
-        ctx = checkpoint(core, q, k, v, use_reentrant=False) if cfg.recompute == "selective" else core(q, k, v)
-    ctx = rearrange(ctx, "b n s d -> b s (n d)")  # [b, s, h/t]
+    ctx = attend(q, k, v, cfg, mesh, mask_kind=mask_kind, mask=mask, bias=bias, seed=seed, stream=stream,
+                 training=training)  # [b, s, n/t·d]
     out = P.row_parallel_linear(ctx, params[f"{prefix}.proj.weight"], None, mesh,
                                 sequence_parallel=cfg.sequence_parallel)
     return out, params.get(f"{prefix}.proj.bias")
 
 
+class Memory(NamedTuple):
+    """What a decoder block attends to: the encoder's output x [b, s_e(/t), h]
+    and the encoder-decoder mask ("none", or "padding" with a bool mask
+    [b, 1, s_d or 1, s_e], True = masked)."""
+
+    x: torch.Tensor
+    mask_kind: str = "none"
+    mask: torch.Tensor | None = None
+
+
+def cross_attention(params, prefix, x, memory: Memory, cfg: GPTConfig, mesh: Mesh, *, seed=0, stream=0,
+                    training=False, cache=None):
+    """The decoder's attention to the encoder (T5, Megatron's inter-attention).
+    x: the decoder stream [b, s_d(/t), h]; memory.x: the encoder's output
+    [b, s_e(/t), h] -> (out [b, s_d(/t), h], proj bias or None).
+
+    Queries come from the decoder, keys and values from the encoder, so the
+    two sequence lengths differ and nothing is causal. Under tensor parallel:
+    q = x Wq^T is column-parallel (this rank's n/t heads, [b, s_d, n/t·d]);
+    [k v] = memory Wkv^T is column-parallel too (the same n/t heads: kv rows
+    are grouped per head [k_i, v_i], so a contiguous tp slice holds them);
+    proj is row-parallel: the partial outputs are ALL-REDUCED over tp (b·s_d·h).
+    Under sequence parallel each rank holds s_d/t decoder and s_e/t encoder
+    tokens: the decoder chunk is ALL-GATHERED along s (b·s_d·h), and so is the
+    encoder output for k and v (b·s_e·h, in every decoder layer), whose
+    gradient is REDUCE-SCATTERED back along s_e in backward; proj's output is
+    reduce-scattered along s_d. `cache` (decoding): k, v are computed from
+    the encoder once, at the first step, and kept."""
+    sp = cfg.sequence_parallel
+    q = P.column_parallel_linear(x, params[f"{prefix}.q.weight"], params.get(f"{prefix}.q.bias"), mesh,
+                                 sequence_parallel=sp)  # [b, s_d, n/t·d]
+    q = rearrange(q, "b s (n d) -> b n s d", d=cfg.head_dim)
+    if cache is not None and "cross_k" in cache:
+        k, v = cache["cross_k"], cache["cross_v"]
+    else:
+        kv = P.column_parallel_linear(memory.x, params[f"{prefix}.kv.weight"], params.get(f"{prefix}.kv.bias"), mesh,
+                                      sequence_parallel=sp)  # [b, s_e, 2·n/t·d]
+        k, v = rearrange(kv, "b s (n two d) -> two b n s d", two=2, d=cfg.head_dim)
+        if cache is not None:
+            cache["cross_k"], cache["cross_v"] = k, v
+    ctx = attend(q, k, v, cfg, mesh, mask_kind=memory.mask_kind, mask=memory.mask, bias=None, seed=seed,
+                 stream=stream, training=training)  # [b, s_d, n/t·d]
+    out = P.row_parallel_linear(ctx, params[f"{prefix}.proj.weight"], None, mesh, sequence_parallel=sp)
+    return out, params.get(f"{prefix}.proj.bias")
+
+
 def mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh):
     """x: [b, s(/t), h] -> (out [b, s(/t), h], fc2 bias or None).
-    fc1 column-parallel ([b, s, ffn/t], fused bias-GeLU or SwiGLU), fc2 row-parallel."""
+    fc1 column-parallel ([b, s, ffn/t]: fused bias-GeLU, ReLU, or a gated
+    act(gate) * up: SwiGLU with SiLU, GeGLU with tanh-GeLU, T5 v1.1's),
+    fc2 row-parallel."""
     bias1 = params.get(f"{prefix}.fc1.bias")
     y = P.column_parallel_linear(x, params[f"{prefix}.fc1.weight"], None, mesh,
                                  sequence_parallel=cfg.sequence_parallel)
-    if cfg.activation == "swiglu":
+    if cfg.gated:
         y = y if bias1 is None else y + bias1
         gate, up = rearrange(y, "b s (f two) -> two b s f", two=2)  # rows interleaved [gate_i, up_i]
-        y = F.silu(gate) * up
+        y = (F.silu(gate) if cfg.activation == "swiglu" else F.gelu(gate, approximate="tanh")) * up
+    elif cfg.activation == "relu":
+        y = F.relu(y if bias1 is None else y + bias1)
     else:
         y = kernels.bias_gelu(y, bias1, approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
     out = P.row_parallel_linear(y, params[f"{prefix}.fc2.weight"], None, mesh,
@@ -509,32 +668,36 @@ def bias_dropout_add(x, bias, residual, cfg: GPTConfig, mesh: Mesh, *, seed, str
     return residual + hidden_dropout(x, cfg.hidden_dropout, cfg, mesh, seed=seed, stream=stream, training=training)
 
 
-def transformer_block(params, i, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=None, seed=0, training=False,
-                      cache=None, pos_offset=0):
+def transformer_block(params, i, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=None, bias=None, memory=None,
+                      seed=0, training=False, cache=None, pos_offset=0):
     """Block i. x: [b, s(/t), h] -> [b, s(/t), h].
     Pre-norm: x = x + attn(norm1(x)); x = x + mlp(norm2(x)) (the residual
     taken after the norm instead, with residual_post_norm). Post-norm (the
     original BERT): x = norm1(x + attn(x)); x = norm2(x + mlp(x)). Per block
-    without sequence parallel: 2 all-reduces of b*s*h forward and 2 backward."""
+    without sequence parallel: 2 all-reduces of b*s*h forward and 2 backward.
+    memory (a `Memory`: T5's decoder): a cross-attention sub-block to the
+    encoder's output sits between attention and MLP, with its own norm
+    ln_cross (one more all-reduce each way)."""
     pre = f"layers.{i}"
     branch = dict(seed=seed, training=training)
-    if cfg.norm_order == "post":
-        out, bias = attention(params, f"{pre}.attn", x, cfg, mesh, mask_kind=mask_kind, mask=mask,
-                              stream=f"{i}.attn", cache=cache, pos_offset=pos_offset, **branch)
-        x = norm(params, f"{pre}.ln1", bias_dropout_add(out, bias, x, cfg, mesh, stream=f"{i}.attn_out", **branch),
-                 cfg, mesh)
-        out, bias = mlp(params, f"{pre}.mlp", x, cfg, mesh)
-        return norm(params, f"{pre}.ln2", bias_dropout_add(out, bias, x, cfg, mesh, stream=f"{i}.mlp_out", **branch),
-                    cfg, mesh)
-    h = norm(params, f"{pre}.ln1", x, cfg, mesh)
-    out, bias = attention(params, f"{pre}.attn", h, cfg, mesh, mask_kind=mask_kind, mask=mask, seed=seed,
-                          stream=f"{i}.attn", training=training, cache=cache, pos_offset=pos_offset)
-    x = bias_dropout_add(out, bias, h if cfg.residual_post_norm else x, cfg, mesh, seed=seed,
-                         stream=f"{i}.attn_out", training=training)
-    h = norm(params, f"{pre}.ln2", x, cfg, mesh)
-    out, bias = mlp(params, f"{pre}.mlp", h, cfg, mesh)
-    return bias_dropout_add(out, bias, h if cfg.residual_post_norm else x, cfg, mesh, seed=seed,
-                            stream=f"{i}.mlp_out", training=training)
+    attn = lambda h: attention(params, f"{pre}.attn", h, cfg, mesh, mask_kind=mask_kind, mask=mask, bias=bias,
+                               stream=f"{i}.attn", cache=cache, pos_offset=pos_offset, **branch)
+    cross = lambda h: cross_attention(params, f"{pre}.cross_attn", h, memory, cfg, mesh, stream=f"{i}.cross_attn",
+                                      cache=cache, **branch)
+    ffn = lambda h: mlp(params, f"{pre}.mlp", h, cfg, mesh)
+    sublayers = [("ln1", attn, "attn_out")] + ([("ln_cross", cross, "cross_out")] if memory is not None else []) \
+        + [("ln2", ffn, "mlp_out")]
+    for norm_name, f, stream in sublayers:
+        if cfg.norm_order == "post":  # x = norm(x + f(x))
+            out, b = f(x)
+            x = norm(params, f"{pre}.{norm_name}", bias_dropout_add(out, b, x, cfg, mesh, stream=f"{i}.{stream}",
+                                                                    **branch), cfg, mesh)
+        else:  # x = x + f(norm(x))
+            h = norm(params, f"{pre}.{norm_name}", x, cfg, mesh)
+            out, b = f(h)
+            x = bias_dropout_add(out, b, h if cfg.residual_post_norm else x, cfg, mesh, stream=f"{i}.{stream}",
+                                 **branch)
+    return x
 
 
 # ---------------------------------------------------------------------------
@@ -547,16 +710,32 @@ def layer_ids(params) -> list[int]:
     return sorted({int(name.split(".")[1]) for name in params if name.startswith("layers.")})
 
 
-def run_layers(params, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind="causal", mask=None, seed=0, training=False,
-               caches=None, pos_offset=0):
-    """The contiguous run of layers held in params (a pipeline stage's body)."""
+def run_layers(params, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind="causal", mask=None, memory=None,
+               bidirectional=None, seed=0, training=False, caches=None, pos_offset=0):
+    """The contiguous run of layers held in params (a pipeline stage's body,
+    or one stack of T5: params is then the stack's slice, `substack`).
+    x: [b, s(/t), h] -> [b, s(/t), h]. With position="relative" the stack's
+    bias is made once here and shared by its layers (bidirectional: default
+    unless the mask is causal; T5's decoder says False). memory: the
+    encoder's output for cross-attention (`Memory`), or None."""
+    bias = None
+    if cfg.position == "relative":
+        sq = x.shape[1] * (mesh.tp if cfg.sequence_parallel else 1)
+        bias = position_bias(params, sq, pos_offset + sq, cfg, q_offset=pos_offset,
+                             bidirectional=mask_kind != "causal" if bidirectional is None else bidirectional)
     for i in layer_ids(params):
-        block = lambda x, i=i: transformer_block(params, i, x, cfg, mesh, mask_kind=mask_kind, mask=mask,
-                                                 seed=seed, training=training, pos_offset=pos_offset,
+        block = lambda x, i=i: transformer_block(params, i, x, cfg, mesh, mask_kind=mask_kind, mask=mask, bias=bias,
+                                                 memory=memory, seed=seed, training=training, pos_offset=pos_offset,
                                                  cache=None if caches is None else caches[i])
         # full recompute: keep only the block's input; redo the whole block in backward
         x = checkpoint(block, x, use_reentrant=False) if cfg.recompute == "full" and training else block(x)
     return x
+
+
+def substack(params, prefix: str) -> dict:
+    """The parameters under prefix ("encoder."), without it: one stack of a
+    two-stack model, so run_layers and final_norm read it as they read GPT's."""
+    return {name[len(prefix):]: p for name, p in params.items() if name.startswith(prefix)}
 
 
 def final_norm(params, x, cfg: GPTConfig, mesh: Mesh):
@@ -566,12 +745,22 @@ def final_norm(params, x, cfg: GPTConfig, mesh: Mesh):
 
 def lm_logits(params, x, cfg: GPTConfig, mesh: Mesh):
     """Final norm and output layer. x: [b, s(/t), h] -> logits [b, s, V/t],
-    kept vocab-parallel for the loss (the tied embedding is the weight).
-    The padded vocabulary columns (ids >= cfg.vocab_size) are -inf, so no
-    argmax, softmax or sample of these logits can pick a padded id."""
-    x = final_norm(params, x, cfg, mesh)
+    kept vocab-parallel for the loss (see `output_layer`)."""
+    return output_layer(params, final_norm(params, x, cfg, mesh), cfg, mesh)
+
+
+def output_layer(params, x, cfg: GPTConfig, mesh: Mesh):
+    """x: [b, s(/t), h] (normalised) -> logits [b, s, V/t]: the tied embedding
+    (or head.weight) as a column-parallel output layer, plus the
+    vocab-parallel lm_head.bias when the model has one (T5 with biases);
+    x scaled by hidden^-0.5 first with scale_output (T5 v1.0). The padded
+    vocabulary columns (ids >= cfg.vocab_size) are -inf, so no argmax,
+    softmax or sample of these logits can pick a padded id."""
+    if cfg.scale_output:
+        x = x * cfg.hidden ** -0.5
     weight = params["embed.word"] if cfg.tie_embeddings else params["head.weight"]
-    logits = P.column_parallel_linear(x, weight, None, mesh, sequence_parallel=cfg.sequence_parallel)
+    logits = P.column_parallel_linear(x, weight, params.get("lm_head.bias"), mesh,
+                                      sequence_parallel=cfg.sequence_parallel)
     return mask_padded_vocab(logits, cfg.vocab_size, mesh)
 
 
@@ -911,8 +1100,7 @@ def bert_specs(cfg: BertConfig) -> dict[str, int | P.HeadGroups | None]:
     """The core's specs (`gpt_specs`' rules) plus the heads: the LM output
     bias is vocab-parallel (dim 0); pooler, LM-head dense and norm, binary
     and task heads are replicated."""
-    return {name: 0 if name == "lm_head.bias" else spec for name, spec in
-            _stack_specs(bert_shapes(cfg), cfg).items()}
+    return _stack_specs(bert_shapes(cfg), cfg)
 
 
 def bert_attention_mask(attention_mask, ids):

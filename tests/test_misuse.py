@@ -248,7 +248,7 @@ BAD_FIELDS = [
     ("norm_eps", 0), ("norm_eps", 0.0), ("norm_eps", -1), ("norm_eps", NAN), ("norm_eps", INF), ("norm_eps", True),
     ("norm_eps", "1e-5"), ("norm_eps", None),
     ("zero_centered_gamma", 1), ("zero_centered_gamma", "no"), ("zero_centered_gamma", None),
-    ("activation", None), ("activation", "relu"), ("activation", 0),
+    ("activation", None), ("activation", "tanh"), ("activation", 0),
     ("position", None), ("position", "alibi"),
     ("rope_base", 0), ("rope_base", -1), ("rope_base", NAN), ("rope_base", INF), ("rope_base", None),
     ("bias", "no"), ("bias", 1), ("bias", 0), ("bias", None),
@@ -264,12 +264,18 @@ BAD_FIELDS = [
     ("label_smoothing", NAN), ("label_smoothing", 1.0), ("label_smoothing", -0.5), ("label_smoothing", INF),
     ("norm_order", None), ("norm_order", "mid"), ("norm_order", 0),
     ("type_vocab", -1), ("type_vocab", 1.5), ("type_vocab", True), ("type_vocab", None),
+    ("kv_channels", 0), ("kv_channels", 4.0), ("kv_channels", True),
+    ("rel_buckets", 2), ("rel_buckets", 32.0), ("rel_buckets", None),
+    ("rel_max_distance", 0), ("rel_max_distance", 128.0), ("rel_max_distance", None),
+    ("scale_attention", 1), ("scale_attention", None),
+    ("scale_output", 0), ("scale_output", "no"),
 ]
 
 GOOD_FIELDS = [
     ("init_std", 0), ("init_std", 0.0), ("norm_eps", 1e-12), ("norm_eps", 1), ("rope_base", 10000), ("rope_base", 0.5),
     ("kv_heads", None), ("kv_heads", 1), ("ffn", None), ("ffn", 1), ("hidden_dropout", 0), ("label_smoothing", 0.999),
     ("attention_dropout", 0.5), ("max_seq", 1), ("vocab_multiple", 1), ("type_vocab", 0),
+    ("kv_channels", None), ("kv_channels", 3), ("rel_buckets", 4), ("activation", "relu"), ("activation", "geglu"),
 ]
 
 
