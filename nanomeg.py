@@ -345,7 +345,7 @@ def param_generator(seed: int, name: str) -> torch.Generator:
 # (attn.qkv is split by whole kv-head groups: `qkv_split`.)
 TP_SPLIT = {"embed.word": 0, "head.weight": 0, "lm_head.bias": 0, "attn.proj.weight": 1, "mlp.fc1.weight": 0,
             "mlp.fc1.bias": 0, "mlp.fc2.weight": 1, "rel_bias": 1, "cross_attn.proj.weight": 1,
-            **dict.fromkeys(("cross_attn.q.weight", "cross_attn.q.bias", "cross_attn.kv.weight", "cross_attn.kv.bias"), 0)}
+            **dict.fromkeys((f"cross_attn.{w}.{part}" for w in ("q", "kv") for part in ("weight", "bias")), 0)}
 # (the relative-bias table [buckets, heads] by its head columns, as the heads;
 # the output bias beside a vocab-parallel output layer by vocabulary rows)
 
@@ -565,7 +565,8 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
     fused bias-dropout-add. `cache` (a dict, decoding only) keeps k and v.
     bias: the relative-position bias [1, n/t, sq, sk] (`position_bias`) or None."""
     split = qkv_split(cfg)  # with tp > kv heads each kv head is replicated: its grad summed over the replicas
-    weight, qkv_bias = (P.sync_kv_replica_grad(params.get(f"{prefix}.qkv.{n}"), split, mesh) for n in ("weight", "bias"))
+    weight, qkv_bias = (P.sync_kv_replica_grad(params.get(f"{prefix}.qkv.{n}"), split, mesh)
+                        for n in ("weight", "bias"))
     qkv = P.column_parallel_linear(x, weight, qkv_bias, mesh,
                                    sequence_parallel=cfg.sequence_parallel)  # [b, s, (n/t + 2 g_local) d]
     # The qkv rows, grouped per kv head (GQA, 4 query heads, 2 kv heads, tp = 2):
