@@ -419,7 +419,8 @@ def hidden_dropout(x, p, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
     return P.dropout(x, p, seed=seed, stream=stream)
 
 
-def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, training=False, pos_offset=0):
+def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, training=False, pos_offset=0,
+          stream="embed"):
     """Token ids [b, s] -> hidden [b, s, h] ([b, s/t, h] under sequence parallel).
     Word rows are vocab-parallel (an all-reduce, or a reduce-scatter along s);
     learned positions and token types [b, s] (BERT's segments; default all 0)
@@ -437,7 +438,7 @@ def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, 
         x = x + local(F.embedding(types, allreduce_grad_if_sp(params["embed.type"], cfg, mesh)), 1)  # [b, s(/t), h]
     if cfg.norm_order == "post":
         x = norm(params, "embed.norm", x, cfg, mesh)
-    return hidden_dropout(x, cfg.hidden_dropout, cfg, mesh, seed=seed, stream="embed", training=training)
+    return hidden_dropout(x, cfg.hidden_dropout, cfg, mesh, seed=seed, stream=stream, training=training)
 
 
 def check_token_types(token_types, ids, cfg: GPTConfig) -> None:
@@ -670,7 +671,7 @@ def bias_dropout_add(x, bias, residual, cfg: GPTConfig, mesh: Mesh, *, seed, str
 
 
 def transformer_block(params, i, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=None, bias=None, memory=None,
-                      seed=0, training=False, cache=None, pos_offset=0):
+                      seed=0, training=False, cache=None, pos_offset=0, stream_prefix=""):
     """Block i. x: [b, s(/t), h] -> [b, s(/t), h].
     Pre-norm: x = x + attn(norm1(x)); x = x + mlp(norm2(x)) (the residual
     taken after the norm instead, with residual_post_norm). Post-norm (the
@@ -678,8 +679,9 @@ def transformer_block(params, i, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, ma
     without sequence parallel: 2 all-reduces of b*s*h forward and 2 backward.
     memory (a `Memory`: T5's decoder): a cross-attention sub-block to the
     encoder's output sits between attention and MLP, with its own norm
-    ln_cross (one more all-reduce each way)."""
-    pre = f"layers.{i}"
+    ln_cross (one more all-reduce each way). stream_prefix names this
+    stack's dropout streams ("dec.": T5's decoder draws its own masks)."""
+    pre, i = f"layers.{i}", f"{stream_prefix}{i}"
     branch = dict(seed=seed, training=training)
     attn = lambda h: attention(params, f"{pre}.attn", h, cfg, mesh, mask_kind=mask_kind, mask=mask, bias=bias,
                                stream=f"{i}.attn", cache=cache, pos_offset=pos_offset, **branch)
@@ -712,7 +714,7 @@ def layer_ids(params) -> list[int]:
 
 
 def run_layers(params, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind="causal", mask=None, memory=None,
-               bidirectional=None, seed=0, training=False, caches=None, pos_offset=0):
+               bidirectional=None, seed=0, training=False, caches=None, pos_offset=0, stream_prefix=""):
     """The contiguous run of layers held in params (a pipeline stage's body,
     or one stack of T5: params is then the stack's slice, `substack`).
     x: [b, s(/t), h] -> [b, s(/t), h]. With position="relative" the stack's
@@ -727,7 +729,8 @@ def run_layers(params, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind="causal", mas
     for i in layer_ids(params):
         block = lambda x, i=i: transformer_block(params, i, x, cfg, mesh, mask_kind=mask_kind, mask=mask, bias=bias,
                                                  memory=memory, seed=seed, training=training, pos_offset=pos_offset,
-                                                 cache=None if caches is None else caches[i])
+                                                 cache=None if caches is None else caches[i],
+                                                 stream_prefix=stream_prefix)
         # full recompute: keep only the block's input; redo the whole block in backward
         x = checkpoint(block, x, use_reentrant=False) if cfg.recompute == "full" and training else block(x)
     return x
@@ -825,7 +828,8 @@ def gpt_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
     per_layer = h * (cfg.heads + 2 * cfg.num_kv_heads) * d + cfg.heads * d * h \
         + h * cfg.ffn_hidden * (3 if cfg.activation == "swiglu" else 2)  # matmul weights
     tokens = batch * seq
-    forward = 2 * tokens * (cfg.layers * per_layer + h * cfg.padded_vocab) + 4 * batch * seq * seq * h * cfg.layers
+    attn = 4 * batch * seq * seq * cfg.heads * d * cfg.layers  # q k^T and probs v
+    forward = 2 * tokens * (cfg.layers * per_layer + h * cfg.padded_vocab) + attn
     return 3.0 * forward
 
 
@@ -850,19 +854,25 @@ def generate(params, prompt_ids, cfg: GPTConfig, mesh: Mesh, max_new_tokens: int
     ids, feed, pos = prompt_ids, prompt_ids, 0
     for _ in range(max_new_tokens):
         local = gpt_logits(params, feed, cfg, mesh, caches=caches, pos_offset=pos)[:, -1]  # [b, V/t]
-        logits = P.gather_from_tp(local, mesh).float()[:, : cfg.vocab_size]  # [b, V]
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+        nxt = next_token(local, cfg, mesh, temperature, top_k, gen)
         pos += feed.shape[1]
         feed = nxt[:, None]
         ids = torch.cat([ids, feed], dim=1)
     return ids
+
+
+def next_token(local_logits, cfg: GPTConfig, mesh: Mesh, temperature: float, top_k, gen):
+    """local_logits [b, V/t] (the last position, vocab-parallel) -> ids [b].
+    ALL-GATHERS the logits over tp (b·V elements) so every rank draws the
+    same token with the same generator; temperature 0 is greedy."""
+    logits = P.gather_from_tp(local_logits, mesh).float()[:, : cfg.vocab_size]  # [b, V]
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
 def check_generate_args(prompt_ids, cfg: GPTConfig, max_new_tokens, temperature, top_k, seed) -> None:
@@ -940,17 +950,18 @@ def load_state_dict(source) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
 
 
-def check_checkpoint(sd: dict, want: dict, *, what: str, positions: str, next_layer: str) -> None:
+def check_checkpoint(sd: dict, want: dict, *, what: str, positions: str | None, next_layer: str | tuple) -> None:
     """ValueError naming the key unless the state dict sd holds every name of
     `want` (name -> shape) at that shape (the position table `positions` may
     hold more rows than max_seq) and no layer beyond the config's
-    (`next_layer`: a key of the layer after the last). Shared by the imports."""
+    (`next_layer`: a key of the layer after the last; a tuple for two stacks). Shared by the imports."""
     missing = [k for k in want if k not in sd]
     if missing:
         raise ValueError(f"not a {what} state dict for this config: missing {missing[:3]}"
                          f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
-    if next_layer in sd:
-        raise ValueError(f"the state dict holds more layers than the config's ({next_layer} is there)")
+    for key in (next_layer,) if isinstance(next_layer, str) else next_layer:
+        if key in sd:
+            raise ValueError(f"the state dict holds more layers than the config's ({key} is there)")
     for name, shape in want.items():
         got, pos = tuple(sd[name].shape), name == positions
         if got != shape and not (pos and got[1:] == shape[1:] and got[0] >= shape[0]):
@@ -958,13 +969,13 @@ def check_checkpoint(sd: dict, want: dict, *, what: str, positions: str, next_la
                              f"{' (at least max_seq rows)' if pos else ''}")
 
 
-def check_tied(sd: dict, tied: str, source: str) -> None:
+def check_tied(sd: dict, tied: str, source: str, fix: str = "this import (always tied) does not hold it") -> None:
     """ValueError if the state dict holds `tied` and it differs from `source`:
-    nanomeg's output layer is the word embedding itself, so an untied one is
+    a tied output layer is the word embedding itself, so an untied one is
     refused rather than silently dropped."""
     if tied in sd and sd[tied].data_ptr() != sd[source].data_ptr() and not torch.equal(sd[tied], sd[source]):
-        raise ValueError(f"{tied} differs from {source}: an untied output layer, which this import (always "
-                         "tied) does not hold; refusing rather than dropping it")
+        raise ValueError(f"{tied} differs from {source}: an untied output layer ({fix}); refusing rather than "
+                         "dropping it")
 
 
 def from_hf_gpt2(state_dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -1111,16 +1122,26 @@ def bert_attention_mask(attention_mask, ids):
     padding. A padded query so sees nothing and its output is zeros."""
     if attention_mask is None:
         return None
+    real = real_tokens(attention_mask, ids)
+    return pair_mask(real, real)
+
+
+def real_tokens(attention_mask, ids, name: str = "attention_mask") -> torch.Tensor:
+    """A padding mask [b, s] of 0/1 (or bool), checked against ids -> bool [b, s], True = a real token."""
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {shape_of(attention_mask)} != ids shape {tuple(ids.shape)}: "
-                         "one 1/0 per token")
+        raise ValueError(f"{name} shape {shape_of(attention_mask)} != ids shape {shape_of(ids)}: one 1/0 per token")
     if attention_mask.is_floating_point():
-        raise ValueError(f"attention_mask must be bool or integer 0/1, got dtype {attention_mask.dtype}")
+        raise ValueError(f"{name} must be bool or integer 0/1, got dtype {attention_mask.dtype}")
     bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
     if bad.numel():
-        raise ValueError(f"attention_mask must hold only 0 and 1, got {bad[0].item()}")
-    real = attention_mask.bool()
-    return ~(real[:, None, :, None] & real[:, None, None, :])
+        raise ValueError(f"{name} must hold only 0 and 1, got {bad[0].item()}")
+    return attention_mask.bool()
+
+
+def pair_mask(q_real, k_real):
+    """q_real [b, sq], k_real [b, sk] bool -> [b, 1, sq, sk], True = masked:
+    Megatron's make_attention_mask, a pair is masked when either side is padding."""
+    return ~(q_real[:, None, :, None] & k_real[:, None, None, :])
 
 
 def bert_encode(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None, seed=0,
@@ -1394,4 +1415,351 @@ def to_hf_bert(params, cfg: BertConfig) -> dict[str, torch.Tensor]:
             qkv = rearrange(params[f"layers.{i}.attn.qkv.{part}"], "(n three d) ... -> three (n d) ...", three=3,
                             n=cfg.heads)
             sd |= dict(zip(_hf_qkv_names(i, part), qkv))
+    return {k: v.contiguous().clone() for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------
+# 9. T5: two stacks of the core. The encoder is BERT's bidirectional stack,
+#    the decoder GPT's causal stack with cross-attention to the encoder; one
+#    word embedding serves the encoder input, the decoder input and the head.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class T5Config(GPTConfig):
+    """T5: `layers` encoder blocks and `decoder_layers` decoder blocks.
+    The defaults are Megatron's T5: learned absolute positions (one table,
+    used by both stacks), LayerNorm, GeLU, biases, 1/sqrt(d) scaling, the
+    tied head plus a vocab-parallel output bias. `google_t5_config` gives
+    Hugging Face's T5ForConditionalGeneration (v1.0 and v1.1): the same code,
+    other switches (relative bias, RMSNorm, no biases, no scaling, ReLU or
+    GeGLU, kv_channels, scale_output or an untied head)."""
+
+    max_seq: int = 512
+    decoder_layers: int | None = None  # None: = layers
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.type_vocab:
+            raise ValueError(f"type_vocab={self.type_vocab}: T5 has no token types (use 0)")
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return self.layers if self.decoder_layers is None else self.decoder_layers
+
+    def stacks(self) -> dict[str, int]:
+        return {"encoder.": self.layers, "decoder.": self.num_decoder_layers}
+
+
+def google_t5_config(version: str = "1.1", **overrides) -> T5Config:
+    """Hugging Face's T5 as a T5Config: relative position bias (32 buckets,
+    max distance 128), RMSNorm (eps 1e-6) and no biases, no 1/sqrt(d).
+    v1.0: ReLU, the tied head with the decoder output scaled by hidden^-0.5.
+    v1.1: GeGLU (tanh-GeLU gate) and an untied head, unscaled."""
+    if version not in ("1.0", "1.1"):
+        raise ValueError(f"version={version!r}: Google's T5 is '1.0' or '1.1'")
+    v10 = version == "1.0"
+    return T5Config(**dict(position="relative", norm="rmsnorm", norm_eps=1e-6, bias=False, scale_attention=False,
+                           activation="relu" if v10 else "geglu", tie_embeddings=v10, scale_output=v10) | overrides)
+
+
+def t5_shapes(cfg: T5Config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The shared embedding, "encoder." + a stack, "decoder." + a stack with
+    cross-attention (each with its own final norm and relative-bias table),
+    the untied head if any, and the vocab-parallel output bias with biases."""
+    shapes = embedding_shapes(cfg)
+    shapes |= {f"encoder.{k}": v for k, v in layer_shapes(cfg, cfg.layers).items()}
+    shapes |= {f"decoder.{k}": v for k, v in layer_shapes(cfg, cfg.num_decoder_layers, cross=True).items()}
+    if not cfg.tie_embeddings:
+        shapes["head.weight"] = ((cfg.padded_vocab, cfg.hidden), "normal")
+    if cfg.bias:
+        shapes["lm_head.bias"] = ((cfg.padded_vocab,), "zeros")
+    return shapes
+
+
+def init_t5(cfg: T5Config, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Full T5 parameters, the same on every rank (Megatron's init, `init_params`)."""
+    return init_params(t5_shapes(cfg), cfg, seed, dtype)
+
+
+def t5_specs(cfg: T5Config) -> dict[str, int | P.HeadGroups | None]:
+    """The core's split for both stacks (cross_attn q and kv by heads, its proj
+    by input features, each relative-bias table by head columns) and the
+    vocab-parallel output bias by rows, so the grad norm counts it once."""
+    return _stack_specs(t5_shapes(cfg), cfg)
+
+
+def t5_masks(enc_ids, dec_ids, *, enc_padding=None, dec_padding=None, masks=None):
+    """The three attention masks, as (mask_kind, mask) pairs for the encoder,
+    the decoder and the encoder-decoder attention. Either from the padding
+    of both sides (HF's attention_mask and decoder_attention_mask: [b, s_e],
+    [b, s_d], 1 = real token), a pair masked when either side is padding;
+    or Megatron's three masks `masks` = (enc [b, s_e, s_e], dec [b, s_d,
+    s_d], enc_dec [b, s_d, s_e]), bool, True = masked. The decoder's is
+    always also causal (Megatron's history mask), whatever it says."""
+    b, s_e, s_d = enc_ids.shape[0], enc_ids.shape[1], dec_ids.shape[1]
+    if masks is not None:
+        if enc_padding is not None or dec_padding is not None:
+            raise ValueError("give either the three masks or enc_padding / dec_padding, not both")
+        if not isinstance(masks, (tuple, list)) or len(masks) != 3:
+            raise ValueError(f"masks must be (enc_mask, dec_mask, enc_dec_mask), got {type(masks).__name__}")
+        for name, m, want in zip(("enc_mask", "dec_mask", "enc_dec_mask"), masks,
+                                 ((b, s_e, s_e), (b, s_d, s_d), (b, s_d, s_e))):
+            if not isinstance(m, torch.Tensor) or tuple(m.shape) != want or m.dtype != torch.bool:
+                got = f"{shape_of(m)} {getattr(m, 'dtype', '')}".rstrip()
+                raise ValueError(f"{name} must be bool {list(want)} ([b, s_q, s_k], True = masked), got {got}")
+        enc, dec, enc_dec = (m[:, None] for m in masks)
+    else:
+        enc_real = None if enc_padding is None else real_tokens(enc_padding, enc_ids, "enc_padding")
+        dec_real = None if dec_padding is None else real_tokens(dec_padding, dec_ids, "dec_padding")
+        ones = lambda s: torch.ones(b, s, dtype=torch.bool, device=enc_ids.device)
+        enc = None if enc_real is None else pair_mask(enc_real, enc_real)
+        dec = None if dec_real is None else pair_mask(dec_real, dec_real)
+        enc_dec = None if enc_real is None and dec_real is None else \
+            pair_mask(ones(s_d) if dec_real is None else dec_real, ones(s_e) if enc_real is None else enc_real)
+    padding = lambda m: ("none", None) if m is None else ("padding", m)
+    dec = ("causal", None) if dec is None else ("padding", dec | causal_mask(s_d, s_d, dec.device))
+    return padding(enc), dec, padding(enc_dec)
+
+
+def t5_encode(params, enc_ids, cfg: T5Config, mesh: Mesh, *, mask=("none", None), seed=0, training=False):
+    """enc_ids [b, s_e] -> the encoder's output [b, s_e(/t), h] (after its
+    final norm): the shared embedding, the bidirectional encoder stack.
+    mask: the encoder's (mask_kind, mask) from `t5_masks`."""
+    cfg.check_mesh(mesh)
+    x = embed(params, enc_ids, cfg, mesh, seed=seed, training=training, stream="enc.embed")
+    stack = substack(params, "encoder.")
+    x = run_layers(stack, x, cfg, mesh, mask_kind=mask[0], mask=mask[1], bidirectional=True, seed=seed,
+                   training=training, stream_prefix="enc.")
+    return final_norm(stack, x, cfg, mesh)
+
+
+def t5_decode(params, dec_ids, memory: Memory, cfg: T5Config, mesh: Mesh, *, mask=("causal", None), seed=0,
+              training=False, caches=None, pos_offset=0):
+    """dec_ids [b, s_d] and the encoder's output (memory.x [b, s_e(/t), h] with
+    the encoder-decoder mask) -> vocab-parallel logits [b, s_d, V/t]: the
+    shared embedding, the causal decoder stack with cross-attention, its
+    final norm, the output layer. caches / pos_offset: incremental decoding."""
+    if not isinstance(memory, Memory) or not isinstance(memory.x, torch.Tensor):
+        raise ValueError(f"the decoder needs the encoder's output: memory must be a Memory(x=[b, s_e, h], ...), "
+                         f"got {type(memory).__name__}")
+    b, h = dec_ids.shape[0], cfg.hidden
+    if memory.x.dim() != 3 or memory.x.shape[0] != b or memory.x.shape[2] != h:
+        raise ValueError(f"encoder output shape {tuple(memory.x.shape)} does not fit the decoder's batch {b} and "
+                         f"hidden {h}: expected [{b}, s_e{'/tp' if cfg.sequence_parallel else ''}, {h}]")
+    x = embed(params, dec_ids, cfg, mesh, seed=seed, training=training, pos_offset=pos_offset, stream="dec.embed")
+    stack = substack(params, "decoder.")
+    x = run_layers(stack, x, cfg, mesh, mask_kind=mask[0], mask=mask[1], memory=memory, bidirectional=False,
+                   seed=seed, training=training, caches=caches, pos_offset=pos_offset, stream_prefix="dec.")
+    return output_layer(params, final_norm(stack, x, cfg, mesh), cfg, mesh)
+
+
+def t5_logits(params, enc_ids, dec_ids, cfg: T5Config, mesh: Mesh, *, enc_padding=None, dec_padding=None,
+              masks=None, seed=0, training=False):
+    """enc_ids [b, s_e], dec_ids [b, s_d] -> vocab-parallel logits [b, s_d, V/t].
+    Masks from the padding of both sides, or Megatron's three (`t5_masks`)."""
+    for name, ids in (("enc_ids", enc_ids), ("dec_ids", dec_ids)):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or 0 in ids.shape:
+            raise ValueError(f"{name} must be a [batch, tokens] tensor, got {shape_of(ids)}")
+    if enc_ids.shape[0] != dec_ids.shape[0]:
+        raise ValueError(f"enc_ids batch {enc_ids.shape[0]} != dec_ids batch {dec_ids.shape[0]}")
+    enc_mask, dec_mask, enc_dec_mask = t5_masks(enc_ids, dec_ids, enc_padding=enc_padding, dec_padding=dec_padding,
+                                                masks=masks)
+    memory = Memory(t5_encode(params, enc_ids, cfg, mesh, mask=enc_mask, seed=seed, training=training),
+                    *enc_dec_mask)
+    return t5_decode(params, dec_ids, memory, cfg, mesh, mask=dec_mask, seed=seed, training=training)
+
+
+def t5_loss(params, enc_ids, dec_ids, targets, cfg: T5Config, mesh: Mesh, *, loss_mask=None, enc_padding=None,
+            dec_padding=None, masks=None, seed=0, training=True):
+    """-> the mean cross-entropy of the decoder's targets [b, s_d] (weighted by
+    loss_mask [b, s_d], e.g. 0 at decoder padding)."""
+    logits = t5_logits(params, enc_ids, dec_ids, cfg, mesh, enc_padding=enc_padding, dec_padding=dec_padding,
+                       masks=masks, seed=seed, training=training)
+    return lm_loss(logits, targets, cfg, mesh, loss_mask)
+
+
+@torch.no_grad()
+def t5_generate(params, enc_ids, cfg: T5Config, mesh: Mesh, max_new_tokens: int, *, enc_padding=None,
+                start_id: int = 0, eos_id: int | None = None, pad_id: int | None = None, temperature: float = 1.0,
+                top_k: int | None = None, seed: int = 0):
+    """Decode max_new_tokens after start_id for each encoder input [b, s_e]
+    -> [b, 1 + max_new_tokens] (start_id first, as HF's generate returns).
+
+    The encoder runs once. Each step feeds the decoder one token: its
+    self-attention k, v grow in a per-layer cache, and its cross-attention
+    k, v are computed from the encoder output at the first step and kept.
+    Greedy (temperature 0), temperature and top-k, the same on every tp
+    rank (`next_token`). With eos_id, a sequence that has emitted it goes
+    on with pad_id (default start_id), as HF's generate pads."""
+    if not isinstance(enc_ids, torch.Tensor) or enc_ids.dim() != 2 or 0 in enc_ids.shape or \
+            enc_ids.is_floating_point() or enc_ids.dtype == torch.bool:
+        raise ValueError(f"enc_ids must be an integer [batch, tokens] tensor, got {shape_of(enc_ids)}")
+    b = enc_ids.shape[0]
+    for name, value in (("start_id", start_id), ("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+                                  or not 0 <= value < cfg.vocab_size):
+            raise ValueError(f"{name}={value!r} is not a token id in [0, {cfg.vocab_size})")
+    ids = torch.full((b, 1), start_id, dtype=torch.long, device=enc_ids.device)
+    check_generate_args(ids, cfg, max_new_tokens, temperature, top_k, seed)
+    cfg = replace(cfg, sequence_parallel=False, recompute="none")
+    enc_mask, _, enc_dec_mask = t5_masks(enc_ids, ids, enc_padding=enc_padding)
+    memory = Memory(t5_encode(params, enc_ids, cfg, mesh, mask=enc_mask), *enc_dec_mask)  # mask [b, 1, 1, s_e]
+    gen = torch.Generator(device=enc_ids.device).manual_seed(seed)
+    caches = {i: {} for i in layer_ids(substack(params, "decoder."))}
+    done = torch.zeros(b, dtype=torch.bool, device=enc_ids.device)
+    for pos in range(max_new_tokens):
+        local = t5_decode(params, ids[:, -1:], memory, cfg, mesh, caches=caches, pos_offset=pos)[:, -1]
+        nxt = next_token(local, cfg, mesh, temperature, top_k, gen)
+        if eos_id is not None:
+            nxt = torch.where(done, start_id if pad_id is None else pad_id, nxt)
+            done |= nxt == eos_id
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return ids
+
+
+def t5_flops(cfg: T5Config, batch: int, enc_seq: int, dec_seq: int) -> float:
+    """Model FLOPs of one T5 forward + backward (as `gpt_flops`): the encoder
+    stack on s_e tokens, the decoder stack on s_d tokens plus, per decoder
+    layer, cross-attention (q and proj on s_d tokens, k and v on s_e, the
+    two [s_d, s_e] matmuls), and the output layer on s_d tokens."""
+    inner = cfg.heads * cfg.head_dim
+    stack = lambda layers, s: gpt_flops(replace(cfg, layers=layers, vocab_size=1, vocab_multiple=1), batch, s) \
+        - 3.0 * 2 * batch * s * cfg.hidden
+    cross = 2 * batch * (dec_seq * 2 * cfg.hidden * inner + enc_seq * 2 * cfg.hidden * inner
+                         + 2 * dec_seq * enc_seq * inner)
+    head = 2 * batch * dec_seq * cfg.hidden * cfg.padded_vocab
+    return stack(cfg.layers, enc_seq) + stack(cfg.num_decoder_layers, dec_seq) \
+        + 3.0 * (cfg.num_decoder_layers * cross + head)
+
+
+# ---------------------------------------------------------------------------
+# 10. T5 weights from / to Hugging Face's T5ForConditionalGeneration
+# ---------------------------------------------------------------------------
+
+HF_T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gated-gelu": "geglu",
+                     "gated-gelu_new": "geglu", "gated-silu": "swiglu"}
+
+
+def t5_config_from_hf(hf_config, **overrides) -> T5Config:
+    """The T5Config of a transformers T5Config. max_seq (T5 has no position
+    table) defaults to 512: a cap on both sequences, override it freely.
+    transformers 5 always ties the head and says scale_decoder_outputs; older
+    configs say tie_word_embeddings (False: v1.1's untied head, unscaled)."""
+    act = HF_T5_ACTIVATIONS.get(hf_config.feed_forward_proj)
+    if act is None:
+        raise ValueError(f"feed_forward_proj={hf_config.feed_forward_proj!r}: nanomeg's T5 has "
+                         f"{sorted(HF_T5_ACTIVATIONS)}")
+    tied = getattr(hf_config, "tie_word_embeddings", True)
+    return google_t5_config(**dict(
+        vocab_size=hf_config.vocab_size, layers=hf_config.num_layers, decoder_layers=hf_config.num_decoder_layers,
+        hidden=hf_config.d_model, heads=hf_config.num_heads, kv_channels=hf_config.d_kv, ffn=hf_config.d_ff,
+        norm_eps=hf_config.layer_norm_epsilon, activation=act, rel_buckets=hf_config.relative_attention_num_buckets,
+        rel_max_distance=hf_config.relative_attention_max_distance, tie_embeddings=tied,
+        scale_output=getattr(hf_config, "scale_decoder_outputs", tied)) | overrides)
+
+
+def check_t5_compatible(cfg: T5Config) -> None:
+    """HF's T5 holds only: pre-norm RMSNorm (no zero-centred gamma), no
+    biases, relative positions, multi-head attention, no 1/sqrt(d), an
+    activation it names. Anything else is a ValueError naming the fields."""
+    want = dict(norm="rmsnorm", bias=False, position="relative", num_kv_heads=cfg.heads, zero_centered_gamma=False,
+                residual_post_norm=False, norm_order="pre", scale_attention=False)
+    wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
+    if not isinstance(cfg, T5Config) or wrong:
+        raise ValueError(f"Hugging Face's T5 cannot hold this config: {wrong or type(cfg).__name__} "
+                         f"(it needs {want | {'num_kv_heads': 'heads'}})")
+
+
+def t5_hf_names(cfg: T5Config) -> dict[str, str | tuple[str, ...]]:
+    """nanomeg name -> HF name, or the HF names fused into it, in order: the
+    self-attention's qkv from q, k, v (rows regrouped per head [q_i, k_i,
+    v_i]); the cross-attention's kv from k, v ([k_i, v_i]); a gated fc1 from
+    wi_0 (the gate) and wi_1 ([gate_i, up_i])."""
+    names = {"embed.word": "shared.weight"}
+    for stack, layers in cfg.stacks().items():
+        hf = stack.rstrip(".")
+        names[f"{stack}final_norm.weight"] = f"{hf}.final_layer_norm.weight"
+        names[f"{stack}rel_bias"] = f"{hf}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        for i in range(layers):
+            ours, theirs = f"{stack}layers.{i}", f"{hf}.block.{i}.layer"
+            attn, ff = f"{theirs}.0.SelfAttention", f"{theirs}.{2 if stack == 'decoder.' else 1}"
+            names |= {f"{ours}.ln1.weight": f"{theirs}.0.layer_norm.weight",
+                      f"{ours}.attn.qkv.weight": tuple(f"{attn}.{p}.weight" for p in "qkv"),
+                      f"{ours}.attn.proj.weight": f"{attn}.o.weight",
+                      f"{ours}.ln2.weight": f"{ff}.layer_norm.weight",
+                      f"{ours}.mlp.fc1.weight": (f"{ff}.DenseReluDense.wi_0.weight", f"{ff}.DenseReluDense.wi_1.weight")
+                      if cfg.gated else f"{ff}.DenseReluDense.wi.weight",
+                      f"{ours}.mlp.fc2.weight": f"{ff}.DenseReluDense.wo.weight"}
+            if stack == "decoder.":
+                cross = f"{theirs}.1.EncDecAttention"
+                names |= {f"{ours}.ln_cross.weight": f"{theirs}.1.layer_norm.weight",
+                          f"{ours}.cross_attn.q.weight": f"{cross}.q.weight",
+                          f"{ours}.cross_attn.kv.weight": (f"{cross}.k.weight", f"{cross}.v.weight"),
+                          f"{ours}.cross_attn.proj.weight": f"{cross}.o.weight"}
+    if not cfg.tie_embeddings:
+        names["head.weight"] = "lm_head.weight"
+    return names
+
+
+def _fuse(parts: list[torch.Tensor], name: str, cfg: T5Config) -> torch.Tensor:
+    """HF's separate projections -> nanomeg's fused rows (see t5_hf_names)."""
+    if name.endswith("mlp.fc1.weight"):
+        return rearrange(torch.stack(parts), "two f h -> (f two) h")
+    return rearrange(torch.stack(parts), "parts (n d) h -> (n parts d) h", n=cfg.heads)
+
+
+def _unfuse(fused: torch.Tensor, name: str, cfg: T5Config, parts: int) -> list[torch.Tensor]:
+    if name.endswith("mlp.fc1.weight"):
+        return list(rearrange(fused, "(f two) h -> two f h", two=2))
+    return list(rearrange(fused, "(n parts d) h -> parts (n d) h", n=cfg.heads, parts=parts))
+
+
+def from_hf_t5(state_dict, cfg: T5Config) -> dict[str, torch.Tensor]:
+    """nanomeg parameters from a T5ForConditionalGeneration state dict (v1.0
+    or v1.1 layout), a .safetensors file or a folder holding model.safetensors.
+    Every tensor is checked by name and shape first; an untied lm_head with a
+    tied config (or the reverse) is refused, not dropped or guessed."""
+    check_t5_compatible(cfg)
+    sd = load_state_dict(state_dict)
+    shapes = {name: shape for name, (shape, _) in t5_shapes(cfg).items()}
+    names = t5_hf_names(cfg)
+    want = {"shared.weight": (cfg.vocab_size, cfg.hidden)}
+    for ours, theirs in names.items():
+        if isinstance(theirs, tuple):
+            want |= {t: (shapes[ours][0] // len(theirs), shapes[ours][1]) for t in theirs}
+        elif ours != "embed.word":
+            want[theirs] = (cfg.vocab_size, cfg.hidden) if ours == "head.weight" else shapes[ours]
+    check_checkpoint(sd, want, what="T5 (T5ForConditionalGeneration)", positions=None,
+                     next_layer=tuple(f"{stack}block.{n}.layer.0.SelfAttention.q.weight"
+                                      for stack, n in (("encoder.", cfg.layers), ("decoder.", cfg.num_decoder_layers))))
+    for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        check_tied(sd, alias, "shared.weight", "T5 has one word embedding for both stacks")
+    if cfg.tie_embeddings:
+        check_tied(sd, "lm_head.weight", "shared.weight", "set tie_embeddings=False, as T5 v1.1 has it")
+    params = {}
+    for ours, theirs in names.items():
+        params[ours] = _fuse([sd[t] for t in theirs], ours, cfg) if isinstance(theirs, tuple) else sd[theirs]
+    for name in ("embed.word", "head.weight"):
+        if name in params:
+            params[name] = pad_vocab_rows(params[name], cfg.padded_vocab)
+    return {name: params[name].contiguous().clone() for name in shapes}
+
+
+def to_hf_t5(params, cfg: T5Config) -> dict[str, torch.Tensor]:
+    """A T5ForConditionalGeneration state dict from full nanomeg parameters
+    (shared.weight with its encoder/decoder aliases; lm_head.weight: the
+    untied head, or the shared embedding when tied). Shards are refused:
+    unshard them first."""
+    check_t5_compatible(cfg)
+    check_full_params(params, t5_shapes(cfg))
+    sd = {}
+    for ours, theirs in t5_hf_names(cfg).items():
+        if isinstance(theirs, tuple):
+            sd |= dict(zip(theirs, _unfuse(params[ours], ours, cfg, len(theirs))))
+        else:
+            sd[theirs] = params[ours]
+    sd["shared.weight"] = params["embed.word"][: cfg.vocab_size]
+    sd["encoder.embed_tokens.weight"] = sd["decoder.embed_tokens.weight"] = sd["shared.weight"]
+    sd["lm_head.weight"] = params["head.weight"][: cfg.vocab_size] if not cfg.tie_embeddings else sd["shared.weight"]
     return {k: v.contiguous().clone() for k, v in sd.items()}
