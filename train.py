@@ -5,13 +5,14 @@
     python train.py --data notes.txt --steps 500  # your own text
     torchrun --nproc-per-node 2 train.py --show-layout  # what each rank holds and moves; no training
     torchrun --nproc-per-node 2 train.py --model bert   # masked-LM + next-sentence pretraining
+    torchrun --nproc-per-node 2 train.py --model t5     # span-corruption pretraining of an encoder-decoder
 
 Reads bytes (a 256-id byte-level tokenizer; the default data is the Python
 standard library's own source, found from the running interpreter), trains a
-GPT (or, with --model bert, a BERT: a task per model in TASKS) cut over `--tp`
-tensor-parallel ranks (the remaining ranks are data parallel), logs loss / lr /
+GPT (or, with --model bert / t5, a BERT or a T5: a task per model in TASKS)
+cut over `--tp` tensor-parallel ranks (the remaining ranks are data parallel), logs loss / lr /
 tokens/s / MFU / communication per step, evaluates on held-out files and ends
-with a sample (GPT) or a fill-in of held-out text (BERT).
+with a sample (GPT), a fill-in of held-out text (BERT) or of its dropped spans (T5).
 
 Follow one token: `batch()` cuts it out of the corpus at a window drawn from
 `batch_seed()` (one stream per data-parallel replica) -> `train_step()` ->
@@ -58,9 +59,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(description="Train a tensor-parallel GPT (or BERT) on bytes.")
+    ap = ArgumentParser(description="Train a tensor-parallel GPT (or BERT, or T5) on bytes.")
     ap.add_argument("--model", choices=tuple(TASKS), default="gpt",
-                    help="gpt: next-byte prediction; bert: masked-LM + next-sentence pretraining")
+                    help="gpt: next-byte prediction; bert: masked-LM + next-sentence pretraining; t5: span "
+                         "corruption (an encoder-decoder restores the dropped spans)")
     ap.add_argument("--data", help="a text file or a folder of text files (default: the Python stdlib's source)")
     ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
@@ -72,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=16, help="sequences per step, per data-parallel rank")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 for gpt, 1e-3 for bert, whose "
-                                             "post-norm stack learns slower at 3e-3)")
+                                             "post-norm stack learns slower at 3e-3, and t5)")
     ap.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default: lr / 10)")
     ap.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
     ap.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay, on matrices only")
@@ -264,6 +266,73 @@ def bert_batch(data: torch.Tensor, batch_size: int, seq: int, seed: int) -> dict
                 mlm_mask=chosen.float(), nsp_labels=nsp)
 
 
+# T5's ids: the 256 bytes, then end-of-sequence, padding (also the decoder's
+# start token, as in Hugging Face's T5), and the sentinels <0>, <1>, ... that
+# stand for the dropped spans.
+EOS, T5_PAD, SENTINEL, SENTINELS = 256, 257, 258, 64
+
+
+def corrupted_lengths(raw: int) -> tuple[int, int]:
+    """(noise tokens, spans) of T5's span corruption of `raw` bytes: 15% of
+    them (at least 1) dropped, in spans of mean length 3 (at least 1 span)."""
+    noise = max(1, round(0.15 * raw))
+    return noise, max(1, min(round(noise / 3), raw - noise, SENTINELS))
+
+
+def t5_dec_seq(seq: int, tp: int) -> int:
+    """The decoder length for encoder inputs of `seq` ids: the longest target
+    ([sentinel, span] per span, then EOS) of a window of seq - 1 bytes,
+    rounded up to a multiple of tp (sequence parallel splits it too)."""
+    noise, spans = corrupted_lengths(seq - 1)
+    return -(-(noise + spans + 1) // tp) * tp
+
+
+def segments(total: int, parts: int, gen) -> list[int]:
+    """total split into `parts` positive lengths at random cut points."""
+    cuts = (torch.randperm(total - 1, generator=gen)[: parts - 1] + 1).sort().values.tolist()
+    return [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+
+
+def span_corrupt(raw: list[int], gen) -> tuple[list[int], list[int]]:
+    """T5's span corruption of one byte window -> (encoder input, target):
+    the bytes cut into alternating kept / dropped runs (kept first); the
+    input keeps the kept runs, each dropped run replaced by the next
+    sentinel; the target lists each sentinel with the run it hides, then EOS.
+    'The quick brown fox' -> 'The <0> brown<1>x' EOS, '<0>quick<1> fo' EOS."""
+    noise, spans = corrupted_lengths(len(raw))
+    kept, dropped = segments(len(raw) - noise, spans, gen), segments(noise, spans, gen)
+    inputs, targets, at = [], [], 0
+    for k, (keep, drop) in enumerate(zip(kept, dropped)):
+        inputs += [*raw[at: at + keep], SENTINEL + k]
+        targets += [SENTINEL + k, *raw[at + keep: at + keep + drop]]
+        at += keep + drop
+    return inputs + [EOS], targets + [EOS]
+
+
+def t5_batch(data: torch.Tensor, batch_size: int, seq: int, dec_seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """batch_size span-corrupted byte windows: seq - 1 bytes each (10% of
+    them shorter, so both sides hold padding). Returns enc_ids [b, seq] and
+    enc_padding (1 = real); the decoder's input dec_ids [b, dec_seq] (the
+    start token, then the target shifted right), dec_padding, the targets and
+    loss_mask (1 at real targets). The same seed gives the same batch on
+    every tp rank."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda lo, hi: int(torch.randint(lo, hi, (), generator=gen))  # in [lo, hi)
+    enc = torch.full((batch_size, seq), T5_PAD, dtype=torch.long)
+    dec = torch.full((batch_size, dec_seq), T5_PAD, dtype=torch.long)
+    targets = torch.full((batch_size, dec_seq), T5_PAD, dtype=torch.long)
+    for i in range(batch_size):
+        n = seq - 1 if torch.rand((), generator=gen) >= 0.1 else pick(4, seq)
+        start = pick(0, len(data) - n)
+        inputs, target = span_corrupt(data[start: start + n].tolist(), gen)
+        enc[i, : len(inputs)] = torch.tensor(inputs)
+        targets[i, : len(target)] = torch.tensor(target)
+        dec[i, 1: len(target)] = torch.tensor(target[:-1])
+    real = targets != T5_PAD
+    return dict(enc_ids=enc, enc_padding=(enc != T5_PAD).long(), dec_ids=dec, dec_padding=real.long(),
+                targets=targets, loss_mask=real.float())
+
+
 # ---------------------------------------------------------------------------
 # Tasks: what a model contributes to the one training loop
 # ---------------------------------------------------------------------------
@@ -313,7 +382,34 @@ class BertTask:
                                        seed=seed, training=training)
 
 
-TASKS = {"gpt": GPTTask, "bert": BertTask}
+class T5Task:
+    """Span-corruption pretraining with nanomeg's T5 (Megatron's by default:
+    learned positions, LayerNorm, GeLU, biases): a batch is `t5_batch`'s
+    corrupted windows; the loss is the decoder's cross-entropy on the spans."""
+
+    name, vocab, position, lr = "T5", SENTINEL + SENTINELS, "learned", 1e-3
+    shapes, init, specs = N.t5_shapes, N.init_t5, N.t5_specs
+
+    @staticmethod
+    def config(args, **common) -> N.T5Config:
+        return N.T5Config(vocab_size=SENTINEL + SENTINELS, **common)
+
+    @staticmethod
+    def flops(cfg, batch_size, seq) -> float:
+        return N.t5_flops(cfg, batch_size, seq, t5_dec_seq(seq, 1))
+
+    @staticmethod
+    def batch(data, args, seed) -> dict[str, torch.Tensor]:
+        return t5_batch(data, args.batch, args.seq, args.dec_seq, seed)
+
+    @staticmethod
+    def loss(params, inputs, cfg, mesh, *, seed, training) -> dict[str, torch.Tensor]:
+        return dict(loss=N.t5_loss(params, inputs["enc_ids"], inputs["dec_ids"], inputs["targets"], cfg, mesh,
+                                   loss_mask=inputs["loss_mask"], enc_padding=inputs["enc_padding"],
+                                   dec_padding=inputs["dec_padding"], seed=seed, training=training))
+
+
+TASKS = {"gpt": GPTTask, "bert": BertTask, "t5": T5Task}
 
 
 # ---------------------------------------------------------------------------
@@ -389,8 +485,10 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
             if getattr(args, name) is not None:
                 raise UsageError(f"{flag(name)} is for --model gpt (its sample); {args.model} prints a fill-in "
                                  "of held-out text instead")
-        if args.seq < 5:
+        if args.model == "bert" and args.seq < 5:
             raise UsageError(f"--seq {args.seq} is too short for BERT: [CLS] A [SEP] B [SEP] needs at least 5")
+        if args.model == "t5" and args.seq < 8:
+            raise UsageError(f"--seq {args.seq} is too short for T5's span corruption: at least 8")
     elif args.sample_tokens != 0 and len(prompt_bytes(args)) >= args.seq:
         raise UsageError(f"--prompt is {len(prompt_bytes(args))} bytes, not shorter than --seq {args.seq}: "
                          "no room to sample (shorten it, or --sample-tokens 0)")
@@ -405,6 +503,9 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
             vocab_multiple=128 * tp, **order)
         cfg.check_mesh(P.Mesh(tp=tp))
         cfg.check_seq(args.seq, P.Mesh(tp=tp))
+        if args.model == "t5":
+            args.dec_seq = t5_dec_seq(args.seq, tp)
+            cfg.check_seq(args.dec_seq, P.Mesh(tp=tp))
     except ValueError as e:
         raise UsageError(in_flags(str(e))) from None
     return cfg, tp
@@ -429,7 +530,8 @@ def memory_needed(cfg: N.GPTConfig, args, tp: int, device: torch.device) -> tupl
     else:
         split = 24 + (0 if cfg.recompute == "selective" else 5 * cfg.heads * s / h)
         per_layer = (10 + split) / tp if cfg.sequence_parallel else 10 + split / tp
-    activations = b * s * h * per_layer * cfg.layers * (1 if args.bf16 else 2) + 3 * b * s * cfg.padded_vocab / tp * 4
+    layers = sum(cfg.stacks().values())  # T5: the encoder's and the decoder's (on its shorter sequence: an upper bound)
+    activations = b * s * h * per_layer * layers * (1 if args.bf16 else 2) + 3 * b * s * cfg.padded_vocab / tp * 4
     return params, activations
 
 
@@ -566,6 +668,35 @@ def fill_in(params, data, cfg, mesh, args, device) -> str:
             f"{text(torch.where(chosen, guess, target))}")
 
 
+def t5_text(ids) -> str:
+    """T5 ids as text: bytes (U+FFFD where not UTF-8), sentinels as <k>; EOS and padding dropped."""
+    out, run = [], []
+    for t in ids:
+        if t < 256:
+            run.append(t)
+            continue
+        out.append(bytes(run).decode("utf-8", errors="replace"))
+        run = []
+        if t >= SENTINEL:
+            out.append(f"<{t - SENTINEL}>")
+    return "".join(out) + bytes(run).decode("utf-8", errors="replace")
+
+
+def span_fill(params, data, cfg, mesh, args, device) -> str:
+    """T5's sample: one held-out corrupted window, the spans it hides (the
+    truth) and the model's greedy fill (`nanomeg.t5_generate`: the encoder
+    once, then the decoder token by token with its caches)."""
+    inputs = {k: v.to(device) for k, v in t5_batch(data, 1, args.seq, args.dec_seq, seed=10_000_019).items()}
+    truth = inputs["targets"][0][inputs["loss_mask"][0].bool()].tolist()
+    out = N.t5_generate({k: v.detach() for k, v in params.items()}, inputs["enc_ids"], cfg, mesh, len(truth),
+                        enc_padding=inputs["enc_padding"], start_id=T5_PAD, eos_id=EOS, pad_id=T5_PAD,
+                        temperature=0)[0, 1:].tolist()
+    right = sum(a == b for a, b in zip(out, truth)) / len(truth)
+    return (f"span fill-in (a held-out window; the model's greedy fill gets {right:.0%} of the {len(truth)} target "
+            "ids in place):\n"
+            f"input: {t5_text(inputs['enc_ids'][0].tolist())}\ntruth: {t5_text(truth)}\nmodel: {t5_text(out)}")
+
+
 def sample(params, cfg, mesh, args, device) -> str:
     """The text to print: --sample-tokens bytes (default: all that fit) after
     --prompt's bytes, capped so prompt + sample fit in --seq (positions beyond
@@ -628,7 +759,7 @@ class Progress:
 PHASES = ("forward", "backward", "after backward")  # train_step's order
 MESH_ORDER = ("tp", "dp", "pp")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
-LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+LAYER = re.compile(r"((?:\w+\.)?)layers\.(\d+)\.(.+)")  # (stack prefix, layer, name in the layer)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -681,25 +812,30 @@ def span(numbers: list[int]) -> str:
 
 
 def shard_lines(shards: list[dict]) -> list[str]:
-    """One line per tensor: name, local shape, slice. Layers that hold the
-    same shards as the first layer here (all of them, today) are one line."""
-    layers = {}
+    """One line per tensor: name, local shape, slice. In each stack (T5 has
+    two), the layers that hold the same shards as its first layer here (all
+    of them, today) are one line."""
+    layers = {}  # stack prefix -> layer -> its rows
     for row in shards:
         if m := LAYER.fullmatch(row["name"]):
-            layers.setdefault(int(m[1]), []).append((m[2], row["local_shape"], row["full_shape"], row["slice_desc"]))
-    first = min(layers, default=None)
-    repeats = [i for i in sorted(layers) if i != first and layers[i] == layers[first]]
+            layers.setdefault(m[1], {}).setdefault(int(m[2]), []).append(
+                (m[3], row["local_shape"], row["full_shape"], row["slice_desc"]))
+    first = {stack: min(ls) for stack, ls in layers.items()}
+    repeats = {stack: [i for i in sorted(ls) if i != first[stack] and ls[i] == ls[first[stack]]]
+               for stack, ls in layers.items()}
     here = sum(math.prod(r["local_shape"]) for r in shards)
     lines = [f"  parameters: {len(shards)} tensors, {here:,} of the model's "
              f"{sum(math.prod(r['full_shape']) for r in shards):,} elements"]
-    rows = [r for r in shards if not ((m := LAYER.fullmatch(r["name"])) and int(m[1]) in repeats)]
+    rows = [r for r in shards if not ((m := LAYER.fullmatch(r["name"])) and int(m[2]) in repeats[m[1]])]
     width = max(len(r["name"]) for r in rows)
     shape_width = max(len(str(list(r["local_shape"]))) for r in rows)
     for row in rows:
         lines.append(f"    {row['name']:<{width}}  {str(list(row['local_shape'])):<{shape_width}}  {row['slice_desc']}")
-        if repeats and row["name"] == f"layers.{first}.{layers[first][-1][0]}":  # after the first layer
-            lines.append(f"    layers.{span(repeats)}: the same {len(layers[first])} shards as layers.{first} "
-                         f"({len(layers)} layers, {len(layers) * len(layers[first])} layer tensors in all)")
+        for stack, ls in layers.items():
+            i = first[stack]
+            if repeats[stack] and row["name"] == f"{stack}layers.{i}.{ls[i][-1][0]}":  # after the first layer
+                lines.append(f"    {stack}layers.{span(repeats[stack])}: the same {len(ls[i])} shards as "
+                             f"{stack}layers.{i} ({len(ls)} layers, {len(ls) * len(ls[i])} layer tensors in all)")
     return lines
 
 
@@ -786,7 +922,8 @@ def train(args) -> int:
     tokens_per_step = args.batch * args.seq * mesh.dp
     flops_per_step = task.flops(cfg, args.batch * mesh.dp, args.seq)
     say(f"data: {source}: {len(train_data):,} training bytes, {len(eval_data):,} held out")
-    say(f"model: {task.name} {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {cfg.norm_order}-norm, "
+    layers = "+".join(map(str, cfg.stacks().values())) + (" (encoder+decoder)" if len(cfg.stacks()) > 1 else "")
+    say(f"model: {task.name} {layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {cfg.norm_order}-norm, "
         f"{n_params / 1e6:.2f}M parameters (vocab {task.vocab} padded to {cfg.padded_vocab}); "
         f"mesh tp={mesh.tp} dp={mesh.dp}{', sequence parallel' if cfg.sequence_parallel else ''}"
         f"{', bf16' if args.bf16 else ''}")
@@ -833,6 +970,8 @@ def train(args) -> int:
 
     if args.model == "bert":
         say(fill_in(params, eval_data, cfg, mesh, args, device))
+    elif args.model == "t5":
+        say(span_fill(params, eval_data, cfg, mesh, args, device))
     elif args.sample_tokens != 0:
         say(sample(params, cfg, mesh, args, device))
     return 0
