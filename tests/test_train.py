@@ -473,6 +473,78 @@ def test_bert_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, mes
 
 
 # ---------------------------------------------------------------------------
+# --model t5: span corruption, the run, its own bad input
+# ---------------------------------------------------------------------------
+
+
+def test_t5_batch_is_span_corruption():
+    """Putting each hidden span back in place of its sentinel gives back a contiguous window of the corpus;
+    about 15% of the bytes are hidden, in spans of mean length about 3; the decoder reads the targets shifted
+    right after the start token; padding and the loss mask agree; some windows are short; seeds repeat.
+    data[i] = i % 251, so "contiguous" is checkable from the bytes themselves."""
+    data = (torch.arange(50_000) % 251).to(torch.uint8)
+    b, seq = 300, 40
+    dec_seq = train.t5_dec_seq(seq, 1)
+    out = train.t5_batch(data, b, seq, dec_seq, seed=3)
+    assert all(torch.equal(out[k], v) for k, v in train.t5_batch(data, b, seq, dec_seq, seed=3).items())
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        **dict.fromkeys(["enc_ids", "enc_padding"], (b, seq)),
+        **dict.fromkeys(["dec_ids", "dec_padding", "targets", "loss_mask"], (b, dec_seq))}
+    hidden = total = spans = short = 0
+    for i in range(b):
+        enc = out["enc_ids"][i][out["enc_padding"][i].bool()].tolist()
+        real = out["loss_mask"][i].bool()
+        tgt = out["targets"][i][real].tolist()
+        assert torch.equal(out["dec_padding"][i].bool(), real) and real[: len(tgt)].all()
+        assert out["dec_ids"][i, 0] == train.T5_PAD and out["dec_ids"][i, 1: len(tgt)].tolist() == tgt[:-1]
+        assert enc[-1] == train.EOS and tgt[-1] == train.EOS and train.T5_PAD not in enc
+        sentinels = [t for t in enc if t >= train.SENTINEL]
+        assert sentinels == list(range(train.SENTINEL, train.SENTINEL + len(sentinels)))
+        assert [t for t in tgt if t >= train.SENTINEL] == sentinels
+        pieces = []  # the target cut at its sentinels: span k follows sentinel k
+        for t in tgt[:-1]:
+            if t >= train.SENTINEL:
+                pieces.append([])
+            else:
+                pieces[-1].append(t)
+        restored = []
+        for t in enc[:-1]:
+            restored += pieces[t - train.SENTINEL] if t >= train.SENTINEL else [t]
+        assert all(p for p in pieces) and all((y - x) % 251 == 1 for x, y in zip(restored, restored[1:])), i
+        hidden, total, spans = hidden + sum(map(len, pieces)), total + len(restored), spans + len(pieces)
+        short += len(restored) < seq - 1
+    assert 0.13 < hidden / total < 0.17 and 2.5 < hidden / spans < 3.5 and 0.04 < short / b < 0.2
+
+
+def test_torchrun_t5_tp2_sequence_parallel_learns_and_fills_spans(text_file):
+    out = run("--model", "t5", "--data", text_file, "--steps", "30", "--log-every", "15", "--eval-every", "30",
+              "--lr", "1e-2", "--sequence-parallel", *BERT_TINY, torchrun=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model: T5 1+1 (encoder+decoder) layers" in out.stdout and "sequence parallel" in out.stdout
+    losses = [float(v) for v in re.findall(r"eval loss at step \d+: ([0-9.]+)", out.stdout)]
+    assert len(losses) == 2 and losses[1] < losses[0] - 1.0, out.stdout  # a repetitive text is learned fast
+    fill = re.search(r"span fill-in .*?gets (\d+)% of the (\d+) target ids in place\):\ninput: (.*)\ntruth: (.*)\n"
+                     r"model: (.*)", out.stdout, re.S)
+    assert fill and "<0>" in fill[3] and fill[4].startswith("<0>"), out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seq", "6"], "--seq 6 is too short for T5's span corruption"),
+    (["--prompt", "x"], "--prompt is for --model gpt"),
+    (["--position", "relative", "--heads", "3", "--hidden", "33", "--tp", "1", "--max-seq", "5"],
+     "--seq 32 is longer than --max-seq 5"),
+])
+def test_t5_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, message):
+    base = ["--model", "t5", "--data", text_file, *BERT_TINY, "--steps", "1", "--eval-batches", "1",
+            "--peak-flops", "1e9"]
+    code = train.main(base + args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: " + message), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+
+
+# ---------------------------------------------------------------------------
 # --show-layout: each rank's shards (parallel.shard_layout) and one counted step
 # ---------------------------------------------------------------------------
 
@@ -480,6 +552,8 @@ LAYOUT_MODELS = {  # heads 4: tp = 4 gives MHA one kv head per rank, MQA its kv 
     "gpt-mha": (N.GPTConfig, N.init_gpt, N.gpt_shapes, N.gpt_specs, dict(kv_heads=4)),
     "gpt-mqa": (N.GPTConfig, N.init_gpt, N.gpt_shapes, N.gpt_specs, dict(kv_heads=1)),
     "bert": (N.BertConfig, N.init_bert, N.bert_shapes, N.bert_specs, {}),
+    "t5": (N.T5Config, N.init_t5, N.t5_shapes, N.t5_specs, {}),
+    "t5-google": (N.google_t5_config, N.init_t5, N.t5_shapes, N.t5_specs, dict(kv_channels=6)),
 }
 
 
