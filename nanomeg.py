@@ -6,11 +6,16 @@ flat parameter dict. Read top to bottom:
 1. `GPTConfig`: sizes and switches, validated with messages that name values.
 2. `init_gpt` / `gpt_specs`: the full parameters (Megatron's init) and, per
    name, the dim split over tensor-parallel ranks.
-3. Layers: norm, rotary, embedding, attention (core and SDPA), MLP,
+3. Layers: norm, rotary and the relative bias, embedding, attention (core
+   and SDPA), cross-attention, MLP,
    bias-dropout-add, the transformer block.
 4. The GPT model: forward to vocab-parallel logits, the loss.
 5. Generation with a KV cache.
 6. GPT-2 weights from / to Hugging Face's GPT2LMHeadModel.
+7. BERT: the core with a padding mask, token types, a pooler and its heads.
+8. BERT weights from / to Hugging Face.
+9. T5: two stacks of the core, the decoder's blocks with cross-attention.
+10. T5 weights from / to Hugging Face's T5ForConditionalGeneration.
 
 Every function takes this rank's parameter shards and a `parallel.Mesh`; on
 `Mesh.serial()` it is the plain serial model. Activations are [b, s, h]
