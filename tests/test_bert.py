@@ -105,7 +105,7 @@ def bert_cases(draw, task: str, tps=(1, 2, 4)):
     heads = draw(st.sampled_from([n for n in range(tp, 9, tp)]))
     kv_heads = draw(st.sampled_from([g for g in range(1, heads + 1) if heads % g == 0 and (g % tp == 0 or
                                                                                           tp % g == 0)]))
-    position = draw(st.sampled_from(["learned", "learned", "rope"]))
+    position = draw(st.sampled_from(["learned", "learned", "rope", "relative"]))
     head_dim = draw(st.sampled_from([d for d in ((2, 3, 4) if position == "learned" else (2, 4))
                                      if heads * d <= 32]))
     sp = draw(st.booleans())  # a no-op at tp = 1
@@ -118,6 +118,7 @@ def bert_cases(draw, task: str, tps=(1, 2, 4)):
         ffn=draw(st.sampled_from([None, tp, 2 * tp, 3 * tp])),
         norm=draw(st.sampled_from(["layernorm", "layernorm", "rmsnorm"])), norm_eps=1e-5,
         activation=draw(st.sampled_from(["gelu", "gelu_tanh"])), position=position, bias=draw(st.booleans()),
+        rel_buckets=draw(st.integers(4, 10)), rel_max_distance=draw(st.integers(6, 12)),
         norm_order=draw(st.sampled_from(["pre", "post"])), type_vocab=draw(st.sampled_from([0, 1, 2, 3])),
         hidden_dropout=draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])), attention_dropout=attention_dropout,
         attention="core" if attention_dropout else draw(st.sampled_from(["core", "sdpa"])),

@@ -73,7 +73,7 @@ def gpt_cases(draw, tps=(1, 2, 4)):
     tp = draw(st.sampled_from(tps))
     kv_heads = draw(st.sampled_from([tp, 2 * tp] if tp > 1 else [1, 2]))
     heads = kv_heads * draw(st.sampled_from([g for g in (1, 2, 4) if kv_heads * g <= 8]))
-    position = draw(st.sampled_from(["learned", "rope"]))
+    position = draw(st.sampled_from(["learned", "rope", "relative"]))
     head_dim = draw(st.sampled_from([d for d in ((2, 3, 4) if position == "learned" else (2, 4))
                                      if heads * d <= 32]))
     sp = draw(st.booleans())  # a no-op at tp = 1
@@ -85,7 +85,9 @@ def gpt_cases(draw, tps=(1, 2, 4)):
         hidden=heads * head_dim, heads=heads, kv_heads=kv_heads,
         ffn=draw(st.sampled_from([None, tp, 2 * tp, 3 * tp])),
         norm=draw(st.sampled_from(["layernorm", "rmsnorm"])), zero_centered_gamma=draw(st.booleans()),
-        activation=draw(st.sampled_from(["gelu", "gelu_tanh", "swiglu"])), position=position,
+        activation=draw(st.sampled_from(["gelu", "gelu_tanh", "relu", "swiglu", "geglu"])), position=position,
+        rel_buckets=draw(st.integers(4, 10)), rel_max_distance=draw(st.integers(6, 12)),
+        scale_attention=draw(st.booleans()), scale_output=draw(st.booleans()),
         bias=draw(st.booleans()), tie_embeddings=draw(st.booleans()), residual_post_norm=draw(st.booleans()),
         hidden_dropout=draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])), attention_dropout=attention_dropout,
         attention="core" if attention_dropout else draw(st.sampled_from(["core", "sdpa"])),
