@@ -528,7 +528,9 @@ def relative_buckets(sq: int, sk: int, cfg: GPTConfig, *, bidirectional: bool, q
     else:
         distance = (-distance).clamp(min=0)  # how far back the key is (a later key is masked anyway)
     exact = buckets // 2
-    log_ratio = torch.log(distance.clamp(min=1).double() / exact) / math.log(cfg.rel_max_distance / exact)
+    # float32, in Mesh TensorFlow's order of operations: at distances where the bucket is an integer in
+    # exact arithmetic, float64 would round to the other side of it than every trained T5 checkpoint
+    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(cfg.rel_max_distance / exact)
     far = (exact + (log_ratio * (buckets - exact)).long()).clamp(max=buckets - 1)
     return base + torch.where(distance < exact, distance, far)
 
@@ -831,7 +833,7 @@ def gpt_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
     this is Megatron's 72 B s l h^2 (1 + s/6h + V/12lh)."""
     h, d = cfg.hidden, cfg.head_dim
     per_layer = h * (cfg.heads + 2 * cfg.num_kv_heads) * d + cfg.heads * d * h \
-        + h * cfg.ffn_hidden * (3 if cfg.activation == "swiglu" else 2)  # matmul weights
+        + h * cfg.ffn_hidden * (3 if cfg.gated else 2)  # matmul weights
     tokens = batch * seq
     attn = 4 * batch * seq * seq * cfg.heads * d * cfg.layers  # q k^T and probs v
     forward = 2 * tokens * (cfg.layers * per_layer + h * cfg.padded_vocab) + attn
