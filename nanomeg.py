@@ -54,6 +54,7 @@ CHOICES = dict(
     recompute=("none", "selective", "full"),
     norm_order=("pre", "post"),
     task=("pretrain", "classify", "multiple_choice"),  # BertConfig
+    pooling=("cls", "ict"),  # BiEncoderConfig
 )
 
 
@@ -65,7 +66,8 @@ FIELD_RANGES = {
                      "num_classes", "kv_channels", "decoder_layers", "rel_max_distance"), (">=", 1)),
     "rel_buckets": (">=", 4),
     **dict.fromkeys(("norm_eps", "rope_base"), (">", 0)),
-    **dict.fromkeys(("init_std", "type_vocab"), (">=", 0)),
+    **dict.fromkeys(("init_std", "type_vocab", "projection_dim"), (">=", 0)),
+    "top_k": (">=", 1),
     **dict.fromkeys(("hidden_dropout", "attention_dropout", "label_smoothing"), ("in [0, 1)", None)),
 }
 
@@ -369,7 +371,7 @@ def gpt_specs(cfg: GPTConfig) -> dict[str, int | P.HeadGroups | None]:
 def _stack_specs(shapes: dict, cfg: GPTConfig) -> dict[str, int | P.HeadGroups | None]:
     """The split of every name in `shapes` by the core's rules (TP_SPLIT, qkv_split).
     A name is looked up without its stack and layer ("decoder.layers.3.")."""
-    local = lambda name: re.sub(r"^(encoder\.|decoder\.)?(layers\.\d+\.)?", "", name)
+    local = lambda name: re.sub(r"^(encoder\.|decoder\.|query\.|context\.|reader\.)?(layers\.\d+\.)?", "", name)
     split = lambda name: qkv_split(cfg) if local(name).startswith("attn.qkv.") else TP_SPLIT.get(local(name))
     return {name: split(name) for name in shapes}
 
@@ -414,14 +416,15 @@ def rotary(x, positions, base: float):
 
 def hidden_dropout(x, p, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
     """Dropout on a hidden state [b, s(/t), h]. Under sequence parallel this
-    rank holds sequence chunk tp_rank, so its mask is that slice of the full one."""
+    rank holds sequence chunk tp_rank, and under data parallel batch rows
+    dp_rank·b onwards, so its mask is that slice of the global batch's one:
+    a run over dp replicas draws what one process on the whole batch does."""
     if not training or p == 0.0:
         return x
-    b, s, h = x.shape
-    if cfg.sequence_parallel:
-        return P.dropout(x, p, seed=seed, stream=stream, offset=(0, mesh.tp_rank * s, 0),
-                         global_shape=(b, s * mesh.tp, h))
-    return P.dropout(x, p, seed=seed, stream=stream)
+    b, s, h = x.shape  # this replica holds rows [dp_rank·b, (dp_rank+1)·b) of the global batch
+    t = mesh.tp if cfg.sequence_parallel else 1
+    return P.dropout(x, p, seed=seed, stream=stream, offset=(mesh.dp_rank * b, mesh.tp_rank * s if t > 1 else 0, 0),
+                     global_shape=(b * mesh.dp, s * t, h))
 
 
 def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, training=False, pos_offset=0,
@@ -475,7 +478,8 @@ def core_attention(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, bias
     if training and cfg.attention_dropout > 0:
         b, n_local, sq, sk = probs.shape  # this rank holds heads [tp_rank*n/t, (tp_rank+1)*n/t)
         probs = P.dropout(probs, cfg.attention_dropout, seed=seed, stream=stream,
-                          offset=(0, mesh.tp_rank * n_local, 0, 0), global_shape=(b, n_local * mesh.tp, sq, sk))
+                          offset=(mesh.dp_rank * b, mesh.tp_rank * n_local, 0, 0),
+                          global_shape=(b * mesh.dp, n_local * mesh.tp, sq, sk))
     return probs.to(v.dtype) @ v
 
 
@@ -1369,18 +1373,20 @@ def _hf_qkv_names(i: int, part: str) -> list[str]:
     return [f"bert.encoder.layer.{i}.attention.self.{n}.{part}" for n in ("query", "key", "value")]
 
 
-def from_hf_bert(state_dict, cfg: BertConfig) -> dict[str, torch.Tensor]:
+def from_hf_bert(state_dict, cfg: BertConfig, *, encoder_only: bool = False) -> dict[str, torch.Tensor]:
     """nanomeg parameters from a BertForPreTraining / MegatronBertForPreTraining
     (or ...ForSequenceClassification / ...ForMultipleChoice with the matching
     task; a bare BertModel's keys, without "bert.", are taken too) state dict,
     .safetensors file or folder. Every tensor is checked by name and shape
-    first; the untied-decoder case is refused, not dropped."""
+    first; the untied-decoder case is refused, not dropped. encoder_only:
+    the embedding and the stack alone (`stack_shapes`), whatever heads the
+    checkpoint has (a retriever's tower, DPR's BERT)."""
     check_bert_compatible(cfg)
     sd = load_state_dict(state_dict)
     if "bert.embeddings.word_embeddings.weight" not in sd and "embeddings.word_embeddings.weight" in sd:
         sd = {(k if k.startswith(("cls.", "classifier.")) else f"bert.{k}"): v for k, v in sd.items()}
-    shapes = {name: shape for name, (shape, _) in bert_shapes(cfg).items()}
-    names = bert_hf_names(cfg)
+    shapes = {name: shape for name, (shape, _) in (stack_shapes(cfg) if encoder_only else bert_shapes(cfg)).items()}
+    names = {ours: theirs for ours, theirs in bert_hf_names(cfg).items() if ours in shapes}
     want = {theirs: shapes[ours] for ours, theirs in names.items()}
     want |= {"bert.embeddings.word_embeddings.weight": (cfg.vocab_size, cfg.hidden)}
     if "lm_head.bias" in names:
@@ -1390,7 +1396,7 @@ def from_hf_bert(state_dict, cfg: BertConfig) -> dict[str, torch.Tensor]:
         want |= {n: (cfg.hidden,) for n in _hf_qkv_names(i, "bias")}
     check_checkpoint(sd, want, what="BERT", positions="bert.embeddings.position_embeddings.weight",
                      next_layer=f"bert.encoder.layer.{cfg.layers}.attention.self.query.weight")
-    if cfg.task == "pretrain":
+    if "lm_head.bias" in names:
         check_tied(sd, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")
         check_tied(sd, "cls.predictions.decoder.bias", "cls.predictions.bias")
     params = {ours: sd[theirs] for ours, theirs in names.items()}
@@ -1770,3 +1776,309 @@ def to_hf_t5(params, cfg: T5Config) -> dict[str, torch.Tensor]:
     sd["encoder.embed_tokens.weight"] = sd["decoder.embed_tokens.weight"] = sd["shared.weight"]
     sd["lm_head.weight"] = params["head.weight"][: cfg.vocab_size] if not cfg.tie_embeddings else sd["shared.weight"]
     return {k: v.contiguous().clone() for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------
+# 11. Retrievers: a bi-encoder (two BERT towers, or one shared), the in-batch
+#     retrieval loss across data-parallel replicas, an index searched
+#     exactly, and REALM's retrieve-and-read loss.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BiEncoderConfig(BertConfig):
+    """Two BERT towers that map queries and contexts (blocks) to vectors.
+    shared: one parameter set for both (unprefixed names, a BERT's own);
+    else "query." and "context." prefixes. pooling "cls": the [CLS] hidden
+    state, through a linear projection [projection_dim, h] when
+    projection_dim > 0 (Megatron's PretrainedBertModel, DPR); "ict": the
+    pooler, then an ICT head [projection_dim, h] (Megatron's IREncoderBertModel).
+    score_scale: scores / sqrt(h) (Megatron's --retriever-score-scaling).
+    top_k: blocks retrieved per query (REALM)."""
+
+    shared: bool = True
+    pooling: str = "cls"
+    projection_dim: int = 0
+    score_scale: bool = False
+    top_k: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pooling == "ict" and self.projection_dim < 1:
+            raise ValueError(f"pooling='ict' needs the ICT head's size: projection_dim >= 1, got {self.projection_dim}")
+
+    @property
+    def embed_dim(self) -> int:
+        return self.projection_dim or self.hidden
+
+    def tower_prefix(self, tower: str) -> str:
+        if tower not in ("query", "context"):
+            raise ValueError(f"tower={tower!r} is not 'query' or 'context'")
+        return "" if self.shared else f"{tower}."
+
+
+def tower_shapes(cfg: BiEncoderConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """One tower: the core stack, then the pooler and ICT head, or the projection."""
+    shapes = stack_shapes(cfg)
+    if cfg.pooling == "ict":
+        shapes |= linear_shapes("pooler", cfg.hidden, cfg.hidden, "normal", True)
+        shapes |= linear_shapes("ict_head", cfg.projection_dim, cfg.hidden, "normal", True)
+    elif cfg.projection_dim:
+        shapes |= linear_shapes("projection", cfg.projection_dim, cfg.hidden, "normal", True)
+    return shapes
+
+
+def biencoder_shapes(cfg: BiEncoderConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """One tower (shared) or two, "query." and "context."."""
+    one = tower_shapes(cfg)
+    return one if cfg.shared else {f"{t}.{k}": v for t in ("query", "context") for k, v in one.items()}
+
+
+def init_biencoder(cfg: BiEncoderConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Full bi-encoder parameters (Megatron's init; two separate towers start different)."""
+    return init_params(biencoder_shapes(cfg), cfg, seed, dtype)
+
+
+def biencoder_specs(cfg: BiEncoderConfig) -> dict[str, int | P.HeadGroups | None]:
+    """The core's split in each tower; the pooler, ICT head and projection are replicated."""
+    return _stack_specs(biencoder_shapes(cfg), cfg)
+
+
+def biencoder_from_bert(bert_params: dict, cfg: BiEncoderConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Both towers from one BERT's full parameters (Megatron's
+    init_state_dict_from_bert): its embedding and stack (and pooler, for ICT)
+    copied into each tower; the projection or ICT head drawn fresh."""
+    one = tower_shapes(cfg)
+    fresh = init_params({k: v for k, v in one.items() if k not in bert_params}, cfg, seed,
+                        next(iter(bert_params.values())).dtype)
+    tower = {k: bert_params[k] for k in one if k in bert_params} | fresh
+    check_full_params(tower, one)
+    out = {k: tower[k] for k in one}
+    return {k: v.clone() for k, v in out.items()} if cfg.shared else \
+        {f"{t}.{k}": v.clone() for t in ("query", "context") for k, v in out.items()}
+
+
+def embed_text(params, ids, cfg: BiEncoderConfig, mesh: Mesh, *, tower: str, attention_mask=None, seed=0,
+               training=False):
+    """ids [b, s] (with a 1/0 attention_mask) -> vectors [b, e], the same on
+    every tp rank: the tower's BERT encoder, then its [CLS] state. Under
+    sequence parallel [CLS] is on tp rank 0's chunk, so the sequence is
+    all-gathered first (b·s·h; the backward is a split, as for BERT's pooler)."""
+    cfg.check_mesh(mesh)
+    prefix = cfg.tower_prefix(tower)
+    p = substack(params, prefix) if prefix else params
+    seed = 2 * seed + (tower == "context")  # the two towers draw different dropout masks
+    x = bert_encode(p, ids, cfg, mesh, attention_mask=attention_mask, seed=seed, training=training)
+    if cfg.pooling == "ict":
+        return F.linear(bert_pool(p, x, cfg, mesh), p["ict_head.weight"], p["ict_head.bias"])
+    if cfg.sequence_parallel:
+        x = P.gather_from_sp(x, mesh, tp_output_grad=False)
+    cls = x[:, 0]  # [b, h]
+    return F.linear(cls, p["projection.weight"], p["projection.bias"]) if cfg.projection_dim else cls
+
+
+def retrieval_scores(q, c, cfg: BiEncoderConfig):
+    """q [m, e] . c [n, e]^T -> [m, n] (/ sqrt(h) with score_scale)."""
+    scores = q @ c.transpose(0, 1)
+    return scores / math.sqrt(cfg.hidden) if cfg.score_scale else scores
+
+
+def retrieval_loss(q, c, cfg: BiEncoderConfig, mesh: Mesh) -> dict[str, torch.Tensor]:
+    """In-batch negatives: query i's positive is context i, every other
+    context of the GLOBAL batch is a negative. q, c: this replica's [n, e].
+    The contexts are gathered over dp (`parallel.gather_from_dp`: all-gather
+    forward, reduce-scatter backward), each replica scores its n queries
+    against all dp·n contexts, log-softmax, cross-entropy with label
+    dp_rank·n + i, mean over its queries. With dp-averaged gradients this is
+    exactly the serial run on the global batch. -> dict(loss, top1_acc,
+    top5_acc) (accuracies of this replica's queries, no gradient)."""
+    if not (isinstance(q, torch.Tensor) and isinstance(c, torch.Tensor) and q.dim() == c.dim() == 2
+            and q.shape == c.shape):
+        raise ValueError(f"queries {shape_of(q)} and contexts {shape_of(c)} must be the same [n, e]: one context "
+                         "(the positive) per query")
+    sizes = P.sizes_over_dp(q.shape[0], mesh, q.device)
+    if len(set(sizes)) > 1:
+        raise ValueError(f"uneven batches across data-parallel ranks: {sizes} queries; every replica needs the "
+                         "same batch size")
+    n = q.shape[0]
+    scores = retrieval_scores(q, P.gather_from_dp(c, mesh), cfg)  # [n, dp·n]
+    labels = torch.arange(n, device=q.device) + mesh.dp_rank * n
+    loss = F.cross_entropy(scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores, labels)
+    with torch.no_grad():
+        top = scores.topk(min(5, scores.shape[1]), dim=-1).indices
+        return dict(loss=loss, top1_acc=(top[:, 0] == labels).float().mean(),
+                    top5_acc=(top == labels[:, None]).any(-1).float().mean())
+
+
+def biencoder_loss(params, batch: dict, cfg: BiEncoderConfig, mesh: Mesh, *, seed=0, training=True) -> dict:
+    """batch: query_ids, query_mask [n, s_q]; context_ids, context_mask [n, s_c]
+    (context i is query i's positive) -> `retrieval_loss`'s dict."""
+    q = embed_text(params, batch["query_ids"], cfg, mesh, tower="query", attention_mask=batch.get("query_mask"),
+                   seed=seed, training=training)
+    c = embed_text(params, batch["context_ids"], cfg, mesh, tower="context",
+                   attention_mask=batch.get("context_mask"), seed=seed, training=training)
+    return retrieval_loss(q, c, cfg, mesh)
+
+
+class Index(NamedTuple):
+    """This replica's shard of an index: vectors [n_r, e] and their global block ids [n_r]."""
+
+    vectors: torch.Tensor
+    ids: torch.Tensor
+
+
+@torch.no_grad()
+def build_index(params, blocks, masks, cfg: BiEncoderConfig, mesh: Mesh, *, batch: int = 64) -> Index:
+    """Embed a corpus of blocks [N, s] (1/0 masks [N, s]) with the context
+    tower, no gradients, `batch` blocks at a time. The corpus is cut into dp
+    contiguous shares, replica r embedding share r only: nothing moves (each
+    replica keeps its vectors; `search` sends only candidates)."""
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] == 0:
+        raise ValueError(f"the corpus must be a non-empty [blocks, tokens] tensor, got {shape_of(blocks)}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    ids = torch.tensor_split(torch.arange(blocks.shape[0], device=blocks.device), mesh.dp)[mesh.dp_rank]
+    vectors = [embed_text(params, blocks[chunk], cfg, mesh, tower="context",
+                          attention_mask=None if masks is None else masks[chunk])
+               for chunk in ids.split(batch)]
+    e = cfg.embed_dim
+    dtype = next(iter(params.values())).dtype
+    return Index(torch.cat(vectors) if vectors else torch.empty(0, e, dtype=dtype, device=blocks.device), ids)
+
+
+def search(q, index: Index, k: int, cfg: BiEncoderConfig, mesh: Mesh):
+    """Exact top-k of this replica's queries q [m, e] over the index sharded
+    over dp -> (scores [m, k], global block ids [m, k]), best first, ties to
+    the lower id. Every shard must see every query: the queries are
+    ALL-GATHERED over dp (dp·m·e elements), each replica scores all of them
+    against its own blocks, and `parallel.top_k_over_dp` merges the
+    candidates (one all-gather of dp·m·k scores and ids per replica); each
+    replica keeps its own m rows. No gradient. Every replica needs the same m."""
+    sizes = P.sizes_over_dp(q.shape[0], mesh, q.device)
+    if len(set(sizes)) > 1:
+        raise ValueError(f"uneven query batches across data-parallel ranks: {sizes}; every replica needs the same")
+    every = P.all_gather(q.detach(), mesh, "dp", 0)  # [dp·m, e]
+    scores, ids = P.top_k_over_dp(retrieval_scores(every, index.vectors, cfg), index.ids, k, mesh)
+    m = q.shape[0]
+    return scores[mesh.dp_rank * m: (mesh.dp_rank + 1) * m], ids[mesh.dp_rank * m: (mesh.dp_rank + 1) * m]
+
+
+def retrieval_accuracy(found_ids, gold_ids, ks=(1, 5, 20)) -> dict[str, float]:
+    """found_ids [m, k] (best first), gold_ids [m] -> {"acc@k": fraction of
+    queries whose gold block is among the first k}, for each k <= found."""
+    hit = found_ids == gold_ids[:, None]
+    return {f"acc@{k}": hit[:, :k].any(-1).float().mean().item() for k in ks if k <= found_ids.shape[1]}
+
+
+def reader_config(cfg: BiEncoderConfig) -> BertConfig:
+    """REALM's reader: a BERT masked LM of the retriever's sizes (no NSP head)."""
+    return BertConfig(**{f.name: getattr(cfg, f.name) for f in fields(BertConfig)} | dict(task="pretrain",
+                                                                                          binary_head=False))
+
+
+def realm_shapes(cfg: BiEncoderConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The bi-encoder (the retriever) plus "reader." + a BERT masked LM."""
+    return biencoder_shapes(cfg) | {f"reader.{k}": v for k, v in bert_shapes(reader_config(cfg)).items()}
+
+
+def init_realm(cfg: BiEncoderConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    return init_params(realm_shapes(cfg), cfg, seed, dtype)
+
+
+def realm_specs(cfg: BiEncoderConfig) -> dict[str, int | P.HeadGroups | None]:
+    return _stack_specs(realm_shapes(cfg), cfg)
+
+
+def realm_loss(params, batch: dict, index: Index, corpus: tuple, cfg: BiEncoderConfig, mesh: Mesh, *, seed=0,
+               training=True) -> dict[str, torch.Tensor]:
+    """REALM's retrieve-and-read loss for masked queries.
+
+    batch: query_ids [b, s_q] ([CLS] x [SEP], some ids masked), query_mask
+    (1 = real), targets [b, s_q] and target_mask [b, s_q] (1 where a masked
+    id is to be restored); optionally gold [b], the block each query came
+    from (for the retrieval accuracy only). index: the context tower's
+    vectors of the corpus (`build_index`), stale between refreshes; corpus:
+    (ids [N, s_b], mask [N, s_b]) of the blocks, z [SEP], on every rank.
+
+    1. the query tower embeds x: q [b, e] (with gradient);
+    2. `search` picks the top k blocks z with the stale index; as in REALM
+       their scores are then recomputed with the current towers (the k
+       blocks re-embedded by the context tower): p(z|x) = softmax over the
+       k of q . z, so the gradient reaches both towers through the scores;
+    3. the reader reads [x; z] for each of the b·k pairs (token type 0 for x,
+       1 for z) and scores the masked ids: log p(y|x,z) = -sum of their
+       cross-entropies (vocab-parallel);
+    4. loss = -mean over queries of log sum_z p(y|x,z) p(z|x).
+    -> dict(loss, retrieval_acc: the gold block among the k, when gold is given)."""
+    blocks, block_mask = corpus
+    x, k = batch["query_ids"], cfg.top_k
+    q = embed_text(params, x, cfg, mesh, tower="query", attention_mask=batch["query_mask"], seed=seed,
+                   training=training)  # [b, e]
+    _, top = search(q, index, k, cfg, mesh)  # [b, k] global block ids
+    z = embed_text(params, blocks[top].flatten(0, 1), cfg, mesh, tower="context",
+                   attention_mask=block_mask[top].flatten(0, 1), seed=seed, training=training)  # [b·k, e]
+    scores = torch.einsum("be,bke->bk", q, z.unflatten(0, (-1, k)))
+    log_pz = torch.log_softmax(scores / (math.sqrt(cfg.hidden) if cfg.score_scale else 1.0), dim=-1)  # [b, k]
+    pair = lambda a, bk: rearrange(torch.cat([repeat(a, "b s -> b k s", k=k), bk], dim=2), "b k s -> (b k) s")
+    ids = pair(x, blocks[top])  # [b·k, s_q + s_b]
+    mask = pair(batch["query_mask"], block_mask[top])
+    types = pair(torch.zeros_like(x), torch.ones_like(blocks[top]))
+    targets = pair(batch["targets"], torch.zeros_like(blocks[top]))
+    chosen = pair(batch["target_mask"].to(q.dtype), torch.zeros(blocks[top].shape, dtype=q.dtype, device=x.device))
+    reader = substack(params, "reader.")
+    logits, _ = bert_pretrain(reader, ids, reader_config(cfg), mesh, token_types=types, attention_mask=mask,
+                              seed=seed, training=training)
+    nll = P.vocab_parallel_cross_entropy(logits, targets, mesh, vocab_size=cfg.vocab_size)  # [b·k, s]
+    log_py = -rearrange((nll * chosen).sum(-1), "(b k) -> b k", k=k)
+    loss = -torch.logsumexp(log_py + log_pz, dim=-1).mean()
+    out = dict(loss=loss)
+    if batch.get("gold") is not None:
+        out["retrieval_acc"] = (top == batch["gold"][:, None]).any(-1).float().mean()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# 12. DPR weights (Hugging Face DPRQuestionEncoder / DPRContextEncoder) in
+# ---------------------------------------------------------------------------
+
+DPR_PREFIXES = ("question_encoder.", "ctx_encoder.")
+
+
+def dpr_config_from_hf(hf_config, **overrides) -> BiEncoderConfig:
+    """The BiEncoderConfig of a transformers DPRConfig (a BERT's sizes plus
+    projection_dim); overrides, e.g. shared=False for two towers."""
+    bert = bert_config_from_hf(hf_config)
+    return BiEncoderConfig(**{f.name: getattr(bert, f.name) for f in fields(BertConfig)}
+                           | dict(projection_dim=hf_config.projection_dim, task="pretrain") | overrides)
+
+
+def from_hf_dpr(state_dict, cfg: BiEncoderConfig) -> dict[str, torch.Tensor]:
+    """One tower's parameters (unprefixed) from a DPRQuestionEncoder or
+    DPRContextEncoder state dict, .safetensors file or folder: its BERT
+    (post-norm, no pooler: `from_hf_bert(encoder_only=True)`) and, with
+    projection_dim > 0, encode_proj as the projection. DPR embeds with the
+    [CLS] state: cfg.pooling must be "cls". Two towers: prefix them
+    "query." / "context." (cfg.shared=False); one: use it as it is."""
+    if cfg.pooling != "cls":
+        raise ValueError(f"DPR embeds with the [CLS] state: pooling must be 'cls', got {cfg.pooling!r}")
+    sd = load_state_dict(state_dict)
+    found = [p for p in DPR_PREFIXES if f"{p}bert_model.embeddings.word_embeddings.weight" in sd]
+    if not found:
+        raise ValueError(f"not a DPRQuestionEncoder / DPRContextEncoder state dict: no key "
+                         f"'{{{'|'.join(DPR_PREFIXES)}}}bert_model.embeddings.word_embeddings.weight' "
+                         f"(first keys: {list(sd)[:3]})")
+    prefix = found[0]
+    bert = {f"bert.{k.removeprefix(prefix + 'bert_model.')}": v for k, v in sd.items()
+            if k.startswith(prefix + "bert_model.")}
+    params = from_hf_bert(bert, cfg, encoder_only=True)
+    proj = f"{prefix}encode_proj."
+    has_proj = f"{proj}weight" in sd
+    if has_proj != bool(cfg.projection_dim):
+        got = tuple(sd[f"{proj}weight"].shape) if has_proj else "none"
+        raise ValueError(f"the checkpoint's projection ({proj}weight: {got}) does not match "
+                         f"projection_dim={cfg.projection_dim}")
+    if has_proj:
+        check_checkpoint(sd, {f"{proj}weight": (cfg.projection_dim, cfg.hidden), f"{proj}bias": (cfg.projection_dim,)},
+                         what="DPR", positions=None, next_layer=())
+        params |= {"projection.weight": sd[f"{proj}weight"].clone(), "projection.bias": sd[f"{proj}bias"].clone()}
+    return params

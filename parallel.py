@@ -10,6 +10,9 @@ Read top to bottom:
 5. The layers: column-, row- and vocab-parallel, vocab-parallel cross-entropy.
 6. `shard` / `unshard` of a flat parameter dict.
 7. Counter-based dropout: the mask is a pure function of (seed, stream, index).
+8. Gradients across ranks: dp averaging, the tp-correct global norm.
+9. Retrieval across dp: in-batch negatives from every replica, and an exact
+   top-k over an index sharded over dp.
 
 Notation in docstrings: b batch, s sequence, h hidden, t tensor-parallel size,
 V vocabulary (padded). "Elements moved" counts the elements of the *full*
@@ -32,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from einops import rearrange
 
 # ---------------------------------------------------------------------------
@@ -937,3 +941,82 @@ def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float) -> to
         for g in grads.values():
             g.mul_(scale.to(g.dtype))
     return norm
+
+
+# ---------------------------------------------------------------------------
+# 9. Retrieval across data-parallel replicas: in-batch negatives from every
+#    replica, and an index sharded over dp, searched exactly.
+# ---------------------------------------------------------------------------
+
+
+class _GatherFromDP(torch.autograd.Function):
+    """Every replica's rows, in dp-rank order: x [n, e] -> [dp·n, e].
+    Forward: all-gather over dp (dp·n·e elements). Backward: REDUCE-SCATTER
+    over dp (dp·n·e): every replica scored its own queries against all rows,
+    so row block j has a gradient on every replica; their sum is the
+    gradient of j's rows, and it goes to replica j, which owns the
+    parameters that made them. With the usual dp averaging of parameter
+    gradients this is exactly the serial run on the global batch (each
+    replica's loss is the mean over its own queries) — no x dp patch."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return all_gather(x, mesh, "dp", 0, "forward")
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g):
+        return reduce_scatter(g, ctx.mesh, "dp", 0, "backward"), None
+
+
+def gather_from_dp(x, mesh):
+    return _GatherFromDP.apply(x, mesh) if mesh.dp > 1 else x
+
+
+gather_from_dp.__doc__ = _GatherFromDP.__doc__
+
+
+def sizes_over_dp(n: int, mesh: Mesh, device=None) -> list[int]:
+    """Every replica's n (a count of rows), in dp-rank order: an all-gather of
+    one element per replica, so all ranks can check sizes together and raise
+    the same error before a collective that needs them equal."""
+    if mesh.dp == 1:
+        return [int(n)]
+    return all_gather(torch.tensor([int(n)], device=device), mesh, "dp", 0).tolist()
+
+
+NO_ID = 2**62  # the id of a padding candidate: after every real block, with score -inf
+
+
+def top_k(scores, ids, k: int):
+    """The k best of scores [m, n] with ids [n] (or [m, n]) -> (scores [m, k],
+    ids [m, k], positions [m, k] along n), best first; equal scores in
+    ascending id order. One rule for the local search, the merge and the
+    serial reference."""
+    ids = ids.expand_as(scores)
+    by_id = ids.argsort(dim=-1, stable=True)
+    best = by_id.gather(-1, scores.gather(-1, by_id).argsort(dim=-1, descending=True, stable=True)[:, :k])
+    return scores.gather(-1, best), ids.gather(-1, best), best
+
+
+def top_k_over_dp(scores_local, ids_local, k: int, mesh: Mesh):
+    """Exact maximum-inner-product search over an index sharded over dp.
+    scores_local [m, n_r]: the same m queries on every replica against
+    this replica's n_r blocks, whose global ids are ids_local [n_r].
+    -> (scores [m, k], ids [m, k]) over the whole index, as `top_k` on it.
+
+    Each replica keeps its local top k (padded to k with -inf when n_r < k),
+    then ONE ALL-GATHER over dp of m·k scores and m·k ids per replica, and
+    every replica merges the dp·k candidates the same way (the blocks'
+    vectors never move). ValueError, on every rank, if k exceeds the index."""
+    total = sum(sizes_over_dp(ids_local.numel(), mesh, ids_local.device))
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= total:
+        raise ValueError(f"k={k!r} must be an integer in [1, {total}] (the index holds {total} blocks)")
+    scores, ids, _ = top_k(scores_local, ids_local, k)
+    if mesh.dp == 1:
+        return scores, ids
+    pad = k - scores.shape[1]
+    scores = all_gather(F.pad(scores, (0, pad), value=float("-inf")).contiguous(), mesh, "dp", 1)  # [m, dp·k]
+    ids = all_gather(F.pad(ids, (0, pad), value=NO_ID).contiguous(), mesh, "dp", 1)
+    return top_k(scores, ids, k)[:2]

@@ -8,7 +8,11 @@ joins one gloo process group, and then runs task after task:
 
 `fn` must be a module-level function (it is pickled by reference). Every rank
 runs it with a `parallel.Mesh` of the asked layout (dp fills the world), so a
-layout with tp < world runs world/tp identical replicas.
+layout with tp < world runs world/tp replicas of the same inputs. They are
+identical but for dropout: a replica's masks are those of its rows of the
+global batch (rows dp_rank·b onwards), so with dropout on only the first
+replica, ranks [0, tp), equals the serial run on these inputs; tests that
+draw dropout compare `pool.run(...)[:tp]`.
 
 A worker that raises fails the test with its traceback; a worker that dies,
 or ranks left waiting on one that failed, get the whole pool killed and

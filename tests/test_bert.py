@@ -236,7 +236,7 @@ def check_parallel_equals_serial(pool, case: BertCase):
             assert not want["grads"][name][cfg.vocab_size:].any(), f"padded rows of {name} got a gradient"
     else:
         assert want["logits"].shape == ((case.b, cfg.num_classes) if cfg.task == "classify" else (case.b, case.k))
-    for rank, got in enumerate(pool.run(bert_step_case, cfg, full, inputs, case.seed, tp=case.tp)):
+    for rank, got in enumerate(pool.run(bert_step_case, cfg, full, inputs, case.seed, tp=case.tp)[:case.tp]):
         del got["comms"]
         assert_close(got, want, f"rank {rank} (tp={case.tp})")
 
@@ -462,7 +462,7 @@ def test_communication_is_the_derived_count(pool, name, sp):
     full = bert_params(cfg, case.seed)
     assert bert_step_case(SERIAL, cfg, full, inputs, case.seed)["comms"] == []  # a group of one
     want = bert_comms(cfg, case.b * case.k, case.s, case.tp)
-    for rank, got in enumerate(pool.run(bert_step_case, cfg, full, inputs, case.seed, tp=case.tp)):
+    for rank, got in enumerate(pool.run(bert_step_case, cfg, full, inputs, case.seed, tp=case.tp)[:case.tp]):
         assert got["comms"] == want, f"rank {rank}: {name} sp={sp}"
 
 
@@ -651,7 +651,7 @@ def test_a_pretrained_checkpoint_fine_tunes_as_a_classifier_over_tp(pool):
     inputs, labels = hf_inputs("classify"), torch.tensor([0, 2, 1])
     want = finetune_case(SERIAL, replace(cfg, sequence_parallel=False), full, inputs, labels, steps=3)
     assert want["losses"][-1] < want["losses"][0]
-    for rank, got in enumerate(pool.run(finetune_case, cfg, full, inputs, labels, 3, tp=2)):
+    for rank, got in enumerate(pool.run(finetune_case, cfg, full, inputs, labels, 3, tp=2)[:2]):
         assert_close(got, want, f"rank {rank}")
 
 

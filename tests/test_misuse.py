@@ -590,7 +590,7 @@ def test_tp_over_replicated_kv_heads_equals_serial(pool, case):
     serial_norm = torch.stack([g.pow(2).sum() for g in want["grads"].values()]).sum().sqrt()
     assert_close(want["norm"], serial_norm, "serial norm")
     rep, d, q = tp // cfg.num_kv_heads, cfg.head_dim, cfg.heads // cfg.num_kv_heads
-    results = pool.run(kv_step_case, cfg, full, ids, targets, mask, seed, tp=tp)
+    results = pool.run(kv_step_case, cfg, full, ids, targets, mask, seed, tp=tp)[:tp]
     for rank, got in enumerate(results):
         who = f"rank {rank} (tp={tp}, kv_heads={cfg.num_kv_heads})"
         for key in ("loss", "logits", "grads", "norm"):
