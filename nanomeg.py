@@ -297,7 +297,8 @@ def num_params(cfg: GPTConfig, shapes_of=None) -> int:
     can be checked before anything is allocated."""
     count = lambda shapes: sum(math.prod(shape) for shape, _ in shapes.values())
     stacks = cfg.stacks()
-    one = (shapes_of or gpt_shapes)(replace(cfg, layers=1, **({"decoder_layers": 1} if len(stacks) > 1 else {})))
+    one = (shapes_of or gpt_shapes)(replace(cfg, layers=1, **({"decoder_layers": 1} if isinstance(cfg, T5Config)
+                                                               else {})))
     total = count(one)
     for prefix, layers in stacks.items():
         total += (layers - 1) * count({k: v for k, v in one.items() if k.startswith(f"{prefix}layers.0.")})
@@ -1793,14 +1794,12 @@ class BiEncoderConfig(BertConfig):
     state, through a linear projection [projection_dim, h] when
     projection_dim > 0 (Megatron's PretrainedBertModel, DPR); "ict": the
     pooler, then an ICT head [projection_dim, h] (Megatron's IREncoderBertModel).
-    score_scale: scores / sqrt(h) (Megatron's --retriever-score-scaling).
-    top_k: blocks retrieved per query (REALM)."""
+    score_scale: scores / sqrt(h) (Megatron's --retriever-score-scaling)."""
 
     shared: bool = True
     pooling: str = "cls"
     projection_dim: int = 0
     score_scale: bool = False
-    top_k: int = 4
 
     def __post_init__(self):
         super().__post_init__()
@@ -1810,6 +1809,9 @@ class BiEncoderConfig(BertConfig):
     @property
     def embed_dim(self) -> int:
         return self.projection_dim or self.hidden
+
+    def stacks(self) -> dict[str, int]:
+        return {"": self.layers} if self.shared else {"query.": self.layers, "context.": self.layers}
 
     def tower_prefix(self, tower: str) -> str:
         if tower not in ("query", "context"):
@@ -1970,26 +1972,37 @@ def retrieval_accuracy(found_ids, gold_ids, ks=(1, 5, 20)) -> dict[str, float]:
     return {f"acc@{k}": hit[:, :k].any(-1).float().mean().item() for k in ks if k <= found_ids.shape[1]}
 
 
+@dataclass(frozen=True)
+class RealmConfig(BiEncoderConfig):
+    """REALM: the bi-encoder as the retriever, plus a reader ("reader." + a
+    BERT masked LM of the same sizes); top_k blocks retrieved per query."""
+
+    top_k: int = 4
+
+    def stacks(self) -> dict[str, int]:
+        return super().stacks() | {"reader.": self.layers}
+
+
 def reader_config(cfg: BiEncoderConfig) -> BertConfig:
     """REALM's reader: a BERT masked LM of the retriever's sizes (no NSP head)."""
     return BertConfig(**{f.name: getattr(cfg, f.name) for f in fields(BertConfig)} | dict(task="pretrain",
                                                                                           binary_head=False))
 
 
-def realm_shapes(cfg: BiEncoderConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+def realm_shapes(cfg: RealmConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """The bi-encoder (the retriever) plus "reader." + a BERT masked LM."""
     return biencoder_shapes(cfg) | {f"reader.{k}": v for k, v in bert_shapes(reader_config(cfg)).items()}
 
 
-def init_realm(cfg: BiEncoderConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+def init_realm(cfg: RealmConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
     return init_params(realm_shapes(cfg), cfg, seed, dtype)
 
 
-def realm_specs(cfg: BiEncoderConfig) -> dict[str, int | P.HeadGroups | None]:
+def realm_specs(cfg: RealmConfig) -> dict[str, int | P.HeadGroups | None]:
     return _stack_specs(realm_shapes(cfg), cfg)
 
 
-def realm_loss(params, batch: dict, index: Index, corpus: tuple, cfg: BiEncoderConfig, mesh: Mesh, *, seed=0,
+def realm_loss(params, batch: dict, index: Index, corpus: tuple, cfg: RealmConfig, mesh: Mesh, *, seed=0,
                training=True) -> dict[str, torch.Tensor]:
     """REALM's retrieve-and-read loss for masked queries.
 
