@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = ArgumentParser(description="Train a tensor-parallel GPT (or BERT, or T5) on bytes.")
     ap.add_argument("--model", choices=tuple(TASKS), default="gpt",
                     help="gpt: next-byte prediction; bert: masked-LM + next-sentence pretraining; t5: span "
-                         "corruption (an encoder-decoder restores the dropped spans)")
+                         "corruption (an encoder-decoder restores the dropped spans); biencoder: ICT retrieval "
+                         "pretraining (a line finds its block); realm: retrieve-and-read masked lines")
     ap.add_argument("--data", help="a text file or a folder of text files (default: the Python stdlib's source)")
     ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
@@ -103,6 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "0: none)")
     ap.add_argument("--prompt",
                     help="gpt only: the sample's prompt (its raw bytes; shorter than --seq; default 'def ')")
+    ap.add_argument("--towers", choices=("separate", "shared"), default="separate",
+                    help="biencoder / realm only: a query and a context tower, or one shared (default separate, as "
+                         "Megatron's ICT)")
+    ap.add_argument("--top-k", type=int, help="realm only: blocks retrieved per query (default 4)")
+    ap.add_argument("--index-every", type=int, help="realm only: steps between index refreshes (default 50)")
     ap.add_argument("--show-layout", action="store_true",
                     help="print every rank's mesh coordinates, parameter shards, memory and the collectives of "
                          "one training step (run on a copy of the parameters), then exit without training")
@@ -110,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     task = TASKS[args.model]  # the defaults that depend on the model
     args.lr = task.lr if args.lr is None else args.lr
     args.position = task.position if args.position is None else args.position
+    if args.model == "realm":
+        args.top_k = 4 if args.top_k is None else args.top_k
+        args.index_every = 50 if args.index_every is None else args.index_every
     return args
 
 
@@ -333,6 +342,79 @@ def t5_batch(data: torch.Tensor, batch_size: int, seq: int, dec_seq: int, seed: 
                 targets=targets, loss_mask=real.float())
 
 
+# Retrieval data (--model biencoder, realm): blocks of a few lines, BERT's ids.
+
+
+def line_starts(data: torch.Tensor) -> torch.Tensor:
+    """The offset of every line of the corpus (after each newline, and 0)."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), (data == 10).nonzero().flatten() + 1])
+
+
+def query_len(seq: int) -> int:
+    """Query ids: half a block's (a line, with [CLS] and [SEP])."""
+    return max(seq // 2, 4)
+
+
+def draw_block(data: torch.Tensor, starts: torch.Tensor, seq: int, gen) -> list[list[int]]:
+    """A block: the lines from a random one on, as many as fit in seq - 2
+    bytes ([CLS] and [SEP] around them); a line longer than that is cut."""
+    i = int(torch.randint(0, len(starts) - 1, (), generator=gen))
+    lines, room = [], seq - 2
+    while i + 1 < len(starts) and room > 0:
+        line = data[starts[i]: starts[i + 1]].tolist()[:room]
+        lines.append(line)
+        room -= len(line)
+        i += 1
+    return lines
+
+
+def pick_query_line(lines: list[list[int]], gen) -> int:
+    """A line with at least 8 bytes that are not white space (any line if none has)."""
+    good = [j for j, line in enumerate(lines) if sum(b not in b" \t\n" for b in line) >= 8] or list(range(len(lines)))
+    return good[int(torch.randint(0, len(good), (), generator=gen))]
+
+
+def padded(rows: list[list[int]], seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] row [SEP] for each row, padded to seq -> (ids [n, seq], mask [n, seq])."""
+    ids = torch.full((len(rows), seq), PAD, dtype=torch.long)
+    for i, row in enumerate(rows):
+        full = [CLS, *row[: seq - 2], SEP]
+        ids[i, : len(full)] = torch.tensor(full)
+    return ids, (ids != PAD).long()
+
+
+def ict_batch(data: torch.Tensor, starts: torch.Tensor, batch_size: int, seq: int, seed: int) -> dict:
+    """The Inverse Cloze Task (Lee et al. 2019, Megatron's ICT): a block of
+    lines and one of its lines as the query; the line is taken out of its
+    block 90% of the time (so the match is not mere copying) and left in 10%.
+    Returns query_ids / query_mask [b, query_len(seq)] and context_ids /
+    context_mask [b, seq]; context i is query i's positive."""
+    gen = torch.Generator().manual_seed(seed)
+    queries, contexts = [], []
+    for _ in range(batch_size):
+        lines = draw_block(data, starts, seq, gen)
+        j = pick_query_line(lines, gen)
+        queries.append(list(bytes(lines[j]).strip()))  # the line without its indentation
+        keep = torch.rand((), generator=gen) < 0.1 or len(lines) == 1  # a block is never left empty
+        contexts.append([b for k, line in enumerate(lines) if keep or k != j for b in line])
+    q, qm = padded(queries, query_len(seq))
+    c, cm = padded(contexts, seq)
+    return dict(query_ids=q, query_mask=qm, context_ids=c, context_mask=cm)
+
+
+def show(ids: torch.Tensor) -> str:
+    """BERT ids as one line of text: bytes (U+FFFD where not UTF-8), specials as [MASK] etc., newlines as ⏎."""
+    names = {CLS: "", SEP: "", PAD: "", MASK: "_"}
+    out, run = [], []
+    for t in ids.tolist():
+        if t < 256:
+            run.append(t)
+            continue
+        out += [bytes(run).decode("utf-8", errors="replace"), names[t]]
+        run = []
+    return ("".join(out) + bytes(run).decode("utf-8", errors="replace")).replace("\n", "⏎").strip()
+
+
 # ---------------------------------------------------------------------------
 # Tasks: what a model contributes to the one training loop
 # ---------------------------------------------------------------------------
@@ -409,7 +491,144 @@ class T5Task:
                                    dec_padding=inputs["dec_padding"], seed=seed, training=training))
 
 
-TASKS = {"gpt": GPTTask, "bert": BertTask, "t5": T5Task}
+class BiEncoderTask:
+    """ICT pretraining of a bi-encoder (two BERT towers, or one shared):
+    a batch is `ict_batch`'s queries and blocks; the loss is the in-batch
+    retrieval loss against every replica's blocks. Eval also builds an index
+    of held-out blocks and reports retrieval accuracy@1/5/20 of their queries."""
+
+    name, vocab, position, lr = "bi-encoder", PAD + 1, "rope", 1e-3
+    shapes, init, specs = N.biencoder_shapes, N.init_biencoder, N.biencoder_specs
+    eval_blocks = 256  # held-out blocks in the eval index (rounded to a multiple of dp)
+
+    @staticmethod
+    def config(args, **common) -> N.BiEncoderConfig:
+        return N.BiEncoderConfig(vocab_size=PAD + 1, shared=args.towers == "shared", **common)
+
+    @staticmethod
+    def flops(cfg, batch_size, seq) -> float:
+        bert = lambda s: N.bert_flops(N.BertConfig(**{f: getattr(cfg, f) for f in ("layers", "hidden", "heads",
+                                                                                    "kv_heads", "ffn")},
+                                                   task="classify", vocab_size=1), batch_size, s)
+        return bert(seq) + bert(query_len(seq))
+
+    @staticmethod
+    def batch(data, args, seed) -> dict[str, torch.Tensor]:
+        return ict_batch(data, starts_of(data), args.batch, args.seq, seed)
+
+    @staticmethod
+    def loss(params, inputs, cfg, mesh, *, seed, training) -> dict[str, torch.Tensor]:
+        return N.biencoder_loss(params, inputs, cfg, mesh, seed=seed, training=training)
+
+    @staticmethod
+    def eval_set(data, args, dp: int) -> dict[str, torch.Tensor]:
+        """The fixed held-out blocks and their queries (query i's block is block i)."""
+        n = -(-BiEncoderTask.eval_blocks // dp) * dp
+        return ict_batch(data, starts_of(data), n, args.seq, seed=20_000_003)
+
+    @staticmethod
+    @torch.no_grad()
+    def index_eval(params, data, cfg, mesh, args, device) -> tuple[dict[str, float], dict]:
+        """Index the held-out blocks (sharded over dp), search each replica's
+        share of their queries: accuracy@k (the mean over replicas) and this
+        replica's search results (for the report)."""
+        ev = {k: v.to(device) for k, v in BiEncoderTask.eval_set(data, args, mesh.dp).items()}
+        index = N.build_index(params, ev["context_ids"], ev["context_mask"], cfg, mesh)
+        share = torch.tensor_split(torch.arange(len(ev["query_ids"]), device=device), mesh.dp)[mesh.dp_rank]
+        q = N.embed_text(params, ev["query_ids"][share], cfg, mesh, tower="query",
+                         attention_mask=ev["query_mask"][share])
+        _, found = N.search(q, index, 20, cfg, mesh)
+        acc = N.retrieval_accuracy(found, share)
+        acc = {k: P.all_reduce(torch.tensor(v, device=device), mesh, "dp").item() / mesh.dp for k, v in acc.items()}
+        return acc, dict(found=found, share=share, eval_set=ev)
+
+
+def starts_of(data: torch.Tensor) -> torch.Tensor:
+    """line_starts, computed once per corpus tensor."""
+    key = (data.data_ptr(), len(data))
+    if key not in _STARTS:
+        _STARTS[key] = line_starts(data)
+    return _STARTS[key]
+
+
+_STARTS: dict = {}
+
+
+def realm_queries(corpus_lines: list, n: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """n masked queries for REALM: a line of a random corpus block (gold: that
+    block), 15% of its bytes (at least one) replaced by [MASK] and to be restored."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, gold = [], []
+    for _ in range(n):
+        z = int(torch.randint(0, len(corpus_lines), (), generator=gen))
+        gold.append(z)
+        rows.append(list(bytes(corpus_lines[z][pick_query_line(corpus_lines[z], gen)]).strip()))
+    targets, mask = padded(rows, query_len(seq))
+    chosen = (targets < 256) & (torch.rand(targets.shape, generator=gen) < 0.15)
+    first = (targets < 256).long().argmax(-1)
+    chosen[torch.arange(n), first] |= ~chosen.any(-1)  # at least one byte per query
+    return dict(query_ids=torch.where(chosen, MASK, targets), query_mask=mask, targets=targets,
+                target_mask=chosen.long(), gold=torch.tensor(gold))
+
+
+class RealmTask:
+    """REALM-style retrieve-and-read: masked lines are restored by a reader
+    that reads [query; block] for the top-k blocks a retriever finds in a
+    corpus index (refreshed every --index-every steps, stale in between);
+    the loss marginalises over the k blocks. The corpus is a fixed set of
+    training blocks; each query is a line of one of them (its gold block)."""
+
+    name, vocab, position, lr = "REALM", PAD + 1, "rope", 1e-3
+    shapes, init, specs = N.realm_shapes, N.init_realm, N.realm_specs
+    corpus_blocks = 512
+    state: dict = {}  # the corpus and the current index, set by refresh
+
+    @staticmethod
+    def config(args, **common) -> N.RealmConfig:
+        return N.RealmConfig(vocab_size=PAD + 1, shared=args.towers == "shared", top_k=args.top_k, **common)
+
+    @staticmethod
+    def flops(cfg, batch_size, seq) -> float:
+        bert = lambda b, s: N.bert_flops(N.BertConfig(**{f: getattr(cfg, f) for f in ("layers", "hidden", "heads",
+                                                                                       "kv_heads", "ffn")},
+                                                      task="classify", vocab_size=1), b, s)
+        reader = N.bert_flops(N.reader_config(cfg), batch_size * cfg.top_k, seq + query_len(seq))
+        return bert(batch_size, query_len(seq)) + bert(batch_size * cfg.top_k, seq) + reader
+
+    @staticmethod
+    def corpus(data, args) -> tuple[list, torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(30_000_001)
+        lines = [draw_block(data, starts_of(data), args.seq, gen) for _ in range(RealmTask.corpus_blocks)]
+        ids, mask = padded([[b for line in block for b in line] for block in lines], args.seq)
+        return lines, ids, mask
+
+    @staticmethod
+    def refresh(params, data, cfg, mesh, args, device, step: int) -> None:
+        """Before the first step and every --index-every steps: re-embed the
+        corpus with the current context tower (REALM's asynchronous refresh,
+        here in step with training)."""
+        state = RealmTask.state
+        if "corpus" not in state:
+            lines, ids, mask = RealmTask.corpus(data, args)
+            state["corpus"] = (lines, ids.to(device), mask.to(device))
+        if "index" not in state or step - state["built_at"] >= args.index_every:
+            _, ids, mask = state["corpus"]
+            state["index"] = N.build_index({k: v.detach() for k, v in params.items()}, ids, mask, cfg, mesh)
+            state["built_at"] = step
+
+    @staticmethod
+    def batch(data, args, seed) -> dict[str, torch.Tensor]:
+        lines = RealmTask.state["corpus"][0]
+        return realm_queries(lines, args.batch, args.seq, seed)
+
+    @staticmethod
+    def loss(params, inputs, cfg, mesh, *, seed, training) -> dict[str, torch.Tensor]:
+        _, ids, mask = RealmTask.state["corpus"]
+        return N.realm_loss(params, inputs, RealmTask.state["index"], (ids, mask), cfg, mesh, seed=seed,
+                            training=training)
+
+
+TASKS = {"gpt": GPTTask, "bert": BertTask, "t5": T5Task, "biencoder": BiEncoderTask, "realm": RealmTask}
 
 
 # ---------------------------------------------------------------------------
@@ -426,7 +645,8 @@ RANGES = {
     "log_every": AT_LEAST_1, "eval_every": AT_LEAST_1, "eval_batches": AT_LEAST_1,
     "warmup": AT_LEAST_0, "sample_tokens": AT_LEAST_0, "seed": ("in [0, 2**31)", lambda v: 0 <= v < 2**31),
     "lr": ABOVE_0, "min_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0,
-    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "peak_flops": ABOVE_0,
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "peak_flops": ABOVE_0, "top_k": AT_LEAST_1,
+    "index_every": AT_LEAST_1,
 }
 
 # GPTConfig's fields (and check_mesh's / check_seq's names) -> the flag that sets them.
@@ -483,12 +703,21 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     if args.model != "gpt":
         for name in ("prompt", "sample_tokens"):
             if getattr(args, name) is not None:
-                raise UsageError(f"{flag(name)} is for --model gpt (its sample); {args.model} prints a fill-in "
-                                 "of held-out text instead")
+                raise UsageError(f"{flag(name)} is for --model gpt (its sample); {args.model} ends with its own "
+                                 "held-out example instead")
         if args.model == "bert" and args.seq < 5:
             raise UsageError(f"--seq {args.seq} is too short for BERT: [CLS] A [SEP] B [SEP] needs at least 5")
         if args.model == "t5" and args.seq < 8:
             raise UsageError(f"--seq {args.seq} is too short for T5's span corruption: at least 8")
+        if args.model in ("biencoder", "realm") and args.seq < 16:
+            raise UsageError(f"--seq {args.seq} is too short for a block of lines: at least 16")
+    for name, models in (("top_k", ("realm",)), ("index_every", ("realm",))):
+        if args.model not in models and getattr(args, name) is not None:
+            raise UsageError(f"{flag(name)} is for --model {' / '.join(models)}")
+    if args.model not in ("biencoder", "realm") and args.towers != "separate":
+        raise UsageError("--towers is for --model biencoder / realm")
+    if args.model == "realm" and args.top_k > RealmTask.corpus_blocks:
+        raise UsageError(f"--top-k {args.top_k} is larger than the corpus index ({RealmTask.corpus_blocks} blocks)")
     elif args.sample_tokens != 0 and len(prompt_bytes(args)) >= args.seq:
         raise UsageError(f"--prompt is {len(prompt_bytes(args))} bytes, not shorter than --seq {args.seq}: "
                          "no room to sample (shorten it, or --sample-tokens 0)")
@@ -506,6 +735,10 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
         if args.model == "t5":
             args.dec_seq = t5_dec_seq(args.seq, tp)
             cfg.check_seq(args.dec_seq, P.Mesh(tp=tp))
+        if args.model in ("biencoder", "realm"):
+            cfg.check_seq(query_len(args.seq), P.Mesh(tp=tp))
+        if args.model == "realm":
+            cfg.check_seq(query_len(args.seq) + args.seq, P.Mesh(tp=tp))
     except ValueError as e:
         raise UsageError(in_flags(str(e))) from None
     return cfg, tp
@@ -644,9 +877,11 @@ def evaluate(params, data, task, cfg, mesh, args, device) -> dict[str, float]:
 def metrics_line(metrics: dict[str, float], style: str) -> str:
     """The metrics beside the loss: '' for GPT (the loss alone); for BERT
     ' | mlm 2.1000 | nsp 0.6900' in the step line ('log') or
-    ' (mlm 2.1000, nsp 0.6900, nsp acc 51.2%)' in the eval line ('eval')."""
-    parts = [f"{k.replace('_acc', ' acc')} {v:.1%}" if k.endswith("_acc") else f"{k} {v:.4f}"
-             for k, v in metrics.items() if k != "loss" and (style == "eval" or not k.endswith("_acc"))]
+    ' (mlm 2.1000, nsp 0.6900, nsp acc 51.2%)' in the eval line ('eval').
+    Accuracies (bi-encoder: in-batch top1/top5, index acc@1/5/20) are eval only."""
+    is_acc = lambda k: "acc" in k  # nsp_acc, top1_acc, acc@5: a percentage, shown at eval only
+    parts = [f"{k.replace('_acc', ' acc')} {v:.1%}" if is_acc(k) else f"{k} {v:.4f}"
+             for k, v in metrics.items() if k != "loss" and (style == "eval" or not is_acc(k))]
     if not parts:
         return ""
     return "".join(f" | {p}" for p in parts) if style == "log" else f" ({', '.join(parts)})"
@@ -695,6 +930,44 @@ def span_fill(params, data, cfg, mesh, args, device) -> str:
     return (f"span fill-in (a held-out window; the model's greedy fill gets {right:.0%} of the {len(truth)} target "
             "ids in place):\n"
             f"input: {t5_text(inputs['enc_ids'][0].tolist())}\ntruth: {t5_text(truth)}\nmodel: {t5_text(out)}")
+
+
+def retrieved(params, data, cfg, mesh, args, device) -> str:
+    """The bi-encoder's report: this replica's first held-out query and the
+    three blocks the index returns for it (* marks its own block)."""
+    _, found = BiEncoderTask.index_eval(params, data, cfg, mesh, args, device)
+    ev, share = found["eval_set"], found["share"]
+    lines = [f"retrieval of a held-out query from the index of {len(ev['context_ids'])} held-out blocks:",
+             f"query: {show(ev['query_ids'][share[0]])}"]
+    for rank, block in enumerate(found["found"][0, :3].tolist(), 1):
+        mark = "*" if block == share[0] else " "
+        lines.append(f"{mark}{rank}. {show(ev['context_ids'][block])[:150]}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def read_back(params, cfg, mesh, args, device) -> str:
+    """REALM's report: a held-out masked query, the top-3 blocks the
+    retriever finds (* marks its gold block) and the reader's fill given the first."""
+    lines, ids, mask = RealmTask.state["corpus"]
+    query = {k: v.to(device) for k, v in realm_queries(lines, 1, args.seq, seed=10_000_019).items()}
+    q = N.embed_text(params, query["query_ids"], cfg, mesh, tower="query", attention_mask=query["query_mask"])
+    _, top = N.search(q, RealmTask.state["index"], 3, cfg, mesh)
+    top = top[0].tolist()
+    pair = torch.cat([query["query_ids"], ids[top[:1]]], dim=1)
+    types = torch.cat([torch.zeros_like(query["query_ids"]), torch.ones_like(ids[top[:1]])], dim=1)
+    logits, _ = N.bert_pretrain(N.substack(params, "reader."), pair, N.reader_config(cfg), mesh, token_types=types,
+                                attention_mask=torch.cat([query["query_mask"], mask[top[:1]]], dim=1))
+    guess = P.gather_from_tp(logits, mesh)[0, : query["query_ids"].shape[1], :256].argmax(-1)
+    chosen = query["target_mask"][0].bool()
+    filled = torch.where(chosen, guess, query["targets"][0])
+    right = (guess == query["targets"][0])[chosen].float().mean().item()
+    gold = int(query["gold"][0])
+    out = [f"retrieve-and-read of a held-out masked line ({int(chosen.sum())} bytes hidden as _, {right:.0%} "
+           "restored by the reader from the first block):", f"query: {show(query['query_ids'][0])}",
+           f"fill:  {show(filled)}"]
+    out += [f"{'*' if z == gold else ' '}{i}. {show(ids[z])[:150]}" for i, z in enumerate(top, 1)]
+    return "\n".join(out)
 
 
 def sample(params, cfg, mesh, args, device) -> str:
@@ -922,11 +1195,15 @@ def train(args) -> int:
     tokens_per_step = args.batch * args.seq * mesh.dp
     flops_per_step = task.flops(cfg, args.batch * mesh.dp, args.seq)
     say(f"data: {source}: {len(train_data):,} training bytes, {len(eval_data):,} held out")
-    layers = "+".join(map(str, cfg.stacks().values())) + (" (encoder+decoder)" if len(cfg.stacks()) > 1 else "")
+    stacks = cfg.stacks()  # T5: encoder, decoder; a bi-encoder: query, context (REALM: + reader)
+    layers = "+".join(map(str, stacks.values())) + \
+        (f" ({'+'.join(p.rstrip('.') or 'retriever' for p in stacks)})" if len(stacks) > 1 else "")
     say(f"model: {task.name} {layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {cfg.norm_order}-norm, "
         f"{n_params / 1e6:.2f}M parameters (vocab {task.vocab} padded to {cfg.padded_vocab}); "
         f"mesh tp={mesh.tp} dp={mesh.dp}{', sequence parallel' if cfg.sequence_parallel else ''}"
         f"{', bf16' if args.bf16 else ''}")
+    refresh = getattr(task, "refresh", lambda *a: None)  # REALM's index of its corpus
+    refresh(params, train_data, cfg, mesh, args, device, 1)
     if args.show_layout:
         show_layout(params, train_data, task, cfg, mesh, specs, args, device)
         return 0
@@ -935,6 +1212,8 @@ def train(args) -> int:
         f"{'--peak-flops' if args.peak_flops else 'measured: a matmul on this device, all ranks at once'})")
     def say_eval(step):
         metrics = evaluate(params, eval_data, task, cfg, mesh, args, device)
+        if hasattr(task, "index_eval"):  # the bi-encoder: retrieval from an index of held-out blocks
+            metrics |= task.index_eval(params, eval_data, cfg, mesh, args, device)[0]
         say(f"eval loss at step {step}: {metrics['loss']:.4f}{metrics_line(metrics, 'eval')}")
 
     say_eval(0)
@@ -942,6 +1221,7 @@ def train(args) -> int:
     bar = Progress(args.steps, rank == 0)
     t_last, steps_since, last_finite = time.perf_counter(), 0, None
     for step in range(1, args.steps + 1):
+        refresh(params, train_data, cfg, mesh, args, device, step)
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
         with P.count_comms() as comms:
             metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step)
@@ -972,6 +1252,10 @@ def train(args) -> int:
         say(fill_in(params, eval_data, cfg, mesh, args, device))
     elif args.model == "t5":
         say(span_fill(params, eval_data, cfg, mesh, args, device))
+    elif args.model == "biencoder":
+        say(retrieved(params, eval_data, cfg, mesh, args, device))
+    elif args.model == "realm":
+        say(read_back(params, cfg, mesh, args, device))
     elif args.sample_tokens != 0:
         say(sample(params, cfg, mesh, args, device))
     return 0

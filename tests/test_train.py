@@ -545,6 +545,101 @@ def test_t5_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, messa
 
 
 # ---------------------------------------------------------------------------
+# --model biencoder / realm: ICT blocks, masked queries, the runs, their bad input
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lines_file(tmp_path_factory):
+    """Numbered lines of varied words: blocks of several lines, each line its own."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    path = tmp_path_factory.mktemp("lines") / "lines.txt"
+    path.write_text("".join(f"    {i:04d} {words[i % 12]} {words[(i * 7) % 12]} {words[(i * 5) % 12]}\n"
+                            for i in range(3000)))
+    return str(path)
+
+
+def test_ict_batch_is_a_line_and_its_block():
+    """The query is one line of the block (without its indentation); the block keeps it about 10% of the
+    time; both are [CLS] ... [SEP] padded; the same seed gives the same batch."""
+    text = b"".join(b"  line %04d of the corpus\n" % i for i in range(2000))
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    starts = train.line_starts(data)
+    b, seq = 300, 96
+    out = train.ict_batch(data, starts, b, seq, seed=5)
+    assert all(torch.equal(out[k], v) for k, v in train.ict_batch(data, starts, b, seq, seed=5).items())
+    assert out["query_ids"].shape == (b, train.query_len(seq)) and out["context_ids"].shape == (b, seq)
+    kept = 0
+    for i in range(b):
+        q = bytes(t for t in out["query_ids"][i].tolist() if t < 256)
+        c = bytes(t for t in out["context_ids"][i].tolist() if t < 256)
+        assert out["query_ids"][i, 0] == train.CLS and out["context_ids"][i, 0] == train.CLS
+        assert torch.equal(out["query_mask"][i].bool(), out["query_ids"][i] != train.PAD)
+        assert q.startswith(b"line ") and not q.startswith(b" "), q
+        n = int(q.split()[1])
+        numbers = [int(x) for x in re.findall(rb"line (\d{4})", c)]
+        whole = sorted(set(numbers) | {n})  # the block's lines, the query's own put back: consecutive
+        assert whole == list(range(whole[0], whole[0] + len(whole))) and len(whole) > 1, (q, c)
+        kept += n in numbers
+    assert 0.04 < kept / b < 0.2, kept / b
+
+
+def test_realm_queries_mask_a_line_of_their_gold_block():
+    gen = torch.Generator().manual_seed(0)
+    data = torch.frombuffer(bytearray(b"".join(b"row %04d abcdefgh\n" % i for i in range(500))), dtype=torch.uint8)
+    corpus = [train.draw_block(data, train.line_starts(data), 64, gen) for _ in range(50)]
+    out = train.realm_queries(corpus, 40, 64, seed=3)
+    for i in range(40):
+        chosen = out["target_mask"][i].bool()
+        assert chosen.any() and (out["query_ids"][i][chosen] == train.MASK).all()
+        assert torch.equal(out["query_ids"][i][~chosen], out["targets"][i][~chosen])
+        line = bytes(t for t in out["targets"][i].tolist() if t < 256)
+        assert line in b"".join(bytes(x) for x in corpus[out["gold"][i]]), line
+
+
+def test_torchrun_biencoder_tp2_sequence_parallel_retrieves(lines_file):
+    out = run("--model", "biencoder", "--data", lines_file, "--steps", "20", "--log-every", "10", "--eval-every", "20",
+              "--sequence-parallel", *BERT_TINY, torchrun=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model: bi-encoder 1+1 (query+context) layers" in out.stdout and "sequence parallel" in out.stdout
+    accs = re.findall(r"eval loss at step \d+: [0-9.]+ \(top1 acc [0-9.]+%, top5 acc [0-9.]+%, acc@1 ([0-9.]+)%, "
+                      r"acc@5 [0-9.]+%, acc@20 ([0-9.]+)%\)", out.stdout)
+    assert len(accs) == 2, out.stdout
+    assert re.search(r"retrieval of a held-out query from the index of 256 held-out blocks:\nquery: .+\n"
+                     r"[ *]1\. .*\n[ *]2\. .*\n[ *]3\. ", out.stdout), out.stdout
+
+
+def test_torchrun_realm_dp2_trains_end_to_end(lines_file):
+    out = run("--model", "realm", "--data", lines_file, "--steps", "6", "--log-every", "3", "--eval-every", "6",
+              "--index-every", "3", "--top-k", "2", "--towers", "shared", "--layers", "1", "--hidden", "32",
+              "--heads", "2", "--seq", "32", "--batch", "2", "--eval-batches", "1", "--tp", "1", torchrun=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model: REALM 1+1 (retriever+reader) layers" in out.stdout and "dp=2" in out.stdout, out.stdout
+    losses = [float(v) for v in re.findall(r"eval loss at step \d+: ([0-9.]+) \(retrieval acc", out.stdout)]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), out.stdout
+    assert re.search(r"retrieve-and-read of a held-out masked line .*\nquery: .*\nfill:  .*\n[ *]1\. .*\n"
+                     r"[ *]2\. .*\n[ *]3\. ", out.stdout), out.stdout
+
+
+@pytest.mark.parametrize("model,args,message", [
+    ("biencoder", ["--top-k", "3"], "--top-k is for --model realm"),
+    ("gpt", ["--towers", "shared"], "--towers is for --model biencoder / realm"),
+    ("realm", ["--top-k", "600"], "--top-k 600 is larger than the corpus index (512 blocks)"),
+    ("realm", ["--index-every", "0"], "--index-every must be >= 1, got 0"),
+    ("biencoder", ["--seq", "12"], "--seq 12 is too short for a block of lines"),
+    ("biencoder", ["--prompt", "x"], "--prompt is for --model gpt"),
+])
+def test_retriever_bad_input_is_one_line_and_exit_code_2(text_file, capsys, model, args, message):
+    base = ["--model", model, "--data", text_file, *BERT_TINY, "--steps", "1", "--eval-batches", "1",
+            "--peak-flops", "1e9"]
+    code = train.main(base + args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: " + message), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+
+
+# ---------------------------------------------------------------------------
 # --show-layout: each rank's shards (parallel.shard_layout) and one counted step
 # ---------------------------------------------------------------------------
 
