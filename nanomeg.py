@@ -1157,15 +1157,17 @@ def pair_mask(q_real, k_real):
 
 
 def bert_encode(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None, seed=0,
-                training=False):
+                training=False, stream_prefix=""):
     """ids [b, s] -> the sequence output [b, s(/t), h] (after the final norm
     of a pre-norm stack). The same embed / run_layers as GPT, with the padding
-    mask of `bert_attention_mask` instead of the causal one."""
+    mask of `bert_attention_mask` instead of the causal one. stream_prefix
+    names the dropout streams (a retriever's towers and reader draw their own)."""
     cfg.check_mesh(mesh)
     mask = bert_attention_mask(attention_mask, ids)
-    x = embed(params, ids, cfg, mesh, token_types=token_types, seed=seed, training=training)
+    x = embed(params, ids, cfg, mesh, token_types=token_types, seed=seed, training=training,
+              stream=f"{stream_prefix}embed")
     x = run_layers(params, x, cfg, mesh, mask_kind="none" if mask is None else "padding", mask=mask, seed=seed,
-                   training=training)
+                   training=training, stream_prefix=stream_prefix)
     return final_norm(params, x, cfg, mesh)
 
 
@@ -1195,12 +1197,12 @@ def bert_lm_logits(params, x, cfg: BertConfig, mesh: Mesh):
 
 
 def bert_pretrain(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None, seed=0,
-                  training=False):
+                  training=False, stream_prefix=""):
     """-> (masked-LM logits [b, s, V/t] vocab-parallel, next-sentence logits
     [b, 2] or None without the binary head)."""
     _check_task(cfg, "pretrain")
     x = bert_encode(params, ids, cfg, mesh, token_types=token_types, attention_mask=attention_mask, seed=seed,
-                    training=training)
+                    training=training, stream_prefix=stream_prefix)
     nsp = None
     if cfg.binary_head:
         nsp = F.linear(bert_pool(params, x, cfg, mesh), params["binary_head.weight"], params["binary_head.bias"])
@@ -1272,7 +1274,9 @@ def _pooled_head(params, ids, cfg: BertConfig, mesh: Mesh, token_types, attentio
                     training=training)
     pooled = bert_pool(params, x, cfg, mesh)  # [n, h], the same on every tp rank
     if training:
-        pooled = P.dropout(pooled, cfg.hidden_dropout, seed=seed, stream="classifier")
+        n, h = pooled.shape  # this replica's rows of the global batch, as in hidden_dropout
+        pooled = P.dropout(pooled, cfg.hidden_dropout, seed=seed, stream="classifier", offset=(mesh.dp_rank * n, 0),
+                           global_shape=(n * mesh.dp, h))
     return F.linear(pooled, params["classifier.weight"], params["classifier.bias"])
 
 
@@ -1869,8 +1873,8 @@ def embed_text(params, ids, cfg: BiEncoderConfig, mesh: Mesh, *, tower: str, att
     cfg.check_mesh(mesh)
     prefix = cfg.tower_prefix(tower)
     p = substack(params, prefix) if prefix else params
-    seed = 2 * seed + (tower == "context")  # the two towers draw different dropout masks
-    x = bert_encode(p, ids, cfg, mesh, attention_mask=attention_mask, seed=seed, training=training)
+    x = bert_encode(p, ids, cfg, mesh, attention_mask=attention_mask, seed=seed, training=training,
+                    stream_prefix=f"{tower}.")  # each tower draws its own dropout masks
     if cfg.pooling == "ict":
         return F.linear(bert_pool(p, x, cfg, mesh), p["ict_head.weight"], p["ict_head.bias"])
     if cfg.sequence_parallel:
@@ -1894,14 +1898,19 @@ def retrieval_loss(q, c, cfg: BiEncoderConfig, mesh: Mesh) -> dict[str, torch.Te
     dp_rank·n + i, mean over its queries. With dp-averaged gradients this is
     exactly the serial run on the global batch. -> dict(loss, top1_acc,
     top5_acc) (accuracies of this replica's queries, no gradient)."""
-    if not (isinstance(q, torch.Tensor) and isinstance(c, torch.Tensor) and q.dim() == c.dim() == 2
-            and q.shape == c.shape):
-        raise ValueError(f"queries {shape_of(q)} and contexts {shape_of(c)} must be the same [n, e]: one context "
-                         "(the positive) per query")
-    sizes = P.sizes_over_dp(q.shape[0], mesh, q.device)
-    if len(set(sizes)) > 1:
-        raise ValueError(f"uneven batches across data-parallel ranks: {sizes} queries; every replica needs the "
-                         "same batch size")
+    if not (isinstance(q, torch.Tensor) and isinstance(c, torch.Tensor) and q.dim() == c.dim() == 2):
+        raise ValueError(f"queries {shape_of(q)} and contexts {shape_of(c)} must be [n, e] tensors")
+    # every replica's shapes first (one small all-gather), so that a bad batch on one replica is an
+    # error on all of them, not a hang in the context gather
+    shapes = P.sizes_over_dp((*q.shape, *c.shape), mesh, q.device)  # [(n_q, e_q, n_c, e_c)] per replica
+    bad = [(r, s) for r, s in enumerate(shapes) if s[:2] != s[2:]]
+    if bad:
+        r, s = bad[0]
+        raise ValueError(f"queries {s[:2]} and contexts {s[2:]} must be the same [n, e] (on dp rank {r}): one "
+                         "context (the positive) per query")
+    if len({s[0] for s in shapes}) > 1:
+        raise ValueError(f"uneven batches across data-parallel ranks: {[s[0] for s in shapes]} queries; every "
+                         "replica needs the same batch size")
     n = q.shape[0]
     scores = retrieval_scores(q, P.gather_from_dp(c, mesh), cfg)  # [n, dp·n]
     labels = torch.arange(n, device=q.device) + mesh.dp_rank * n
@@ -2040,7 +2049,7 @@ def realm_loss(params, batch: dict, index: Index, corpus: tuple, cfg: RealmConfi
     chosen = pair(batch["target_mask"].to(q.dtype), torch.zeros(blocks[top].shape, dtype=q.dtype, device=x.device))
     reader = substack(params, "reader.")
     logits, _ = bert_pretrain(reader, ids, reader_config(cfg), mesh, token_types=types, attention_mask=mask,
-                              seed=seed, training=training)
+                              seed=seed, training=training, stream_prefix="reader.")
     nll = P.vocab_parallel_cross_entropy(logits, targets, mesh, vocab_size=cfg.vocab_size)  # [b·k, s]
     log_py = -rearrange((nll * chosen).sum(-1), "(b k) -> b k", k=k)
     loss = -torch.logsumexp(log_py + log_pz, dim=-1).mean()

@@ -977,13 +977,14 @@ def gather_from_dp(x, mesh):
 gather_from_dp.__doc__ = _GatherFromDP.__doc__
 
 
-def sizes_over_dp(n: int, mesh: Mesh, device=None) -> list[int]:
-    """Every replica's n (a count of rows), in dp-rank order: an all-gather of
-    one element per replica, so all ranks can check sizes together and raise
-    the same error before a collective that needs them equal."""
-    if mesh.dp == 1:
-        return [int(n)]
-    return all_gather(torch.tensor([int(n)], device=device), mesh, "dp", 0).tolist()
+def sizes_over_dp(n, mesh: Mesh, device=None) -> list:
+    """Every replica's n (a count of rows, or a tuple of sizes), in dp-rank
+    order: an all-gather of len(n) elements per replica, so all ranks can
+    check sizes together and raise the same error before a collective that
+    needs them equal."""
+    values = torch.tensor([int(v) for v in (n if isinstance(n, tuple) else (n,))], device=device)
+    every = all_gather(values[None], mesh, "dp", 0).tolist() if mesh.dp > 1 else [values.tolist()]
+    return [tuple(v) for v in every] if isinstance(n, tuple) else [v[0] for v in every]
 
 
 NO_ID = 2**62  # the id of a padding candidate: after every real block, with score -inf
