@@ -13,6 +13,8 @@ Read top to bottom:
 8. Gradients across ranks: dp averaging, the tp-correct global norm.
 9. Retrieval across dp: in-batch negatives from every replica, and an exact
    top-k over an index sharded over dp.
+10. Pipeline schedules as data (AFAB, 1F1B, interleaved 1F1B) and the
+   simulator that measures their bubble and draws their timeline.
 
 Notation in docstrings: b batch, s sequence, h hidden, t tensor-parallel size,
 V vocabulary (padded). "Elements moved" counts the elements of the *full*
@@ -31,7 +33,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -1021,3 +1023,133 @@ def top_k_over_dp(scores_local, ids_local, k: int, mesh: Mesh):
     scores = all_gather(F.pad(scores, (0, pad), value=float("-inf")).contiguous(), mesh, "dp", 1)  # [m, dp·k]
     ids = all_gather(F.pad(ids, (0, pad), value=NO_ID).contiguous(), mesh, "dp", 1)
     return top_k(scores, ids, k)[:2]
+
+
+# ---------------------------------------------------------------------------
+# 10. Pipeline schedules as data: one list of actions per rank, built by one
+#     function per schedule, replayed by a simulator with unit costs. (The
+#     executor that runs these lists on stages is the next step.)
+# ---------------------------------------------------------------------------
+
+
+class Action(NamedTuple):
+    """One step of a pipeline rank: kind "F" (forward) or "B" (backward), on
+    microbatch `micro`, model chunk `chunk` (interleaving: rank r holds
+    chunks c = 0..v-1, virtual stage c·p + r). Sends and receives are
+    implied: a forward receives from the previous virtual stage and sends to
+    the next, a backward the other way."""
+
+    kind: str
+    micro: int
+    chunk: int = 0
+
+
+UNIT_COST = {"F": 1.0, "B": 2.0}  # a backward costs two forwards
+
+
+def _one_f_one_b(forwards: list, backwards: list, warmup: int) -> list[Action]:
+    """warmup forwards, then alternate one forward and one backward, then the remaining backwards."""
+    out, f, b = list(forwards[:warmup]), warmup, 0
+    while f < len(forwards):
+        out += [forwards[f], backwards[b]]
+        f, b = f + 1, b + 1
+    return out + backwards[b:]
+
+
+def afab_schedule(p: int, m: int) -> list[list[Action]]:
+    """All forwards, then all backwards (GPipe): every rank holds the
+    activations of all m microbatches at its peak. Bubble (p - 1)/m."""
+    return [[Action("F", i) for i in range(m)] + [Action("B", i) for i in range(m)] for _ in range(p)]
+
+
+def one_f_one_b_schedule(p: int, m: int) -> list[list[Action]]:
+    """1F1B (PipeDream-flush): rank r runs p - r - 1 warmup forwards, then
+    one forward and one backward in turn, then the rest of the backwards.
+    The same bubble as AFAB, (p - 1)/m, but at most p microbatches in
+    flight on any rank (rank r: p - r)."""
+    return [_one_f_one_b([Action("F", i) for i in range(m)], [Action("B", i) for i in range(m)],
+                         min(p - r - 1, m)) for r in range(p)]
+
+
+def interleaved_schedule(p: int, m: int, v: int) -> list[list[Action]]:
+    """Interleaved 1F1B (Megatron's virtual pipeline): each rank holds v
+    chunks of the layers; microbatches go through the chunks in groups of
+    p (m a multiple of p). Warmup (p - r - 1)·2 + (v - 1)·p forwards.
+    Bubble (p - 1)/(v·m), at the price of v times the point-to-point traffic."""
+    if m % p:
+        raise ValueError(f"interleaved 1F1B needs microbatches % pp == 0, got microbatches={m}, pp={p}")
+    order = lambda k, backward: (k // (p * v) * p + k % p, (v - 1 - k // p % v) if backward else k // p % v)
+    schedules = []
+    for r in range(p):
+        forwards = [Action("F", *order(k, False)) for k in range(m * v)]
+        backwards = [Action("B", *order(k, True)) for k in range(m * v)]
+        schedules.append(_one_f_one_b(forwards, backwards, min((p - r - 1) * 2 + (v - 1) * p, m * v)))
+    return schedules
+
+
+def simulate(schedules: list[list[Action]], v: int = 1, cost=None) -> dict:
+    """Replay per-rank action lists with unit costs (a chunk's costs are 1/v
+    of a stage's) and free communication. An action starts when its rank is
+    free and its input is ready: F(i) of a virtual stage after F(i) of the
+    previous one; B(i) after B(i) of the next one (the last stage's after its
+    own F). -> dict(start, end: {(rank, index): time}, makespan, busy per
+    rank, bubble = the largest idle / busy time of a rank, peak in flight
+    per rank: microbatch chunks forwarded and not yet backpropagated, whose
+    activations the rank holds). ValueError if the lists deadlock."""
+    cost = cost or UNIT_COST
+    p = len(schedules)
+    stage = lambda r, c: c * p + r  # virtual stage of chunk c on rank r
+    last = p * v - 1
+    done, start, end, free, pos = {}, {}, {}, [0.0] * p, [0] * p
+    total = sum(len(s) for s in schedules)
+    while len(end) < total:
+        progressed = False
+        for r in range(p):
+            if pos[r] == len(schedules[r]):
+                continue
+            a = schedules[r][pos[r]]
+            vs = stage(r, a.chunk)
+            if a.kind == "F":
+                need = [("F", a.micro, vs - 1)] if vs > 0 else []
+            else:
+                need = [("F", a.micro, vs)] + ([("B", a.micro, vs + 1)] if vs < last else [])
+            if any(n not in done for n in need):
+                continue
+            t0 = max([free[r]] + [done[n] for n in need])
+            t1 = t0 + cost[a.kind] / v
+            start[r, pos[r]], end[r, pos[r]] = t0, t1
+            done[(a.kind, a.micro, vs)] = t1
+            free[r], pos[r], progressed = t1, pos[r] + 1, True
+        if not progressed:
+            raise ValueError("the schedule deadlocks: every rank waits for an action no rank can run")
+    makespan = max(end.values())
+    busy = [sum(cost[a.kind] / v for a in s) for s in schedules]
+    peak = []
+    for s in schedules:
+        live = high = 0
+        for a in s:
+            live += 1 if a.kind == "F" else -1
+            high = max(high, live)
+        peak.append(high)
+    return dict(start=start, end=end, makespan=makespan, busy=busy,
+                bubble=max((makespan - b) / b for b in busy), peak_in_flight=peak)
+
+
+def format_schedule(schedules: list[list[Action]], v: int = 1, cost=None) -> str:
+    """The simulated timeline as text, one row per rank, one column per 1/v
+    unit of time: a forward shows its microbatch ("0", "1", ...), a backward
+    the microbatch as a letter ("a" for 0, over two columns: it costs two
+    forwards), chunk c > 0 adds c primes; idle time is ".". Then the bubble."""
+    sim = simulate(schedules, v, cost)
+    slots = round(sim["makespan"] * v)
+    rows = []
+    for r, s in enumerate(schedules):
+        cells = ["."] * slots
+        for i, a in enumerate(s):
+            t0, t1 = round(sim["start"][r, i] * v), round(sim["end"][r, i] * v)
+            mark = (str(a.micro) if a.kind == "F" else chr(ord("a") + a.micro)) + "'" * a.chunk
+            for t in range(t0, t1):
+                cells[t] = mark
+        rows.append(f"rank {r} |" + "".join(f"{c:<3}" for c in cells).rstrip())
+    return "\n".join(rows) + (f"\nbubble {sim['bubble']:.3f} of the compute time; peak in flight per rank "
+                              f"{sim['peak_in_flight']}")
