@@ -13,8 +13,8 @@ Read top to bottom:
 8. Gradients across ranks: dp averaging, the tp-correct global norm.
 9. Retrieval across dp: in-batch negatives from every replica, and an exact
    top-k over an index sharded over dp.
-10. Pipeline schedules as data (AFAB, 1F1B, interleaved 1F1B) and the
-   simulator that measures their bubble and draws their timeline.
+10. Pipeline schedules as data (AFAB, 1F1B, interleaved 1F1B, zero-bubble)
+   and the simulator that measures their bubble and draws their timeline.
 
 Notation in docstrings: b batch, s sequence, h hidden, t tensor-parallel size,
 V vocabulary (padded). "Elements moved" counts the elements of the *full*
@@ -1033,18 +1033,20 @@ def top_k_over_dp(scores_local, ids_local, k: int, mesh: Mesh):
 
 
 class Action(NamedTuple):
-    """One step of a pipeline rank: kind "F" (forward) or "B" (backward), on
+    """One step of a pipeline rank: kind "F" (forward), "B" (backward), or,
+    split for zero-bubble, "I" (the input gradient, which the previous stage
+    waits for) and "W" (the weight gradient, which nobody waits for); on
     microbatch `micro`, model chunk `chunk` (interleaving: rank r holds
     chunks c = 0..v-1, virtual stage c·p + r). Sends and receives are
     implied: a forward receives from the previous virtual stage and sends to
-    the next, a backward the other way."""
+    the next, a backward (B or I) the other way."""
 
     kind: str
     micro: int
     chunk: int = 0
 
 
-UNIT_COST = {"F": 1.0, "B": 2.0}  # a backward costs two forwards
+UNIT_COST = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}  # a backward costs two forwards; zero-bubble halves it
 
 
 def _one_f_one_b(forwards: list, backwards: list, warmup: int) -> list[Action]:
@@ -1087,15 +1089,62 @@ def interleaved_schedule(p: int, m: int, v: int) -> list[list[Action]]:
     return schedules
 
 
+def zero_bubble_schedule(p: int, m: int) -> list[list[Action]]:
+    """ZB-H1 (Qi et al. 2023): 1F1B with each backward split into I and W.
+    The I passes keep 1F1B's order; a W is run whenever its rank would
+    otherwise wait (for a forward input or a gradient still on its way), or
+    when holding more activations would exceed 1F1B's p - r on rank r, and
+    the rest at the end. The lists are built by replaying the unit costs, so
+    they are the schedule the simulator then measures: the bubble falls from
+    1F1B's (p - 1)/m to about a third of it, at the same peak memory."""
+    base = [_one_f_one_b([Action("F", i) for i in range(m)], [Action("I", i) for i in range(m)],
+                         min(p - r - 1, m)) for r in range(p)]
+    out, pos, free, done = [[] for _ in range(p)], [0] * p, [0.0] * p, {}
+    pending = [[] for _ in range(p)]  # microbatches whose I ran and whose W has not
+    live = [0] * p  # forwards not yet weight-gradiented: the activations a rank holds
+
+    def ready(r, a):  # when a's inputs are there, or None if not yet known
+        if a.kind == "F":
+            need = [("F", a.micro, r - 1)] if r > 0 else []
+        else:  # I: its own forward, and the gradient from the next stage
+            need = [("F", a.micro, r)] + ([("I", a.micro, r + 1)] if r < p - 1 else [])
+        return None if any(n not in done for n in need) else max([0.0] + [done[n] for n in need])
+
+    def run(r, a, t):
+        out[r].append(a)
+        free[r] = done[(a.kind, a.micro, r)] = t + UNIT_COST[a.kind]
+        live[r] += {"F": 1, "W": -1}.get(a.kind, 0)
+        if a.kind == "I":
+            pending[r].append(a.micro)
+
+    while any(pos[r] < len(base[r]) or pending[r] for r in range(p)):
+        # the rank that can act earliest: one whose next action's inputs are known, or with a W to run
+        nxt = {r: base[r][pos[r]] if pos[r] < len(base[r]) else None for r in range(p)}
+        when = {r: None if nxt[r] is None else ready(r, nxt[r]) for r in range(p)}
+        can = [r for r in range(p) if pending[r] or when[r] is not None]
+        if not can:
+            raise ValueError("zero-bubble construction deadlocked")
+        r = min(can, key=lambda r: free[r])
+        a, t_ready = nxt[r], when[r]
+        full = a is not None and a.kind == "F" and live[r] >= p - r  # 1F1B's activation budget on rank r
+        if t_ready is not None and not full and (t_ready <= free[r] or not pending[r]):
+            run(r, a, max(free[r], t_ready))
+            pos[r] += 1
+        else:  # the next action would wait (or would exceed the budget): a W fills the gap
+            run(r, Action("W", pending[r].pop(0)), free[r])
+    return out
+
+
 def simulate(schedules: list[list[Action]], v: int = 1, cost=None) -> dict:
     """Replay per-rank action lists with unit costs (a chunk's costs are 1/v
     of a stage's) and free communication. An action starts when its rank is
     free and its input is ready: F(i) of a virtual stage after F(i) of the
-    previous one; B(i) after B(i) of the next one (the last stage's after its
-    own F). -> dict(start, end: {(rank, index): time}, makespan, busy per
-    rank, bubble = the largest idle / busy time of a rank, peak in flight
-    per rank: microbatch chunks forwarded and not yet backpropagated, whose
-    activations the rank holds). ValueError if the lists deadlock."""
+    previous one; B(i) or I(i) after B(i) / I(i) of the next one (the last
+    stage's after its own F); W(i) after its own I(i). -> dict(start, end:
+    {(rank, index): time}, makespan, busy per rank, bubble = the largest idle
+    / busy time of a rank, peak in flight per rank: microbatch chunks
+    forwarded whose activations the rank still holds (until B, or W)).
+    ValueError if the lists deadlock."""
     cost = cost or UNIT_COST
     p = len(schedules)
     stage = lambda r, c: c * p + r  # virtual stage of chunk c on rank r
@@ -1111,14 +1160,16 @@ def simulate(schedules: list[list[Action]], v: int = 1, cost=None) -> dict:
             vs = stage(r, a.chunk)
             if a.kind == "F":
                 need = [("F", a.micro, vs - 1)] if vs > 0 else []
-            else:
-                need = [("F", a.micro, vs)] + ([("B", a.micro, vs + 1)] if vs < last else [])
+            elif a.kind == "W":
+                need = [("G", a.micro, vs)]
+            else:  # B or I: the gradient from the next virtual stage
+                need = [("F", a.micro, vs)] + ([("G", a.micro, vs + 1)] if vs < last else [])
             if any(n not in done for n in need):
                 continue
             t0 = max([free[r]] + [done[n] for n in need])
             t1 = t0 + cost[a.kind] / v
             start[r, pos[r]], end[r, pos[r]] = t0, t1
-            done[(a.kind, a.micro, vs)] = t1
+            done[("G" if a.kind in ("B", "I") else a.kind, a.micro, vs)] = t1
             free[r], pos[r], progressed = t1, pos[r] + 1, True
         if not progressed:
             raise ValueError("the schedule deadlocks: every rank waits for an action no rank can run")
@@ -1128,7 +1179,7 @@ def simulate(schedules: list[list[Action]], v: int = 1, cost=None) -> dict:
     for s in schedules:
         live = high = 0
         for a in s:
-            live += 1 if a.kind == "F" else -1
+            live += {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
             high = max(high, live)
         peak.append(high)
     return dict(start=start, end=end, makespan=makespan, busy=busy,
@@ -1139,7 +1190,8 @@ def format_schedule(schedules: list[list[Action]], v: int = 1, cost=None) -> str
     """The simulated timeline as text, one row per rank, one column per 1/v
     unit of time: a forward shows its microbatch ("0", "1", ...), a backward
     the microbatch as a letter ("a" for 0, over two columns: it costs two
-    forwards), chunk c > 0 adds c primes; idle time is ".". Then the bubble."""
+    forwards; zero-bubble's I one column, its W a "w"), chunk c > 0 adds c
+    primes; idle time is ".". Then the bubble."""
     sim = simulate(schedules, v, cost)
     slots = round(sim["makespan"] * v)
     rows = []
@@ -1147,7 +1199,7 @@ def format_schedule(schedules: list[list[Action]], v: int = 1, cost=None) -> str
         cells = ["."] * slots
         for i, a in enumerate(s):
             t0, t1 = round(sim["start"][r, i] * v), round(sim["end"][r, i] * v)
-            mark = (str(a.micro) if a.kind == "F" else chr(ord("a") + a.micro)) + "'" * a.chunk
+            mark = {"F": str(a.micro), "W": "w"}.get(a.kind, chr(ord("a") + a.micro)) + "'" * a.chunk
             for t in range(t0, t1):
                 cells[t] = mark
         rows.append(f"rank {r} |" + "".join(f"{c:<3}" for c in cells).rstrip())
