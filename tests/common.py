@@ -1,8 +1,9 @@
-"""What the model test files share: seeded tensors, jittered parameters and one
-`assert_close` for nested results. Module-level, so worker processes import
-it by name like harness.py."""
+"""What the model test files share: seeded tensors, jittered parameters, one
+`assert_close` for nested results and the padding patterns the hypothesis
+tests draw. Module-level, so worker processes import it by name like harness.py."""
 
 import torch
+from hypothesis import strategies as st
 
 import parallel as P
 
@@ -39,3 +40,24 @@ def assert_close(got, want, what, tol=TOL):
         torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}")
     else:
         assert got == want, f"{what}: {got!r} != {want!r}"
+
+
+@st.composite
+def padding(draw, n: int, s: int):
+    """n padding patterns of length s >= 2, each with its first token real: a padded tail, the first token
+    alone (a fully padded tail), holes, or none; at least one pattern ends in padding."""
+    def one():
+        style = draw(st.sampled_from(["tail", "first", "holes", "full"]))
+        if style == "tail":
+            real = draw(st.integers(1, s - 1))
+            return (1,) * real + (0,) * (s - real)
+        if style == "first":
+            return (1,) + (0,) * (s - 1)
+        if style == "holes":
+            return (1,) + tuple(draw(st.lists(st.sampled_from([0, 1]), min_size=s - 1, max_size=s - 1)))
+        return (1,) * s
+    patterns = [one() for _ in range(n)]
+    if all(p[-1] for p in patterns):
+        i = draw(st.integers(0, n - 1))
+        patterns[i] = patterns[i][:-1] + (0,)
+    return tuple(patterns)

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from common import SERIAL, TOL, assert_close, jittered, rand, randint
+from common import SERIAL, TOL, assert_close, jittered, padding, rand, randint
 from harness import value_errors_then_in_step
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -92,27 +92,6 @@ class T5Case(NamedTuple):
     enc_real: tuple  # b patterns of s_e: 1 at a real token, 0 at padding; position 0 always real
     dec_real: tuple  # b patterns of s_d
     seed: int
-
-
-@st.composite
-def padding(draw, n: int, s: int):
-    """n padding patterns of length s >= 2, each with its first token real: a padded tail, the first token
-    alone (a fully padded tail), holes, or none; at least one pattern ends in padding."""
-    def one():
-        style = draw(st.sampled_from(["tail", "first", "holes", "full"]))
-        if style == "tail":
-            real = draw(st.integers(1, s - 1))
-            return (1,) * real + (0,) * (s - real)
-        if style == "first":
-            return (1,) + (0,) * (s - 1)
-        if style == "holes":
-            return (1,) + tuple(draw(st.lists(st.sampled_from([0, 1]), min_size=s - 1, max_size=s - 1)))
-        return (1,) * s
-    patterns = [one() for _ in range(n)]
-    if all(p[-1] for p in patterns):
-        i = draw(st.integers(0, n - 1))
-        patterns[i] = patterns[i][:-1] + (0,)
-    return tuple(patterns)
 
 
 @st.composite

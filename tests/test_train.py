@@ -455,23 +455,6 @@ def test_torchrun_bert_tp2_sequence_parallel_learns_and_fills_in(text_file):
     assert "fill-in (" in out.stdout and "--- the model's guesses:" in out.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--prompt", "x"], "--prompt is for --model gpt"),
-    (["--sample-tokens", "0"], "--sample-tokens is for --model gpt"),
-    (["--activation", "swiglu"], "--activation swiglu: BERT's MLP and LM head use GeLU"),
-    (["--seq", "4"], "--seq 4 is too short for BERT"),
-    (["--model", "t9"], "argument --model: invalid choice: 't9'"),
-])
-def test_bert_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, message):
-    base = ["--model", "bert", "--data", text_file, *BERT_TINY, "--steps", "1", "--eval-batches", "1",
-            "--peak-flops", "1e9"]
-    code = train.main(base + args)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("error: " + message), err
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-
-
 # ---------------------------------------------------------------------------
 # --model t5: span corruption, the run, its own bad input
 # ---------------------------------------------------------------------------
@@ -526,22 +509,6 @@ def test_torchrun_t5_tp2_sequence_parallel_learns_and_fills_spans(text_file):
     fill = re.search(r"span fill-in .*?gets (\d+)% of the (\d+) target ids in place\):\ninput: (.*)\ntruth: (.*)\n"
                      r"model: (.*)", out.stdout, re.S)
     assert fill and "<0>" in fill[3] and fill[4].startswith("<0>"), out.stdout
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--seq", "6"], "--seq 6 is too short for T5's span corruption"),
-    (["--prompt", "x"], "--prompt is for --model gpt"),
-    (["--position", "relative", "--heads", "3", "--hidden", "33", "--tp", "1", "--max-seq", "5"],
-     "--seq 32 is longer than --max-seq 5"),
-])
-def test_t5_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, message):
-    base = ["--model", "t5", "--data", text_file, *BERT_TINY, "--steps", "1", "--eval-batches", "1",
-            "--peak-flops", "1e9"]
-    code = train.main(base + args)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("error: " + message), err
-    assert err.count("\n") == 1 and err.endswith("\n"), err
 
 
 # ---------------------------------------------------------------------------
@@ -622,6 +589,15 @@ def test_torchrun_realm_dp2_trains_end_to_end(lines_file):
 
 
 @pytest.mark.parametrize("model,args,message", [
+    ("bert", ["--prompt", "x"], "--prompt is for --model gpt"),
+    ("bert", ["--sample-tokens", "0"], "--sample-tokens is for --model gpt"),
+    ("bert", ["--activation", "swiglu"], "--activation swiglu: BERT's MLP and LM head use GeLU"),
+    ("bert", ["--seq", "4"], "--seq 4 is too short for BERT"),
+    ("bert", ["--model", "t9"], "argument --model: invalid choice: 't9'"),
+    ("t5", ["--seq", "6"], "--seq 6 is too short for T5's span corruption"),
+    ("t5", ["--prompt", "x"], "--prompt is for --model gpt"),
+    ("t5", ["--position", "relative", "--heads", "3", "--hidden", "33", "--tp", "1", "--max-seq", "5"],
+     "--seq 32 is longer than --max-seq 5"),
     ("biencoder", ["--top-k", "3"], "--top-k is for --model realm"),
     ("gpt", ["--towers", "shared"], "--towers is for --model biencoder / realm"),
     ("realm", ["--top-k", "600"], "--top-k 600 is larger than the corpus index (512 blocks)"),
@@ -629,7 +605,8 @@ def test_torchrun_realm_dp2_trains_end_to_end(lines_file):
     ("biencoder", ["--seq", "12"], "--seq 12 is too short for a block of lines"),
     ("biencoder", ["--prompt", "x"], "--prompt is for --model gpt"),
 ])
-def test_retriever_bad_input_is_one_line_and_exit_code_2(text_file, capsys, model, args, message):
+def test_model_bad_input_is_one_line_and_exit_code_2(text_file, capsys, model, args, message):
+    """Each model's own flags and limits, refused with one line and exit code 2."""
     base = ["--model", model, "--data", text_file, *BERT_TINY, "--steps", "1", "--eval-batches", "1",
             "--peak-flops", "1e9"]
     code = train.main(base + args)
