@@ -491,6 +491,13 @@ class T5Task:
                                    dec_padding=inputs["dec_padding"], seed=seed, training=training))
 
 
+def tower_flops(cfg, batch_size: int, seq: int) -> float:
+    """FLOPs of one retriever tower's forward + backward on batch_size texts of seq ids: a BERT
+    encoder and its pooled head, no vocabulary (`nanomeg.bert_flops` of a classifier)."""
+    sizes = {f: getattr(cfg, f) for f in ("layers", "hidden", "heads", "kv_heads", "ffn")}
+    return N.bert_flops(N.BertConfig(**sizes, task="classify", vocab_size=1), batch_size, seq)
+
+
 class BiEncoderTask:
     """ICT pretraining of a bi-encoder (two BERT towers, or one shared):
     a batch is `ict_batch`'s queries and blocks; the loss is the in-batch
@@ -507,10 +514,7 @@ class BiEncoderTask:
 
     @staticmethod
     def flops(cfg, batch_size, seq) -> float:
-        bert = lambda s: N.bert_flops(N.BertConfig(**{f: getattr(cfg, f) for f in ("layers", "hidden", "heads",
-                                                                                    "kv_heads", "ffn")},
-                                                   task="classify", vocab_size=1), batch_size, s)
-        return bert(seq) + bert(query_len(seq))
+        return tower_flops(cfg, batch_size, seq) + tower_flops(cfg, batch_size, query_len(seq))
 
     @staticmethod
     def batch(data, args, seed) -> dict[str, torch.Tensor]:
@@ -589,11 +593,8 @@ class RealmTask:
 
     @staticmethod
     def flops(cfg, batch_size, seq) -> float:
-        bert = lambda b, s: N.bert_flops(N.BertConfig(**{f: getattr(cfg, f) for f in ("layers", "hidden", "heads",
-                                                                                       "kv_heads", "ffn")},
-                                                      task="classify", vocab_size=1), b, s)
         reader = N.bert_flops(N.reader_config(cfg), batch_size * cfg.top_k, seq + query_len(seq))
-        return bert(batch_size, query_len(seq)) + bert(batch_size * cfg.top_k, seq) + reader
+        return tower_flops(cfg, batch_size, query_len(seq)) + tower_flops(cfg, batch_size * cfg.top_k, seq) + reader
 
     @staticmethod
     def corpus(data, args) -> tuple[list, torch.Tensor, torch.Tensor]:
