@@ -422,10 +422,11 @@ def hidden_dropout(x, p, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
     a run over dp replicas draws what one process on the whole batch does."""
     if not training or p == 0.0:
         return x
-    b, s, h = x.shape  # this replica holds rows [dp_rank·b, (dp_rank+1)·b) of the global batch
+    b, s, h = x.shape
+    row, rows = mesh.batch_rows(b)  # this replica's (and microbatch's) rows of the global batch
     t = mesh.tp if cfg.sequence_parallel else 1
-    return P.dropout(x, p, seed=seed, stream=stream, offset=(mesh.dp_rank * b, mesh.tp_rank * s if t > 1 else 0, 0),
-                     global_shape=(b * mesh.dp, s * t, h))
+    return P.dropout(x, p, seed=seed, stream=stream, offset=(row, mesh.tp_rank * s if t > 1 else 0, 0),
+                     global_shape=(rows, s * t, h))
 
 
 def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, training=False, pos_offset=0,
@@ -478,9 +479,9 @@ def core_attention(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, bias
     probs = kernels.scale_mask_softmax(scores, scale=scale, mask_kind=mask_kind, mask=mask)
     if training and cfg.attention_dropout > 0:
         b, n_local, sq, sk = probs.shape  # this rank holds heads [tp_rank*n/t, (tp_rank+1)*n/t)
+        row, rows = mesh.batch_rows(b)
         probs = P.dropout(probs, cfg.attention_dropout, seed=seed, stream=stream,
-                          offset=(mesh.dp_rank * b, mesh.tp_rank * n_local, 0, 0),
-                          global_shape=(b * mesh.dp, n_local * mesh.tp, sq, sk))
+                          offset=(row, mesh.tp_rank * n_local, 0, 0), global_shape=(rows, n_local * mesh.tp, sq, sk))
     return probs.to(v.dtype) @ v
 
 
@@ -1203,6 +1204,12 @@ def bert_pretrain(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None,
     _check_task(cfg, "pretrain")
     x = bert_encode(params, ids, cfg, mesh, token_types=token_types, attention_mask=attention_mask, seed=seed,
                     training=training, stream_prefix=stream_prefix)
+    return bert_heads(params, x, cfg, mesh)
+
+
+def bert_heads(params, x, cfg: BertConfig, mesh: Mesh):
+    """The pretraining heads on the encoded x [b, s(/t), h] -> (masked-LM
+    logits [b, s, V/t], next-sentence logits [b, 2] or None)."""
     nsp = None
     if cfg.binary_head:
         nsp = F.linear(bert_pool(params, x, cfg, mesh), params["binary_head.weight"], params["binary_head.bias"])
@@ -1228,13 +1235,21 @@ def bert_loss_and_metrics(params, ids, cfg: BertConfig, mesh: Mesh, *, mlm_targe
     head nsp and nsp_acc (the fraction of next-sentence labels right)."""
     mlm_logits, nsp_logits = bert_pretrain(params, ids, cfg, mesh, token_types=token_types,
                                            attention_mask=attention_mask, seed=seed, training=training)
+    return bert_pretrain_losses(mlm_logits, nsp_logits, cfg, mesh, mlm_targets=mlm_targets, mlm_mask=mlm_mask,
+                                nsp_labels=nsp_labels)
+
+
+def bert_pretrain_losses(mlm_logits, nsp_logits, cfg: BertConfig, mesh: Mesh, *, mlm_targets, mlm_mask,
+                         nsp_labels=None) -> dict:
+    """The heads' logits -> dict(loss, mlm[, nsp, nsp_acc]) (see `bert_loss_and_metrics`)."""
     mlm = lm_loss(mlm_logits, mlm_targets, cfg, mesh, loss_mask=mlm_mask)
     if nsp_logits is None:
         if nsp_labels is not None:
             raise ValueError("nsp_labels given, but the model has no next-sentence head (binary_head=False)")
         return dict(loss=mlm, mlm=mlm)
-    if nsp_labels is None or nsp_labels.shape != (ids.shape[0],):
-        raise ValueError(f"nsp_labels must be [b] = ({ids.shape[0]},) with the binary head, got "
+    b = mlm_targets.shape[0]
+    if nsp_labels is None or nsp_labels.shape != (b,):
+        raise ValueError(f"nsp_labels must be [b] = ({b},) with the binary head, got "
                          f"{None if nsp_labels is None else tuple(nsp_labels.shape)}")
     P.check_ids(nsp_labels, 2, "next-sentence label")
     nsp = F.cross_entropy(nsp_logits.float() if nsp_logits.dtype in (torch.float16, torch.bfloat16) else nsp_logits,
@@ -1274,9 +1289,9 @@ def _pooled_head(params, ids, cfg: BertConfig, mesh: Mesh, token_types, attentio
                     training=training)
     pooled = bert_pool(params, x, cfg, mesh)  # [n, h], the same on every tp rank
     if training:
-        n, h = pooled.shape  # this replica's rows of the global batch, as in hidden_dropout
-        pooled = P.dropout(pooled, cfg.hidden_dropout, seed=seed, stream="classifier", offset=(mesh.dp_rank * n, 0),
-                           global_shape=(n * mesh.dp, h))
+        row, rows = mesh.batch_rows(pooled.shape[0])  # this replica's rows of the global batch, as in hidden_dropout
+        pooled = P.dropout(pooled, cfg.hidden_dropout, seed=seed, stream="classifier", offset=(row, 0),
+                           global_shape=(rows, pooled.shape[1]))
     return F.linear(pooled, params["classifier.weight"], params["classifier.bias"])
 
 
@@ -2104,3 +2119,146 @@ def from_hf_dpr(state_dict, cfg: BiEncoderConfig) -> dict[str, torch.Tensor]:
                          what="DPR", positions=None, next_layer=())
         params |= {"projection.weight": sd[f"{proj}weight"].clone(), "projection.bias": sd[f"{proj}bias"].clone()}
     return params
+
+
+# ---------------------------------------------------------------------------
+# 13. Pipeline stages: GPT and BERT cut into stages, and one training step
+#     run by a pipeline schedule (parallel.py sections 10 and 11)
+# ---------------------------------------------------------------------------
+
+PIPELINE_MODELS = ("gpt", "bert")  # T5 and the retrievers do not pipeline here (they train with tp and dp)
+
+
+class Stage(NamedTuple):
+    """What one virtual stage computes: its run of layers; the first stage
+    also embeds, the last also applies the final norm, the head and the loss."""
+
+    layers: range
+    first: bool
+    last: bool
+
+
+def stages_of(cfg: GPTConfig, mesh: Mesh, v: int = 1) -> dict[int, Stage]:
+    """This pipeline rank's stages, by chunk: chunk c is virtual stage
+    c·pp + pp_rank of pp·v (`parallel.stage_layers`)."""
+    runs = P.stage_layers(cfg.layers, mesh.pp, v)
+    return {c: Stage(runs[c * mesh.pp + mesh.pp_rank], c * mesh.pp + mesh.pp_rank == 0,
+                     c * mesh.pp + mesh.pp_rank == mesh.pp * v - 1) for c in range(v)}
+
+
+def owned_by(name: str, stage: Stage, cfg: GPTConfig) -> bool:
+    """Does the stage hold parameter `name`? Its layers' `layers.{i}.*`; the
+    embedding tables on the first stage; everything else (final norm, output
+    layer, BERT's heads) on the last. A tied word embedding is used by both
+    ends, so the last stage holds its own copy of `embed.word` (Megatron's
+    initialize_word_embeddings): both start equal (init is the same
+    everywhere), and their gradients are summed over the embedding group
+    each step (`parallel.GradBuckets`), so they stay equal."""
+    if name.startswith("layers."):
+        return int(name.split(".")[1]) in stage.layers
+    if name.startswith("embed."):
+        return stage.first or (stage.last and name == "embed.word" and cfg.tie_embeddings)
+    return stage.last
+
+
+def stage_params(params: dict, cfg: GPTConfig, mesh: Mesh, v: int = 1) -> dict:
+    """The slice of the flat dict (full or tp-sharded) this pipeline rank
+    holds: the union of its chunks' parameters. `shard` / `unshard` and the
+    specs work on it unchanged; with pp = 1 it is all of params."""
+    stages = stages_of(cfg, mesh, v).values()
+    return {n: p for n, p in params.items() if any(owned_by(n, s, cfg) for s in stages)}
+
+
+def tied_copies(cfg: GPTConfig, mesh: Mesh) -> tuple:
+    """Names whose two copies, on the first and the last pipeline rank, have
+    their gradients summed over the embedding group: the tied word
+    embedding when pp > 1. () otherwise."""
+    return ("embed.word",) if cfg.tie_embeddings and mesh.pp > 1 else ()
+
+
+def norm_skip(cfg: GPTConfig, mesh: Mesh) -> tuple:
+    """Names this rank leaves out of the global grad norm: the last stage's
+    copy of a tied embedding (the first stage counts it, once)."""
+    return tied_copies(cfg, mesh) if mesh.pp_rank == mesh.pp - 1 else ()
+
+
+def split_microbatches(inputs: dict, m: int, counted: str | None = None) -> list[dict]:
+    """Cut a batch (dict of [b, ...] tensors) into m microbatches of b/m rows.
+    Each gets `share`: its share of the batch's token-mean loss, the
+    fraction of the counted tokens (inputs[counted]: a loss mask) it holds,
+    or 1/m; and `rows`, 1/m, for per-row means (BERT's next sentence). With
+    these weights the sum over microbatches is the full batch's loss exactly."""
+    b = next(iter(inputs.values())).shape[0]
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1 or b % m:
+        raise ValueError(f"microbatches={m!r} must be an integer >= 1 dividing the batch's {b} rows")
+    parts = [{k: v[i * (b // m): (i + 1) * (b // m)] for k, v in inputs.items()} for i in range(m)]
+    total = inputs[counted].sum() if counted is not None and inputs.get(counted) is not None else None
+    for part in parts:
+        part["share"] = 1 / m if total is None else part[counted].sum() / torch.where(total > 0, total, 1)
+        part["rows"] = 1 / m
+    return parts
+
+
+def stage_forward(model: str, params, x, micro: dict, cfg: GPTConfig, mesh: Mesh, stage: Stage, *, seed=0,
+                  training=True):
+    """One stage of GPT or BERT on one microbatch. params: the stage's own.
+    x: None on the first stage (it embeds micro["ids"]), else [b, s(/t), h]
+    from the previous stage. -> [b, s(/t), h] for the next stage, or on the
+    last a dict of this microbatch's weighted loss contributions."""
+    ids = micro["ids"]
+    mask = bert_attention_mask(micro.get("attention_mask"), ids) if model == "bert" else None
+    if stage.first:
+        x = embed(params, ids, cfg, mesh, token_types=micro.get("token_types"), seed=seed, training=training)
+    layers = {n: p for n, p in params.items() if n.startswith("layers.")}
+    kind = "causal" if model == "gpt" else "none" if mask is None else "padding"
+    x = run_layers(layers, x, cfg, mesh, mask_kind=kind, mask=mask, seed=seed, training=training)
+    if not stage.last:
+        return x
+    if model == "gpt":
+        loss = lm_loss(lm_logits(params, x, cfg, mesh), micro["targets"], cfg, mesh, micro.get("loss_mask"))
+        return dict(loss=loss * micro["share"])
+    out = bert_pretrain_losses(*bert_heads(params, final_norm(params, x, cfg, mesh), cfg, mesh), cfg, mesh,
+                               mlm_targets=micro["mlm_targets"], mlm_mask=micro["mlm_mask"],
+                               nsp_labels=micro.get("nsp_labels"))
+    out = {k: val * (micro["share"] if k == "mlm" else micro["rows"]) for k, val in out.items() if k != "loss"}
+    return dict(loss=out["mlm"] + out.get("nsp", 0.0), **out)
+
+
+def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, *, schedule: str = "1f1b",
+                  v: int = 1, microbatches: int = 1, seed: int = 0, training: bool = True) -> dict:
+    """One step of GPT or BERT on this rank: params is the rank's
+    `stage_params` (tp-sharded), inputs the replica's batch (every pipeline
+    rank reads the same batch; only the first and last stages use it). The
+    batch is cut into microbatches, run by the named schedule's action list
+    for this rank (`parallel.run_schedule`); training: the gradients
+    accumulate into the params' .grad (the caller averages them over dp and
+    syncs tied copies: `parallel.GradBuckets`). Not training: forward only.
+    -> the losses of the batch (as the one-process run on it computes them),
+    the same on every rank: {"loss"} for GPT, {"loss", "mlm", "nsp",
+    "nsp_acc"} for BERT with its next-sentence head."""
+    if model not in PIPELINE_MODELS:
+        raise ValueError(f"model {model!r} does not pipeline: pipeline stages exist for {PIPELINE_MODELS}")
+    if model == "bert":
+        _check_task(cfg, "pretrain")
+    cfg.check_mesh(mesh)
+    m = microbatches
+    stages = stages_of(cfg, mesh, v)
+    chunks = {c: {n: p for n, p in params.items() if owned_by(n, st, cfg)} for c, st in stages.items()}
+    micros = split_microbatches(inputs, m, "loss_mask" if model == "gpt" else "mlm_mask")
+    actions = P.schedule_for(schedule, mesh.pp, m, v)[mesh.pp_rank]
+    if not training:
+        actions = [a for a in actions if a.kind == "F"]
+    b, s = inputs["ids"].shape
+    if model == "gpt":
+        cfg.check_seq(s, mesh)
+    shape = (b // m, s // mesh.tp if cfg.sequence_parallel else s, cfg.hidden)
+    dtype = next(iter(params.values())).dtype
+
+    def forward(c, i, x):
+        return stage_forward(model, chunks[c], x, micros[i], cfg, replace(mesh, micro=i, micros=m), stages[c],
+                             seed=seed, training=training)
+
+    totals = P.run_schedule(actions, forward, mesh, v=v, shape=shape, dtype=dtype, device=inputs["ids"].device,
+                            params_of=lambda c: chunks[c].values(), forward_only=not training)
+    keys = ("loss",) if model == "gpt" else ("loss", "mlm", "nsp", "nsp_acc") if cfg.binary_head else ("loss", "mlm")
+    return P.pipeline_totals(totals, keys, mesh, device=inputs["ids"].device)

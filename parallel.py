@@ -54,6 +54,15 @@ class Mesh:
     Global rank = (pp_rank * dp + dp_rank) * tp + tp_rank: the tp ranks of one
     model replica are neighbours (on one node, where the all-reduces are cheap).
     A group is None when its dim has size 1: every collective on it is a no-op.
+    With pp > 1 there is one more group, "embed": the first and the last
+    stage of a replica (same dp, tp coordinates), which hold the two copies
+    of a tied word embedding (Megatron's embedding group).
+
+    micro, micros: which of a step's microbatches this computation is on
+    (0 of 1 without gradient accumulation). Not a process coordinate but a
+    batch one, like dp_rank: replica d's microbatch i of b rows holds rows
+    (d·micros + i)·b onwards of the global batch (`batch_rows`), so dropout
+    draws what one process on the whole batch draws.
     """
 
     tp: int = 1
@@ -63,6 +72,8 @@ class Mesh:
     pp_rank: int = 0
     dp_rank: int = 0
     groups: dict = field(default_factory=dict, compare=False, repr=False)
+    micro: int = 0
+    micros: int = 1
 
     @staticmethod
     def serial() -> Mesh:
@@ -74,7 +85,9 @@ class Mesh:
         """Build the mesh over the already-initialised default process group.
 
         dp defaults to world_size / (tp * pp). Uses
-        `torch.distributed.device_mesh.init_device_mesh` with dims (pp, dp, tp).
+        `torch.distributed.device_mesh.init_device_mesh` with dims (pp, dp, tp),
+        and with pp > 1 one embedding group per (dp, tp) coordinate: every
+        rank creates every group, in the same order (torch's rule).
         """
         world = dist.get_world_size() if dist.is_initialized() else 1
         if dp is None:  # data parallel fills what tp and pp leave
@@ -92,20 +105,34 @@ class Mesh:
         dm = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
         groups = {d: dm.get_group(d) for d, n in zip(MESH_DIMS, (pp, dp, tp)) if n > 1}
         rank = dist.get_rank()
-        return Mesh(
-            tp=tp, pp=pp, dp=dp,
-            tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp),
-            groups=groups,
-        )
+        mesh = Mesh(tp=tp, pp=pp, dp=dp, tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp),
+                    groups=groups)
+        if pp > 1:
+            for replica in range(dp * tp):  # ranks `replica` (first stage) and the same place on the last stage
+                group = dist.new_group([replica, (pp - 1) * dp * tp + replica])
+                if rank % (dp * tp) == replica and mesh.pp_rank in (0, pp - 1):
+                    groups["embed"] = group
+        return mesh
 
     def size(self, dim: str) -> int:
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}[dim]
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "embed": 2 if self.pp > 1 else 1}[dim]
 
     def rank(self, dim: str) -> int:
         return {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank}[dim]
 
     def group(self, dim: str) -> Any:
         return self.groups.get(dim)
+
+    def pp_peer(self, step: int) -> int:
+        """The global rank `step` stages on (+1 next, -1 previous), wrapping
+        around the pipeline (interleaving: the last stage's chunk c feeds the
+        first stage's chunk c + 1), at this rank's dp and tp coordinates."""
+        return (((self.pp_rank + step) % self.pp) * self.dp + self.dp_rank) * self.tp + self.tp_rank
+
+    def batch_rows(self, b: int) -> tuple[int, int]:
+        """(first global row, global batch rows) of this computation's b rows:
+        replica dp_rank, microbatch `micro` of `micros`."""
+        return (self.dp_rank * self.micros + self.micro) * b, b * self.dp * self.micros
 
 
 def check_mesh_sizes(tp: int, pp: int, dp: int, world: int) -> None:
@@ -913,14 +940,16 @@ def all_reduce_grads_dp(params: dict, mesh: Mesh) -> None:
             p.grad.copy_(all_reduce(p.grad, mesh, "dp", "after backward") / mesh.dp)
 
 
-def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float, skip=()) -> torch.Tensor:
     """Scale all gradients so that their global L2 norm is at most max_norm;
     return the norm before clipping (the same on every rank).
 
     The norm is over the *full* model: split parameters contribute their
     shard on every tp rank, replicated ones are counted once (on tp rank 0),
     replicated kv heads once (on their first replica, `HeadGroups.counted`),
-    then one all-reduce of a single element over tp sums the squares.
+    `skip`ped names not at all (the last stage's copy of a tied embedding:
+    the first stage counts it); then one all-reduce of a single element over
+    tp, and one over pp (each stage holds other layers), sums the squares.
     Counting a replicated gradient once is right only because it is whole on
     every rank: under sequence parallel the layers all-reduce it over tp in
     backward (`sync_replicated_grad`, nanomeg's `allreduce_grad_if_sp`).
@@ -928,20 +957,13 @@ def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float) -> to
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or \
             not (math.isfinite(max_norm) and max_norm >= 0):
         raise ValueError(f"max_norm must be a finite number >= 0 (0: no clipping), got {max_norm!r}")
-    grads = {n: p.grad for n, p in params.items() if p.grad is not None}
-    device = next(iter(params.values())).device
-    sq = torch.zeros((), dtype=torch.float64, device=device)
-    for name, g in grads.items():
-        spec = specs[name]
-        if spec is None and mesh.tp_rank != 0:
-            continue  # replicated: counted once, on tp rank 0
-        counted = spec.counted(g, mesh) if isinstance(spec, HeadGroups) else g
-        sq = sq + counted.detach().double().pow(2).sum()
-    norm = all_reduce(sq, mesh, "tp", phase="after backward").sqrt()
+    sq = grad_norm_sq(params, specs, mesh, skip)
+    norm = all_reduce(all_reduce(sq, mesh, "tp", phase="after backward"), mesh, "pp", phase="after backward").sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads.values():
-            g.mul_(scale.to(g.dtype))
+        for p in params.values():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
     return norm
 
 
@@ -1205,3 +1227,373 @@ def format_schedule(schedules: list[list[Action]], v: int = 1, cost=None) -> str
         rows.append(f"rank {r} |" + "".join(f"{c:<3}" for c in cells).rstrip())
     return "\n".join(rows) + (f"\nbubble {sim['bubble']:.3f} of the compute time; peak in flight per rank "
                               f"{sim['peak_in_flight']}")
+
+
+# ---------------------------------------------------------------------------
+# 11. Pipeline execution: which layers a stage holds, point-to-point
+#     transfers between neighbouring stages, and the executor that runs a
+#     rank's action list (section 10) on its stages.
+# ---------------------------------------------------------------------------
+
+
+def stage_layers(layers: int, pp: int, v: int = 1) -> list[range]:
+    """The layer ids of virtual stages 0 .. pp·v - 1: equal contiguous runs.
+    Virtual stage c·pp + r is chunk c of pipeline rank r, so with v = 1
+    rank r holds layers [r·L/pp, (r+1)·L/pp), and interleaved (v > 1) it
+    holds v runs spread over the stack. ValueError unless pp·v divides L."""
+    for name, n in (("pp", pp), ("virtual stages", v)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+    if v > 1 and pp == 1:
+        raise ValueError(f"virtual stages={v} needs pp > 1: interleaving spreads chunks over pipeline ranks")
+    if layers % (pp * v):
+        raise ValueError(f"layers={layers} cannot be cut into pp*virtual stages = {pp}*{v} = {pp * v} equal stages")
+    per = layers // (pp * v)
+    return [range(k * per, (k + 1) * per) for k in range(pp * v)]
+
+
+def _tag(micro: int, stage: int, backward: bool, stages: int) -> int:
+    """One tag per message of a step, so a receive matches its send whatever
+    the order in which the two ranks post them: (microbatch, receiving virtual stage, direction)."""
+    return 2 * (micro * stages + stage) + backward
+
+
+def _send(x: torch.Tensor, mesh: Mesh, step: int, tag: int, phase: str) -> list:
+    """Post a send of x to the stage `step` away (+1 next, -1 previous); return
+    its work handles, waited on at the end of the step (x stays referenced
+    until then). Non-blocking: the sender never waits for its receiver, so
+    no schedule that the simulator runs can deadlock here."""
+    x = x.contiguous()
+    _record("send", "pp", x.numel(), phase, x.dtype)
+    return [(w, x) for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, mesh.pp_peer(step), tag=tag)])]
+
+
+def _recv(shape, dtype, device, mesh: Mesh, step: int, tag: int, phase: str) -> torch.Tensor:
+    """Receive a tensor of the known shape from the stage `step` away
+    (no shape handshake: every stage sends [b_micro, s(/t), h]); blocks until it is here."""
+    x = torch.empty(shape, dtype=dtype, device=device)
+    _record("recv", "pp", x.numel(), phase, dtype)
+    for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, x, mesh.pp_peer(step), tag=tag)]):
+        w.wait()
+    return x
+
+
+def run_schedule(actions: list[Action], forward, mesh: Mesh, *, v: int = 1, shape, dtype, device,
+                 params_of=None, forward_only: bool = False) -> dict:
+    """Run this rank's action list; return the summed loss contributions
+    ({} on a rank without the last virtual stage).
+
+    forward(chunk, micro, x) -> chunk `chunk`'s output for microbatch
+    `micro`: the activation [shape] for the next stage, or on the last
+    virtual stage a dict of the microbatch's contributions to the step's
+    losses ({"loss": scalar with its graph, metrics...}, each already
+    weighted so that their sum over microbatches is the full batch's). x is
+    None on the first virtual stage (it embeds), else the received activation.
+
+    F: receive x from the previous virtual stage (shape [b_micro, s(/t), h]:
+       under sequence parallel only this tp rank's sequence shard travels,
+       Megatron's scatter-gather optimisation), run forward, send the output
+       on; keep (x, output) for the backward: the activations in flight.
+    B: receive dy from the next virtual stage, backward through the chunk
+       (weights' grads accumulate in .grad), send dx = x.grad back.
+    I: the input gradient only (the previous stage waits for it): dx by
+       autograd.grad, keeping the graph for
+    W: the weight gradients, backward(inputs=the chunk's params). PyTorch's
+       autograd cannot stop halfway, so W walks the graph from the output
+       again: the order and the numbers are zero-bubble's, the compute saving
+       needs linears whose backward is split in two (ZB's WeightGradStore).
+       params_of(chunk) -> the chunk's parameter tensors.
+    forward_only (evaluation, under no_grad): F actions only, nothing kept.
+
+    Per step and stage boundary: m sends of b_micro·s(/t)·h elements forward
+    and m back. Sends are posted without waiting; all are waited on at the end."""
+    p, last = mesh.pp, mesh.pp * v - 1
+    held, weight_grads, sends, totals = {}, {}, [], {}
+    for a in actions:
+        vs = a.chunk * p + mesh.pp_rank
+        if a.kind == "F":
+            x = None if vs == 0 else _recv(shape, dtype, device, mesh, -1, _tag(a.micro, vs, False, last + 1),
+                                            "forward")
+            if x is not None and not forward_only:
+                x.requires_grad_(True)
+            y = forward(a.chunk, a.micro, x)
+            if vs != last and (tuple(y.shape) != tuple(shape) or y.dtype != dtype):
+                raise ValueError(f"stage {vs} made {tuple(y.shape)} {y.dtype}, but the stages exchange "
+                                 f"{tuple(shape)} {dtype}")
+            if vs == last:
+                for k, val in y.items():
+                    totals[k] = totals.get(k, 0.0) + val.detach()
+                y = y["loss"]
+            else:
+                sends += _send(y.detach(), mesh, +1, _tag(a.micro, vs + 1, False, last + 1), "forward")
+            if not forward_only:
+                held[a.micro, a.chunk] = (x, y)
+        elif a.kind in ("B", "I"):
+            x, y = held.pop((a.micro, a.chunk))
+            dy = None if vs == last else _recv(y.shape, y.dtype, device, mesh, +1,
+                                               _tag(a.micro, vs, True, last + 1), "backward")
+            if a.kind == "B":
+                torch.autograd.backward(y, dy)
+                dx = None if x is None else x.grad
+            else:
+                dx = None if x is None else torch.autograd.grad(y, x, dy, retain_graph=True)[0]
+                weight_grads[a.micro, a.chunk] = (y, dy)
+            if vs > 0:
+                sends += _send(dx, mesh, -1, _tag(a.micro, vs - 1, True, last + 1), "backward")
+        elif a.kind == "W":
+            y, dy = weight_grads.pop((a.micro, a.chunk))
+            torch.autograd.backward(y, dy, inputs=list(params_of(a.chunk)))
+        else:
+            raise ValueError(f"unknown action kind {a.kind!r} (F, B, I or W)")
+    for work, _ in sends:
+        work.wait()
+    if held or weight_grads:
+        raise ValueError(f"the schedule left microbatches without backward: {sorted(held) + sorted(weight_grads)}")
+    return totals
+
+
+def pipeline_totals(totals: dict, keys: tuple, mesh: Mesh, device=None) -> dict:
+    """The last stage's summed losses on every pipeline rank: one all-reduce
+    over pp of len(keys) elements (the other stages contribute zeros)."""
+    vec = torch.stack([torch.as_tensor(totals.get(k, 0.0), dtype=torch.float64, device=device) for k in keys])
+    vec = all_reduce(vec, mesh, "pp", phase="after backward")
+    return dict(zip(keys, vec))
+
+
+def schedule_for(name: str, p: int, m: int, v: int = 1) -> list[list[Action]]:
+    """The action lists of a named schedule: afab, 1f1b, interleaved (v
+    chunks per rank) or zb. ValueError naming the values for a bad combination."""
+    if name == "interleaved":
+        if v < 2:
+            raise ValueError(f"schedule interleaved needs virtual stages >= 2, got {v}")
+        return interleaved_schedule(p, m, v)
+    if v != 1:
+        raise ValueError(f"virtual stages={v} needs schedule interleaved, got {name!r}")
+    builders = {"afab": afab_schedule, "1f1b": one_f_one_b_schedule, "zb": zero_bubble_schedule}
+    if name not in builders:
+        raise ValueError(f"unknown schedule {name!r}: choose afab, 1f1b, interleaved or zb")
+    return builders[name](p, m)
+
+
+# ---------------------------------------------------------------------------
+# 12. Data parallelism done properly: gradients in buckets, reduced while the
+#     backward runs (Megatron's DistributedDataParallel), and ZeRO-1, the
+#     optimizer state sharded over dp (Megatron's distributed optimizer).
+# ---------------------------------------------------------------------------
+
+
+def counted_mask(name: str, p: torch.Tensor, spec, mesh: Mesh, skip=()) -> torch.Tensor:
+    """1 where this rank counts p's elements in a global norm, 0 elsewhere
+    (the rule of `clip_grad_norm`: replicated tensors on tp rank 0 only,
+    replicated kv heads on their first replica, `skip`ped names nowhere)."""
+    mask = torch.zeros_like(p, dtype=torch.float64)
+    if name in skip or (spec is None and mesh.tp_rank != 0):
+        return mask
+    (spec.counted(mask, mesh) if isinstance(spec, HeadGroups) else mask).fill_(1.0)
+    return mask
+
+
+class GradBuckets:
+    """Every gradient of this rank lives in a flat bucket; a bucket is reduced
+    over dp as soon as its last gradient is in, while the backward goes on.
+
+    Parameters are bucketed in reverse order (the backward produces the last
+    layers' gradients first), up to `bucket_mb` MB a bucket; each p.grad is a
+    view into its bucket, so autograd accumulates in place. A
+    post-accumulate-grad hook counts each parameter's gradients: when every
+    parameter of a bucket has had its `accumulations`-th (one per
+    microbatch), the bucket's collective is launched asynchronously:
+    * zero=False: an all-reduce of the bucket (its numel elements over dp);
+    * zero=True (ZeRO-1): a reduce-scatter; rank d keeps the d-th 1/dp slice
+      of the bucket, the one its optimizer shard updates.
+    `finish()` (before the optimizer) launches what the backward did not
+    complete, waits, and divides by dp: the gradients are then the mean over
+    the replicas. `tied` names (a tied embedding held by the first and last
+    stage) get a bucket of their own, launched by finish() after one
+    all-reduce over the embedding group sums the two stages' copies: their
+    layout is then the same on both stages, so even their ZeRO shards match.
+    """
+
+    def __init__(self, params: dict, mesh: Mesh, *, bucket_mb: float = 25.0, zero: bool = False,
+                 accumulations: int = 1, tied=()):
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, numbers.Real) or not bucket_mb > 0:
+            raise ValueError(f"bucket size must be a number of MB > 0, got {bucket_mb!r}")
+        if isinstance(accumulations, bool) or not isinstance(accumulations, int) or accumulations < 1:
+            raise ValueError(f"accumulations must be an integer >= 1, got {accumulations!r}")
+        self.mesh, self.zero, self.accumulations = mesh, zero, accumulations
+        self.params = params
+        tied = [n for n in tied if n in params and mesh.group("embed") is not None]
+        names = [n for n in reversed(list(params)) if n not in tied]
+        limit = bucket_mb * 2**20
+        groups, current, nbytes = [], [], 0
+        for n in names:
+            if current and (nbytes + params[n].numel() * params[n].element_size() > limit
+                            or params[n].dtype != params[current[0]].dtype):
+                groups.append(current)
+                current, nbytes = [], 0
+            current.append(n)
+            nbytes += params[n].numel() * params[n].element_size()
+        groups += [current] if current else []
+        self.buckets = [self._bucket(g, tied=False) for g in groups] + ([self._bucket(tied, tied=True)] if tied else [])
+        self.bucket_of = {n: b for b in self.buckets for n in b["names"]}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params.values()]
+        self.name_of = {id(p): n for n, p in params.items()}
+        self.zero_grad()
+
+    def _bucket(self, names: list, tied: bool) -> dict:
+        """A flat buffer holding names' gradients, padded to a multiple of dp (reduce-scatter needs equal slices)."""
+        sizes = [self.params[n].numel() for n in names]
+        total = -(-sum(sizes) // self.mesh.dp) * self.mesh.dp
+        first = self.params[names[0]]
+        buf = torch.zeros(total, dtype=first.dtype, device=first.device)
+        offsets = [sum(sizes[:i]) for i in range(len(names))]
+        for n, off, size in zip(names, offsets, sizes):
+            self.params[n].grad = buf[off: off + size].view_as(self.params[n])
+        shard = total // self.mesh.dp
+        return dict(names=names, offsets=offsets, sizes=sizes, buf=buf, tied=tied,
+                    shard=buf[self.mesh.dp_rank * shard: (self.mesh.dp_rank + 1) * shard],
+                    lo=self.mesh.dp_rank * shard, work=None, launched=False, ready=0)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        name = self.name_of[id(p)]
+        self.count[name] += 1
+        bucket = self.bucket_of[name]
+        if self.count[name] == self.accumulations:
+            bucket["ready"] += 1
+            if bucket["ready"] == len(bucket["names"]) and not bucket["tied"]:
+                self._launch(bucket, "backward")
+
+    def _launch(self, bucket: dict, phase: str) -> None:
+        """Start the bucket's collective over dp without waiting for it."""
+        bucket["launched"] = True
+        group = self.mesh.group("dp")
+        if group is None:
+            return
+        buf = bucket["buf"]
+        if self.zero:  # this rank keeps slice dp_rank; the other slices of its buffer are now stale
+            _record("reduce_scatter", "dp", buf.numel(), phase, buf.dtype)
+            out = torch.empty_like(bucket["shard"])
+            bucket["work"] = (dist.reduce_scatter_single(out, buf, group=group, async_op=True), out)
+        else:
+            _record("all_reduce", "dp", buf.numel(), phase, buf.dtype)
+            bucket["work"] = (dist.all_reduce(buf, group=group, async_op=True), None)
+
+    def finish(self) -> None:
+        """Complete every bucket's reduction and average over dp (call after the last backward)."""
+        for bucket in self.buckets:
+            if bucket["tied"]:  # the first and last stage's copies of the tied embedding: sum them first
+                group = self.mesh.group("embed")
+                _record("all_reduce", "embed", bucket["buf"].numel(), "after backward", bucket["buf"].dtype)
+                dist.all_reduce(bucket["buf"], group=group)
+            if not bucket["launched"]:
+                self._launch(bucket, "after backward")
+        for bucket in self.buckets:
+            if bucket["work"] is not None:
+                work, out = bucket["work"]
+                work.wait()
+                if out is not None:
+                    bucket["shard"].copy_(out)
+            bucket["shard" if self.zero else "buf"].div_(self.mesh.dp)
+            bucket["work"], bucket["launched"], bucket["ready"] = None, False, 0
+        self.count = dict.fromkeys(self.params, 0)
+
+    def zero_grad(self) -> None:
+        for bucket in self.buckets:
+            bucket["buf"].zero_()
+            bucket["work"], bucket["launched"], bucket["ready"] = None, False, 0
+        self.count = dict.fromkeys(self.params, 0)
+
+    def remove(self) -> None:
+        """Detach the hooks (the gradient views stay)."""
+        for h in self.hooks:
+            h.remove()
+
+
+def grad_norm_sq(params: dict, specs: dict, mesh: Mesh, skip=()) -> torch.Tensor:
+    """This rank's counted share of the global squared gradient norm (float64 scalar)."""
+    device = next(iter(params.values())).device
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for name, p in params.items():
+        if p.grad is not None:
+            sq = sq + (counted_mask(name, p, specs[name], mesh, skip) * p.grad.double().pow(2)).sum()
+    return sq
+
+
+class ZeroAdamW:
+    """ZeRO-1: AdamW whose state is sharded over dp (Megatron's distributed optimizer).
+
+    Rank d owns slice d of every bucket of `GradBuckets(zero=True)`: the
+    main (fp32, or float64 for float64 models) copy of those parameter
+    elements, and their two AdamW moments. A step:
+      1. the gradients were reduce-scattered by the buckets: rank d holds the
+         dp-mean gradient of its slice only;
+      2. the global norm from the slices (squares summed over dp, tp, pp), clip;
+      3. AdamW on the slice, in the main precision (torch.optim.AdamW's formula);
+      4. all-gather each bucket's updated slices over dp (its numel elements)
+         and copy them into the model parameters, in their own dtype (bf16 stays bf16).
+    Optimizer state per rank: 1/dp of (main copy + 2 moments) of the unsharded optimizer.
+    `decay(name, p)` says which tensors get weight decay (train.py: matrices only).
+    """
+
+    def __init__(self, params: dict, buckets: GradBuckets, specs: dict, mesh: Mesh, *, lr: float,
+                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, decay=None, skip=()):
+        if not buckets.zero:
+            raise ValueError("ZeroAdamW needs GradBuckets(zero=True): the gradients must be reduce-scattered")
+        self.params, self.buckets, self.mesh = params, buckets, mesh
+        self.lr, self.betas, self.eps, self.weight_decay, self.steps = lr, betas, eps, weight_decay, 0
+        decay = decay or (lambda name, p: p.dim() >= 2)
+        self.state = []
+        for b in buckets.buckets:
+            dtype = torch.float64 if b["buf"].dtype == torch.float64 else torch.float32
+            with torch.no_grad():
+                main = self._my_slice(b, lambda name: params[name].detach(), dtype)
+                wd = self._my_slice(b, lambda name: torch.full_like(params[name], float(decay(name, params[name]))),
+                                    dtype)
+                counted = self._my_slice(b, lambda name: counted_mask(name, params[name], specs[name], mesh, skip),
+                                         dtype)
+            self.state.append(dict(main=main, exp_avg=torch.zeros_like(main), exp_avg_sq=torch.zeros_like(main),
+                                   decay=wd, counted=counted))
+
+    @staticmethod
+    def _my_slice(bucket: dict, per_name, dtype) -> torch.Tensor:
+        """per_name(name) for the bucket's tensors, laid out as its buffer (padding 0), this rank's slice only."""
+        pad = bucket["buf"].numel() - sum(bucket["sizes"])
+        flat = torch.cat([per_name(n).reshape(-1).to(dtype) for n in bucket["names"]] +
+                         [torch.zeros(pad, dtype=dtype, device=bucket["buf"].device)])
+        return flat[bucket["lo"]: bucket["lo"] + bucket["shard"].numel()].clone()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """The global grad norm from the slices (one all-reduce of 1 element
+        over dp, tp and pp each); scale the slices to max_norm (0: no clipping)."""
+        sq = sum((s["counted"] * b["shard"].to(s["main"].dtype).pow(2)).sum().double()
+                 for s, b in zip(self.state, self.buckets.buckets))
+        for dim in ("dp", "tp", "pp"):
+            sq = all_reduce(sq, self.mesh, dim, phase="after backward")
+        norm = sq.sqrt()
+        if max_norm > 0:
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for b in self.buckets.buckets:
+                b["shard"].mul_(scale.to(b["shard"].dtype))
+        return norm
+
+    @torch.no_grad()
+    def step(self, lr: float | None = None) -> None:
+        lr = self.lr if lr is None else lr
+        self.steps += 1
+        beta1, beta2 = self.betas
+        c1, c2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
+        for s, b in zip(self.state, self.buckets.buckets):
+            g = b["shard"].to(s["main"].dtype)
+            s["main"].mul_(1 - lr * self.weight_decay * s["decay"])
+            s["exp_avg"].lerp_(g, 1 - beta1)
+            s["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (s["exp_avg_sq"].sqrt() / math.sqrt(c2)).add_(self.eps)
+            s["main"].addcdiv_(s["exp_avg"], denom, value=-lr / c1)
+            full = all_gather(s["main"].to(b["buf"].dtype), self.mesh, "dp", 0, phase="optimizer")
+            for name, off, size in zip(b["names"], b["offsets"], b["sizes"]):
+                self.params[name].copy_(full[off: off + size].view_as(self.params[name]))
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state on this rank: main copy + two moments of its slices."""
+        return sum(t.numel() * t.element_size() for s in self.state for t in (s["main"], s["exp_avg"],
+                                                                                 s["exp_avg_sq"]))
