@@ -2225,7 +2225,7 @@ def stage_forward(model: str, params, x, micro: dict, cfg: GPTConfig, mesh: Mesh
 
 
 def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, *, schedule: str = "1f1b",
-                  v: int = 1, microbatches: int = 1, seed: int = 0, training: bool = True) -> dict:
+                  v: int = 1, microbatches: int = 1, seed: int = 0, training: bool = True, clock=None) -> dict:
     """One step of GPT or BERT on this rank: params is the rank's
     `stage_params` (tp-sharded), inputs the replica's batch (every pipeline
     rank reads the same batch; only the first and last stages use it). The
@@ -2235,7 +2235,7 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     syncs tied copies: `parallel.GradBuckets`). Not training: forward only.
     -> the losses of the batch (as the one-process run on it computes them),
     the same on every rank: {"loss"} for GPT, {"loss", "mlm", "nsp",
-    "nsp_acc"} for BERT with its next-sentence head."""
+    "nsp_acc"} for BERT with its next-sentence head. clock: see `run_schedule`."""
     if model not in PIPELINE_MODELS:
         raise ValueError(f"model {model!r} does not pipeline: pipeline stages exist for {PIPELINE_MODELS}")
     if model == "bert":
@@ -2259,6 +2259,6 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
                              seed=seed, training=training)
 
     totals = P.run_schedule(actions, forward, mesh, v=v, shape=shape, dtype=dtype, device=inputs["ids"].device,
-                            params_of=lambda c: chunks[c].values(), forward_only=not training)
+                            params_of=lambda c: chunks[c].values(), forward_only=not training, clock=clock)
     keys = ("loss",) if model == "gpt" else ("loss", "mlm", "nsp", "nsp_acc") if cfg.binary_head else ("loss", "mlm")
     return P.pipeline_totals(totals, keys, mesh, device=inputs["ids"].device)

@@ -32,6 +32,7 @@ import functools
 import math
 import numbers
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -1268,18 +1269,22 @@ def _send(x: torch.Tensor, mesh: Mesh, step: int, tag: int, phase: str) -> list:
     return [(w, x) for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, mesh.pp_peer(step), tag=tag)])]
 
 
-def _recv(shape, dtype, device, mesh: Mesh, step: int, tag: int, phase: str) -> torch.Tensor:
+def _recv(shape, dtype, device, mesh: Mesh, step: int, tag: int, phase: str, clock=None) -> torch.Tensor:
     """Receive a tensor of the known shape from the stage `step` away
-    (no shape handshake: every stage sends [b_micro, s(/t), h]); blocks until it is here."""
+    (no shape handshake: every stage sends [b_micro, s(/t), h]); blocks until
+    it is here. clock["wait"] adds the seconds spent blocked: the bubble."""
     x = torch.empty(shape, dtype=dtype, device=device)
     _record("recv", "pp", x.numel(), phase, dtype)
+    t0 = time.perf_counter()
     for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, x, mesh.pp_peer(step), tag=tag)]):
         w.wait()
+    if clock is not None:
+        clock["wait"] = clock.get("wait", 0.0) + time.perf_counter() - t0
     return x
 
 
 def run_schedule(actions: list[Action], forward, mesh: Mesh, *, v: int = 1, shape, dtype, device,
-                 params_of=None, forward_only: bool = False) -> dict:
+                 params_of=None, forward_only: bool = False, clock: dict | None = None) -> dict:
     """Run this rank's action list; return the summed loss contributions
     ({} on a rank without the last virtual stage).
 
@@ -1304,16 +1309,19 @@ def run_schedule(actions: list[Action], forward, mesh: Mesh, *, v: int = 1, shap
        needs linears whose backward is split in two (ZB's WeightGradStore).
        params_of(chunk) -> the chunk's parameter tensors.
     forward_only (evaluation, under no_grad): F actions only, nothing kept.
+    clock: a dict that gains "wait" (seconds blocked in receives) and "run"
+    (seconds of the whole list): the measured bubble is wait / (run - wait).
 
     Per step and stage boundary: m sends of b_micro·s(/t)·h elements forward
     and m back. Sends are posted without waiting; all are waited on at the end."""
     p, last = mesh.pp, mesh.pp * v - 1
     held, weight_grads, sends, totals = {}, {}, [], {}
+    t_start = time.perf_counter()
     for a in actions:
         vs = a.chunk * p + mesh.pp_rank
         if a.kind == "F":
             x = None if vs == 0 else _recv(shape, dtype, device, mesh, -1, _tag(a.micro, vs, False, last + 1),
-                                            "forward")
+                                            "forward", clock)
             if x is not None and not forward_only:
                 x.requires_grad_(True)
             y = forward(a.chunk, a.micro, x)
@@ -1331,7 +1339,7 @@ def run_schedule(actions: list[Action], forward, mesh: Mesh, *, v: int = 1, shap
         elif a.kind in ("B", "I"):
             x, y = held.pop((a.micro, a.chunk))
             dy = None if vs == last else _recv(y.shape, y.dtype, device, mesh, +1,
-                                               _tag(a.micro, vs, True, last + 1), "backward")
+                                               _tag(a.micro, vs, True, last + 1), "backward", clock)
             if a.kind == "B":
                 torch.autograd.backward(y, dy)
                 dx = None if x is None else x.grad
@@ -1347,6 +1355,8 @@ def run_schedule(actions: list[Action], forward, mesh: Mesh, *, v: int = 1, shap
             raise ValueError(f"unknown action kind {a.kind!r} (F, B, I or W)")
     for work, _ in sends:
         work.wait()
+    if clock is not None:
+        clock["run"] = clock.get("run", 0.0) + time.perf_counter() - t_start
     if held or weight_grads:
         raise ValueError(f"the schedule left microbatches without backward: {sorted(held) + sorted(weight_grads)}")
     return totals

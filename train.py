@@ -65,7 +65,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "corruption (an encoder-decoder restores the dropped spans); biencoder: ICT retrieval "
                          "pretraining (a line finds its block); realm: retrieve-and-read masked lines")
     ap.add_argument("--data", help="a text file or a folder of text files (default: the Python stdlib's source)")
-    ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
+    ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size / --pp)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (gpt, bert); data parallel fills "
+                                                      "what tp x pp leave of the world")
+    ap.add_argument("--virtual-stages", type=int, default=1,
+                    help="model chunks per pipeline rank (interleaved 1F1B; > 1 needs --pp > 1)")
+    ap.add_argument("--microbatches", type=int, default=1,
+                    help="microbatches per step; --batch is cut into them (gradient accumulation; the pipeline's m)")
+    ap.add_argument("--schedule", choices=("afab", "1f1b", "interleaved", "zb"),
+                    help="pipeline schedule: all-forward-all-backward (GPipe), 1F1B, interleaved 1F1B, zero-bubble "
+                         "ZB-H1 (default: 1f1b, interleaved with --virtual-stages > 1)")
+    ap.add_argument("--zero", type=int, choices=(0, 1), default=0,
+                    help="1: ZeRO-1, AdamW's state and fp32 main weights sharded over data parallel")
+    ap.add_argument("--bucket-mb", type=float, default=25.0,
+                    help="gradient bucket size: each bucket is reduced over data parallel as soon as it is full, "
+                         "during the backward")
+    ap.add_argument("--show-schedule", action="store_true",
+                    help="print the pipeline schedule's timeline per rank and its bubble, then exit (no processes "
+                         "needed)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
     ap.add_argument("--max-seq", type=int, default=1024, help="rows of the learned position table")
     ap.add_argument("--layers", type=int, default=4)
@@ -116,6 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     task = TASKS[args.model]  # the defaults that depend on the model
     args.lr = task.lr if args.lr is None else args.lr
     args.position = task.position if args.position is None else args.position
+    args.schedule = args.schedule or ("interleaved" if args.virtual_stages > 1 else "1f1b")
     if args.model == "realm":
         args.top_k = 4 if args.top_k is None else args.top_k
         args.index_every = 50 if args.index_every is None else args.index_every
@@ -647,7 +665,8 @@ RANGES = {
     "warmup": AT_LEAST_0, "sample_tokens": AT_LEAST_0, "seed": ("in [0, 2**31)", lambda v: 0 <= v < 2**31),
     "lr": ABOVE_0, "min_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0,
     "dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "peak_flops": ABOVE_0, "top_k": AT_LEAST_1,
-    "index_every": AT_LEAST_1,
+    "index_every": AT_LEAST_1, "pp": AT_LEAST_1, "virtual_stages": AT_LEAST_1, "microbatches": AT_LEAST_1,
+    "bucket_mb": ABOVE_0,
 }
 
 # GPTConfig's fields (and check_mesh's / check_seq's names) -> the flag that sets them.
@@ -694,9 +713,13 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     """All validation of the flags, before any process group exists: every
     rank raises the same UsageError, so no rank is left waiting."""
     check_ranges(args)
-    tp = world if args.tp is None else args.tp
-    if world % tp:
-        raise UsageError(f"--tp {tp} does not divide the world size {world} (data parallel fills the rest)")
+    check_pipeline_args(args)
+    if world % args.pp:
+        raise UsageError(f"--pp {args.pp} does not divide the world size {world}")
+    tp = world // args.pp if args.tp is None else args.tp
+    if world % (tp * args.pp):
+        what = f"--tp {tp}" if args.pp == 1 else f"--tp {tp} x --pp {args.pp} = {tp * args.pp}"
+        raise UsageError(f"{what} does not divide the world size {world} (data parallel fills the rest)")
     if args.min_lr is not None and args.min_lr > args.lr:
         raise UsageError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decays from --lr to --min-lr")
     if args.seq > args.max_seq:
@@ -745,6 +768,43 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     return cfg, tp
 
 
+def check_pipeline_args(args) -> None:
+    """UsageError unless --pp, --virtual-stages, --microbatches, --schedule fit
+    the model, its layers and the batch. Needs no world size (--show-schedule runs alone)."""
+    pp, v, m = args.pp, args.virtual_stages, args.microbatches
+    if (pp > 1 or m > 1) and args.model not in N.PIPELINE_MODELS:
+        used = "--pp" if pp > 1 else "--microbatches"
+        raise UsageError(f"{used} {pp if pp > 1 else m}: --model {args.model} does not pipeline (pipeline stages "
+                         f"exist for {' / '.join(N.PIPELINE_MODELS)}); train it with --tp and data parallel")
+    if v > 1 and pp == 1:
+        raise UsageError(f"--virtual-stages {v} needs --pp > 1: interleaving spreads chunks over pipeline ranks")
+    if args.layers % (pp * v):
+        raise UsageError(f"--layers {args.layers} cannot be cut into --pp {pp} x --virtual-stages {v} = {pp * v} "
+                         "equal stages")
+    if args.batch % m:
+        raise UsageError(f"--microbatches {m} does not divide --batch {args.batch}")
+    if args.schedule == "interleaved" and v < 2:
+        raise UsageError(f"--schedule interleaved needs --virtual-stages >= 2, got {v}")
+    if args.schedule != "interleaved" and v > 1:
+        raise UsageError(f"--virtual-stages {v} needs --schedule interleaved, got {args.schedule}")
+    if args.schedule == "interleaved" and m % pp:
+        raise UsageError(f"--schedule interleaved needs --microbatches a multiple of --pp: got --microbatches {m}, "
+                         f"--pp {pp}")
+
+
+def show_schedule(args) -> str:
+    """--show-schedule: the timeline of the run's schedule on pp ranks (unit
+    costs: a forward 1, a backward 2), its bubble beside the formula."""
+    p, m, v = args.pp, args.microbatches, args.virtual_stages
+    formula = {"afab": ("(p-1)/m", (p - 1) / m), "1f1b": ("(p-1)/m", (p - 1) / m),
+               "interleaved": ("(p-1)/(v·m)", (p - 1) / (v * m)), "zb": ("1F1B's (p-1)/m", (p - 1) / m)}
+    text, value = formula[args.schedule]
+    return (f"schedule {args.schedule}: pp {p}, {m} microbatches" + (f", {v} chunks per rank" if v > 1 else "") +
+            " (digits: a microbatch's forward; letters: its backward, two columns (zb: its input-gradient pass, "
+            "one); w: a weight-gradient pass; ': a later chunk; . idle)\n" +
+            P.format_schedule(P.schedule_for(args.schedule, p, m, v), v) + f"\nformula: {text} = {value:.3f}")
+
+
 def memory_needed(cfg: N.GPTConfig, args, tp: int, device: torch.device) -> tuple[float, float]:
     """(parameter bytes, activation bytes) one rank needs for training, from
     the config alone: nothing allocated, O(1) in --layers.
@@ -758,7 +818,7 @@ def memory_needed(cfg: N.GPTConfig, args, tp: int, device: torch.device) -> tupl
     the attention core, full recompute keeps only the layer's 2·b·s·h input),
     doubled in fp32; plus the fp32 logits, their softmax and gradient, 3·b·s·V/tp·4 B."""
     b, s, h, n = args.batch, args.seq, cfg.hidden, N.num_params(cfg, TASKS[args.model].shapes)
-    params = 16 * n / tp + (4 * n if device.type == "cpu" else 0)
+    params = 16 * n / (tp * args.pp) + (4 * n if device.type == "cpu" else 0)
     if cfg.recompute == "full":
         per_layer = 2 / (tp if cfg.sequence_parallel else 1)
     else:
@@ -826,30 +886,88 @@ def lr_at(step: int, args) -> float:
     return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(params: dict, args) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms and biases)."""
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+class Optimizer:
+    """AdamW (betas 0.9, 0.95; weight decay on matrices only, not on norms and
+    biases) over this rank's parameters, with the gradients in buckets
+    reduced over data parallel while the backward runs (`P.GradBuckets`,
+    --bucket-mb), the tied embedding's two pipeline copies summed, the
+    global norm clipped (--grad-clip) and, with --zero 1, the optimizer state
+    sharded over data parallel (`P.ZeroAdamW`). inner: another torch
+    optimizer over the same params instead of AdamW (tests use SGD)."""
+
+    def __init__(self, params: dict, args, mesh: P.Mesh | None = None, specs: dict | None = None, cfg=None,
+                 inner=None):
+        mesh = mesh or P.Mesh.serial()
+        self.params, self.mesh, self.specs = params, mesh, specs or dict.fromkeys(params)
+        tied = N.tied_copies(cfg, mesh) if cfg is not None else ()
+        self.skip = N.norm_skip(cfg, mesh) if cfg is not None else ()
+        self.zero = args.zero == 1
+        accumulations = args.microbatches if args.model in N.PIPELINE_MODELS else 1
+        self.buckets = P.GradBuckets(params, mesh, bucket_mb=args.bucket_mb, zero=self.zero,
+                                     accumulations=accumulations, tied=tied)
+        decay = lambda name, p: p.dim() >= 2
+        if self.zero:
+            self.opt = P.ZeroAdamW(params, self.buckets, self.specs, mesh, lr=args.lr, betas=(0.9, 0.95),
+                                   weight_decay=args.weight_decay, decay=decay, skip=self.skip)
+        else:
+            groups = [[p for n, p in params.items() if decay(n, p)], [p for n, p in params.items() if not decay(n, p)]]
+            self.opt = inner or torch.optim.AdamW([{"params": groups[0], "weight_decay": args.weight_decay},
+                                                   {"params": groups[1], "weight_decay": 0.0}],
+                                                  lr=args.lr, betas=(0.9, 0.95))
+
+    @property
+    def param_groups(self) -> list:
+        return self.opt.param_groups
+
+    def step(self, lr: float, max_norm: float) -> torch.Tensor:
+        """After the backward: finish the dp reductions, clip, step at lr,
+        zero the buckets. -> the global grad norm before clipping."""
+        self.buckets.finish()
+        if self.zero:
+            norm = self.opt.clip_grad_norm(max_norm)
+            self.opt.step(lr)
+        else:
+            norm = P.clip_grad_norm(self.params, self.specs, self.mesh, max_norm, skip=self.skip)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self.opt.step()
+        self.buckets.zero_grad()
+        return norm
+
+    def state_bytes(self) -> int:
+        """AdamW's state on this rank: the two moments (ZeRO-1: and the fp32 main copy of its slice)."""
+        if self.zero:
+            return self.opt.state_bytes()
+        return sum(s[k].numel() * s[k].element_size() for s in self.opt.state.values()
+                   for k in ("exp_avg", "exp_avg_sq") if k in s)
 
 
-def train_step(params, opt, inputs, task, cfg, mesh, specs, args, step: int) -> tuple[dict, torch.Tensor]:
-    """One step at lr_at(step): the task's forward and loss, backward, average
-    the grads over data parallel, clip their global norm to --grad-clip
-    (0: off), opt.step(). Returns (this replica's losses and metrics,
-    detached; the global grad norm before clipping). Its collectives are
-    recorded by a surrounding `P.count_comms()`, in phases forward, backward
-    and after backward (dp averaging, the grad norm)."""
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step, args)
+def make_optimizer(params: dict, args, mesh: P.Mesh | None = None, specs: dict | None = None, cfg=None) -> Optimizer:
+    """This rank's `Optimizer` (AdamW; decay on matrices only)."""
+    return Optimizer(params, args, mesh, specs, cfg)
+
+
+def train_step(params, opt: Optimizer, inputs, task, cfg, mesh, specs, args, step: int,
+               clock: dict | None = None) -> tuple[dict, torch.Tensor]:
+    """One step at lr_at(step): forward and backward, the gradients averaged
+    over data parallel (in buckets, during the backward), their global norm
+    clipped to --grad-clip (0: off), AdamW. GPT and BERT run as a pipeline
+    schedule over --microbatches (`N.pipeline_step`: at --pp 1 and one
+    microbatch, a forward then a backward); the other models call their
+    task's loss. Returns (the replica's losses and metrics, detached, the same
+    on every pipeline rank; the global grad norm before clipping). Its
+    collectives are recorded by a surrounding `P.count_comms()`, in phases
+    forward, backward, after backward (dp, the tied embedding, the grad
+    norm) and optimizer (ZeRO-1's all-gather)."""
     with autocast(args):
-        metrics = task.loss(params, inputs, cfg, mesh, seed=args.seed + step, training=True)
-    metrics["loss"].backward()
-    P.all_reduce_grads_dp(params, mesh)
-    grad_norm = P.clip_grad_norm(params, specs, mesh, args.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+        if args.model in N.PIPELINE_MODELS:
+            metrics = N.pipeline_step(args.model, params, inputs, cfg, mesh, schedule=args.schedule,
+                                      v=args.virtual_stages, microbatches=args.microbatches, seed=args.seed + step,
+                                      clock=clock)
+        else:
+            metrics = task.loss(params, inputs, cfg, mesh, seed=args.seed + step, training=True)
+            metrics["loss"].backward()
+    grad_norm = opt.step(lr_at(step, args), args.grad_clip)
     return {k: v.detach() for k, v in metrics.items()}, grad_norm
 
 
@@ -870,7 +988,12 @@ def evaluate(params, data, task, cfg, mesh, args, device) -> dict[str, float]:
     with torch.no_grad(), autocast(args):
         for i in range(args.eval_batches):
             inputs = {k: v.to(device) for k, v in task.batch(data, args, seed=10_000_019 + i).items()}
-            for k, v in task.loss(params, inputs, cfg, mesh, seed=0, training=False).items():
+            if args.model in N.PIPELINE_MODELS:  # forward only, through the stages
+                losses = N.pipeline_step(args.model, params, inputs, cfg, mesh, schedule=args.schedule,
+                                         v=args.virtual_stages, microbatches=args.microbatches, training=False)
+            else:
+                losses = task.loss(params, inputs, cfg, mesh, seed=0, training=False)
+            for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.float().item() / args.eval_batches
     return totals
 
@@ -1055,6 +1178,8 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
       (the task's batch), run on a throwaway copy of params with a fresh
       AdamW, so params are untouched; each {op, dim, phase, elements, dtype, bytes}."""
     shapes = {name: shape for name, (shape, _) in task.shapes(cfg).items()}
+    if args.model in N.PIPELINE_MODELS:  # this pipeline rank's stage only
+        shapes = N.stage_params(shapes, cfg, mesh, args.virtual_stages)
     shards = P.shard_layout(shapes, specs, mesh)
     if set(params) != set(shapes):
         raise ValueError(f"params and the model's shapes differ: {sorted(set(params) ^ set(shapes))}")
@@ -1063,11 +1188,11 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
             raise ValueError(f"{row['name']} has shape {list(params[row['name']].shape)} but this rank's shard of "
                              f"{list(row['full_shape'])} is {list(row['local_shape'])}: pass P.shard's output")
     throwaway = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    opt = make_optimizer(throwaway, args)
+    opt = make_optimizer(throwaway, args, mesh, specs, cfg)
     with P.count_comms() as comms:
         train_step(throwaway, opt, inputs, task, cfg, mesh, specs, args, step)
     weights = sum(p.numel() * p.element_size() for p in throwaway.values())
-    moments = sum(s[k].numel() * s[k].element_size() for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    moments = opt.state_bytes()
     return dict(
         rank=(mesh.pp_rank * mesh.dp + mesh.dp_rank) * mesh.tp + mesh.tp_rank,
         mesh={d: (mesh.rank(d), mesh.size(d)) for d in MESH_ORDER},
@@ -1117,7 +1242,7 @@ def memory_line(nbytes: dict) -> str:
     """What the parameters cost this rank: weights + grads + AdamW's moments."""
     total = nbytes["weights"] + nbytes["grads"] + nbytes["moments"]
     return (f"  memory: weights {nbytes['weights']:,} B ({'/'.join(nbytes['dtypes'])}) + grads {nbytes['grads']:,} B "
-            f"+ AdamW moments {nbytes['moments']:,} B = {total:,} B ({total / 2**20:.2f} MiB)")
+            f"+ AdamW state {nbytes['moments']:,} B = {total:,} B ({total / 2**20:.2f} MiB)")
 
 
 def comm_lines(comms: list[dict]) -> list[str]:
@@ -1174,10 +1299,61 @@ def show_layout(params, data, task, cfg, mesh, specs, args, device) -> None:
         print("\n\n".join(map(format_layout, pictures)))
 
 
+def rank_params(task, cfg, mesh: P.Mesh, specs: dict, args) -> dict:
+    """This rank's parameters: the full init (the same on every rank), cut
+    to its tp shards and, for a pipelined model, to its pipeline stage's names."""
+    local = P.shard(task.init(cfg, args.seed), specs, mesh)
+    return N.stage_params(local, cfg, mesh, args.virtual_stages) if args.model in N.PIPELINE_MODELS else local
+
+
+def gather_stages(params: dict, task, cfg, mesh: P.Mesh, specs: dict, args, device) -> dict:
+    """Every parameter of this rank's tp shard, from whichever pipeline rank
+    holds it: one broadcast over pp per tensor from its first holder. For the
+    end-of-run demos (sampling, fill-in), which run the whole model on every rank."""
+    out = {}
+    template = P.shard(task.init(cfg, args.seed), specs, P.Mesh(tp=mesh.tp, tp_rank=mesh.tp_rank))
+    stages = [N.stages_of(cfg, P.Mesh(tp=mesh.tp, pp=mesh.pp, pp_rank=r), args.virtual_stages).values()
+              for r in range(mesh.pp)]
+    for name, like in template.items():
+        owner = next(r for r in range(mesh.pp) if any(N.owned_by(name, s, cfg) for s in stages[r]))
+        x = params[name].detach().clone() if mesh.pp_rank == owner else torch.empty_like(like, device=device)
+        torch.distributed.broadcast(x, src=mesh.pp_peer(owner - mesh.pp_rank), group=mesh.group("pp"))
+        out[name] = x
+    return out
+
+
+def comm_per_dim(comms: list[dict]) -> str:
+    """Elements moved in one step, per mesh dim: 'tp 1,234 + pp 567 + dp 89'
+    (pp: the sends only, each transfer once); '0' when nothing moved."""
+    per = {}
+    for c in comms:
+        if c["op"] != "recv":
+            per[c["dim"]] = per.get(c["dim"], 0) + c["elements"]
+    return " + ".join(f"{d} {n:,}" for d, n in sorted(per.items(), key=lambda kv: MESH_ORDER.index(kv[0])
+                                                      if kv[0] in MESH_ORDER else 9)) or "0"
+
+
+def bubble_note(clock: dict, mesh: P.Mesh) -> str:
+    """' | bubble 23% measured': since the last log line, the largest over
+    pipeline ranks of the time a rank waited for a neighbour over the time
+    it computed (the simulator's idle / busy)."""
+    if mesh.pp == 1 or not clock.get("run"):
+        return ""
+    wait = clock.get("wait", 0.0)
+    frac = torch.tensor([wait / max(clock["run"] - wait, 1e-9)], dtype=torch.float64)  # idle / busy, as simulated
+    frac = P.all_reduce(frac, mesh, "pp", phase="log", op=torch.distributed.ReduceOp.MAX)
+    return f" | bubble {frac.item():.0%} measured"
+
+
 def train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    if args.show_schedule:  # a simulation: no model, no processes
+        check_ranges(args)
+        check_pipeline_args(args)
+        print(show_schedule(args))
+        return 0
     cfg, tp = check_args(args, world)
     check_memory(cfg, args, tp, device)
     texts, source = load_corpus(args.data)
@@ -1185,13 +1361,12 @@ def train(args) -> int:
 
     rank, world = P.init_distributed()  # nccl and one GPU per rank when CUDA is there, else gloo on CPU
     torch.manual_seed(args.seed)
-    mesh = P.Mesh.build(tp=tp)
+    mesh = P.Mesh.build(tp=tp, pp=args.pp)
     say = print if rank == 0 else (lambda *a, **k: None)
     task = TASKS[args.model]
     specs = task.specs(cfg)
-    params = {k: v.to(device).requires_grad_(True)
-              for k, v in P.shard(task.init(cfg, args.seed), specs, mesh).items()}
-    opt = make_optimizer(params, args)
+    params = {k: v.to(device).requires_grad_(True) for k, v in rank_params(task, cfg, mesh, specs, args).items()}
+    opt = make_optimizer(params, args, mesh, specs, cfg)
     n_params = N.num_params(cfg, task.shapes)
     tokens_per_step = args.batch * args.seq * mesh.dp
     flops_per_step = task.flops(cfg, args.batch * mesh.dp, args.seq)
@@ -1201,8 +1376,15 @@ def train(args) -> int:
         (f" ({'+'.join(p.rstrip('.') or 'retriever' for p in stacks)})" if len(stacks) > 1 else "")
     say(f"model: {task.name} {layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {cfg.norm_order}-norm, "
         f"{n_params / 1e6:.2f}M parameters (vocab {task.vocab} padded to {cfg.padded_vocab}); "
-        f"mesh tp={mesh.tp} dp={mesh.dp}{', sequence parallel' if cfg.sequence_parallel else ''}"
-        f"{', bf16' if args.bf16 else ''}")
+        f"mesh tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}{', sequence parallel' if cfg.sequence_parallel else ''}"
+        f"{', bf16' if args.bf16 else ''}{', ZeRO-1' if args.zero else ''}")
+    if args.model in N.PIPELINE_MODELS and (mesh.pp > 1 or args.microbatches > 1):
+        sim = P.simulate(P.schedule_for(args.schedule, mesh.pp, args.microbatches, args.virtual_stages),
+                         args.virtual_stages)
+        held = ", ".join(f"{r.start}-{r.stop - 1}" for r in P.stage_layers(cfg.layers, mesh.pp, args.virtual_stages))
+        say(f"pipeline: {args.schedule}, {args.microbatches} microbatches of {args.batch // args.microbatches}, "
+            f"virtual stages hold layers {held}; simulated bubble {sim['bubble']:.1%} of the compute "
+            f"(--show-schedule draws it)")
     refresh = getattr(task, "refresh", lambda *a: None)  # REALM's index of its corpus
     refresh(params, train_data, cfg, mesh, args, device, 1)
     if args.show_layout:
@@ -1220,12 +1402,13 @@ def train(args) -> int:
     say_eval(0)
 
     bar = Progress(args.steps, rank == 0)
+    clock = {}  # seconds this rank waited for its pipeline neighbours, and ran its schedule
     t_last, steps_since, last_finite = time.perf_counter(), 0, None
     for step in range(1, args.steps + 1):
         refresh(params, train_data, cfg, mesh, args, device, step)
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
         with P.count_comms() as comms:
-            metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step)
+            metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, clock)
         metrics = {k: (P.all_reduce(v.float(), mesh, "dp") / mesh.dp).item() for k, v in metrics.items()}
         loss_value = metrics["loss"]
         norm_value = grad_norm.item()  # the same on every rank, so every rank stops at the same step
@@ -1244,11 +1427,16 @@ def train(args) -> int:
             say(f"step {step:5d} | loss {loss_value:.4f}{metrics_line(metrics, 'log')} | lr {lr_at(step, args):.2e} "
                 f"| grad norm "
                 f"{norm_value:.3f} | {tokens_per_step / dt:,.0f} tok/s | {flops / 1e9:.2f} GFLOP/s | "
-                f"MFU {flops / (world * peak):.1%} | comm {sum(c['elements'] for c in comms):,} el/step")
+                f"MFU {flops / (world * peak):.1%} | comm {comm_per_dim(comms)} el/step{bubble_note(clock, mesh)}")
+            clock.clear()
         if step % args.eval_every == 0 or step == args.steps:
             bar.clear()
             say_eval(step)
 
+    if mesh.pp > 1:  # the held-out demos below run the whole model: every rank takes every stage's tensors
+        params = gather_stages(params, task, cfg, mesh, specs, args, device)
+        mesh = P.Mesh(tp=mesh.tp, dp=mesh.dp, tp_rank=mesh.tp_rank, dp_rank=mesh.dp_rank,
+                      groups={d: g for d, g in mesh.groups.items() if d in ("tp", "dp")})
     if args.model == "bert":
         say(fill_in(params, eval_data, cfg, mesh, args, device))
     elif args.model == "t5":

@@ -345,7 +345,8 @@ def train_step_comms_case(mesh, argv):
     params = {k: v.requires_grad_(True) for k, v in P.shard(task.init(cfg, args.seed), specs, mesh).items()}
     inputs = task.batch(torch.randint(0, 256, (10_000,), dtype=torch.uint8), args, seed=1)
     with P.count_comms() as records:
-        train.train_step(params, train.make_optimizer(params, args), inputs, task, cfg, mesh, specs, args, step=1)
+        train.train_step(params, train.make_optimizer(params, args, mesh, specs, cfg), inputs, task, cfg, mesh, specs,
+                         args, step=1)
     return [(c["phase"], c["op"], c["dim"], c["elements"]) for c in records], sum(p.numel() for p in params.values())
 
 

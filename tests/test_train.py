@@ -75,10 +75,10 @@ def test_torchrun_tp2_sequence_parallel_learns_and_counts_communication(text_fil
     out = run("--data", text_file, "--steps", "20", "--log-every", "20", "--eval-every", "20", "--lr", "1e-2",
               "--sequence-parallel", "--bf16", *TINY, torchrun=2)  # bf16 + SP: the gather's backward in bf16
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "mesh tp=2 dp=1, sequence parallel" in out.stdout
+    assert "mesh tp=2 pp=1 dp=1, sequence parallel" in out.stdout
     first, last = eval_losses(out.stdout)
     assert last < first, out.stdout
-    comm = int(re.search(r"comm ([0-9,]+) el/step", out.stdout).group(1).replace(",", ""))
+    comm = int(re.search(r"comm tp ([0-9,]+) el/step", out.stdout).group(1).replace(",", ""))
     assert comm > 0
 
 
@@ -90,6 +90,45 @@ def test_bf16_and_the_other_architecture_switches_run_and_a_prompt_that_is_not_u
     assert out.returncode == 0, out.stderr
     assert ", bf16" in out.stdout and len(eval_losses(out.stdout)) == 2
     assert "sample:\n\ufffd\ufffd" in out.stdout
+
+
+PIPE = ["--layers", "4", "--hidden", "32", "--heads", "2", "--seq", "32", "--batch", "4", "--steps", "12",
+        "--log-every", "6", "--eval-every", "6", "--eval-batches", "2", "--lr", "1e-2"]
+
+
+@pytest.mark.parametrize("model,layout,reference", [
+    ("gpt", ["--tp", "2", "--pp", "2", "--microbatches", "2", "--sequence-parallel", "--sample-tokens", "8"], []),
+    ("bert", ["--tp", "1", "--pp", "4", "--microbatches", "4", "--schedule", "zb"], []),
+    # dp = 2 reads other batches than one process: compare ZeRO-1 with small buckets to plain dp instead
+    ("gpt", ["--tp", "1", "--pp", "2", "--virtual-stages", "2", "--microbatches", "2", "--zero", "1",
+             "--bucket-mb", "0.01"], ["--tp", "1", "--pp", "2", "--virtual-stages", "2", "--microbatches", "2"]),
+])
+def test_torchrun_pipeline_learns_exactly_what_the_uncut_run_learns(text_file, model, layout, reference):
+    """4 processes with pipeline stages (with tp + SP; with zero-bubble over 4 stages; with interleaving, dp = 2,
+    ZeRO-1 and small buckets): the same eval losses to the printed four decimals as the one-process run (or,
+    with dp = 2, as the same layout without ZeRO-1); the log splits the communication per mesh dim and shows
+    the simulated and the measured bubble."""
+    common = ["--model", model, "--data", text_file, *PIPE, "--peak-flops", "1e9"]
+    want = run(*common, *reference, torchrun=4 if reference else 0)
+    got = run(*common, *layout, torchrun=4)
+    assert want.returncode == 0, want.stderr[-3000:]
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert len(eval_losses(want.stdout)) == 3 and eval_losses(got.stdout) == eval_losses(want.stdout), \
+        (want.stdout, got.stdout)
+    assert "pipeline: " in got.stdout and "simulated bubble" in got.stdout
+    step_line = re.search(r"step +12 \|.*", got.stdout)[0]
+    assert re.search(r"comm .*pp [0-9,]+.* el/step \| bubble \d+% measured", step_line), step_line
+    if model == "gpt" and not reference:
+        assert "sample" in got.stdout  # the stages gathered for the demo
+    if reference:
+        assert "ZeRO-1" in got.stdout and "dp " in step_line
+
+
+def test_show_schedule_draws_the_timeline_and_exits_without_processes(capsys):
+    assert train.main(["--pp", "4", "--layers", "4", "--microbatches", "8", "--show-schedule"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("rank ") == 4 and "formula: (p-1)/m = 0.375" in out
+    assert "bubble 0.375 of the compute time; peak in flight per rank [4, 3, 2, 1]" in out
 
 
 def test_bad_input_is_one_line_and_exit_code_2_as_a_process():
@@ -149,6 +188,20 @@ TOO_BIG = "the model and one step need about"
     (["--show-layout", "--heads", "3", "--hidden", "32"], "--hidden 32 is not divisible by --heads 3"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag (see --help)"),
     (["--lr", "fast"], "argument --lr: invalid float value: 'fast' (see --help)"),
+    (["--pp", "0"], "--pp must be >= 1, got 0"),
+    (["--pp", "2"], "--layers 1 cannot be cut into --pp 2 x --virtual-stages 1 = 2 equal stages"),
+    (["--layers", "2", "--pp", "2"], "--pp 2 does not divide the world size 1"),
+    (["--layers", "2", "--pp", "1", "--tp", "2"], "--tp 2 does not divide the world size 1"),
+    (["--virtual-stages", "2"], "--virtual-stages 2 needs --pp > 1"),
+    (["--microbatches", "3"], "--microbatches 3 does not divide --batch 4"),
+    (["--microbatches", "0"], "--microbatches must be >= 1, got 0"),
+    (["--schedule", "interleaved"], "--schedule interleaved needs --virtual-stages >= 2, got 1"),
+    (["--layers", "4", "--pp", "2", "--virtual-stages", "2", "--schedule", "zb"],
+     "--virtual-stages 2 needs --schedule interleaved, got zb"),
+    (["--layers", "4", "--pp", "2", "--virtual-stages", "2", "--microbatches", "1", "--show-schedule"],
+     "--schedule interleaved needs --microbatches a multiple of --pp: got --microbatches 1, --pp 2"),
+    (["--bucket-mb", "0"], "--bucket-mb must be a finite number > 0, got 0.0"),
+    (["--zero", "2"], "argument --zero: invalid choice: 2"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, message):
     # a case wrongly accepted would train for one step on TINY and fail on its exit code
@@ -322,7 +375,7 @@ def test_train_step_applies_grad_clip(clip):
     scale = clip / norm if clip else 1.0
     assert clip == 0 or scale < 0.01  # clipping must matter for the test to mean anything
 
-    opt = torch.optim.SGD(list(params.values()), lr=1.0)
+    opt = train.Optimizer(params, args, specs=N.gpt_specs(cfg), inner=torch.optim.SGD(list(params.values()), lr=1.0))
     _, grad_norm = train.train_step(params, opt, dict(ids=x, targets=y), train.GPTTask, cfg, P.Mesh.serial(),
                                     N.gpt_specs(cfg), args, step=1)
     assert grad_norm.item() == pytest.approx(norm.item(), rel=1e-9)  # the norm before clipping
@@ -604,6 +657,8 @@ def test_torchrun_realm_dp2_trains_end_to_end(lines_file):
     ("realm", ["--index-every", "0"], "--index-every must be >= 1, got 0"),
     ("biencoder", ["--seq", "12"], "--seq 12 is too short for a block of lines"),
     ("biencoder", ["--prompt", "x"], "--prompt is for --model gpt"),
+    ("t5", ["--pp", "2"], "--pp 2: --model t5 does not pipeline (pipeline stages exist for gpt / bert)"),
+    ("realm", ["--microbatches", "2"], "--microbatches 2: --model realm does not pipeline"),
 ])
 def test_model_bad_input_is_one_line_and_exit_code_2(text_file, capsys, model, args, message):
     """Each model's own flags and limits, refused with one line and exit code 2."""
@@ -699,7 +754,8 @@ def layout_and_counted_step(mesh, argv, data_path):
     picture = train.rank_layout(params, inputs, task, cfg, mesh, specs, args)
     untouched = all(torch.equal(p, before[k]) and p.grad is None for k, p in params.items())
     with P.count_comms() as counted:
-        train.train_step(params, train.make_optimizer(params, args), inputs, task, cfg, mesh, specs, args, step=1)
+        opt = train.make_optimizer(params, args, mesh, specs, cfg)
+        train.train_step(params, opt, inputs, task, cfg, mesh, specs, args, step=1)
     return picture, counted, untouched
 
 
