@@ -1260,10 +1260,10 @@ def comm_lines(comms: list[dict]) -> list[str]:
                     groups.setdefault((c["op"], c["elements"], c["dtype"]), []).append(c)
             label = f"{dim} {phase}"
             for (op, elements, dtype), same in sorted(groups.items(), key=lambda kv: -kv[0][1]):  # largest first
-                rows.append((f"{label:<17} {len(same):>3} x {op:<14} {elements:>11,} el {dtype}",
+                rows.append((f"{label:<20} {len(same):>3} x {op:<14} {elements:>11,} el {dtype}",
                              elements * len(same), sum(c["bytes"] for c in same)))
                 label = ""
-    rows.append((f"{'total':<17} {len(comms):>3} collectives", sum(c["elements"] for c in comms),
+    rows.append((f"{'total':<20} {len(comms):>3} collectives", sum(c["elements"] for c in comms),
                  sum(c["bytes"] for c in comms)))
     width = max(len(left) for left, _, _ in rows)
     lines += [f"    {left:<{width}}  = {elements:>12,} el {nbytes:>13,} B" for left, elements, nbytes in rows]
@@ -1381,7 +1381,7 @@ def train(args) -> int:
     if args.model in N.PIPELINE_MODELS and (mesh.pp > 1 or args.microbatches > 1):
         sim = P.simulate(P.schedule_for(args.schedule, mesh.pp, args.microbatches, args.virtual_stages),
                          args.virtual_stages)
-        held = ", ".join(f"{r.start}-{r.stop - 1}" for r in P.stage_layers(cfg.layers, mesh.pp, args.virtual_stages))
+        held = ", ".join(span(list(r)) for r in P.stage_layers(cfg.layers, mesh.pp, args.virtual_stages))
         say(f"pipeline: {args.schedule}, {args.microbatches} microbatches of {args.batch // args.microbatches}, "
             f"virtual stages hold layers {held}; simulated bubble {sim['bubble']:.1%} of the compute "
             f"(--show-schedule draws it)")
