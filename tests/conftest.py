@@ -30,3 +30,14 @@ def pool():
     workers.start()
     yield workers
     workers.stop()
+
+
+@pytest.fixture(scope="session")
+def pool8():
+    """Eight gloo CPU workers, for the layouts of world 8 (pipeline x tensor x data parallel, 2 x 2 x 2)."""
+    from harness import WorkerPool
+
+    workers = WorkerPool(world=8)
+    workers.start()
+    yield workers
+    workers.stop()
