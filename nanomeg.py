@@ -16,6 +16,9 @@ flat parameter dict. Read top to bottom:
 8. BERT weights from / to Hugging Face.
 9. T5: two stacks of the core, the decoder's blocks with cross-attention.
 10. T5 weights from / to Hugging Face's T5ForConditionalGeneration.
+11. Retrievers: the bi-encoder (ICT), its index and exact search, REALM.
+12. DPR weights from Hugging Face.
+13. Pipeline stages: GPT and BERT cut into stages, one step run by a schedule.
 
 Every function takes this rank's parameter shards and a `parallel.Mesh`; on
 `Mesh.serial()` it is the plain serial model. Activations are [b, s, h]

@@ -15,6 +15,10 @@ Read top to bottom:
    top-k over an index sharded over dp.
 10. Pipeline schedules as data (AFAB, 1F1B, interleaved 1F1B, zero-bubble)
    and the simulator that measures their bubble and draws their timeline.
+11. Pipeline execution: the layers of each stage, point-to-point sends
+   between neighbouring stages, and the executor that runs a schedule.
+12. Data parallel done properly: gradients reduced in buckets during the
+   backward (`GradBuckets`) and ZeRO-1 (`ZeroAdamW`).
 
 Notation in docstrings: b batch, s sequence, h hidden, t tensor-parallel size,
 V vocabulary (padded). "Elements moved" counts the elements of the *full*
@@ -932,8 +936,8 @@ def dropout(x, p: float, *, seed: int, stream, training: bool = True, offset=Non
 def all_reduce_grads_dp(params: dict, mesh: Mesh) -> None:
     """Average every gradient over the data-parallel replicas, in place.
     Elements moved: one all-reduce of each parameter shard's size over dp.
-    (Megatron packs them into buckets overlapped with backward; this is the
-    plain form.)"""
+    The plain form, after the backward; train.py uses `GradBuckets`, which
+    packs them into buckets reduced while the backward runs, as Megatron does."""
     if mesh.dp == 1:
         return
     for p in params.values():
@@ -1050,8 +1054,8 @@ def top_k_over_dp(scores_local, ids_local, k: int, mesh: Mesh):
 
 # ---------------------------------------------------------------------------
 # 10. Pipeline schedules as data: one list of actions per rank, built by one
-#     function per schedule, replayed by a simulator with unit costs. (The
-#     executor that runs these lists on stages is the next step.)
+#     function per schedule, replayed by a simulator with unit costs (and run
+#     on real stages by the executor of section 11).
 # ---------------------------------------------------------------------------
 
 
