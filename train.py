@@ -1385,6 +1385,12 @@ def train(args) -> int:
         say(f"pipeline: {args.schedule}, {args.microbatches} microbatches of {args.batch // args.microbatches}, "
             f"virtual stages hold layers {held}; simulated bubble {sim['bubble']:.1%} of the compute "
             f"(--show-schedule draws it)")
+    if mesh.dp > 1:
+        n_local = sum(p.numel() for p in params.values())
+        say(f"data parallel: {len(opt.buckets.buckets)} gradient bucket(s) of <= {args.bucket_mb:g} MB, each "
+            f"{'reduce-scattered' if args.zero else 'all-reduced'} over dp = {mesh.dp} as soon as its gradients are "
+            "in" + (f"; ZeRO-1: AdamW state {opt.state_bytes():,} B on rank 0 (fp32 main copy + 2 moments of its "
+                    f"slice), 1/{mesh.dp} of {12 * n_local:,} B up to the padding" if args.zero else ""))
     refresh = getattr(task, "refresh", lambda *a: None)  # REALM's index of its corpus
     refresh(params, train_data, cfg, mesh, args, device, 1)
     if args.show_layout:
