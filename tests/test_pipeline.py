@@ -20,7 +20,6 @@ and compares them with independent oracles in float64: the serial model on the w
 5. bad inputs are ValueErrors that name the values.
 """
 
-import math
 import re
 from dataclasses import replace
 from typing import NamedTuple
@@ -130,7 +129,7 @@ def check_losses(results, want: dict, what: str, tol=TOL):
         assert_close(r["losses"], first, f"{what}: rank {r['coords']} vs its replica")
     assert set(results[0]["losses"]) == set(want), (sorted(results[0]["losses"]), sorted(want))
     for k in want:
-        got = torch.stack([losses[k] for losses in by_replica.values()]).mean()
+        got = torch.stack([losses[k] for losses in by_replica.values()]).mean(0)
         assert_close(got, want[k].to(got.dtype), f"{what}: {k}",
                      dict(rtol=1e-6, atol=1e-7) if k == "nsp_acc" else tol)
 
@@ -210,7 +209,7 @@ def bert_batch(case: Case, real: tuple) -> dict:
 
 def padded(case: Case) -> tuple:
     """A fixed padding for the hand-picked cases: a padded tail, none, holes."""
-    patterns = [(1, 1, 1, 0, 0, 0)[: case.s], (1,) * case.s, (1, 0) * (case.s // 2)]
+    patterns = [(1, 1, 1, 0, 0, 0, 0, 0)[: case.s], (1,) * case.s, ((1, 0) * case.s)[: case.s]]
     return tuple(patterns[i % 3] for i in range(case.rows))
 
 
@@ -293,3 +292,362 @@ def test_gpt_pipeline_step_equals_serial(pools, case):
 def test_bert_pipeline_step_equals_serial(pools, case, data):
     real = padded(case) if data is None else data.draw(padding(case.rows, case.s), label="padding")
     check_step(pools, case, "bert", bert_batch(case, real))
+
+
+def eval_case(mesh, cfg, full, batch, schedule, v, m):
+    params = my_stage("gpt", mesh, cfg, full, v)
+    with P.count_comms() as records, torch.no_grad():
+        out = N.pipeline_step("gpt", params, my_rows(batch, mesh), cfg, mesh, schedule=schedule, v=v,
+                              microbatches=m, seed=1, training=False)
+    return dict(coords=(mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), losses=out,
+                grads=[k for k, p in params.items() if p.grad is not None],
+                phases={c["phase"] for c in records if c["dim"] == "pp"})
+
+
+def test_evaluation_runs_the_forwards_only(pools):
+    """training=False: the forward actions of the same schedule (interleaved here), no dropout, no gradient,
+    nothing sent backward; the loss is the serial evaluation loss."""
+    cfg = replace(train_config(tied=True, sp=True), hidden_dropout=0.3, attention_dropout=0.3)
+    full = full_params("gpt", cfg, 4)
+    batch = dict(ids=randint(5, 49, 4, 8), targets=randint(6, 49, 4, 8))
+    want = N.gpt_loss(full, batch["ids"], batch["targets"], reference_config(cfg), SERIAL, training=False)
+    results = run_layout(pools, eval_case, cfg, full, batch, "interleaved", 2, 4, pp=2, tp=2, dp=1)
+    check_losses(results, dict(loss=want), "evaluation")
+    for r in results:
+        assert r["grads"] == [] and "forward" in r["phases"] and "backward" not in r["phases"], r
+
+
+def test_relative_positions_pipeline_or_are_refused():
+    """position="relative" is a GPT option (test_gpt.py draws it); its bias table `rel_bias` is shared by all
+    layers of the stack. pipeline_step must either run such a model (here pp = 1: the whole model on one
+    rank, so it must equal gpt_loss) or refuse it with a ValueError naming the position."""
+    cfg = N.GPTConfig(vocab_size=45, vocab_multiple=4, max_seq=6, layers=2, hidden=8, heads=2, position="relative",
+                      rel_buckets=4, rel_max_distance=6)
+    full = full_params("gpt", cfg, 1)
+    ids, targets = randint(1, 45, 2, 6), randint(2, 45, 2, 6)
+    params = {k: t.clone().requires_grad_(True) for k, t in full.items()}
+    try:
+        out = N.pipeline_step("gpt", params, dict(ids=ids, targets=targets), cfg, SERIAL, microbatches=2)
+    except ValueError as e:
+        assert "relative" in str(e), e
+        return
+    ref = {k: t.clone().requires_grad_(True) for k, t in full.items()}
+    loss = N.gpt_loss(ref, ids, targets, cfg, SERIAL)
+    loss.backward()
+    assert_close(out, dict(loss=loss.detach()), "loss")
+    assert_close({k: p.grad for k, p in params.items()}, {k: p.grad for k, p in ref.items()}, "gradients")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Three optimizer steps: ZeRO-1 or bucketed dp + AdamW, against serial AdamW
+# ---------------------------------------------------------------------------------------------------
+
+LR, BETAS, WEIGHT_DECAY, CLIP, STEPS = 1e-2, (0.9, 0.95), 0.1, 1.0, 3
+
+
+def train_config(layers=4, tied=True, sp=False):
+    """init_std 0.2: the first steps' gradient norms are above CLIP, so the clipping is exercised."""
+    return N.GPTConfig(vocab_size=49, vocab_multiple=4, max_seq=8, layers=layers, hidden=16, heads=4, kv_heads=2,
+                       hidden_dropout=0.1, attention_dropout=0.1, tie_embeddings=tied, sequence_parallel=sp,
+                       init_std=0.2)
+
+
+def adamw(params: dict):
+    """torch's AdamW, weight decay on matrices only (train.py's rule)."""
+    return torch.optim.AdamW([dict(params=[p for p in params.values() if p.dim() >= 2], weight_decay=WEIGHT_DECAY),
+                              dict(params=[p for p in params.values() if p.dim() < 2], weight_decay=0.0)],
+                             lr=LR, betas=BETAS)
+
+
+def train_case(mesh, cfg, full, batches, schedule, v, m, zero, bucket_mb):
+    """STEPS steps of this rank: pipeline_step, GradBuckets, then ZeroAdamW or the global-norm clip + AdamW."""
+    params = my_stage("gpt", mesh, cfg, full, v)
+    specs, skip = N.gpt_specs(cfg), N.norm_skip(cfg, mesh)
+    buckets = P.GradBuckets(params, mesh, bucket_mb=bucket_mb, zero=zero, accumulations=m,
+                            tied=N.tied_copies(cfg, mesh))
+    opt = P.ZeroAdamW(params, buckets, specs, mesh, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, skip=skip) \
+        if zero else adamw(params)
+    losses, norms = [], []
+    for step, batch in enumerate(batches):
+        buckets.zero_grad()
+        out = N.pipeline_step("gpt", params, my_rows(batch, mesh), cfg, mesh, schedule=schedule, v=v, microbatches=m,
+                              seed=10 + step)
+        buckets.finish()
+        norms.append(opt.clip_grad_norm(CLIP) if zero else P.clip_grad_norm(params, specs, mesh, CLIP, skip=skip))
+        opt.step()
+        losses.append(out["loss"])
+    return dict(coords=(mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), losses=dict(loss=torch.stack(losses)),
+                norms=torch.stack(norms), params=gathered(params, "gpt", cfg, mesh))
+
+
+def serial_training(cfg, full, batches):
+    """The oracle: one process, the whole global batch, torch's clip_grad_norm_ and AdamW."""
+    params = {k: t.clone().requires_grad_(True) for k, t in full.items()}
+    opt = adamw(params)
+    losses, norms = [], []
+    for step, batch in enumerate(batches):
+        opt.zero_grad()
+        loss = N.gpt_loss(params, batch["ids"], batch["targets"], cfg, SERIAL, seed=10 + step, training=True)
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP))
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), torch.stack(norms), {k: p.detach() for k, p in params.items()}
+
+
+TRAIN_LAYOUTS = [  # pp, tp, dp, schedule, v, m, zero, bucket_mb, tied, sequence parallel
+    (2, 1, 2, "1f1b", 1, 2, True, TINY_BUCKETS, True, False),
+    (2, 2, 1, "interleaved", 2, 2, False, ONE_BUCKET, True, True),
+    (4, 1, 1, "zb", 1, 4, True, ONE_BUCKET, True, False),
+    (1, 2, 2, "afab", 1, 2, True, TINY_BUCKETS, True, True),
+    (2, 2, 2, "zb", 1, 2, True, TINY_BUCKETS, True, True),
+    (2, 2, 2, "interleaved", 2, 2, False, ONE_BUCKET, True, False),
+    (4, 1, 2, "interleaved", 2, 4, False, TINY_BUCKETS, False, False),
+    (4, 2, 1, "afab", 1, 4, True, ONE_BUCKET, True, True),
+]
+
+
+@pytest.mark.parametrize("layout", TRAIN_LAYOUTS, ids=lambda t: "pp{}-tp{}-dp{}-{}-v{}-m{}-{}-{}MB-{}-{}".format(
+    *t[:6], "zero" if t[6] else "adamw", t[7], "tied" if t[8] else "untied", "sp" if t[9] else "nosp"))
+def test_training_steps_equal_serial_adamw(pools, layout):
+    pp, tp, dp, schedule, v, m, zero, bucket_mb, tied, sp = layout
+    cfg = train_config(layers=8 if pp * v > 4 else 4, tied=tied, sp=sp)
+    full = full_params("gpt", cfg, 3)
+    rows = dp * m * (2 if dp * m < 4 else 1)
+    batches = [dict(ids=randint(20 + k, 49, rows, 8), targets=randint(30 + k, 49, rows, 8)) for k in range(STEPS)]
+    want_losses, want_norms, want = serial_training(cfg, full, batches)
+    assert (want_norms > CLIP).any(), want_norms  # the clipping did something
+    results = run_layout(pools, train_case, cfg, full, batches, schedule, v, m, zero, bucket_mb, pp=pp, tp=tp, dp=dp)
+    what = f"{layout}"
+    check_losses(results, dict(loss=want_losses), what)
+    for r in results:
+        assert_close(r["norms"], want_norms, f"{what}: grad norm on rank {r['coords']}")
+    assert_close(merged([r["params"] for r in results], what), want, f"{what}: parameters after {STEPS} steps")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Communication: what one step moves, from the docstrings' formulas
+# ---------------------------------------------------------------------------------------------------
+
+
+def comms_case(mesh, cfg, full, batch, schedule, v, m, zero, bucket_mb):
+    """One step and, with ZeRO, the clip and the optimizer step: the pp, dp and embed collectives in order."""
+    params = my_stage("gpt", mesh, cfg, full, v)
+    buckets = P.GradBuckets(params, mesh, bucket_mb=bucket_mb, zero=zero, accumulations=m,
+                            tied=N.tied_copies(cfg, mesh))
+    opt = P.ZeroAdamW(params, buckets, N.gpt_specs(cfg), mesh, lr=LR, skip=N.norm_skip(cfg, mesh)) if zero else None
+    with P.count_comms() as records:
+        N.pipeline_step("gpt", params, my_rows(batch, mesh), cfg, mesh, schedule=schedule, v=v, microbatches=m)
+        buckets.finish()
+        if zero:
+            opt.clip_grad_norm(CLIP)
+            opt.step()
+    return dict(coords=(mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), numel={k: p.numel() for k, p in params.items()},
+                comms=[(c["phase"], c["op"], c["dim"], c["elements"]) for c in records if c["dim"] != "tp"])
+
+
+def expected_comms(r, numel: dict, *, p, t, dp, v, m, b_micro, s, h, sp, tied, zero, one_bucket) -> list:
+    """The non-tp collectives of pipeline rank r (holding tensors of `numel` elements) in one step.
+    * pp: rank r runs virtual stages c·p + r; each not-last one sends its output [b_micro, s(/t), h] on in
+      every forward and receives its dy back; each not-first one receives its input and sends dx back;
+      then pipeline_totals all-reduces the GPT loss (1 element) over pp.
+    * embed: with a tied embedding, its two copies (first and last stage) are all-reduced once.
+    * dp: each bucket is all-reduced (ZeRO: reduce-scattered) once, padded to a multiple of dp; tiny
+      buckets hold one tensor each, ONE_BUCKET all but the tied copy; launched in the backward, except the
+      tied bucket (after the embed all-reduce). ZeRO: the clip's 1-element all-reduce over dp and pp, and
+      an all-gather of every bucket in the optimizer step."""
+    act = b_micro * (s // t if sp else s) * h
+    stages = [c * p + r for c in range(v)]
+    not_last, not_first = sum(vs != p * v - 1 for vs in stages), sum(vs != 0 for vs in stages)
+    want = [("forward", "send", "pp", act)] * (m * not_last) + [("forward", "recv", "pp", act)] * (m * not_first)
+    want += [("backward", "send", "pp", act)] * (m * not_first) + [("backward", "recv", "pp", act)] * (m * not_last)
+    if p > 1:
+        want.append(("after backward", "all_reduce", "pp", 1))
+    pad = lambda n: -(-n // dp) * dp
+    tied_here = tied and p > 1 and r in (0, p - 1)
+    rest = [n for k, n in numel.items() if not (tied_here and k == "embed.word")]
+    buckets = [sum(rest)] if one_bucket else rest
+    if tied_here:
+        want.append(("after backward", "all_reduce", "embed", pad(numel["embed.word"])))
+    if dp > 1:
+        op = "reduce_scatter" if zero else "all_reduce"
+        want += [("backward", op, "dp", pad(n)) for n in buckets]
+        if tied_here:
+            want.append(("after backward", op, "dp", pad(numel["embed.word"])))
+    if zero:
+        want += [("after backward", "all_reduce", dim, 1) for dim, n in (("dp", dp), ("pp", p)) if n > 1]
+        if dp > 1:
+            want += [("optimizer", "all_gather", "dp", pad(n))
+                     for n in buckets + ([numel["embed.word"]] if tied_here else [])]
+    return want
+
+
+COMMS_LAYOUTS = [  # pp, tp, dp, schedule, v, m, sequence parallel, bucket_mb
+    (2, 2, 2, "interleaved", 2, 2, True, TINY_BUCKETS),
+    (4, 1, 2, "1f1b", 1, 4, False, ONE_BUCKET),
+]
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["allreduce", "zero"])
+@pytest.mark.parametrize("layout", COMMS_LAYOUTS, ids=lambda t: "pp{}-tp{}-dp{}-{}-v{}-m{}".format(*t[:6]))
+def test_communication_per_step(pools, layout, zero):
+    pp, tp, dp, schedule, v, m, sp, bucket_mb = layout
+    cfg, b_micro, s = train_config(layers=4, tied=True, sp=sp), 1, 8
+    batch = dict(ids=randint(1, 49, dp * m * b_micro, s), targets=randint(2, 49, dp * m * b_micro, s))
+    results = run_layout(pools, comms_case, cfg, full_params("gpt", cfg, 3), batch, schedule, v, m, zero, bucket_mb,
+                         pp=pp, tp=tp, dp=dp)
+    act = b_micro * (s // tp if sp else s) * cfg.hidden
+    for r in results:
+        (stage, replica, tp_rank), comms = r["coords"], r["comms"]
+        want = expected_comms(stage, r["numel"], p=pp, t=tp, dp=dp, v=v, m=m, b_micro=b_micro, s=s, h=cfg.hidden,
+                              sp=sp, tied=True, zero=zero, one_bucket=bucket_mb == ONE_BUCKET)
+        assert sorted(comms) == sorted(want), (r["coords"], sorted(comms), sorted(want))
+        # the overlap: the last stage launches a dp collective before its last backward send has been posted
+        dp_at = [i for i, c in enumerate(comms) if c[2] == "dp"]
+        sends = [i for i, c in enumerate(comms) if c[:3] == ("backward", "send", "pp")]
+        if stage == pp - 1:
+            assert dp_at and comms[dp_at[0]][0] == "backward" and dp_at[0] < sends[-1], (r["coords"], comms)
+        assert any(c[2] == "embed" for c in comms) == (stage in (0, pp - 1)), r["coords"]
+    # within one replica (one tp rank of it): p·v - 1 virtual stage boundaries, m sends each way per boundary
+    for replica in range(dp):
+        for tp_rank in range(tp):
+            mine = [c for r in results if r["coords"][1:] == (replica, tp_rank) for c in r["comms"]]
+            for phase in ("forward", "backward"):
+                assert mine.count((phase, "send", "pp", act)) == mine.count((phase, "recv", "pp", act)) \
+                    == m * (pp * v - 1), (replica, tp_rank, phase)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. ZeRO-1 memory and precision
+# ---------------------------------------------------------------------------------------------------
+
+
+def zero_state_case(mesh, cfg, full, v):
+    params = my_stage("gpt", mesh, cfg, full, v)
+    tied = N.tied_copies(cfg, mesh)
+    buckets = P.GradBuckets(params, mesh, bucket_mb=ONE_BUCKET, zero=True, tied=tied)
+    opt = P.ZeroAdamW(params, buckets, N.gpt_specs(cfg), mesh, lr=LR)
+    return dict(coords=(mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), bytes=opt.state_bytes(),
+                numel=sum(p.numel() for p in params.values()),
+                tied=sum(params[k].numel() for k in tied if k in params and mesh.pp_rank in (0, mesh.pp - 1)))
+
+
+def test_zero_state_halves_at_dp_2(pools):
+    """The same layout (pp 2, tp 2) at dp 1 (world 4) and dp 2 (world 8): float64 main copy plus two moments,
+    24 bytes an element; at dp 2 each rank holds half of each bucket (rounded up: the padding)."""
+    cfg = train_config(tied=True)
+    full = full_params("gpt", cfg, 3)
+    alone = {r["coords"][::2]: r for r in run_layout(pools, zero_state_case, cfg, full, 1, pp=2, tp=2, dp=1)}
+    for r in run_layout(pools, zero_state_case, cfg, full, 1, pp=2, tp=2, dp=2):
+        one = alone[r["coords"][::2]]
+        assert one["numel"] == r["numel"] and one["bytes"] == 24 * one["numel"], (r["coords"], one)
+        half = lambda n: -(-n // 2)
+        assert r["bytes"] == 24 * (half(r["numel"] - r["tied"]) + half(r["tied"])), r
+        assert 0 <= 2 * r["bytes"] - one["bytes"] <= 2 * 24, (r, one)
+
+
+def test_zero_keeps_an_fp32_main_copy_of_bf16_parameters():
+    """bf16 parameters at 1.0 (bf16 steps there: 2^-8 below, 2^-7 above) with lr 1e-4: one AdamW step moves
+    each by about 1e-4, below bf16's resolution. torch's AdamW on the bf16 tensors themselves never moves
+    them; ZeroAdamW's fp32 main copy accumulates the steps, and its bf16 parameters are at every step
+    exactly the fp32 AdamW run rounded to bf16: unmoved after one step, moved after 30 (the decreasing ones
+    cross the rounding midpoint 1 - 2^-9 after 20 steps of 1e-4)."""
+    lr, steps = 1e-4, 30
+    coef = dict(w=torch.tensor([[1.0, -0.5, 2.0, 0.25]] * 4), b=torch.tensor([-1.0, 0.5, 4.0, -0.125]))
+    make = lambda dtype: {k: torch.ones_like(c, dtype=dtype).requires_grad_(True) for k, c in coef.items()}
+    loss_of = lambda params: sum((params[k].float() * c).sum() for k, c in coef.items())
+    params, fp32, plain = make(torch.bfloat16), make(torch.float32), make(torch.bfloat16)
+    buckets = P.GradBuckets(params, SERIAL, zero=True)
+    opt = P.ZeroAdamW(params, buckets, dict.fromkeys(params), SERIAL, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    assert opt.state_bytes() == 3 * 4 * 20  # main copy and two moments in float32
+    torch_opts = [torch.optim.AdamW([ps["w"]], lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY) for ps in (fp32, plain)]
+    torch_opts += [torch.optim.AdamW([ps["b"]], lr=lr, betas=BETAS, weight_decay=0.0) for ps in (fp32, plain)]
+    for step in range(1, steps + 1):
+        buckets.zero_grad()
+        loss_of(params).backward()
+        buckets.finish()
+        opt.step()
+        for o in torch_opts:
+            o.zero_grad()
+        loss_of(fp32).backward()
+        loss_of(plain).backward()
+        for o in torch_opts:
+            o.step()
+        for k in params:
+            assert params[k].dtype == torch.bfloat16
+            assert torch.equal(params[k].detach(), fp32[k].detach().bfloat16()), (step, k, params[k], fp32[k])
+            assert (plain[k] == 1).all(), (step, k)
+        if step == 1:
+            assert all((params[k] == 1).all() and (fp32[k] != 1).all() for k in params)
+    assert all((params[k] != 1).any() for k in params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Bad inputs: ValueErrors that name the values
+# ---------------------------------------------------------------------------------------------------
+
+
+def tiny_gpt():
+    cfg = N.GPTConfig(vocab_size=9, vocab_multiple=4, max_seq=4, layers=2, hidden=4, heads=2)
+    params = {k: t.requires_grad_(True) for k, t in N.init_gpt(cfg, 0, torch.float64).items()}
+    return cfg, params, dict(ids=randint(0, 9, 6, 4), targets=randint(1, 9, 6, 4))
+
+
+def one_param():
+    return {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True)}
+
+
+def bad_pipeline_step(model, m):
+    cfg, params, batch = tiny_gpt()
+    N.pipeline_step(model, params, batch, cfg, SERIAL, microbatches=m)
+
+
+BAD_INPUTS = {
+    "layers not a multiple of pp": (lambda: P.stage_layers(6, 4), "layers=6 cannot be cut into pp*virtual stages = "
+                                                                  "4*1 = 4 equal stages"),
+    "layers not a multiple of pp*v": (lambda: P.stage_layers(8, 2, 3), "layers=8 cannot be cut into pp*virtual "
+                                                                       "stages = 2*3 = 6"),
+    "v > 1 without pp": (lambda: P.stage_layers(4, 1, 2), "virtual stages=2 needs pp > 1"),
+    "unknown schedule": (lambda: P.schedule_for("gpipe", 2, 2), "unknown schedule 'gpipe'"),
+    "interleaved with v = 1": (lambda: P.schedule_for("interleaved", 2, 4, 1),
+                               "schedule interleaved needs virtual stages >= 2, got 1"),
+    "v = 2 not interleaved": (lambda: P.schedule_for("1f1b", 2, 4, 2),
+                              "virtual stages=2 needs schedule interleaved, got '1f1b'"),
+    "interleaved, m % p": (lambda: P.schedule_for("interleaved", 4, 6, 2), "microbatches=6, pp=4"),
+    "m does not divide the batch": (lambda: N.split_microbatches(dict(ids=torch.zeros(6, 3)), 4),
+                                    "microbatches=4 must be an integer >= 1 dividing the batch's 6 rows"),
+    "m = 0": (lambda: N.split_microbatches(dict(ids=torch.zeros(6, 3)), 0), "microbatches=0"),
+    "pipeline_step, m does not divide": (lambda: bad_pipeline_step("gpt", 4), "microbatches=4 must be an integer >= 1 "
+                                                                              "dividing the batch's 6 rows"),
+    "pipeline_step, t5": (lambda: bad_pipeline_step("t5", 2), "model 't5' does not pipeline"),
+    "bucket_mb = 0": (lambda: P.GradBuckets(one_param(), SERIAL, bucket_mb=0), "bucket size must be a number of "
+                                                                               "MB > 0, got 0"),
+    "bucket_mb < 0": (lambda: P.GradBuckets(one_param(), SERIAL, bucket_mb=-1.5), "got -1.5"),
+    "bucket_mb nan": (lambda: P.GradBuckets(one_param(), SERIAL, bucket_mb=float("nan")), "got nan"),
+    "accumulations = 0": (lambda: P.GradBuckets(one_param(), SERIAL, accumulations=0),
+                          "accumulations must be an integer >= 1, got 0"),
+    "ZeroAdamW without zero buckets": (
+        lambda: (lambda ps: P.ZeroAdamW(ps, P.GradBuckets(ps, SERIAL, zero=False), dict(w=None), SERIAL, lr=LR))(
+            one_param()), "ZeroAdamW needs GradBuckets(zero=True)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_are_value_errors_naming_the_values(case):
+    fn, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fn()
+
+
+@pytest.mark.parametrize("made", [((1, 3, 4), torch.float64), ((1, 4, 4), torch.float32)], ids=["shape", "dtype"])
+def test_a_stage_output_the_schedule_cannot_send_is_refused_before_sending(made):
+    """Stage 0 of 2 (a mesh built by hand: no process group is touched unless something is sent) makes an
+    output that is not the [b_micro, s(/t), h] the receiver will post: a ValueError, and no send recorded."""
+    shape, dtype = made
+    mesh = P.Mesh(pp=2, pp_rank=0)
+    forward = lambda chunk, micro, x: torch.zeros(shape, dtype=dtype, requires_grad=True)
+    with P.count_comms() as records, pytest.raises(ValueError, match=re.escape(
+            f"stage 0 made {shape} {dtype}, but the stages exchange (1, 4, 4) torch.float64")):
+        P.run_schedule([P.Action("F", 0), P.Action("B", 0)], forward, mesh, shape=(1, 4, 4), dtype=torch.float64,
+                       device="cpu")
+    assert records == []
