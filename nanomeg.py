@@ -2144,6 +2144,9 @@ class Stage(NamedTuple):
 def stages_of(cfg: GPTConfig, mesh: Mesh, v: int = 1) -> dict[int, Stage]:
     """This pipeline rank's stages, by chunk: chunk c is virtual stage
     c·pp + pp_rank of pp·v (`parallel.stage_layers`)."""
+    if cfg.position == "relative" and mesh.pp > 1:
+        raise ValueError(f"position='relative' does not pipeline (pp={mesh.pp}): its one bias table serves the "
+                         "layers of every stage; use learned or rope positions, or pp=1")
     runs = P.stage_layers(cfg.layers, mesh.pp, v)
     return {c: Stage(runs[c * mesh.pp + mesh.pp_rank], c * mesh.pp + mesh.pp_rank == 0,
                      c * mesh.pp + mesh.pp_rank == mesh.pp * v - 1) for c in range(v)}
@@ -2212,7 +2215,7 @@ def stage_forward(model: str, params, x, micro: dict, cfg: GPTConfig, mesh: Mesh
     mask = bert_attention_mask(micro.get("attention_mask"), ids) if model == "bert" else None
     if stage.first:
         x = embed(params, ids, cfg, mesh, token_types=micro.get("token_types"), seed=seed, training=training)
-    layers = {n: p for n, p in params.items() if n.startswith("layers.")}
+    layers = {n: p for n, p in params.items() if n.startswith("layers.") or n == "rel_bias"}  # the stack's own
     kind = "causal" if model == "gpt" else "none" if mask is None else "padding"
     x = run_layers(layers, x, cfg, mesh, mask_kind=kind, mask=mask, seed=seed, training=training)
     if not stage.last:

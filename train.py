@@ -778,6 +778,9 @@ def check_pipeline_args(args) -> None:
                          f"exist for {' / '.join(N.PIPELINE_MODELS)}); train it with --tp and data parallel")
     if v > 1 and pp == 1:
         raise UsageError(f"--virtual-stages {v} needs --pp > 1: interleaving spreads chunks over pipeline ranks")
+    if pp > 1 and args.position == "relative":
+        raise UsageError(f"--position relative does not pipeline (--pp {pp}): its one bias table serves the layers "
+                         "of every stage; use --position learned or rope")
     if args.layers % (pp * v):
         raise UsageError(f"--layers {args.layers} cannot be cut into --pp {pp} x --virtual-stages {v} = {pp * v} "
                          "equal stages")

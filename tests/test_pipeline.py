@@ -317,25 +317,23 @@ def test_evaluation_runs_the_forwards_only(pools):
         assert r["grads"] == [] and "forward" in r["phases"] and "backward" not in r["phases"], r
 
 
-def test_relative_positions_pipeline_or_are_refused():
+def test_relative_positions_run_at_pp_1_and_are_refused_across_stages():
     """position="relative" is a GPT option (test_gpt.py draws it); its bias table `rel_bias` is shared by all
-    layers of the stack. pipeline_step must either run such a model (here pp = 1: the whole model on one
-    rank, so it must equal gpt_loss) or refuse it with a ValueError naming the position."""
+    layers of the stack. At pp = 1 (microbatches only) pipeline_step must equal gpt_loss; across stages, where
+    the one table would serve every stage, it is refused with a ValueError naming the position."""
     cfg = N.GPTConfig(vocab_size=45, vocab_multiple=4, max_seq=6, layers=2, hidden=8, heads=2, position="relative",
                       rel_buckets=4, rel_max_distance=6)
     full = full_params("gpt", cfg, 1)
     ids, targets = randint(1, 45, 2, 6), randint(2, 45, 2, 6)
     params = {k: t.clone().requires_grad_(True) for k, t in full.items()}
-    try:
-        out = N.pipeline_step("gpt", params, dict(ids=ids, targets=targets), cfg, SERIAL, microbatches=2)
-    except ValueError as e:
-        assert "relative" in str(e), e
-        return
+    out = N.pipeline_step("gpt", params, dict(ids=ids, targets=targets), cfg, SERIAL, microbatches=2)
     ref = {k: t.clone().requires_grad_(True) for k, t in full.items()}
     loss = N.gpt_loss(ref, ids, targets, cfg, SERIAL)
     loss.backward()
     assert_close(out, dict(loss=loss.detach()), "loss")
     assert_close({k: p.grad for k, p in params.items()}, {k: p.grad for k, p in ref.items()}, "gradients")
+    with pytest.raises(ValueError, match=r"position='relative' does not pipeline \(pp=2\)"):
+        N.stage_params(full, cfg, P.Mesh(pp=2, pp_rank=1))
 
 
 # ---------------------------------------------------------------------------------------------------

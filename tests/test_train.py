@@ -201,6 +201,7 @@ TOO_BIG = "the model and one step need about"
     (["--layers", "4", "--pp", "2", "--virtual-stages", "2", "--microbatches", "1", "--show-schedule"],
      "--schedule interleaved needs --microbatches a multiple of --pp: got --microbatches 1, --pp 2"),
     (["--bucket-mb", "0"], "--bucket-mb must be a finite number > 0, got 0.0"),
+    (["--layers", "2", "--pp", "2", "--position", "relative"], "--position relative does not pipeline (--pp 2)"),
     (["--zero", "2"], "argument --zero: invalid choice: 2"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, message):
