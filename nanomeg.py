@@ -333,7 +333,7 @@ def init_params(shapes: dict, cfg: GPTConfig, seed: int = 0, dtype=torch.float32
     params = {}
     for name, (shape, rule) in shapes.items():
         if rule in std:
-            real = (cfg.vocab_size, *shape[1:]) if shape[0] == cfg.padded_vocab and name in VOCAB_ROWS else shape
+            real = (real_vocab_rows(name, shape, cfg), *shape[1:]) if real_vocab_rows(name, shape, cfg) else shape
             draw = torch.randn(real, generator=param_generator(seed, name)) * std[rule]
             params[name] = pad_vocab_rows(draw, shape[0]).to(dtype)
         else:
@@ -343,6 +343,15 @@ def init_params(shapes: dict, cfg: GPTConfig, seed: int = 0, dtype=torch.float32
 
 
 VOCAB_ROWS = ("embed.word", "head.weight", "lm_head.bias")  # tensors with one row per (padded) vocabulary id
+
+
+def real_vocab_rows(name: str, shape: tuple, cfg: GPTConfig) -> int | None:
+    """cfg.vocab_size when `name` (under any stack prefix: "query.embed.word")
+    is a vocabulary table whose full rows are the padded vocabulary, else
+    None. Its rows beyond the real vocabulary are padding: zeros at init,
+    never saved in a checkpoint."""
+    table = any(name == v or name.endswith("." + v) for v in VOCAB_ROWS)
+    return cfg.vocab_size if table and shape[0] == cfg.padded_vocab else None
 
 
 def param_generator(seed: int, name: str) -> torch.Generator:

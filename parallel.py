@@ -37,6 +37,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -1607,7 +1608,205 @@ class ZeroAdamW:
             for name, off, size in zip(b["names"], b["offsets"], b["sizes"]):
                 self.params[name].copy_(full[off: off + size].view_as(self.params[name]))
 
+    def gather_state(self) -> dict:
+        """{name: (exp_avg, exp_avg_sq)} for every parameter, whole on every
+        dp rank: each bucket's moment slices all-gathered over dp (2 x its
+        numel elements). For a checkpoint, as Megatron's distributed optimizer
+        gathers its state to dp rank 0 (the "dp_zero" format)."""
+        out = {}
+        for s, b in zip(self.state, self.buckets.buckets):
+            moments = [all_gather(s[k], self.mesh, "dp", 0, phase="checkpoint") for k in ("exp_avg", "exp_avg_sq")]
+            for name, off, size in zip(b["names"], b["offsets"], b["sizes"]):
+                shape = self.params[name].shape
+                out[name] = tuple(m[off: off + size].view(shape).clone() for m in moments)
+        return out
+
+    @torch.no_grad()
+    def load_state(self, moments: dict, steps: int) -> None:
+        """Set the step count and, from {name: (exp_avg, exp_avg_sq)} whole
+        per parameter, this rank's slices; the main copy from the parameters."""
+        self.steps = steps
+        for s, b in zip(self.state, self.buckets.buckets):
+            s["main"].copy_(self._my_slice(b, lambda name: self.params[name].detach(), s["main"].dtype))
+            for i, k in enumerate(("exp_avg", "exp_avg_sq")):
+                s[k].copy_(self._my_slice(b, lambda name, i=i: moments[name][i], s[k].dtype))
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank: main copy + two moments of its slices."""
         return sum(t.numel() * t.element_size() for s in self.state for t in (s["main"], s["exp_avg"],
                                                                                  s["exp_avg_sq"]))
+
+
+# ---------------------------------------------------------------------------
+# 13. Checkpoints: each rank writes the pieces it holds, in the coordinates of
+#     the full (unpadded) tensors, with torch.distributed.checkpoint; a load
+#     reads whichever saved pieces overlap what the loading rank holds, so a
+#     checkpoint saved at one (tp, pp, dp, ZeRO) layout loads into any other.
+# ---------------------------------------------------------------------------
+
+
+class Piece(NamedTuple):
+    """A rectangle of a tensor that a rank holds: local[local_at + i] is
+    full[full_at + i] for i < size (per dim). `writer`: the one rank that
+    saves it (a replicated piece is held by many, written once)."""
+
+    local_at: tuple
+    full_at: tuple
+    size: tuple
+    writer: bool
+
+
+def pieces(shape: tuple, spec, mesh: Mesh, real_rows: int | None = None) -> list[Piece]:
+    """The rectangles of the full tensor that this rank's tp shard of `shape`
+    (local) holds, per `spec` (as `shard` cuts it). real_rows: a
+    vocabulary-padded tensor's real row count: rows beyond it are padding,
+    never saved, and the full tensor of a checkpoint is [real_rows, ...]."""
+    shape = tuple(shape)
+    zeros = (0,) * len(shape)
+
+    def clip(local_at, full_at, size, writer):
+        if real_rows is not None:  # drop the padded vocabulary rows
+            size = (max(0, min(size[0], real_rows - full_at[0])),) + size[1:]
+        return [Piece(local_at, full_at, size, writer)] if size[0] > 0 else []
+
+    if spec is None:
+        return clip(zeros, zeros, shape, mesh.tp_rank == 0)
+    if isinstance(spec, HeadGroups):
+        rep = spec.replicas(mesh.tp)
+        if rep == 1:
+            return clip(zeros, (mesh.tp_rank * shape[0],) + zeros[1:], shape, True)
+        group, j = divmod(mesh.tp_rank, rep)
+        d, per_group = spec.head_dim, (spec.q_per_group + 2) * spec.head_dim
+        q_rows = spec.q_per_group // rep * d
+        rest = shape[1:]
+        return [Piece(zeros, (group * per_group + j * q_rows,) + zeros[1:], (q_rows,) + rest, True),
+                Piece((q_rows,) + zeros[1:], (group * per_group + spec.q_per_group * d,) + zeros[1:],
+                      (2 * d,) + rest, j == 0)]  # k, v: replicated over the group's rep ranks
+    full_at = list(zeros)
+    full_at[spec] = mesh.tp_rank * shape[spec]
+    return clip(zeros, tuple(full_at), shape, True)
+
+
+def full_shape_of(shape: tuple, spec, mesh: Mesh, real_rows: int | None = None) -> tuple:
+    """The saved full shape of a tensor whose tp shard is `shape`."""
+    full = list(shape)
+    if isinstance(spec, HeadGroups):
+        full[0] = spec.groups * (spec.q_per_group + 2) * spec.head_dim
+    elif spec is not None:
+        full[spec] *= mesh.tp
+    if real_rows is not None:
+        full[0] = real_rows
+    return tuple(full)
+
+
+def _region(at: tuple, size: tuple) -> tuple:
+    return tuple(slice(a, a + n) for a, n in zip(at, size))
+
+
+def _overlap(a_at, a_size, b_at, b_size):
+    """The intersection of two rectangles (full coordinates) as (at, size), or None."""
+    lo = [max(x, y) for x, y in zip(a_at, b_at)]
+    hi = [min(x + n, y + m) for x, n, y, m in zip(a_at, a_size, b_at, b_size)]
+    return None if any(h <= l for l, h in zip(lo, hi)) else (tuple(lo), tuple(h - l for l, h in zip(lo, hi)))
+
+
+class SafeReader:
+    """`FileSystemReader` whose metadata unpickler refuses every class but
+    DCP's own metadata types, torch dtypes and paths: loading a checkpoint
+    never runs code from it (the tensors themselves are read with
+    torch.load(weights_only=True) by DCP)."""
+
+    ALLOWED = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"}
+
+    def __new__(cls, path):
+        import pickle
+
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        allowed = cls.ALLOWED
+
+        class _Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                ok = module in allowed or (module == "pathlib" and name in ("PosixPath", "WindowsPath")) or \
+                    (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))) \
+                    or (module, name) == ("torch.serialization", "_get_layout")
+                if not ok:
+                    raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}: refused (only "
+                                                 "torch.distributed.checkpoint's own types may be loaded)")
+                return super().find_class(module, name)
+
+        class _Reader(FileSystemReader):
+            def read_metadata(self, *args, **kwargs):
+                with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                    metadata = _Unpickler(f).load()
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                return metadata
+
+        return _Reader(path)
+
+
+def save_pieces(path, tensors: dict, mesh: Mesh, process_group=None) -> dict:
+    """Write this rank's pieces of `tensors` ({key: (local tensor, pieces,
+    full shape)}; a key names a tensor, e.g. "param/layers.0.attn.qkv.weight")
+    into the DCP checkpoint folder `path`; each piece is its own DCP entry
+    "key@offsets", written by its writer rank only. Collective over the
+    default group (every rank calls it). Returns this rank's index
+    {entry: {key, at, size, full}} (the caller gathers the ranks' indexes into
+    the checkpoint's JSON metadata)."""
+    import torch.distributed.checkpoint as dcp
+
+    state, index = {}, {}
+    for key, (local, ps, full) in tensors.items():
+        for p in ps:
+            if p.writer and all(n > 0 for n in p.size):
+                entry = f"{key}@{','.join(map(str, p.full_at))}"
+                state[entry] = local.detach()[_region(p.local_at, p.size)].contiguous().cpu()
+                index[entry] = dict(key=key, at=list(p.full_at), size=list(p.size), full=list(full))
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group, as asked
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), sync_files=True),
+                 process_group=process_group, no_dist=not dist.is_initialized())
+    return index
+
+
+def load_pieces(path, wanted: dict, index: dict, process_group=None) -> None:
+    """Fill each local tensor of `wanted` ({key: (local tensor, pieces, full
+    shape)}) from the saved entries whose rectangles overlap its pieces,
+    in place; ValueError naming what is missing. index: the checkpoint's
+    {entry: {key, at, size, full}}. Collective (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+
+    by_key = {}
+    for entry, meta in index.items():
+        by_key.setdefault(meta["key"], []).append((entry, meta))
+    plan, reads = [], {}
+    for key, (local, ps, full) in wanted.items():
+        saved = by_key.get(key, [])
+        if saved and list(saved[0][1]["full"]) != list(full):
+            raise ValueError(f"checkpoint tensor {key!r} is {tuple(saved[0][1]['full'])}, this model's is "
+                             f"{tuple(full)}")
+        for p in ps:
+            need, covered = math.prod(p.size), 0
+            for entry, meta in saved:
+                hit = _overlap(p.full_at, p.size, meta["at"], meta["size"])
+                if hit is None:
+                    continue
+                at, size = hit
+                if entry not in reads:
+                    reads[entry] = torch.empty(meta["size"], dtype=local.dtype)
+                plan.append((local, tuple(a - f + la for a, f, la in zip(at, p.full_at, p.local_at)), entry,
+                             tuple(a - s for a, s in zip(at, meta["at"])), size))
+                covered += math.prod(size)
+            if covered != need:
+                raise ValueError(f"checkpoint does not hold all of {key!r} (rows {p.full_at[0]}.."
+                                 f"{p.full_at[0] + p.size[0]} of {tuple(full)}): {covered} of {need} elements")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(reads, storage_reader=SafeReader(str(path)), process_group=process_group,
+                 no_dist=not dist.is_initialized())
+    with torch.no_grad():
+        for local, local_at, entry, saved_at, size in plan:
+            local[_region(local_at, size)] = reads[entry][_region(saved_at, size)].to(local.device, local.dtype)

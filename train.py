@@ -31,9 +31,12 @@ raise `UsageError`, and so does the argument parser itself.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
+import shutil
+import signal
 import stat
 import sys
 import sysconfig
@@ -126,6 +129,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "Megatron's ICT)")
     ap.add_argument("--top-k", type=int, help="realm only: blocks retrieved per query (default 4)")
     ap.add_argument("--index-every", type=int, help="realm only: steps between index refreshes (default 50)")
+    ap.add_argument("--save", metavar="DIR", help="save checkpoints into DIR (at the end, every --save-every "
+                                                  "steps, and on SIGTERM / SIGINT)")
+    ap.add_argument("--save-every", type=int, help="steps between checkpoints (with --save; default: only the last)")
+    ap.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints in --save's DIR (default: all)")
+    ap.add_argument("--load", metavar="DIR",
+                    help="resume from DIR's latest complete checkpoint, at any --tp / --pp / data parallel / --zero "
+                         "(the load reshards); a DIR without one starts fresh")
     ap.add_argument("--show-layout", action="store_true",
                     help="print every rank's mesh coordinates, parameter shards, memory and the collectives of "
                          "one training step (run on a copy of the parameters), then exit without training")
@@ -666,7 +676,7 @@ RANGES = {
     "lr": ABOVE_0, "min_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0,
     "dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "peak_flops": ABOVE_0, "top_k": AT_LEAST_1,
     "index_every": AT_LEAST_1, "pp": AT_LEAST_1, "virtual_stages": AT_LEAST_1, "microbatches": AT_LEAST_1,
-    "bucket_mb": ABOVE_0,
+    "bucket_mb": ABOVE_0, "save_every": AT_LEAST_1, "keep_last": AT_LEAST_1,
 }
 
 # GPTConfig's fields (and check_mesh's / check_seq's names) -> the flag that sets them.
@@ -765,6 +775,15 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
             cfg.check_seq(query_len(args.seq) + args.seq, P.Mesh(tp=tp))
     except ValueError as e:
         raise UsageError(in_flags(str(e))) from None
+    for name in ("save_every", "keep_last"):
+        if getattr(args, name) is not None and args.save is None:
+            raise UsageError(f"{flag(name)} needs --save DIR")
+    if args.save is not None and (not args.save or (Path(args.save).exists() and not Path(args.save).is_dir())):
+        raise UsageError(f"--save {args.save!r}: not a folder")
+    if args.load is not None and not args.load:
+        raise UsageError("--load is an empty path")
+    args.load_path = find_checkpoint(args.load) if args.load else None
+    args.load_meta = read_meta(args.load_path, cfg, args) if args.load_path else None
     return cfg, tp
 
 
@@ -936,6 +955,31 @@ class Optimizer:
             self.opt.step()
         self.buckets.zero_grad()
         return norm
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (AdamW's bias correction counts them)."""
+        if self.zero:
+            return self.opt.steps
+        return max((int(s["step"]) for s in self.opt.state.values() if "step" in s), default=0)
+
+    def moments(self) -> dict:
+        """{name: (exp_avg, exp_avg_sq)}, each the shape of the parameter's
+        shard (zeros before the first step). ZeRO-1 gathers them over dp."""
+        if self.zero:
+            return self.opt.gather_state()
+        zeros = lambda p: torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return {n: (self.opt.state[p]["exp_avg"], self.opt.state[p]["exp_avg_sq"]) if p in self.opt.state
+                else (zeros(p), zeros(p)) for n, p in self.params.items()}
+
+    def load_state(self, moments: dict, steps: int) -> None:
+        """AdamW's state from {name: (exp_avg, exp_avg_sq)} and the step count."""
+        if self.zero:
+            return self.opt.load_state(moments, steps)
+        for n, p in self.params.items():
+            if steps:
+                self.opt.state[p] = dict(step=torch.tensor(float(steps)), exp_avg=moments[n][0].clone(),
+                                         exp_avg_sq=moments[n][1].clone())
 
     def state_bytes(self) -> int:
         """AdamW's state on this rank: the two moments (ZeRO-1: and the fp32 main copy of its slice)."""
@@ -1153,6 +1197,151 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------
+# Checkpoints: sharded (each rank writes its pieces), atomic (a rename commits),
+# resharding (a load reads what overlaps this rank's pieces, at any layout)
+# ---------------------------------------------------------------------------
+
+LAYOUT_FIELDS = ("sequence_parallel", "vocab_multiple", "recompute", "attention")  # free to change on resume
+STEP_DIR = re.compile(r"step-(\d{8})")
+
+
+def config_dict(cfg) -> dict:
+    """The config as plain JSON values, without the fields a layout may change."""
+    import dataclasses
+
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in LAYOUT_FIELDS}
+
+
+def checkpoint_tensors(params: dict, moments: dict, cfg, mesh: P.Mesh, specs: dict) -> dict:
+    """{key: (local tensor, its pieces, full shape)} of everything a checkpoint
+    holds for this rank: "param/NAME", "exp_avg/NAME", "exp_avg_sq/NAME".
+    A piece is written by one rank only: dp rank 0 (the replicas hold the
+    same), tp rank 0 for a replicated tensor, the first stage for a tied
+    embedding; vocabulary tables only up to their real rows."""
+    skip = N.norm_skip(cfg, mesh)  # the last stage's copy of a tied embedding: the first stage writes it
+    out = {}
+    for name, p in params.items():
+        real = N.real_vocab_rows(name, P.full_shape_of(p.shape, specs[name], mesh), cfg)
+        ps = [pc._replace(writer=pc.writer and mesh.dp_rank == 0 and name not in skip)
+              for pc in P.pieces(p.shape, specs[name], mesh, real)]
+        full = P.full_shape_of(p.shape, specs[name], mesh, real)
+        for key, t in (("param", p), ("exp_avg", moments[name][0]), ("exp_avg_sq", moments[name][1])):
+            out[f"{key}/{name}"] = (t, ps, full)
+    return out
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a rename is durable only once its folder is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: str, step: int, params, opt, cfg, mesh: P.Mesh, specs, args) -> Path:
+    """Save step's state under root/step-NNNNNNNN, atomically. Every rank
+    writes its pieces into root/.tmp-step-NNNNNNNN (torch.distributed.checkpoint,
+    files flushed); rank 0 adds meta.json (config, layout, step, the index of
+    every piece), flushes it, renames the folder to step-NNNNNNNN (the commit:
+    a folder under that name is complete), then points root/latest at it
+    (written aside, renamed over) and removes all but the --keep-last newest.
+    A kill at any moment leaves the previous checkpoint loadable and no
+    partial one that a load would pick."""
+    root = Path(root)
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # a save of this step that was killed
+            shutil.rmtree(tmp)
+    barrier()
+    tensors = checkpoint_tensors(params, opt.moments(), cfg, mesh, specs)
+    index = P.save_pieces(tmp, tensors, mesh)
+    indexes = gather_to_rank0(index)
+    if rank == 0:
+        meta = dict(format=1, model=args.model, step=step, optimizer_steps=opt.steps, config=config_dict(cfg),
+                    layout=dict(tp=mesh.tp, pp=mesh.pp, dp=mesh.dp, zero=args.zero,
+                                virtual_stages=args.virtual_stages),
+                    seed=args.seed, index={k: v for part in indexes for k, v in part.items()})
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(tmp)
+        old = root / f".old-step-{step:08d}"
+        if final.exists():  # the same step saved again (a new run in the same folder)
+            final.rename(old)
+        tmp.rename(final)  # the commit
+        fsync_path(root)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name + "\n")
+        with open(pointer) as f:
+            os.fsync(f.fileno())
+        os.replace(pointer, root / "latest")
+        fsync_path(root)
+        shutil.rmtree(old, ignore_errors=True)
+        if args.keep_last:
+            for stale in sorted(d for d in root.iterdir() if STEP_DIR.fullmatch(d.name))[:-args.keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def find_checkpoint(root: str) -> Path | None:
+    """The checkpoint --load DIR resumes from: the one root/latest names, or
+    (the pointer missing or stale) the newest committed step folder; None
+    when DIR holds none (or does not exist): the run starts fresh."""
+    root = Path(root)
+    if not root.exists():
+        return None
+    if not root.is_dir():
+        raise UsageError(f"--load {root}: not a folder")
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if STEP_DIR.fullmatch(named.name) and (named / "meta.json").is_file():
+            return named
+    steps = sorted(d for d in root.iterdir() if STEP_DIR.fullmatch(d.name) and (d / "meta.json").is_file())
+    return steps[-1] if steps else None
+
+
+def read_meta(path: Path, cfg, args) -> dict:
+    """The checkpoint's meta.json (plain JSON: nothing in it runs), checked
+    against this run: the same model and config but for the layout fields."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--load {path}: cannot read meta.json ({e})") from None
+    if meta.get("format") != 1 or meta.get("model") != args.model:
+        raise UsageError(f"--load {path}: a checkpoint of --model {meta.get('model')} (format "
+                         f"{meta.get('format')}), this run is --model {args.model}")
+    want, got = config_dict(cfg), meta["config"]
+    differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if differ:
+        raise UsageError(f"--load {path}: the checkpoint's model differs from this run's in "
+                         + ", ".join(f"{k} ({got.get(k)!r} saved, {want.get(k)!r} now)" for k in differ))
+    return meta
+
+
+def load_checkpoint(path: Path, meta: dict, params, opt, cfg, mesh: P.Mesh, specs) -> int:
+    """Fill this rank's parameters and optimizer state from the checkpoint,
+    whatever layout saved it; return its step."""
+    moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
+    tensors = checkpoint_tensors(params, moments, cfg, mesh, specs)
+    if meta["optimizer_steps"] == 0:
+        tensors = {k: v for k, v in tensors.items() if k.startswith("param/")}
+    P.load_pieces(path, tensors, meta["index"])
+    opt.load_state(moments, meta["optimizer_steps"])
+    return meta["step"]
+
+
+# ---------------------------------------------------------------------------
 # --show-layout: what each rank holds and what one step moves
 # ---------------------------------------------------------------------------
 
@@ -1302,6 +1491,15 @@ def show_layout(params, data, task, cfg, mesh, specs, args, device) -> None:
         print("\n\n".join(map(format_layout, pictures)))
 
 
+def stop_requested(stop: dict, device) -> bool:
+    """Did any rank get SIGTERM / SIGINT? One all-reduce (max) of one
+    element over all ranks, so every rank stops after the same step."""
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def rank_params(task, cfg, mesh: P.Mesh, specs: dict, args) -> dict:
     """This rank's parameters: the full init (the same on every rank), cut
     to its tp shards and, for a pipelined model, to its pipeline stage's names."""
@@ -1394,8 +1592,19 @@ def train(args) -> int:
             f"{'reduce-scattered' if args.zero else 'all-reduced'} over dp = {mesh.dp} as soon as its gradients are "
             "in" + (f"; ZeRO-1: AdamW state {opt.state_bytes():,} B on rank 0 (fp32 main copy + 2 moments of its "
                     f"slice), 1/{mesh.dp} of {12 * n_local:,} B up to the padding" if args.zero else ""))
+    start = 1
+    if args.load_path is not None:
+        saved = args.load_meta["layout"]
+        start = load_checkpoint(args.load_path, args.load_meta, params, opt, cfg, mesh, specs) + 1
+        say(f"loaded {args.load_path} (step {start - 1}; saved at tp={saved['tp']} pp={saved['pp']} dp={saved['dp']}"
+            f"{' ZeRO-1' if saved['zero'] else ''}, resharded to this run's layout)")
+    elif args.load is not None:
+        say(f"--load {args.load}: no checkpoint there yet, starting fresh")
+    stop = {}  # SIGTERM / SIGINT: finish the step, save, exit 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.setdefault("signal", signal.Signals(signum).name))
     refresh = getattr(task, "refresh", lambda *a: None)  # REALM's index of its corpus
-    refresh(params, train_data, cfg, mesh, args, device, 1)
+    refresh(params, train_data, cfg, mesh, args, device, start)
     if args.show_layout:
         show_layout(params, train_data, task, cfg, mesh, specs, args, device)
         return 0
@@ -1408,12 +1617,12 @@ def train(args) -> int:
             metrics |= task.index_eval(params, eval_data, cfg, mesh, args, device)[0]
         say(f"eval loss at step {step}: {metrics['loss']:.4f}{metrics_line(metrics, 'eval')}")
 
-    say_eval(0)
+    say_eval(start - 1)
 
     bar = Progress(args.steps, rank == 0)
     clock = {}  # seconds this rank waited for its pipeline neighbours, and ran its schedule
     t_last, steps_since, last_finite = time.perf_counter(), 0, None
-    for step in range(1, args.steps + 1):
+    for step in range(start, args.steps + 1):
         refresh(params, train_data, cfg, mesh, args, device, step)
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
         with P.count_comms() as comms:
@@ -1441,6 +1650,14 @@ def train(args) -> int:
         if step % args.eval_every == 0 or step == args.steps:
             bar.clear()
             say_eval(step)
+        signalled = stop_requested(stop, device)
+        if args.save and (signalled or step == args.steps or (args.save_every and step % args.save_every == 0)):
+            bar.clear()
+            say(f"saved step {step} to {save_checkpoint(args.save, step, params, opt, cfg, mesh, specs, args)}")
+        if signalled:
+            say(f"stopped by {stop.get('signal', 'a signal on another rank')} after step {step}"
+                + ("" if args.save else " (no --save: nothing saved)"))
+            return 0
 
     if mesh.pp > 1:  # the held-out demos below run the whole model: every rank takes every stage's tensors
         params = gather_stages(params, task, cfg, mesh, specs, args, device)
