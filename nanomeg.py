@@ -936,6 +936,33 @@ def gpt2_config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions
                      activation="gelu_tanh", position="learned", norm="layernorm", **overrides)
 
 
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def gpt2_hf_config(cfg: GPTConfig) -> dict:
+    """The config.json of a GPT2LMHeadModel holding cfg (plain JSON values)."""
+    check_gpt2_compatible(cfg)
+    return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+                n_positions=cfg.max_seq, n_embd=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads, n_inner=None,
+                activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
+                layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout,
+                attn_pdrop=cfg.attention_dropout, initializer_range=cfg.init_std, tie_word_embeddings=True,
+                bos_token_id=None, eos_token_id=None)
+
+
+def gpt2_config_from_hf(hf: dict, **overrides) -> GPTConfig:
+    """The GPTConfig of a GPT-2 config.json (a dict), plus overrides (the layout fields)."""
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"config.json: model_type {hf.get('model_type')!r}, not 'gpt2'")
+    act = GPT2_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
+    if act is None or hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise ValueError(f"config.json: activation_function {hf.get('activation_function')!r}, n_inner "
+                         f"{hf.get('n_inner')}: nanomeg's GPT-2 has {sorted(GPT2_ACTIVATIONS)} and n_inner 4 x n_embd")
+    return GPTConfig(vocab_size=hf["vocab_size"], max_seq=hf["n_positions"], layers=hf["n_layer"], hidden=hf["n_embd"],
+                     heads=hf["n_head"], activation=act, position="learned", norm="layernorm",
+                     norm_eps=hf.get("layer_norm_epsilon", 1e-5), **overrides)
+
+
 def gpt2_hf_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     """The GPT2LMHeadModel tensors a config needs (without the "transformer."
     prefix), with their shapes. HF's Conv1D weights are [in, out]. wpe may
@@ -1044,9 +1071,11 @@ def check_full_params(params: dict, shapes: dict) -> None:
 
 
 def check_gpt2_compatible(cfg: GPTConfig) -> None:
-    """GPT-2 holds only: LayerNorm, tanh GeLU, learned positions, biases, tied
-    embeddings, multi-head attention, ffn = 4h. Anything else is a ValueError."""
-    want = dict(norm="layernorm", activation="gelu_tanh", position="learned", bias=True, tie_embeddings=True,
+    """GPT-2 holds only: LayerNorm, GeLU (tanh, its own, or exact: HF's
+    activation_function), learned positions, biases, tied embeddings,
+    multi-head attention, ffn = 4h. Anything else is a ValueError."""
+    want = dict(norm="layernorm", activation="gelu_tanh" if cfg.activation != "gelu" else "gelu",
+                position="learned", bias=True, tie_embeddings=True,
                 num_kv_heads=cfg.heads, ffn_hidden=4 * cfg.hidden, zero_centered_gamma=False,
                 residual_post_norm=False, norm_order="pre", type_vocab=0)
     wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
@@ -1356,6 +1385,21 @@ def bert_config_from_hf(hf_config, **overrides) -> BertConfig:
                       heads=hf_config.num_attention_heads, ffn=hf_config.intermediate_size,
                       type_vocab=hf_config.type_vocab_size, norm_eps=hf_config.layer_norm_eps, activation=act,
                       norm_order="pre" if hf_config.model_type == "megatron-bert" else "post", **overrides)
+
+
+def bert_hf_config(cfg: BertConfig) -> dict:
+    """The config.json of a BertForPreTraining (post-norm) or
+    MegatronBertForPreTraining (pre-norm) holding cfg (plain JSON values)."""
+    check_bert_compatible(cfg)
+    post = cfg.norm_order == "post"
+    return dict(model_type="bert" if post else "megatron-bert",
+                architectures=["BertForPreTraining" if post else "MegatronBertForPreTraining"],
+                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                num_attention_heads=cfg.heads, intermediate_size=cfg.ffn_hidden,
+                hidden_act="gelu" if cfg.activation == "gelu" else "gelu_new",
+                max_position_embeddings=cfg.max_seq, type_vocab_size=cfg.type_vocab, layer_norm_eps=cfg.norm_eps,
+                hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
+                initializer_range=cfg.init_std, pad_token_id=0)
 
 
 def check_bert_compatible(cfg: BertConfig) -> None:

@@ -41,6 +41,7 @@ import stat
 import sys
 import sysconfig
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -136,6 +137,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--load", metavar="DIR",
                     help="resume from DIR's latest complete checkpoint, at any --tp / --pp / data parallel / --zero "
                          "(the load reshards); a DIR without one starts fresh")
+    ap.add_argument("--export-hf", metavar="OUT",
+                    help="at the end, write the model in Hugging Face's format (config.json + model.safetensors) "
+                         "into OUT: gpt as GPT2LMHeadModel, bert as (Megatron)BertForPreTraining")
+    ap.add_argument("--init-hf", metavar="DIR",
+                    help="start from a Hugging Face model folder (config.json + model.safetensors; gpt: GPT-2, "
+                         "bert: BERT / MegatronBERT); its config replaces --layers/--hidden/--heads/...")
+    ap.add_argument("--tokenizer", metavar="FILE",
+                    help="gpt only: a Hugging Face tokenizer.json (read with the `tokenizers` library) instead of "
+                         "bytes")
     ap.add_argument("--show-layout", action="store_true",
                     help="print every rank's mesh coordinates, parameter shards, memory and the collectives of "
                          "one training step (run on a copy of the parameters), then exit without training")
@@ -243,6 +253,15 @@ def split_corpus(texts: list[bytes], seq: int) -> tuple[torch.Tensor, torch.Tens
                              f"--seq {seq} (need at least {seq + 1} in each split)")
     as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)
     return as_tensor(train), as_tensor(held)
+
+
+def tokenize(args, data: torch.Tensor) -> torch.Tensor:
+    """A split's bytes (UTF-8) as --tokenizer's ids [n] (int64)."""
+    ids = args.tokenizer_obj.encode(bytes(data.tolist()).decode("utf-8", errors="replace")).ids
+    if len(ids) < args.seq + 1:
+        raise UsageError(f"--tokenizer {args.tokenizer}: a data split is {len(ids)} tokens, too few for --seq "
+                         f"{args.seq}")
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def batch(data: torch.Tensor, batch_size: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -670,7 +689,7 @@ AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (">= 1", lambda v: v >= 1), (">= 0", lambda v:
 # every comparison, inf passes "> 0"). A flag left at None takes a default.
 RANGES = {
     "tp": AT_LEAST_1, "seq": AT_LEAST_1, "max_seq": AT_LEAST_1, "layers": AT_LEAST_1, "hidden": AT_LEAST_1,
-    "heads": AT_LEAST_1, "kv_heads": AT_LEAST_1, "batch": AT_LEAST_1, "steps": AT_LEAST_1,
+    "heads": AT_LEAST_1, "kv_heads": AT_LEAST_1, "batch": AT_LEAST_1, "steps": AT_LEAST_0,
     "log_every": AT_LEAST_1, "eval_every": AT_LEAST_1, "eval_batches": AT_LEAST_1,
     "warmup": AT_LEAST_0, "sample_tokens": AT_LEAST_0, "seed": ("in [0, 2**31)", lambda v: 0 <= v < 2**31),
     "lr": ABOVE_0, "min_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0,
@@ -757,13 +776,23 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
                          "no room to sample (shorten it, or --sample-tokens 0)")
     try:
         order = {} if args.norm_order is None else dict(norm_order=args.norm_order)
-        cfg = TASKS[args.model].config(
-            args, max_seq=args.max_seq, layers=args.layers, hidden=args.hidden, heads=args.heads,
-            kv_heads=args.kv_heads, norm=args.norm, activation=args.activation,
-            position=args.position,
-            attention=args.attention, recompute=args.recompute, hidden_dropout=args.dropout,
-            attention_dropout=args.dropout, sequence_parallel=args.sequence_parallel and tp > 1,
-            vocab_multiple=128 * tp, **order)
+        layout = dict(attention=args.attention, recompute=args.recompute, hidden_dropout=args.dropout,
+                      attention_dropout=args.dropout, sequence_parallel=args.sequence_parallel and tp > 1,
+                      vocab_multiple=128 * tp)
+        args.tokenizer_obj = load_tokenizer(args)
+        if args.init_hf is not None:
+            cfg = hf_config_of(args, layout)
+        else:
+            vocab = {} if args.tokenizer_obj is None else dict(vocab_size=args.tokenizer_obj.get_vocab_size())
+            cfg = TASKS[args.model].config(
+                args, max_seq=args.max_seq, layers=args.layers, hidden=args.hidden, heads=args.heads,
+                kv_heads=args.kv_heads, norm=args.norm, activation=args.activation, position=args.position,
+                **layout, **order)
+            cfg = replace(cfg, **vocab) if vocab else cfg
+        if args.export_hf is not None:
+            if args.model not in HF_EXPORTS:
+                raise ValueError(f"--export-hf: --model {args.model} has no Hugging Face twin here (gpt, bert have)")
+            HF_EXPORTS[args.model][0](cfg)  # a config the twin cannot hold is refused now, not after training
         cfg.check_mesh(P.Mesh(tp=tp))
         cfg.check_seq(args.seq, P.Mesh(tp=tp))
         if args.model == "t5":
@@ -782,9 +811,57 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
         raise UsageError(f"--save {args.save!r}: not a folder")
     if args.load is not None and not args.load:
         raise UsageError("--load is an empty path")
+    if args.tokenizer_obj is not None and args.tokenizer_obj.get_vocab_size() > cfg.vocab_size:
+        raise UsageError(f"--tokenizer {args.tokenizer} has {args.tokenizer_obj.get_vocab_size():,} ids, the model's "
+                         f"vocabulary {cfg.vocab_size:,}")
+    for name in ("export_hf", "init_hf"):
+        if getattr(args, name) == "":
+            raise UsageError(f"{flag(name)} is an empty path")
     args.load_path = find_checkpoint(args.load) if args.load else None
     args.load_meta = read_meta(args.load_path, cfg, args) if args.load_path else None
     return cfg, tp
+
+
+# model -> (config check + config.json, state dict out, state dict in), for --export-hf / --init-hf
+HF_EXPORTS = {"gpt": (N.gpt2_hf_config, N.to_hf_gpt2, N.from_hf_gpt2),
+              "bert": (N.bert_hf_config, N.to_hf_bert, N.from_hf_bert)}
+
+
+def load_tokenizer(args):
+    """--tokenizer FILE as a `tokenizers.Tokenizer` (gpt only), or None: bytes."""
+    if args.tokenizer is None:
+        return None
+    if args.model != "gpt":
+        raise UsageError(f"--tokenizer is for --model gpt (--model {args.model} reads bytes and its own special ids)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise UsageError("--tokenizer needs the `tokenizers` library: pip install tokenizers") from None
+    try:
+        return Tokenizer.from_file(args.tokenizer)
+    except Exception as e:  # the library raises its own Exception type for a missing or malformed file
+        raise UsageError(f"--tokenizer {args.tokenizer}: not a readable tokenizer.json ({e})") from None
+
+
+def hf_config_of(args, layout: dict):
+    """The model config of --init-hf DIR's config.json (plain JSON), with this run's layout fields."""
+    if args.model not in HF_EXPORTS:
+        raise UsageError(f"--init-hf is for --model gpt / bert, not {args.model}")
+    path = Path(args.init_hf) / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--init-hf {args.init_hf}: cannot read config.json ({e})") from None
+    if not isinstance(hf, dict):
+        raise UsageError(f"--init-hf {args.init_hf}: config.json is not a JSON object")
+    try:
+        if args.model == "gpt":
+            return N.gpt2_config_from_hf(hf, **layout)
+        import types
+
+        return N.bert_config_from_hf(types.SimpleNamespace(**hf), **layout)
+    except (KeyError, AttributeError) as e:
+        raise UsageError(f"--init-hf {args.init_hf}: config.json lacks {e}") from None
 
 
 def check_pipeline_args(args) -> None:
@@ -1147,10 +1224,14 @@ def sample(params, cfg, mesh, args, device) -> str:
     it were never trained); the header says so when it cuts what was asked.
     Bytes that are not UTF-8 print as U+FFFD."""
     prompt = prompt_bytes(args)
+    if args.tokenizer_obj is not None:
+        prompt = args.tokenizer_obj.encode(prompt.decode("utf-8", errors="replace")).ids or [0]
     room = args.seq - len(prompt)
     n = room if args.sample_tokens is None else min(args.sample_tokens, room)
     out = N.generate({k: v.detach() for k, v in params.items()}, torch.tensor([list(prompt)], device=device),
                      cfg, mesh, n, temperature=0.8, top_k=40, seed=args.seed)
+    if args.tokenizer_obj is not None:
+        return "sample:\n" + args.tokenizer_obj.decode(out[0].tolist())
     capped = args.sample_tokens is not None and n < args.sample_tokens
     note = f" ({n} of --sample-tokens {args.sample_tokens} bytes: --prompt + sample must fit in --seq {args.seq})"
     return f"sample{note if capped else ''}:\n" + bytes(out[0].tolist()).decode("utf-8", errors="replace")
@@ -1503,8 +1584,42 @@ def stop_requested(stop: dict, device) -> bool:
 def rank_params(task, cfg, mesh: P.Mesh, specs: dict, args) -> dict:
     """This rank's parameters: the full init (the same on every rank), cut
     to its tp shards and, for a pipelined model, to its pipeline stage's names."""
-    local = P.shard(task.init(cfg, args.seed), specs, mesh)
+    full = task.init(cfg, args.seed) if args.init_hf is None else hf_params(args, cfg)
+    local = P.shard(full, specs, mesh)
     return N.stage_params(local, cfg, mesh, args.virtual_stages) if args.model in N.PIPELINE_MODELS else local
+
+
+def hf_params(args, cfg) -> dict:
+    """The full parameters of --init-hf DIR's model.safetensors (read with safetensors: no code runs)."""
+    path = Path(args.init_hf) / "model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"--init-hf {args.init_hf}: no model.safetensors there")
+    try:
+        if args.model == "bert":
+            return N.from_hf_bert(str(path), cfg)
+        return N.from_hf_gpt2(str(path), cfg)
+    except ValueError as e:
+        raise UsageError(f"--init-hf {args.init_hf}: {e}") from None
+
+
+def export_hf(params: dict, cfg, mesh: P.Mesh, specs: dict, args) -> str | None:
+    """--export-hf OUT: the full model (this rank's stages gathered, then its
+    tp shards) on rank 0, written as config.json + model.safetensors."""
+    full = {k: P.unshard_tensor(v.detach(), specs[k], mesh) for k, v in params.items()}
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank != 0:
+        return None
+    from safetensors.torch import save_file
+
+    config_of, to_hf, _ = HF_EXPORTS[args.model]
+    out = Path(args.export_hf)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.float().cpu().contiguous() for k, v in to_hf(full, cfg).items()}
+    if args.model == "gpt":
+        state.pop("lm_head.weight")  # tied to transformer.wte.weight: safetensors stores a tensor once
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config_of(cfg), indent=2) + "\n")
+    return f"exported the model in Hugging Face's format to {out} (config.json + model.safetensors)"
 
 
 def gather_stages(params: dict, task, cfg, mesh: P.Mesh, specs: dict, args, device) -> dict:
@@ -1559,6 +1674,8 @@ def train(args) -> int:
     check_memory(cfg, args, tp, device)
     texts, source = load_corpus(args.data)
     train_data, eval_data = split_corpus(texts, args.seq)
+    if args.tokenizer_obj is not None:
+        train_data, eval_data = tokenize(args, train_data), tokenize(args, eval_data)
 
     rank, world = P.init_distributed()  # nccl and one GPU per rank when CUDA is there, else gloo on CPU
     torch.manual_seed(args.seed)
@@ -1576,7 +1693,7 @@ def train(args) -> int:
     layers = "+".join(map(str, stacks.values())) + \
         (f" ({'+'.join(p.rstrip('.') or 'retriever' for p in stacks)})" if len(stacks) > 1 else "")
     say(f"model: {task.name} {layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {cfg.norm_order}-norm, "
-        f"{n_params / 1e6:.2f}M parameters (vocab {task.vocab} padded to {cfg.padded_vocab}); "
+        f"{n_params / 1e6:.2f}M parameters (vocab {cfg.vocab_size} padded to {cfg.padded_vocab}); "
         f"mesh tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}{', sequence parallel' if cfg.sequence_parallel else ''}"
         f"{', bf16' if args.bf16 else ''}{', ZeRO-1' if args.zero else ''}")
     if args.model in N.PIPELINE_MODELS and (mesh.pp > 1 or args.microbatches > 1):
@@ -1663,6 +1780,10 @@ def train(args) -> int:
         params = gather_stages(params, task, cfg, mesh, specs, args, device)
         mesh = P.Mesh(tp=mesh.tp, dp=mesh.dp, tp_rank=mesh.tp_rank, dp_rank=mesh.dp_rank,
                       groups={d: g for d, g in mesh.groups.items() if d in ("tp", "dp")})
+    if args.export_hf is not None:
+        said = export_hf(params, cfg, mesh, specs, args)
+        if said:
+            say(said)
     if args.model == "bert":
         say(fill_in(params, eval_data, cfg, mesh, args, device))
     elif args.model == "t5":

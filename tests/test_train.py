@@ -166,7 +166,7 @@ TOO_BIG = "the model and one step need about"
                                                   "core with --dropout 0.1"),
     (["--seq", "2048"], "--seq 2048 is longer than --max-seq 1024"),
     (["--max-seq", "0"], "--max-seq must be >= 1, got 0"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--steps", "-1"], "--steps must be >= 0, got -1"),
     (["--warmup", "-3"], "--warmup must be >= 0, got -3"),
     (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
