@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import nanomeg as N
 import parallel as P
@@ -834,3 +835,102 @@ def test_show_layout_in_one_process_bert_exits_0_without_training(text_file, cap
     assert re.search(rf"^    lm_head.bias +\[{cfg.padded_vocab}\] +whole$", out, re.M), out
     assert f"memory: weights {4 * n:,} B (fp32) + grads {4 * n:,} B + AdamW state {8 * n:,} B" in out
     assert "collectives in one training step: none (no mesh dim of more than one rank)" in out
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face's format out (--export-hf) and in (--init-hf, --tokenizer)
+# ---------------------------------------------------------------------------
+
+HF_TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "32", "--batch", "4", "--eval-batches", "1",
+           "--peak-flops", "1e9", "--log-every", "3", "--eval-every", "3"]
+
+
+def checkpoint_params(model, argv, path):
+    """The full parameters a one-process run of argv would hold after loading the checkpoint at path."""
+    args = train.parse_args(["--model", model, *argv])
+    cfg, _ = train.check_args(args, world=1)
+    task, mesh = train.TASKS[model], P.Mesh.serial()
+    specs = task.specs(cfg)
+    params = {k: v.requires_grad_(True) for k, v in train.rank_params(task, cfg, mesh, specs, args).items()}
+    opt = train.make_optimizer(params, args, mesh, specs, cfg)
+    found = train.find_checkpoint(path)
+    train.load_checkpoint(found, train.read_meta(found, cfg, args), params, opt, cfg, mesh, specs)
+    return cfg, {k: v.detach() for k, v in params.items()}
+
+
+@pytest.mark.parametrize("model,extra", [("gpt", ["--sample-tokens", "0"]), ("bert", ["--position", "learned"])])
+def test_export_hf_is_what_transformers_loads_with_the_same_logits(text_file, tmp_path, model, extra):
+    """Train under torchrun (tp 2), save and export; transformers' from_pretrained of the export gives the
+    logits nanomeg computes from the checkpoint (GPT2LMHeadModel; BertForPreTraining: MLM and NSP)."""
+    transformers = pytest.importorskip("transformers")
+    out, ck = tmp_path / "hf", tmp_path / "ck"
+    argv = [*HF_TINY, *extra, "--data", text_file]
+    done = run("--model", model, *argv, "--steps", "3", "--save", str(ck), "--export-hf", str(out), torchrun=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"exported the model in Hugging Face's format to {out}" in done.stdout
+    cfg, params = checkpoint_params(model, argv, str(ck))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    if model == "gpt":
+        hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+        want = N.gpt_logits(params, ids, cfg, P.Mesh.serial())[..., : cfg.vocab_size]
+        torch.testing.assert_close(hf(ids).logits, want, rtol=1e-4, atol=1e-5)
+    else:
+        hf = transformers.BertForPreTraining.from_pretrained(out).eval()
+        mlm, nsp = N.bert_pretrain(params, ids, cfg, P.Mesh.serial())
+        got = hf(ids)
+        torch.testing.assert_close(got.prediction_logits, mlm[..., : cfg.vocab_size], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.seq_relationship_logits, nsp, rtol=1e-4, atol=1e-5)
+
+
+def test_init_hf_and_tokenizer_fine_tune_a_gpt2_under_torchrun(text_file, tmp_path):
+    """A randomly initialised GPT2LMHeadModel saved with save_pretrained, a BPE tokenizer trained here: the
+    run starts from exactly that model (its eval loss at step 0 equals transformers' own loss on the
+    same held-out windows, at tp 2 as in one process) and learns."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator([Path(text_file).read_text()],
+                            tokenizers.trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf_cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    argv = ["--data", text_file, "--seq", "32", "--batch", "4", "--eval-batches", "1", "--peak-flops", "1e9",
+            "--log-every", "4", "--eval-every", "4", "--steps", "8", "--lr", "1e-2", "--sample-tokens", "8",
+            "--init-hf", str(tmp_path / "gpt2"), "--tokenizer", str(tmp_path / "tokenizer.json")]
+    one, two = run(*argv), run(*argv, torchrun=2)
+    for out in (one, two):
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "vocab 300 padded to" in out.stdout and "sample:" in out.stdout
+    losses = eval_losses(one.stdout)
+    assert losses == eval_losses(two.stdout) and losses[-1] < losses[0]
+    # step 0: transformers' own model on the same held-out windows
+    args = train.parse_args(argv)
+    train.check_args(args, world=1)
+    _, eval_data = train.split_corpus(train.load_corpus(text_file)[0], args.seq)
+    ids, targets = train.batch(train.tokenize(args, eval_data), args.batch, args.seq, seed=10_000_019)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
+    with torch.no_grad():
+        want = F.cross_entropy(hf(ids).logits.flatten(0, 1), targets.flatten()).item()
+    assert f"{want:.4f}" == f"{losses[0]:.4f}"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "t5", "--export-hf", "out"], "--export-hf: --model t5 has no Hugging Face twin here"),
+    (["--model", "bert", "--export-hf", "out"], "Hugging Face's BERT cannot hold this config: {'position': 'rope'}"),
+    (["--export-hf", "out", "--activation", "swiglu"], "GPT-2 cannot hold this config"),
+    (["--export-hf", ""], "--export-hf is an empty path"),
+    (["--init-hf", "/no/such/dir"], "--init-hf /no/such/dir: cannot read config.json"),
+    (["--model", "t5", "--init-hf", "x"], "--init-hf is for --model gpt / bert, not t5"),
+    (["--model", "bert", "--tokenizer", "x.json"], "--tokenizer is for --model gpt"),
+    (["--tokenizer", "/no/such/tokenizer.json"], "--tokenizer /no/such/tokenizer.json: not a readable tokenizer.json"),
+])
+def test_hf_flags_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, message):
+    code = train.main(["--data", text_file, *HF_TINY, "--steps", "1", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: " + message), err
+    assert err.count("\n") == 1, err
