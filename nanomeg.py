@@ -1487,15 +1487,17 @@ def from_hf_bert(state_dict, cfg: BertConfig, *, encoder_only: bool = False) -> 
     return {name: params[name].contiguous().clone() for name in shapes}
 
 
-def to_hf_bert(params, cfg: BertConfig) -> dict[str, torch.Tensor]:
+def to_hf_bert(params, cfg: BertConfig, *, encoder_only: bool = False) -> dict[str, torch.Tensor]:
     """An HF state dict (BertForPreTraining or MegatronBertForPreTraining
     keys, with the tied decoder written out) from full nanomeg parameters.
-    One rank's shards are refused: unshard them first."""
+    One rank's shards are refused: unshard them first. encoder_only: the
+    embedding and the stack alone ("bert." keys; a retriever's tower)."""
     check_bert_compatible(cfg)
-    check_full_params(params, bert_shapes(cfg))
-    sd = {theirs: params[ours] for ours, theirs in bert_hf_names(cfg).items()}
+    shapes = stack_shapes(cfg) if encoder_only else bert_shapes(cfg)
+    check_full_params(params, shapes)
+    sd = {theirs: params[ours] for ours, theirs in bert_hf_names(cfg).items() if ours in shapes}
     sd["bert.embeddings.word_embeddings.weight"] = params["embed.word"][: cfg.vocab_size]
-    if cfg.task == "pretrain":
+    if cfg.task == "pretrain" and not encoder_only:
         sd["cls.predictions.bias"] = params["lm_head.bias"][: cfg.vocab_size]
         sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"]
         sd["cls.predictions.decoder.bias"] = sd["cls.predictions.bias"]
@@ -2143,6 +2145,37 @@ def dpr_config_from_hf(hf_config, **overrides) -> BiEncoderConfig:
     bert = bert_config_from_hf(hf_config)
     return BiEncoderConfig(**{f.name: getattr(bert, f.name) for f in fields(BertConfig)}
                            | dict(projection_dim=hf_config.projection_dim, task="pretrain") | overrides)
+
+
+def check_dpr_compatible(cfg: BiEncoderConfig) -> None:
+    """DPR's towers are post-norm BERTs (learned positions, biases) embedding with the [CLS] state."""
+    check_bert_compatible(cfg)
+    if cfg.pooling != "cls" or cfg.norm_order != "post":
+        raise ValueError(f"DPR cannot hold this config: {{'pooling': {cfg.pooling!r}, 'norm_order': "
+                         f"{cfg.norm_order!r}}} (DPR has [CLS] pooling and a post-norm BERT)")
+
+
+def dpr_hf_config(cfg: BiEncoderConfig) -> dict:
+    """The config.json of each DPR encoder holding cfg's towers (plain JSON values)."""
+    check_dpr_compatible(cfg)
+    return bert_hf_config(cfg) | dict(model_type="dpr", projection_dim=cfg.projection_dim)
+
+
+def to_hf_dpr(params, cfg: BiEncoderConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """{"question_encoder": a DPRQuestionEncoder's state dict, "ctx_encoder":
+    a DPRContextEncoder's} from full bi-encoder parameters (inverse of
+    `from_hf_dpr`; a shared tower is written to both)."""
+    check_dpr_compatible(cfg)
+    out = {}
+    for tower, prefix in zip(("query", "context"), DPR_PREFIXES):
+        sub = substack(params, cfg.tower_prefix(tower)) if not cfg.shared else params
+        bert = to_hf_bert({k: v for k, v in sub.items() if k in stack_shapes(cfg)}, cfg, encoder_only=True)
+        sd = {f"{prefix}bert_model.{k.removeprefix('bert.')}": v for k, v in bert.items()}
+        if cfg.projection_dim:
+            sd |= {f"{prefix}encode_proj.weight": sub["projection.weight"], f"{prefix}encode_proj.bias":
+                   sub["projection.bias"]}
+        out[prefix.rstrip(".")] = {k: v.contiguous().clone() for k, v in sd.items()}
+    return out
 
 
 def from_hf_dpr(state_dict, cfg: BiEncoderConfig) -> dict[str, torch.Tensor]:

@@ -397,6 +397,15 @@ def line_starts(data: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.long), (data == 10).nonzero().flatten() + 1])
 
 
+def check_lines(train_data: torch.Tensor, eval_data: torch.Tensor, args) -> None:
+    """UsageError unless each split holds whole lines to draw blocks from (a
+    block is the lines from a random one on; a split without a newline has none)."""
+    for name, data in (("training", train_data), ("held-out", eval_data)):
+        if int((data == 10).sum()) < 1:
+            raise UsageError(f"--data: the {name} split has no newline, so no lines: --model {args.model} draws "
+                             "blocks of lines (give text with many lines)")
+
+
 def query_len(seq: int) -> int:
     """Query ids: half a block's (a line, with [CLS] and [SEP])."""
     return max(seq // 2, 4)
@@ -791,7 +800,8 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
             cfg = replace(cfg, **vocab) if vocab else cfg
         if args.export_hf is not None:
             if args.model not in HF_EXPORTS:
-                raise ValueError(f"--export-hf: --model {args.model} has no Hugging Face twin here (gpt, bert have)")
+                raise ValueError(f"--export-hf: --model {args.model} has no Hugging Face twin here (gpt, bert, "
+                                 "biencoder have)")
             HF_EXPORTS[args.model][0](cfg)  # a config the twin cannot hold is refused now, not after training
         cfg.check_mesh(P.Mesh(tp=tp))
         cfg.check_seq(args.seq, P.Mesh(tp=tp))
@@ -824,7 +834,8 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
 
 # model -> (config check + config.json, state dict out, state dict in), for --export-hf / --init-hf
 HF_EXPORTS = {"gpt": (N.gpt2_hf_config, N.to_hf_gpt2, N.from_hf_gpt2),
-              "bert": (N.bert_hf_config, N.to_hf_bert, N.from_hf_bert)}
+              "bert": (N.bert_hf_config, N.to_hf_bert, N.from_hf_bert),
+              "biencoder": (N.dpr_hf_config, N.to_hf_dpr, None)}  # DPR: two folders, question_encoder, ctx_encoder
 
 
 def load_tokenizer(args):
@@ -845,7 +856,7 @@ def load_tokenizer(args):
 
 def hf_config_of(args, layout: dict):
     """The model config of --init-hf DIR's config.json (plain JSON), with this run's layout fields."""
-    if args.model not in HF_EXPORTS:
+    if args.model not in ("gpt", "bert"):
         raise UsageError(f"--init-hf is for --model gpt / bert, not {args.model}")
     path = Path(args.init_hf) / "config.json"
     try:
@@ -1613,13 +1624,19 @@ def export_hf(params: dict, cfg, mesh: P.Mesh, specs: dict, args) -> str | None:
 
     config_of, to_hf, _ = HF_EXPORTS[args.model]
     out = Path(args.export_hf)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.float().cpu().contiguous() for k, v in to_hf(full, cfg).items()}
-    if args.model == "gpt":
-        state.pop("lm_head.weight")  # tied to transformer.wte.weight: safetensors stores a tensor once
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config_of(cfg), indent=2) + "\n")
-    return f"exported the model in Hugging Face's format to {out} (config.json + model.safetensors)"
+    models = to_hf(full, cfg)
+    parts = {sub: (out / sub, sd) for sub, sd in models.items()} if args.model == "biencoder" else {"": (out, models)}
+    arch = {"question_encoder": "DPRQuestionEncoder", "ctx_encoder": "DPRContextEncoder"}
+    for sub, (folder, sd) in parts.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.float().cpu().contiguous() for k, v in sd.items()}
+        if args.model == "gpt":
+            state.pop("lm_head.weight")  # tied to transformer.wte.weight: safetensors stores a tensor once
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        config = config_of(cfg) | ({"architectures": [arch[sub]]} if sub else {})
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    what = " and ".join(f"{sub}/" for sub in parts if sub) or "config.json + model.safetensors"
+    return f"exported the model in Hugging Face's format to {out} ({what})"
 
 
 def gather_stages(params: dict, task, cfg, mesh: P.Mesh, specs: dict, args, device) -> dict:
@@ -1674,6 +1691,8 @@ def train(args) -> int:
     check_memory(cfg, args, tp, device)
     texts, source = load_corpus(args.data)
     train_data, eval_data = split_corpus(texts, args.seq)
+    if args.model in ("biencoder", "realm"):
+        check_lines(train_data, eval_data, args)
     if args.tokenizer_obj is not None:
         train_data, eval_data = tokenize(args, train_data), tokenize(args, eval_data)
 

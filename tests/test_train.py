@@ -660,10 +660,13 @@ def test_torchrun_realm_dp2_trains_end_to_end(lines_file):
     ("biencoder", ["--seq", "12"], "--seq 12 is too short for a block of lines"),
     ("biencoder", ["--prompt", "x"], "--prompt is for --model gpt"),
     ("t5", ["--pp", "2"], "--pp 2: --model t5 does not pipeline (pipeline stages exist for gpt / bert)"),
+    ("biencoder", ["--data", "ONE_LINE"], "--data: the training split has no newline, so no lines"),
     ("realm", ["--microbatches", "2"], "--microbatches 2: --model realm does not pipeline"),
 ])
 def test_model_bad_input_is_one_line_and_exit_code_2(text_file, capsys, model, args, message):
     """Each model's own flags and limits, refused with one line and exit code 2."""
+    if "ONE_LINE" in args:  # the text file is one long line: the retrievers have no lines to draw
+        args = [text_file if a == "ONE_LINE" else a for a in args]
     base = ["--model", model, "--data", text_file, *BERT_TINY, "--steps", "1", "--eval-batches", "1",
             "--peak-flops", "1e9"]
     code = train.main(base + args)
@@ -858,13 +861,15 @@ def checkpoint_params(model, argv, path):
     return cfg, {k: v.detach() for k, v in params.items()}
 
 
-@pytest.mark.parametrize("model,extra", [("gpt", ["--sample-tokens", "0"]), ("bert", ["--position", "learned"])])
-def test_export_hf_is_what_transformers_loads_with_the_same_logits(text_file, tmp_path, model, extra):
+@pytest.mark.parametrize("model,extra", [("gpt", ["--sample-tokens", "0"]), ("bert", ["--position", "learned"]),
+                                         ("biencoder", ["--position", "learned"])])
+def test_export_hf_is_what_transformers_loads_with_the_same_logits(text_file, lines_file, tmp_path, model, extra):
     """Train under torchrun (tp 2), save and export; transformers' from_pretrained of the export gives the
-    logits nanomeg computes from the checkpoint (GPT2LMHeadModel; BertForPreTraining: MLM and NSP)."""
+    logits nanomeg computes from the checkpoint (GPT2LMHeadModel; BertForPreTraining: MLM and NSP; the
+    bi-encoder's two towers as DPRQuestionEncoder and DPRContextEncoder: the embeddings)."""
     transformers = pytest.importorskip("transformers")
     out, ck = tmp_path / "hf", tmp_path / "ck"
-    argv = [*HF_TINY, *extra, "--data", text_file]
+    argv = [*HF_TINY, *extra, "--data", lines_file if model == "biencoder" else text_file]
     done = run("--model", model, *argv, "--steps", "3", "--save", str(ck), "--export-hf", str(out), torchrun=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"exported the model in Hugging Face's format to {out}" in done.stdout
@@ -874,6 +879,12 @@ def test_export_hf_is_what_transformers_loads_with_the_same_logits(text_file, tm
         hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
         want = N.gpt_logits(params, ids, cfg, P.Mesh.serial())[..., : cfg.vocab_size]
         torch.testing.assert_close(hf(ids).logits, want, rtol=1e-4, atol=1e-5)
+    elif model == "biencoder":
+        for tower, sub, cls in (("query", "question_encoder", transformers.DPRQuestionEncoder),
+                                ("context", "ctx_encoder", transformers.DPRContextEncoder)):
+            hf = cls.from_pretrained(out / sub).eval()
+            want = N.embed_text(params, ids, cfg, P.Mesh.serial(), tower=tower)
+            torch.testing.assert_close(hf(ids).pooler_output, want, rtol=1e-4, atol=1e-5)
     else:
         hf = transformers.BertForPreTraining.from_pretrained(out).eval()
         mlm, nsp = N.bert_pretrain(params, ids, cfg, P.Mesh.serial())
