@@ -1740,6 +1740,11 @@ class SafeReader:
             def read_metadata(self, *args, **kwargs):
                 with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
                     metadata = _Unpickler(f).load()
+                bytes_entries = [k for k, v in getattr(metadata, "state_dict_metadata", {}).items()
+                                 if not hasattr(v, "chunks")]
+                if bytes_entries:  # DCP reads a bytes entry with torch.load(weights_only=False): refuse them all
+                    raise pickle.UnpicklingError(f"checkpoint declares non-tensor entries {bytes_entries[:3]}: "
+                                                 "refused (nanomeg checkpoints hold tensors only)")
                 if getattr(metadata, "storage_meta", None) is None:
                     metadata.storage_meta = StorageMeta()
                 metadata.storage_meta.load_id = self.load_id

@@ -1372,10 +1372,13 @@ def save_checkpoint(root: str, step: int, params, opt, cfg, mesh: P.Mesh, specs,
             os.fsync(f.fileno())
         os.replace(pointer, root / "latest")
         fsync_path(root)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
         if args.keep_last:
             for stale in sorted(d for d in root.iterdir() if STEP_DIR.fullmatch(d.name))[:-args.keep_last]:
-                shutil.rmtree(stale, ignore_errors=True)
+                gone = root / f".old-{stale.name}"
+                stale.rename(gone)  # first out of the step-* names, so a kill mid-delete leaves no broken step
+                shutil.rmtree(gone, ignore_errors=True)
     barrier()
     return final
 
@@ -1428,7 +1431,15 @@ def load_checkpoint(path: Path, meta: dict, params, opt, cfg, mesh: P.Mesh, spec
     tensors = checkpoint_tensors(params, moments, cfg, mesh, specs)
     if meta["optimizer_steps"] == 0:
         tensors = {k: v for k, v in tensors.items() if k.startswith("param/")}
-    P.load_pieces(path, tensors, meta["index"])
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        P.load_pieces(path, tensors, meta["index"])
+    except (CheckpointException, ValueError, OSError) as e:  # DCP's exception is a BaseException
+        cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP wraps each rank's own exception
+        cause = getattr(cause, "exc", cause) if not isinstance(cause, BaseException) else cause
+        raise UsageError(f"--load {path}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+                         [:500]) from None
     opt.load_state(moments, meta["optimizer_steps"])
     return meta["step"]
 
