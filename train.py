@@ -154,6 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.lr = task.lr if args.lr is None else args.lr
     args.position = task.position if args.position is None else args.position
     args.schedule = args.schedule or ("interleaved" if args.virtual_stages > 1 else "1f1b")
+    args.tokenizer_obj = args.load_path = args.load_meta = None  # filled by check_args
     if args.model == "realm":
         args.top_k = 4 if args.top_k is None else args.top_k
         args.index_every = 50 if args.index_every is None else args.index_every
