@@ -946,6 +946,13 @@ def all_reduce_grads_dp(params: dict, mesh: Mesh) -> None:
             p.grad.copy_(all_reduce(p.grad, mesh, "dp", "after backward") / mesh.dp)
 
 
+def check_max_norm(max_norm) -> None:
+    """ValueError unless max_norm is a finite number >= 0 (0: no clipping)."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or \
+            not (math.isfinite(max_norm) and max_norm >= 0):
+        raise ValueError(f"max_norm must be a finite number >= 0 (0: no clipping), got {max_norm!r}")
+
+
 def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float, skip=()) -> torch.Tensor:
     """Scale all gradients so that their global L2 norm is at most max_norm;
     return the norm before clipping (the same on every rank).
@@ -960,9 +967,7 @@ def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float, skip=
     every rank: under sequence parallel the layers all-reduce it over tp in
     backward (`sync_replicated_grad`, nanomeg's `allreduce_grad_if_sp`).
     """
-    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or \
-            not (math.isfinite(max_norm) and max_norm >= 0):
-        raise ValueError(f"max_norm must be a finite number >= 0 (0: no clipping), got {max_norm!r}")
+    check_max_norm(max_norm)
     sq = grad_norm_sq(params, specs, mesh, skip)
     norm = all_reduce(all_reduce(sq, mesh, "tp", phase="after backward"), mesh, "pp", phase="after backward").sqrt()
     if max_norm > 0:
@@ -1580,6 +1585,7 @@ class ZeroAdamW:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The global grad norm from the slices (one all-reduce of 1 element
         over dp, tp and pp each); scale the slices to max_norm (0: no clipping)."""
+        check_max_norm(max_norm)  # before the collectives: every rank refuses alike
         sq = sum((s["counted"] * b["shard"].to(s["main"].dtype).pow(2)).sum().double()
                  for s, b in zip(self.state, self.buckets.buckets))
         for dim in ("dp", "tp", "pp"):

@@ -42,6 +42,19 @@ def assert_close(got, want, what, tol=TOL):
         assert got == want, f"{what}: {got!r} != {want!r}"
 
 
+def merged(per_rank: list[dict], what: str = "") -> dict:
+    """The union of the ranks' dicts of full tensors (one pipeline stage each, say); every copy of a name
+    (tp ranks, replicas, the tied embedding on the first and the last stage) must equal the first one seen."""
+    out = {}
+    for rank, got in enumerate(per_rank):
+        for k, t in got.items():
+            if k in out:
+                assert_close(t, out[k], f"{what}: rank {rank}'s copy of {k}")
+            else:
+                out[k] = t
+    return out
+
+
 @st.composite
 def padding(draw, n: int, s: int):
     """n padding patterns of length s >= 2, each with its first token real: a padded tail, the first token

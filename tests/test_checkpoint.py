@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from common import assert_close
+from common import assert_close, merged
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -524,16 +524,6 @@ def serial_run(model, argv, text, steps, replicas):
         losses.append(loss.detach())
     return torch.stack(losses), {k: p.detach() for k, p in params.items()}, cfg
 
-
-def merged(per_rank):
-    out = {}
-    for rank, got in enumerate(per_rank):
-        for k, t in got.items():
-            if k in out:
-                assert_close(t, out[k], f"rank {rank}'s copy of {k}")
-            else:
-                out[k] = t
-    return out
 
 
 # (model, extra flags for every phase, phases: (tp, pp, flags)); world 4, data parallel fills the rest

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from common import SERIAL, TOL, assert_close, jittered, padding, rand, randint
+from common import SERIAL, TOL, assert_close, jittered, merged, padding, rand, randint
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -106,18 +106,6 @@ def step_case(mesh, model, cfg, full, batch, schedule, v, m, seed, bucket_mb):
     return dict(coords=(mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), losses=out,
                 grads=gathered({k: p.grad for k, p in params.items()}, model, cfg, mesh))
 
-
-def merged(per_rank: list[dict], what: str) -> dict:
-    """The union of the ranks' dicts of full tensors; every copy of a name (tp ranks, replicas, the tied
-    embedding on the first and the last stage) must equal the first one seen."""
-    out = {}
-    for rank, got in enumerate(per_rank):
-        for k, t in got.items():
-            if k in out:
-                assert_close(t, out[k], f"{what}: rank {rank}'s copy of {k}")
-            else:
-                out[k] = t
-    return out
 
 
 def check_losses(results, want: dict, what: str, tol=TOL):
