@@ -2,14 +2,16 @@
 
 * Triton runs on CPU only under its interpreter, and the interpreter is chosen
   when `triton` is first imported: so set it here, before any test module (or
-  `kernels.py`) is imported.
+  `kernels.py`) is imported. NANOMEG_TEST_DEVICE=cuda (on a GPU machine) leaves the interpreter off,
+  so that tests/test_kernels.py compiles and runs the kernels for real on the GPU.
 * Hypothesis profiles: `ci` (default, small and quick), `dev` (more examples),
   `deep` (many examples, for a long soak). Choose with NANOMEG_PROFILE=dev.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("NANOMEG_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -6,6 +6,8 @@
   looped kernels) is a row of a few dozen elements, cheap under the interpreter.
 * Every buffer a kernel writes comes from kernels._empty, replaced here by a NaN-filled allocation: an
   element a kernel forgets to write fails the comparison.
+* NANOMEG_TEST_DEVICE=cuda runs the Triton-against-reference comparisons on a GPU, compiled for real
+  (no interpreter): `forward_backward` moves every input there.
 * Every kernel variant also has one pinned fp32 example (no hypothesis draw), at a few ulps.
 * The references: gradcheck and gradgradcheck in float64, and forward against torch.softmax /
   F.layer_norm / F.rms_norm / F.gelu. The Triton ops refuse a second differentiation (RuntimeError).
@@ -34,6 +36,7 @@ TOLERANCE = {  # (rtol, atol), compared in fp32
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
 SMALL_BLOCK = 16  # SOFTMAX_BLOCK and NORM_BLOCK for this module: rows of 17+ elements use the looped kernels
+DEVICE = torch.device(os.environ.get("NANOMEG_TEST_DEVICE", "cpu"))
 FULL_SOFTMAX_BLOCK, FULL_NORM_BLOCK = kernels.SOFTMAX_BLOCK, kernels.NORM_BLOCK
 
 
@@ -61,15 +64,26 @@ def assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
 
 
+def on_device(obj):
+    """obj with its tensors (also inside a functools.partial) moved to DEVICE."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(DEVICE)
+    if isinstance(obj, functools.partial):
+        return functools.partial(obj.func, *map(on_device, obj.args), **{k: on_device(v) for k, v in obj.keywords.items()})
+    return obj
+
+
 def forward_backward(fn, inputs, dy, *, triton, **kwargs):
-    """fn(*inputs, **kwargs) and the grads of <y, dy> w.r.t. every tensor input, on the chosen path."""
-    leaves = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs]
+    """fn(*inputs, **kwargs) and the grads of <y, dy> w.r.t. every tensor input, on the chosen path. Runs on
+    DEVICE; the results come back to the CPU."""
+    fn, dy, kwargs = on_device(fn), on_device(dy), {k: on_device(v) for k, v in kwargs.items()}
+    leaves = [on_device(t).detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOMEG_TRITON", "1" if triton else "0")
         y = fn(*leaves, **kwargs)
     assert type(y.grad_fn).__name__.startswith("Triton") == triton, f"wrong path taken: {y.grad_fn}"
     grads = torch.autograd.grad(y, [t for t in leaves if isinstance(t, torch.Tensor)], dy)
-    return y, grads
+    return y.cpu(), tuple(g.cpu() for g in grads)
 
 
 def check_triton_matches_reference(fn, inputs, dy, dtype, **kwargs):
