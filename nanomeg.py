@@ -32,7 +32,7 @@ import numbers
 import os
 import re
 import zlib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -71,6 +71,9 @@ FIELD_RANGES = {
     **dict.fromkeys(("norm_eps", "rope_base"), (">", 0)),
     **dict.fromkeys(("init_std", "type_vocab", "projection_dim"), (">=", 0)),
     "top_k": (">=", 1),
+    **dict.fromkeys(("experts", "moe_aux_loss", "moe_z_loss"), (">=", 0)),
+    **dict.fromkeys(("moe_topk", "moe_every"), (">=", 1)),
+    "moe_capacity": (">", 0),
     **dict.fromkeys(("hidden_dropout", "attention_dropout", "label_smoothing"), ("in [0, 1)", None)),
 }
 
@@ -147,6 +150,13 @@ class GPTConfig:
     init_std: float = 0.02
     vocab_multiple: int = 128  # Megatron's make-vocab-size-divisible-by (times tp, set by train.py)
     label_smoothing: float = 0.0
+    # Mixture of experts (`moe_mlp`): 0 experts keeps every MLP dense.
+    experts: int = 0  # experts per MoE layer, each an MLP of ffn hidden units
+    moe_topk: int = 1  # experts per token: 1 is Switch (Megatron's SwitchMLP), 2 is Mixtral
+    moe_every: int = 1  # layer i is a MoE layer when i % moe_every == 0 (Megatron's moe_layer_freq)
+    moe_capacity: float | None = None  # None: dropless; c: each expert takes <= ceil(c·s·k/E) choices per sequence
+    moe_aux_loss: float = 0.01  # weight of the load-balancing loss E·Σ_i f_i·P_i (Switch)
+    moe_z_loss: float = 0.0  # weight of the router z-loss mean(logsumexp(logits)²) (ST-MoE)
 
     def __post_init__(self):
         check_fields(self)
@@ -162,6 +172,9 @@ class GPTConfig:
         if self.attention == "sdpa" and self.attention_dropout > 0:
             raise ValueError("attention='sdpa' has no counter-based dropout: use attention='core' "
                              f"with attention_dropout={self.attention_dropout}")
+        if self.experts and self.moe_topk > self.experts:
+            raise ValueError(f"moe_topk={self.moe_topk} is more than experts={self.experts}: a token cannot choose "
+                             "more experts than there are")
         if self.norm_order == "post" and self.residual_post_norm:
             raise ValueError("residual_post_norm=True is a pre-norm option; norm_order='post' already adds the "
                              "residual before the norm")
@@ -184,6 +197,10 @@ class GPTConfig:
     def gated(self) -> bool:
         """SwiGLU / GeGLU: fc1 makes a gate and an up projection, act(gate) * up."""
         return self.activation in ("swiglu", "geglu")
+
+    def is_moe(self, i: int) -> bool:
+        """Whether layer i's MLP is a mixture of experts."""
+        return self.experts > 0 and i % self.moe_every == 0
 
     def stacks(self) -> dict[str, int]:
         """Parameter-name prefix of each layer stack -> its layer count."""
@@ -208,12 +225,20 @@ class GPTConfig:
         if self.num_kv_heads % t and t % self.num_kv_heads:
             raise ValueError(f"tp={t} and kv_heads={self.num_kv_heads}: one must divide the other (tp > kv_heads "
                              "replicates each kv head over tp/kv_heads ranks)")
+        if mesh.ep > 1 and not self.experts:
+            raise ValueError(f"ep={mesh.ep} needs a mixture-of-experts model (experts > 0), got experts=0")
+        if self.experts % mesh.ep:
+            raise ValueError(f"experts={self.experts} is not divisible by ep={mesh.ep}: each ep rank holds "
+                             "experts/ep whole experts")
 
     def check_seq(self, s: int, mesh: Mesh, pos_offset: int = 0) -> None:
         if pos_offset + s > self.max_seq:
             raise ValueError(f"sequence of {pos_offset + s} tokens is longer than max_seq={self.max_seq}")
         if self.sequence_parallel and s % mesh.tp:
             raise ValueError(f"sequence parallel needs seq % tp == 0, got seq={s}, tp={mesh.tp}")
+        if self.experts and s % mesh.tp:
+            raise ValueError(f"mixture-of-experts layers route each tp rank's 1/tp of the sequence: seq % tp == 0 "
+                             f"needed, got seq={s}, tp={mesh.tp}")
 
 
 # ---------------------------------------------------------------------------
@@ -268,13 +293,27 @@ def layer_shapes(cfg: GPTConfig, layers: int, cross: bool = False) -> dict[str, 
                 | linear_shapes(f"{pre}.cross_attn.q", inner, h, "normal", cfg.bias) \
                 | linear_shapes(f"{pre}.cross_attn.kv", 2 * inner, h, "normal", cfg.bias) \
                 | linear_shapes(f"{pre}.cross_attn.proj", h, inner, "scaled", cfg.bias)
-        shapes |= norm_shapes(f"{pre}.ln2", cfg) | linear_shapes(f"{pre}.mlp.fc1", fc1, h, "normal", cfg.bias) \
+        shapes |= norm_shapes(f"{pre}.ln2", cfg)
+        shapes |= moe_shapes(f"{pre}.moe", cfg) if cfg.is_moe(i) else \
+            linear_shapes(f"{pre}.mlp.fc1", fc1, h, "normal", cfg.bias) \
             | linear_shapes(f"{pre}.mlp.fc2", h, cfg.ffn_hidden, "scaled", cfg.bias)
     if cfg.norm_order == "pre":
         shapes |= norm_shapes("final_norm", cfg)
     if cfg.position == "relative":
         shapes["rel_bias"] = ((cfg.rel_buckets, cfg.heads), "normal")
     return shapes
+
+
+def moe_shapes(name: str, cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """A mixture-of-experts MLP: the router [E, h] (no bias), and E experts'
+    fc1 [E, f(·2), h] and fc2 [E, h, f] stacked on dim 0 (with biases
+    [E, f(·2)], [E, h]); each expert's rows laid out as the dense MLP's."""
+    E, h, f = cfg.experts, cfg.hidden, cfg.ffn_hidden
+    fc1 = f * (2 if cfg.gated else 1)
+    shapes = {f"{name}.router.weight": ((E, h), "normal"), f"{name}.fc1.weight": ((E, fc1, h), "normal")}
+    shapes |= {f"{name}.fc1.bias": ((E, fc1), "zeros")} if cfg.bias else {}
+    shapes[f"{name}.fc2.weight"] = ((E, h, f), "scaled")
+    return shapes | ({f"{name}.fc2.bias": ((E, h), "zeros")} if cfg.bias else {})
 
 
 def stack_shapes(cfg: GPTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -299,6 +338,8 @@ def num_params(cfg: GPTConfig, shapes_of=None) -> int:
     per stack times the stack's layer count: O(1) in the layers, so a size
     can be checked before anything is allocated."""
     count = lambda shapes: sum(math.prod(shape) for shape, _ in shapes.values())
+    if getattr(cfg, "experts", 0) and cfg.moe_every > 1:  # layers differ (MoE or dense): count them all
+        return count((shapes_of or gpt_shapes)(cfg))
     stacks = cfg.stacks()
     one = (shapes_of or gpt_shapes)(replace(cfg, layers=1, **({"decoder_layers": 1} if isinstance(cfg, T5Config)
                                                                else {})))
@@ -368,6 +409,10 @@ TP_SPLIT = {"embed.word": 0, "head.weight": 0, "lm_head.bias": 0, "attn.proj.wei
             **dict.fromkeys((f"cross_attn.{w}.{part}" for w in ("q", "kv") for part in ("weight", "bias")), 0)}
 # (the relative-bias table [buckets, heads] by its head columns, as the heads;
 # the output bias beside a vocab-parallel output layer by vocabulary rows)
+# A MoE layer's experts: stacked on dim 0, which ep splits; inside, tp splits
+# each expert as the dense MLP (fc1 rows, fc2 columns; fc2's bias replicated).
+TP_SPLIT |= {"moe.fc1.weight": P.Experts(1), "moe.fc1.bias": P.Experts(1), "moe.fc2.weight": P.Experts(2),
+             "moe.fc2.bias": P.Experts(None)}
 
 
 def qkv_split(cfg: GPTConfig) -> P.HeadGroups:
@@ -672,20 +717,205 @@ def mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh):
     fc1 column-parallel ([b, s, ffn/t]: fused bias-GeLU, ReLU, or a gated
     act(gate) * up: SwiGLU with SiLU, GeGLU with tanh-GeLU, T5 v1.1's),
     fc2 row-parallel."""
-    bias1 = params.get(f"{prefix}.fc1.bias")
     y = P.column_parallel_linear(x, params[f"{prefix}.fc1.weight"], None, mesh,
                                  sequence_parallel=cfg.sequence_parallel)
-    if cfg.gated:
-        y = y if bias1 is None else y + bias1
-        gate, up = rearrange(y, "b s (f two) -> two b s f", two=2)  # rows interleaved [gate_i, up_i]
-        y = (F.silu(gate) if cfg.activation == "swiglu" else F.gelu(gate, approximate="tanh")) * up
-    elif cfg.activation == "relu":
-        y = F.relu(y if bias1 is None else y + bias1)
-    else:
-        y = kernels.bias_gelu(y, bias1, approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
+    y = activate(y, params.get(f"{prefix}.fc1.bias"), cfg)
     out = P.row_parallel_linear(y, params[f"{prefix}.fc2.weight"], None, mesh,
                                 sequence_parallel=cfg.sequence_parallel)
     return out, params.get(f"{prefix}.fc2.bias")
+
+
+def activate(y, bias, cfg: GPTConfig):
+    """fc1's output [..., f(·2)] (+ its bias) -> [..., f]: fused bias-GeLU,
+    ReLU, or gated act(gate) * up (rows interleaved [gate_i, up_i])."""
+    if cfg.gated:
+        y = y if bias is None else y + bias
+        gate, up = rearrange(y, "... (f two) -> two ... f", two=2)
+        return (F.silu(gate) if cfg.activation == "swiglu" else F.gelu(gate, approximate="tanh")) * up
+    if cfg.activation == "relu":
+        return F.relu(y if bias is None else y + bias)
+    return kernels.bias_gelu(y, bias, approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
+
+
+# --- Mixture of experts -----------------------------------------------------
+
+
+class MoEStats(NamedTuple):
+    """One MoE layer on one (micro)batch: aux and z, its losses (unweighted,
+    times the batch share), load [E], the choices each expert was given
+    before any drop, dropped / choices, the (token, expert) choices that
+    overflowed capacity of all made. Counts cover this dp rank's sequences."""
+
+    aux: torch.Tensor
+    z: torch.Tensor
+    load: torch.Tensor
+    dropped: torch.Tensor
+    choices: int
+
+
+@dataclass
+class MoE:
+    """What a forward's MoE layers report, and how their losses enter the gradient.
+
+    scale: this computation's share of the step's batch (1, or a
+    microbatch's sequences / the step's), by which the auxiliary losses'
+    gradients are scaled, as the main loss's are. stats: {(layer, micro):
+    MoEStats}, written by each layer (a recomputed layer writes the same
+    entry again). `dataclasses.replace(moe, scale=...)` shares the stats."""
+
+    scale: float = 1.0
+    stats: dict = field(default_factory=dict)
+
+    def aux_loss(self, cfg: GPTConfig) -> torch.Tensor | float:
+        """Σ over layers (and microbatches) of the weighted auxiliary losses: the term they add to the loss."""
+        return sum(cfg.moe_aux_loss * st.aux + cfg.moe_z_loss * st.z for st in self.stats.values())
+
+    def totals(self) -> dict:
+        """{layer: MoEStats} summed over microbatches."""
+        out = {}
+        for (layer, _), st in sorted(self.stats.items(), key=lambda kv: kv[0]):
+            old = out.get(layer)
+            out[layer] = st if old is None else MoEStats(*(a + b for a, b in zip(old, st)))
+        return out
+
+
+class _AuxLossGrad(torch.autograd.Function):
+    """Attach a loss term to an activation (Megatron's MoEAuxLossAutoScaler).
+    Forward: x unchanged. Backward: x's gradient passes, and `aux` receives
+    gradient `scale`: so scale·aux joins the gradient of whatever loss x
+    feeds, in the same backward, with no need to carry the term through the
+    later layers, pipeline stages and microbatches to the loss."""
+
+    @staticmethod
+    def forward(ctx, x, aux, scale):
+        ctx.scale, ctx.like = scale, aux.new_empty(())
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, torch.full_like(ctx.like, ctx.scale), None
+
+
+def capacity_keep(idx, experts: int, capacity: float):
+    """idx [b, s, k] expert ids -> keep [b, s, k] bool. Per sequence each
+    expert takes at most C = ceil(capacity·s·k/E) choices, first come first
+    served in GShard's order: every token's first choice in position order,
+    then every second choice. The rule reads one sequence only, so the same
+    choices are dropped whatever the batch, microbatch or layout."""
+    b, s, k = idx.shape
+    limit = math.ceil(capacity * s * k / experts)
+    slot_major = rearrange(idx, "b s k -> b (k s)")
+    chosen = F.one_hot(slot_major, experts)  # [b, k·s, E]
+    place = (chosen.cumsum(1) * chosen).sum(-1)  # 1-based place of each choice in its expert's queue
+    return rearrange(place <= limit, "b (k s) -> b s k", k=k)
+
+
+def route(params, prefix, x, cfg: GPTConfig, mesh: Mesh):
+    """The router on this rank's tokens x [b, s', h] (s' = s/tp when tp > 1).
+    -> (gates [b, s', k], experts [b, s', k], aux, z). Gates: the top-k
+    softmax probabilities, renormalised to sum 1 when k > 1 (Mixtral; with
+    k = 1 Switch's raw probability, so the main loss trains the router).
+    aux = mean over sequences of E·Σ_i f_i·P_i, f_i the share of the
+    sequence's choices made for expert i, P_i its mean router probability;
+    z = mean over tokens of logsumexp(logits)². Both over whole sequences:
+    with tp > 1 the per-sequence sums are all-reduced over tp (E and 1
+    numbers per sequence); P's all-reduce passes the gradient unchanged
+    (`reduce_from_tp`), as each rank differentiates its own tokens."""
+    E, k, tp = cfg.experts, cfg.moe_topk, mesh.tp
+    router = params[f"{prefix}.router.weight"]
+    router = P.sync_replicated_grad(router, mesh) if tp > 1 else router  # each tp rank routes other tokens
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32 (or float64)
+        logits = F.linear(x.to(dtype), router.to(dtype))  # [b, s', E]
+    probs = logits.softmax(-1)
+    gates, experts = probs.topk(k, dim=-1)
+    if k > 1:
+        gates = gates / gates.sum(-1, keepdim=True)
+    s = x.shape[1] * tp
+    load = P.all_reduce(F.one_hot(experts, E).sum((1, 2)), mesh, "tp")  # [b, E] choices per expert
+    mean_prob = P.reduce_from_tp(probs.sum(1), mesh) / s  # [b, E]
+    aux = E * (load / (s * k) * mean_prob).sum(-1).mean()
+    z = P.reduce_from_tp(torch.logsumexp(logits, -1).pow(2).sum(1), mesh).mean() / s
+    return gates, experts, aux, z
+
+
+def moe_mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, layer: int, moe: MoE | None = None,
+            training: bool = False):
+    """A mixture-of-experts MLP. x: [b, s(/t), h] -> (out [b, s(/t), h], None).
+
+    1. Route each tp rank's 1/tp of the sequence (without sequence parallel
+       the replicated x is cut first, `scatter_to_sp`): top-k experts and
+       gates per token, the auxiliary losses per sequence (`route`).
+    2. Every tp rank then takes the whole sequences and their routing (an
+       all-gather over tp): expert e's weights are cut over tp as the dense
+       MLP's, so each tp rank computes its part of every chosen expert.
+    3. Capacity mode: per sequence, drop the choices past each expert's
+       capacity (`capacity_keep`); a dropped choice adds nothing, so a token
+       whose choices are all dropped skips the layer through the residual.
+    4. Sort the kept (token, expert) choices by expert; all-to-all the rows
+       to the ep ranks that hold their experts (`parallel.dispatch_to_experts`);
+       each local expert runs its MLP on its rows (`run_experts`); all-to-all
+       them back (`parallel.combine_from_experts`).
+    5. out[token] = Σ over its kept choices of gate · expert(token): still a
+       partial sum over tp, reduce-scattered to the sequence shard (or, without
+       sequence parallel, all-reduced), as the dense MLP's fc2 output is.
+    6. The weighted auxiliary losses join the gradient through `_AuxLossGrad`
+       (training only); `moe.stats` records them and the experts' load."""
+    tp, sp, k = mesh.tp, cfg.sequence_parallel, cfg.moe_topk
+    mine = P.scatter_to_sp(x, mesh) if tp > 1 and not sp else x  # [b, s/t, h]: the tokens this rank routes
+    gates, experts, aux, z = route(params, prefix, mine, cfg, mesh)
+    if tp > 1:
+        x = P.gather_from_sp(x, mesh) if sp else P.copy_to_tp(x, mesh)  # [b, s, h] on every tp rank
+        gates = P.gather_from_sp(gates, mesh)  # backward: the partial gate gradients summed over tp
+        experts = P.all_gather(experts, mesh, "tp", 1)
+    b, s, h = x.shape
+    keep = capacity_keep(experts, cfg.experts, cfg.moe_capacity) if cfg.moe_capacity is not None else None
+    choice = torch.arange(b * s * k, device=x.device)
+    if keep is not None:
+        choice = choice[keep.reshape(-1)]
+    expert_of = experts.reshape(-1)[choice]
+    order = torch.argsort(expert_of, stable=True)
+    choice, expert_of = choice[order], expert_of[order]
+    token_of = torch.div(choice, k, rounding_mode="floor")
+    rows = x.reshape(b * s, h)[token_of]  # [m, h], sorted by expert
+    if torch.is_autocast_enabled(x.device.type):  # move (and compute) in the autocast dtype
+        rows = rows.to(torch.get_autocast_dtype(x.device.type))
+    plan = P.expert_plan(torch.bincount(expert_of, minlength=cfg.experts), mesh)
+    out = P.combine_from_experts(run_experts(params, prefix, P.dispatch_to_experts(rows, plan, mesh), plan, cfg,
+                                             mesh), plan, mesh)  # [m, h], in `rows` order
+    gate = gates.reshape(-1)[choice].to(out.dtype)
+    y = out.new_zeros(b * s, h).index_add(0, token_of, out * gate[:, None]).view(b, s, h)
+    if tp > 1:
+        y = P.reduce_scatter_to_sp(y, mesh) if sp else P.reduce_from_tp(y, mesh)
+    if moe is not None:
+        dropped = (~keep).sum() if keep is not None else torch.zeros((), dtype=torch.long, device=x.device)
+        load = torch.bincount(experts.reshape(-1), minlength=cfg.experts)  # whole sequences (gathered over tp)
+        moe.stats[(layer, mesh.micro)] = MoEStats(aux.detach() * moe.scale, z.detach() * moe.scale, load, dropped,
+                                                  b * s * k)
+    weight = cfg.moe_aux_loss * aux + cfg.moe_z_loss * z
+    if training and (cfg.moe_aux_loss or cfg.moe_z_loss) and torch.is_grad_enabled():
+        y = _AuxLossGrad.apply(y, weight, 1.0 if moe is None else moe.scale)
+    return y, None
+
+
+def run_experts(params, prefix, rows, plan, cfg: GPTConfig, mesh: Mesh):
+    """This ep rank's E/ep experts on the rows sent to them. rows [m', h],
+    from each source ep rank in turn, rows for each local expert in turn
+    (`plan.recv_counts`) -> outputs [m', h] in the same order (a partial sum
+    over tp when tp > 1). Each expert is the dense MLP on its rows, one
+    after the other (a GPU would use one grouped GEMM)."""
+    local = cfg.experts // mesh.ep
+    per_row = torch.arange(local, device=rows.device).repeat(mesh.ep).repeat_interleave(plan.recv_counts.reshape(-1))
+    order = torch.argsort(per_row, stable=True)  # group the rows by local expert
+    w1, w2 = params[f"{prefix}.fc1.weight"], params[f"{prefix}.fc2.weight"]  # [E/ep, f(·2)/t, h], [E/ep, h, f/t]
+    b1, b2 = params.get(f"{prefix}.fc1.bias"), params.get(f"{prefix}.fc2.bias")
+    if b2 is not None and mesh.tp > 1:  # replicated over tp: added once, on tp rank 0, before the sum over tp
+        b2 = P.sync_replicated_grad(b2, mesh) * (mesh.tp_rank == 0)
+    outs = []
+    for j, r in enumerate(rows[order].split(plan.recv_counts.sum(0).tolist())):
+        y = activate(F.linear(r, w1[j]), None if b1 is None else b1[j], cfg)
+        outs.append(F.linear(y, w2[j], None if b2 is None else b2[j]))
+    return torch.cat(outs)[torch.argsort(order)]
 
 
 def bias_dropout_add(x, bias, residual, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
@@ -696,7 +926,7 @@ def bias_dropout_add(x, bias, residual, cfg: GPTConfig, mesh: Mesh, *, seed, str
 
 
 def transformer_block(params, i, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=None, bias=None, memory=None,
-                      seed=0, training=False, cache=None, pos_offset=0, stream_prefix=""):
+                      seed=0, training=False, cache=None, pos_offset=0, stream_prefix="", moe=None):
     """Block i. x: [b, s(/t), h] -> [b, s(/t), h].
     Pre-norm: x = x + attn(norm1(x)); x = x + mlp(norm2(x)) (the residual
     taken after the norm instead, with residual_post_norm). Post-norm (the
@@ -705,14 +935,18 @@ def transformer_block(params, i, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, ma
     memory (a `Memory`: T5's decoder): a cross-attention sub-block to the
     encoder's output sits between attention and MLP, with its own norm
     ln_cross (one more all-reduce each way). stream_prefix names this
-    stack's dropout streams ("dec.": T5's decoder draws its own masks)."""
+    stack's dropout streams ("dec.": T5's decoder draws its own masks).
+    A MoE layer (`cfg.is_moe(i)`) has `moe_mlp`
+    for its MLP, reporting into `moe` (a `MoE`)."""
+    layer = i
     pre, i = f"layers.{i}", f"{stream_prefix}{i}"
     branch = dict(seed=seed, training=training)
     attn = lambda h: attention(params, f"{pre}.attn", h, cfg, mesh, mask_kind=mask_kind, mask=mask, bias=bias,
                                stream=f"{i}.attn", cache=cache, pos_offset=pos_offset, **branch)
     cross = lambda h: cross_attention(params, f"{pre}.cross_attn", h, memory, cfg, mesh, stream=f"{i}.cross_attn",
                                       cache=cache, **branch)
-    ffn = lambda h: mlp(params, f"{pre}.mlp", h, cfg, mesh)
+    ffn = (lambda h: moe_mlp(params, f"{pre}.moe", h, cfg, mesh, layer=layer, moe=moe, training=training)) \
+        if cfg.is_moe(layer) else (lambda h: mlp(params, f"{pre}.mlp", h, cfg, mesh))
     sublayers = [("ln1", attn, "attn_out")] + ([("ln_cross", cross, "cross_out")] if memory is not None else []) \
         + [("ln2", ffn, "mlp_out")]
     for norm_name, f, stream in sublayers:
@@ -739,7 +973,7 @@ def layer_ids(params) -> list[int]:
 
 
 def run_layers(params, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind="causal", mask=None, memory=None,
-               bidirectional=None, seed=0, training=False, caches=None, pos_offset=0, stream_prefix=""):
+               bidirectional=None, seed=0, training=False, caches=None, pos_offset=0, stream_prefix="", moe=None):
     """The contiguous run of layers held in params (a pipeline stage's body,
     or one stack of T5: params is then the stack's slice, `substack`).
     x: [b, s(/t), h] -> [b, s(/t), h]. With position="relative" the stack's
@@ -755,7 +989,7 @@ def run_layers(params, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind="causal", mas
         block = lambda x, i=i: transformer_block(params, i, x, cfg, mesh, mask_kind=mask_kind, mask=mask, bias=bias,
                                                  memory=memory, seed=seed, training=training, pos_offset=pos_offset,
                                                  cache=None if caches is None else caches[i],
-                                                 stream_prefix=stream_prefix)
+                                                 stream_prefix=stream_prefix, moe=moe)
         # full recompute: keep only the block's input; redo the whole block in backward
         x = checkpoint(block, x, use_reentrant=False) if cfg.recompute == "full" and training else block(x)
     return x
@@ -801,11 +1035,13 @@ def mask_padded_vocab(logits, vocab_size: int, mesh: Mesh):
     return logits.masked_fill(~real, float("-inf"))
 
 
-def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=False, caches=None, pos_offset=0):
-    """ids [b, s] -> vocab-parallel logits [b, s, V/t]."""
+def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=False, caches=None, pos_offset=0,
+               moe=None):
+    """ids [b, s] -> vocab-parallel logits [b, s, V/t]. moe: a `MoE` the MoE layers report into."""
     cfg.check_mesh(mesh)
     x = embed(params, ids, cfg, mesh, seed=seed, training=training, pos_offset=pos_offset)
-    x = run_layers(params, x, cfg, mesh, seed=seed, training=training, caches=caches, pos_offset=pos_offset)
+    x = run_layers(params, x, cfg, mesh, seed=seed, training=training, caches=caches, pos_offset=pos_offset,
+                   moe=moe)
     return lm_logits(params, x, cfg, mesh)
 
 
@@ -839,9 +1075,17 @@ def check_loss_mask(loss_mask, targets) -> None:
         raise ValueError("loss_mask weights must be finite and >= 0")
 
 
-def gpt_loss(params, ids, targets, cfg: GPTConfig, mesh: Mesh, *, loss_mask=None, seed=0, training=True):
-    """ids, targets: [b, s] -> scalar loss (the same on every tp rank)."""
-    return lm_loss(gpt_logits(params, ids, cfg, mesh, seed=seed, training=training), targets, cfg, mesh, loss_mask)
+def gpt_loss(params, ids, targets, cfg: GPTConfig, mesh: Mesh, *, loss_mask=None, seed=0, training=True, moe=None):
+    """ids, targets: [b, s] -> scalar loss (the same on every tp rank).
+    With MoE layers, training: the LM loss plus the weighted auxiliary
+    losses (`MoE.aux_loss`). Their value is added detached: their gradient
+    reaches the router through `_AuxLossGrad`, so loss.backward() gives the
+    gradient of the returned number (at unit scale: a scaled loss would
+    not scale the auxiliary part). moe: a `MoE` to read the layers' stats."""
+    moe = MoE() if moe is None and cfg.experts else moe
+    loss = lm_loss(gpt_logits(params, ids, cfg, mesh, seed=seed, training=training, moe=moe), targets, cfg, mesh,
+                   loss_mask)
+    return loss + moe.aux_loss(cfg) if cfg.experts and training else loss
 
 
 def gpt_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
@@ -2292,18 +2536,20 @@ def split_microbatches(inputs: dict, m: int, counted: str | None = None) -> list
 
 
 def stage_forward(model: str, params, x, micro: dict, cfg: GPTConfig, mesh: Mesh, stage: Stage, *, seed=0,
-                  training=True):
+                  training=True, moe=None):
     """One stage of GPT or BERT on one microbatch. params: the stage's own.
     x: None on the first stage (it embeds micro["ids"]), else [b, s(/t), h]
     from the previous stage. -> [b, s(/t), h] for the next stage, or on the
-    last a dict of this microbatch's weighted loss contributions."""
+    last a dict of this microbatch's weighted loss contributions. moe: a `MoE`
+    collecting the MoE layers' stats (its scale: this microbatch's rows share)."""
     ids = micro["ids"]
     mask = bert_attention_mask(micro.get("attention_mask"), ids) if model == "bert" else None
     if stage.first:
         x = embed(params, ids, cfg, mesh, token_types=micro.get("token_types"), seed=seed, training=training)
     layers = {n: p for n, p in params.items() if n.startswith("layers.") or n == "rel_bias"}  # the stack's own
     kind = "causal" if model == "gpt" else "none" if mask is None else "padding"
-    x = run_layers(layers, x, cfg, mesh, mask_kind=kind, mask=mask, seed=seed, training=training)
+    x = run_layers(layers, x, cfg, mesh, mask_kind=kind, mask=mask, seed=seed, training=training,
+                   moe=None if moe is None else replace(moe, scale=micro["rows"]))
     if not stage.last:
         return x
     if model == "gpt":
@@ -2317,7 +2563,8 @@ def stage_forward(model: str, params, x, micro: dict, cfg: GPTConfig, mesh: Mesh
 
 
 def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, *, schedule: str = "1f1b",
-                  v: int = 1, microbatches: int = 1, seed: int = 0, training: bool = True, clock=None) -> dict:
+                  v: int = 1, microbatches: int = 1, seed: int = 0, training: bool = True, clock=None,
+                  moe=None) -> dict:
     """One step of GPT or BERT on this rank: params is the rank's
     `stage_params` (tp-sharded), inputs the replica's batch (every pipeline
     rank reads the same batch; only the first and last stages use it). The
@@ -2327,12 +2574,16 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     syncs tied copies: `parallel.GradBuckets`). Not training: forward only.
     -> the losses of the batch (as the one-process run on it computes them),
     the same on every rank: {"loss"} for GPT, {"loss", "mlm", "nsp",
-    "nsp_acc"} for BERT with its next-sentence head. clock: see `run_schedule`."""
+    "nsp_acc"} for BERT with its next-sentence head. clock: see `run_schedule`.
+    With MoE layers: "loss" adds, when training, the weighted auxiliary losses
+    of every stage's layers (summed over pp), and "lm" is the LM loss alone;
+    moe: a `MoE` that collects this rank's layers' stats."""
     if model not in PIPELINE_MODELS:
         raise ValueError(f"model {model!r} does not pipeline: pipeline stages exist for {PIPELINE_MODELS}")
     if model == "bert":
         _check_task(cfg, "pretrain")
     cfg.check_mesh(mesh)
+    moe = MoE() if moe is None and cfg.experts else moe
     m = microbatches
     stages = stages_of(cfg, mesh, v)
     chunks = {c: {n: p for n, p in params.items() if owned_by(n, st, cfg)} for c, st in stages.items()}
@@ -2348,9 +2599,13 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
 
     def forward(c, i, x):
         return stage_forward(model, chunks[c], x, micros[i], cfg, replace(mesh, micro=i, micros=m), stages[c],
-                             seed=seed, training=training)
+                             seed=seed, training=training, moe=moe)
 
     totals = P.run_schedule(actions, forward, mesh, v=v, shape=shape, dtype=dtype, device=inputs["ids"].device,
                             params_of=lambda c: chunks[c].values(), forward_only=not training, clock=clock)
     keys = ("loss",) if model == "gpt" else ("loss", "mlm", "nsp", "nsp_acc") if cfg.binary_head else ("loss", "mlm")
-    return P.pipeline_totals(totals, keys, mesh, device=inputs["ids"].device)
+    out = P.pipeline_totals(totals, keys, mesh, device=inputs["ids"].device)
+    if cfg.experts:
+        aux = torch.as_tensor(moe.aux_loss(cfg) if training else 0.0, dtype=out["loss"].dtype, device=out["loss"].device)
+        out["lm"], out["loss"] = out["loss"], out["loss"] + P.all_reduce(aux, mesh, "pp", phase="after backward")
+    return out

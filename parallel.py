@@ -64,6 +64,13 @@ class Mesh:
     stage of a replica (same dp, tp coordinates), which hold the two copies
     of a tied word embedding (Megatron's embedding group).
 
+    ep: expert parallelism, carved out of the dp ranks (Megatron's order tp,
+    ep, dp, pp): dp_rank = edp_rank·ep + ep_rank. The ep ranks of one "ep"
+    group hold different experts of a mixture-of-experts layer and trade
+    tokens with all-to-alls; the dp/ep ranks of one "edp" group (expert data
+    parallel) hold the same experts and average their gradients. Every other
+    weight is replicated over all dp ranks, as without experts.
+
     micro, micros: which of a step's microbatches this computation is on
     (0 of 1 without gradient accumulation). Not a process coordinate but a
     batch one, like dp_rank: replica d's microbatch i of b rows holds rows
@@ -77,6 +84,8 @@ class Mesh:
     tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
+    ep: int = 1
+    ep_rank: int = 0
     groups: dict = field(default_factory=dict, compare=False, repr=False)
     micro: int = 0
     micros: int = 1
@@ -87,12 +96,14 @@ class Mesh:
         return Mesh()
 
     @staticmethod
-    def build(tp: int = 1, pp: int = 1, dp: int | None = None, device_type: str | None = None) -> Mesh:
+    def build(tp: int = 1, pp: int = 1, dp: int | None = None, device_type: str | None = None,
+              ep: int = 1) -> Mesh:
         """Build the mesh over the already-initialised default process group.
 
         dp defaults to world_size / (tp * pp). Uses
         `torch.distributed.device_mesh.init_device_mesh` with dims (pp, dp, tp),
-        and with pp > 1 one embedding group per (dp, tp) coordinate: every
+        with pp > 1 one embedding group per (dp, tp) coordinate, and with
+        ep > 1 the "ep" and "edp" groups (see the class docstring): every
         rank creates every group, in the same order (torch's rule).
         """
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -102,6 +113,7 @@ class Mesh:
                 raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}")
             dp = world // (tp * pp)
         check_mesh_sizes(tp, pp, dp, world)
+        check_ep(ep, dp)
         if world == 1:
             return Mesh()
         from torch.distributed.device_mesh import init_device_mesh
@@ -111,8 +123,27 @@ class Mesh:
         dm = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
         groups = {d: dm.get_group(d) for d, n in zip(MESH_DIMS, (pp, dp, tp)) if n > 1}
         rank = dist.get_rank()
-        mesh = Mesh(tp=tp, pp=pp, dp=dp, tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp),
-                    groups=groups)
+        dp_rank = (rank // tp) % dp
+        mesh = Mesh(tp=tp, pp=pp, dp=dp, tp_rank=rank % tp, dp_rank=dp_rank, pp_rank=rank // (tp * dp),
+                    ep=ep, ep_rank=dp_rank % ep, groups=groups)
+        at = lambda p, d, t: (p * dp + d) * tp + t  # global rank of (pp, dp, tp) coordinates
+        edp = dp // ep
+        # "ep": dp ranks j·ep + e for e < ep (fixed j); "edp": j·ep + e for j < edp (fixed e). Same pp, tp.
+        for name, size, others, member in (("ep", ep, edp, lambda j, e: j * ep + e),
+                                           ("edp", edp, ep, lambda e, j: j * ep + e)):
+            if size == 1 or size == dp:  # no group, or the dp group itself (below)
+                continue
+            for p in range(pp):
+                for other in range(others):
+                    for t in range(tp):
+                        ranks = [at(p, member(other, i), t) for i in range(size)]
+                        group = dist.new_group(ranks)
+                        if rank in ranks:
+                            groups[name] = group
+        if ep == dp and "dp" in groups:
+            groups["ep"] = groups["dp"]
+        if ep == 1 and "dp" in groups:
+            groups["edp"] = groups["dp"]
         if pp > 1:
             for replica in range(dp * tp):  # ranks `replica` (first stage) and the same place on the last stage
                 group = dist.new_group([replica, (pp - 1) * dp * tp + replica])
@@ -121,10 +152,12 @@ class Mesh:
         return mesh
 
     def size(self, dim: str) -> int:
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "embed": 2 if self.pp > 1 else 1}[dim]
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "embed": 2 if self.pp > 1 else 1, "ep": self.ep,
+                "edp": self.dp // self.ep}[dim]
 
     def rank(self, dim: str) -> int:
-        return {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank}[dim]
+        return {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank, "ep": self.ep_rank,
+                "edp": self.dp_rank // self.ep}[dim]
 
     def group(self, dim: str) -> Any:
         return self.groups.get(dim)
@@ -148,6 +181,15 @@ def check_mesh_sizes(tp: int, pp: int, dp: int, world: int) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {name}={n} (world size {world})")
     if tp * pp * dp != world:
         raise ValueError(f"world size {world} != tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp}")
+
+
+def check_ep(ep: int, dp: int) -> None:
+    """ValueError unless ep is an integer >= 1 that divides the data-parallel ranks."""
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+        raise ValueError(f"ep must be an integer >= 1, got ep={ep!r}")
+    if dp % ep:
+        raise ValueError(f"ep={ep} does not divide the data-parallel ranks dp={dp}: expert parallelism is carved "
+                         "out of data parallelism (world = tp x pp x dp, and ep | dp)")
 
 
 def init_distributed() -> tuple[int, int]:
@@ -693,8 +735,9 @@ def vocab_parallel_cross_entropy(logits, targets, mesh, *, label_smoothing=0.0, 
 
 # ---------------------------------------------------------------------------
 # 6. shard / unshard a flat parameter dict.
-#    specs[name] is the tensor dim split over tp, None (replicated), or a
-#    `HeadGroups` (a fused qkv tensor, whose kv heads may be replicated).
+#    specs[name] is the tensor dim split over tp, None (replicated), a
+#    `HeadGroups` (a fused qkv tensor, whose kv heads may be replicated), or
+#    `Experts` (a stack of experts' tensors, split over ep and maybe tp).
 # ---------------------------------------------------------------------------
 
 
@@ -758,6 +801,40 @@ class HeadGroups:
         return local if rep == 1 or mesh.tp_rank % rep == 0 else local[: -2 * self.head_dim]
 
 
+@dataclass(frozen=True)
+class Experts:
+    """The split of a stacked expert tensor [E, ...] (a mixture-of-experts
+    layer's fc1 [E, f, h], fc2 [E, h, f], or their biases): dim 0, the
+    experts, over ep (ep rank e holds experts [e·E/ep, (e+1)·E/ep)), and dim
+    `tp_dim` over tp as the dense MLP's tensor (fc1 rows: 1, fc2 columns: 2;
+    None: replicated over tp, as fc2's bias). The ranks of one "edp" group
+    hold the same experts."""
+
+    tp_dim: int | None
+
+    def check(self, shape: tuple, mesh: Mesh, name: str) -> None:
+        if shape[0] % mesh.ep:
+            raise ValueError(f"parameter {name!r} of shape {tuple(shape)}: its {shape[0]} experts are not divisible "
+                             f"by ep={mesh.ep}")
+        if self.tp_dim is not None and shape[self.tp_dim] % mesh.tp:
+            raise ValueError(f"parameter {name!r} of shape {tuple(shape)}: dim {self.tp_dim} of size "
+                             f"{shape[self.tp_dim]} is not divisible by tp={mesh.tp}")
+
+    def shard(self, full: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+        mine = split(full, mesh, "ep", 0)
+        return mine if self.tp_dim is None else split(mine, mesh, "tp", self.tp_dim)
+
+    def unshard(self, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+        """All-gather over tp (if split there), then over ep (E/ep experts per rank)."""
+        mine = local if self.tp_dim is None else all_gather(local, mesh, "tp", self.tp_dim)
+        return all_gather(mine, mesh, "ep", 0)
+
+    def counted(self, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+        """The elements this rank counts in a global norm (summed over tp and ep):
+        all of its experts' shard, or nothing off tp rank 0 when replicated over tp."""
+        return local if self.tp_dim is not None or mesh.tp_rank == 0 else local[:0]
+
+
 def _check_specs(params: dict, specs: dict, mesh: Mesh, full: bool) -> None:
     missing = sorted(set(params) - set(specs))
     if missing:
@@ -766,6 +843,9 @@ def _check_specs(params: dict, specs: dict, mesh: Mesh, full: bool) -> None:
         d = specs[name]
         if isinstance(d, HeadGroups) and full:
             d.check(p.shape[0], mesh.tp, name)
+        elif isinstance(d, Experts):
+            if full:
+                d.check(tuple(p.shape), mesh, name)
         elif d is not None and full and p.shape[d] % mesh.tp:
             raise ValueError(f"parameter {name!r} of shape {tuple(p.shape)}: dim {d} of size "
                              f"{p.shape[d]} is not divisible by tp={mesh.tp}")
@@ -775,14 +855,14 @@ def shard_tensor(p: torch.Tensor, spec, mesh: Mesh) -> torch.Tensor:
     """This rank's slice of one full tensor under its spec (no communication)."""
     if spec is None:
         return p
-    return spec.shard(p, mesh) if isinstance(spec, HeadGroups) else split(p, mesh, "tp", spec)
+    return spec.shard(p, mesh) if isinstance(spec, (HeadGroups, Experts)) else split(p, mesh, "tp", spec)
 
 
 def unshard_tensor(p: torch.Tensor, spec, mesh: Mesh) -> torch.Tensor:
-    """The full tensor from every rank's slice: one all-gather over tp (none if replicated)."""
+    """The full tensor from every rank's slice: one all-gather over tp (none if replicated; experts: and over ep)."""
     if spec is None:
         return p
-    return spec.unshard(p, mesh) if isinstance(spec, HeadGroups) else all_gather(p, mesh, "tp", spec)
+    return spec.unshard(p, mesh) if isinstance(spec, (HeadGroups, Experts)) else all_gather(p, mesh, "tp", spec)
 
 
 def shard(params: dict, specs: dict, mesh: Mesh) -> dict:
@@ -825,6 +905,8 @@ def shard_layout(shapes: dict, specs: dict, mesh: Mesh) -> list[dict]:
 def _local_slice(shape: tuple, spec, mesh: Mesh) -> dict:
     """{local_shape, slice_desc} of one full shape under its spec on this rank."""
     t, r = mesh.tp, mesh.tp_rank
+    if isinstance(spec, Experts):
+        return _experts_slice(shape, spec, mesh)
     if t == 1 or spec is None:
         return dict(local_shape=shape, slice_desc="whole" if t == 1 else "replicated")
     if isinstance(spec, HeadGroups):
@@ -834,6 +916,20 @@ def _local_slice(shape: tuple, spec, mesh: Mesh) -> dict:
     what = "elements" if len(shape) == 1 else {0: "rows", 1: "columns"}.get(dim, f"dim {dim}")
     return dict(local_shape=shape[:dim] + (n,) + shape[dim + 1:],
                 slice_desc=f"{what} {r * n}:{(r + 1) * n} of {list(shape)}")
+
+
+def _experts_slice(shape: tuple, spec: Experts, mesh: Mesh) -> dict:
+    """{local_shape, slice_desc} of a stacked expert tensor [E, ...] on this rank (see `Experts`)."""
+    n, e = shape[0] // mesh.ep, mesh.ep_rank
+    local = (n, *shape[1:])
+    what = _heads("expert", e * n, (e + 1) * n)
+    if spec.tp_dim is not None and mesh.tp > 1:
+        m, r = shape[spec.tp_dim] // mesh.tp, mesh.tp_rank
+        local = local[:spec.tp_dim] + (m,) + local[spec.tp_dim + 1:]
+        what += f", dim {spec.tp_dim} {r * m}:{(r + 1) * m}"
+    elif mesh.tp > 1:
+        what += ", replicated over tp"
+    return dict(local_shape=local, slice_desc=f"{what} of {list(shape)}" if mesh.ep > 1 or mesh.tp > 1 else "whole")
 
 
 def _head_groups_slice(shape: tuple, spec: HeadGroups, mesh: Mesh) -> dict:
@@ -1409,7 +1505,7 @@ def counted_mask(name: str, p: torch.Tensor, spec, mesh: Mesh, skip=()) -> torch
     mask = torch.zeros_like(p, dtype=torch.float64)
     if name in skip or (spec is None and mesh.tp_rank != 0):
         return mask
-    (spec.counted(mask, mesh) if isinstance(spec, HeadGroups) else mask).fill_(1.0)
+    (spec.counted(mask, mesh) if isinstance(spec, (HeadGroups, Experts)) else mask).fill_(1.0)
     return mask
 
 
@@ -1432,10 +1528,15 @@ class GradBuckets:
     stage) get a bucket of their own, launched by finish() after one
     all-reduce over the embedding group sums the two stages' copies: their
     layout is then the same on both stages, so even their ZeRO shards match.
+    `experts` names (tensors of a mixture-of-experts layer's experts, spec
+    `Experts`) get buckets of their own, reduced over the "edp" group only:
+    the dp ranks that hold the same experts (each of them already summed,
+    through the all-to-all's backward, the gradient from its ep group's
+    tokens). They too are divided by dp: the mean over every replica's loss.
     """
 
     def __init__(self, params: dict, mesh: Mesh, *, bucket_mb: float = 25.0, zero: bool = False,
-                 accumulations: int = 1, tied=()):
+                 accumulations: int = 1, tied=(), experts=()):
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, numbers.Real) or not bucket_mb > 0:
             raise ValueError(f"bucket size must be a number of MB > 0, got {bucket_mb!r}")
         if isinstance(accumulations, bool) or not isinstance(accumulations, int) or accumulations < 1:
@@ -1443,36 +1544,41 @@ class GradBuckets:
         self.mesh, self.zero, self.accumulations = mesh, zero, accumulations
         self.params = params
         tied = [n for n in tied if n in params and mesh.group("embed") is not None]
-        names = [n for n in reversed(list(params)) if n not in tied]
         limit = bucket_mb * 2**20
-        groups, current, nbytes = [], [], 0
-        for n in names:
-            if current and (nbytes + params[n].numel() * params[n].element_size() > limit
-                            or params[n].dtype != params[current[0]].dtype):
-                groups.append(current)
-                current, nbytes = [], 0
-            current.append(n)
-            nbytes += params[n].numel() * params[n].element_size()
-        groups += [current] if current else []
-        self.buckets = [self._bucket(g, tied=False) for g in groups] + ([self._bucket(tied, tied=True)] if tied else [])
+        self.buckets = []
+        for dim in ("dp", "edp"):  # the dense gradients' buckets, then the experts'
+            names = [n for n in reversed(list(params)) if n not in tied and (n in experts) == (dim == "edp")]
+            groups, current, nbytes = [], [], 0
+            for n in names:
+                if current and (nbytes + params[n].numel() * params[n].element_size() > limit
+                                or params[n].dtype != params[current[0]].dtype):
+                    groups.append(current)
+                    current, nbytes = [], 0
+                current.append(n)
+                nbytes += params[n].numel() * params[n].element_size()
+            groups += [current] if current else []
+            self.buckets += [self._bucket(g, tied=False, dim=dim) for g in groups]
+        self.buckets += [self._bucket(tied, tied=True, dim="dp")] if tied else []
         self.bucket_of = {n: b for b in self.buckets for n in b["names"]}
         self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params.values()]
         self.name_of = {id(p): n for n, p in params.items()}
         self.zero_grad()
 
-    def _bucket(self, names: list, tied: bool) -> dict:
-        """A flat buffer holding names' gradients, padded to a multiple of dp (reduce-scatter needs equal slices)."""
+    def _bucket(self, names: list, tied: bool, dim: str) -> dict:
+        """A flat buffer holding names' gradients, reduced over mesh dim `dim` (dp, or edp for experts),
+        padded to a multiple of its size (reduce-scatter needs equal slices)."""
         sizes = [self.params[n].numel() for n in names]
-        total = -(-sum(sizes) // self.mesh.dp) * self.mesh.dp
+        n_ranks, rank = self.mesh.size(dim), self.mesh.rank(dim)
+        total = -(-sum(sizes) // n_ranks) * n_ranks
         first = self.params[names[0]]
         buf = torch.zeros(total, dtype=first.dtype, device=first.device)
         offsets = [sum(sizes[:i]) for i in range(len(names))]
         for n, off, size in zip(names, offsets, sizes):
             self.params[n].grad = buf[off: off + size].view_as(self.params[n])
-        shard = total // self.mesh.dp
-        return dict(names=names, offsets=offsets, sizes=sizes, buf=buf, tied=tied,
-                    shard=buf[self.mesh.dp_rank * shard: (self.mesh.dp_rank + 1) * shard],
-                    lo=self.mesh.dp_rank * shard, work=None, launched=False, ready=0)
+        shard = total // n_ranks
+        return dict(names=names, offsets=offsets, sizes=sizes, buf=buf, tied=tied, dim=dim,
+                    shard=buf[rank * shard: (rank + 1) * shard],
+                    lo=rank * shard, work=None, launched=False, ready=0)
 
     def _on_grad(self, p: torch.Tensor) -> None:
         name = self.name_of[id(p)]
@@ -1484,18 +1590,18 @@ class GradBuckets:
                 self._launch(bucket, "backward")
 
     def _launch(self, bucket: dict, phase: str) -> None:
-        """Start the bucket's collective over dp without waiting for it."""
+        """Start the bucket's collective over dp (edp for experts) without waiting for it."""
         bucket["launched"] = True
-        group = self.mesh.group("dp")
+        group = self.mesh.group(bucket["dim"])
         if group is None:
             return
         buf = bucket["buf"]
         if self.zero:  # this rank keeps slice dp_rank; the other slices of its buffer are now stale
-            _record("reduce_scatter", "dp", buf.numel(), phase, buf.dtype)
+            _record("reduce_scatter", bucket["dim"], buf.numel(), phase, buf.dtype)
             out = torch.empty_like(bucket["shard"])
             bucket["work"] = (dist.reduce_scatter_single(out, buf, group=group, async_op=True), out)
         else:
-            _record("all_reduce", "dp", buf.numel(), phase, buf.dtype)
+            _record("all_reduce", bucket["dim"], buf.numel(), phase, buf.dtype)
             bucket["work"] = (dist.all_reduce(buf, group=group, async_op=True), None)
 
     def finish(self) -> None:
@@ -1530,13 +1636,20 @@ class GradBuckets:
 
 
 def grad_norm_sq(params: dict, specs: dict, mesh: Mesh, skip=()) -> torch.Tensor:
-    """This rank's counted share of the global squared gradient norm (float64 scalar)."""
+    """This (tp, pp) coordinate's counted share of the global squared gradient
+    norm (float64 scalar): the experts' part summed over ep (each ep rank holds
+    other experts; one all-reduce of 1 element), the rest as it is (the same
+    on every ep rank)."""
     device = next(iter(params.values())).device
-    sq = torch.zeros((), dtype=torch.float64, device=device)
+    sq = {False: torch.zeros((), dtype=torch.float64, device=device), True: 0}
     for name, p in params.items():
         if p.grad is not None:
-            sq = sq + (counted_mask(name, p, specs[name], mesh, skip) * p.grad.double().pow(2)).sum()
-    return sq
+            expert = isinstance(specs[name], Experts)
+            sq[expert] = sq[expert] + (counted_mask(name, p, specs[name], mesh, skip) * p.grad.double().pow(2)).sum()
+    if mesh.ep > 1:
+        sq[True] = all_reduce(torch.as_tensor(sq[True], dtype=torch.float64, device=device), mesh, "ep",
+                              phase="after backward")
+    return sq[False] + sq[True]
 
 
 class ZeroAdamW:
@@ -1610,7 +1723,7 @@ class ZeroAdamW:
             s["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (s["exp_avg_sq"].sqrt() / math.sqrt(c2)).add_(self.eps)
             s["main"].addcdiv_(s["exp_avg"], denom, value=-lr / c1)
-            full = all_gather(s["main"].to(b["buf"].dtype), self.mesh, "dp", 0, phase="optimizer")
+            full = all_gather(s["main"].to(b["buf"].dtype), self.mesh, b["dim"], 0, phase="optimizer")
             for name, off, size in zip(b["names"], b["offsets"], b["sizes"]):
                 self.params[name].copy_(full[off: off + size].view_as(self.params[name]))
 
@@ -1621,7 +1734,7 @@ class ZeroAdamW:
         gathers its state to dp rank 0 (the "dp_zero" format)."""
         out = {}
         for s, b in zip(self.state, self.buckets.buckets):
-            moments = [all_gather(s[k], self.mesh, "dp", 0, phase="checkpoint") for k in ("exp_avg", "exp_avg_sq")]
+            moments = [all_gather(s[k], self.mesh, b["dim"], 0, phase="checkpoint") for k in ("exp_avg", "exp_avg_sq")]
             for name, off, size in zip(b["names"], b["offsets"], b["sizes"]):
                 shape = self.params[name].shape
                 out[name] = tuple(m[off: off + size].view(shape).clone() for m in moments)
@@ -1663,8 +1776,8 @@ class Piece(NamedTuple):
 
 
 def pieces(shape: tuple, spec, mesh: Mesh, real_rows: int | None = None) -> list[Piece]:
-    """The rectangles of the full tensor that this rank's tp shard of `shape`
-    (local) holds, per `spec` (as `shard` cuts it). real_rows: a
+    """The rectangles of the full tensor that this rank's tp (and, for
+    `Experts`, ep) shard of `shape` (local) holds, per `spec` (as `shard` cuts it). real_rows: a
     vocabulary-padded tensor's real row count: rows beyond it are padding,
     never saved, and the full tensor of a checkpoint is [real_rows, ...]."""
     shape = tuple(shape)
@@ -1677,6 +1790,11 @@ def pieces(shape: tuple, spec, mesh: Mesh, real_rows: int | None = None) -> list
 
     if spec is None:
         return clip(zeros, zeros, shape, mesh.tp_rank == 0)
+    if isinstance(spec, Experts):  # experts [e·E/ep, ...) and, if split, this tp rank's part of tp_dim
+        full_at = [mesh.ep_rank * shape[0]] + [0] * (len(shape) - 1)
+        if spec.tp_dim is not None:
+            full_at[spec.tp_dim] = mesh.tp_rank * shape[spec.tp_dim]
+        return [Piece(zeros, tuple(full_at), shape, spec.tp_dim is not None or mesh.tp_rank == 0)]
     if isinstance(spec, HeadGroups):
         rep = spec.replicas(mesh.tp)
         if rep == 1:
@@ -1696,7 +1814,11 @@ def pieces(shape: tuple, spec, mesh: Mesh, real_rows: int | None = None) -> list
 def full_shape_of(shape: tuple, spec, mesh: Mesh, real_rows: int | None = None) -> tuple:
     """The saved full shape of a tensor whose tp shard is `shape`."""
     full = list(shape)
-    if isinstance(spec, HeadGroups):
+    if isinstance(spec, Experts):
+        full[0] *= mesh.ep
+        if spec.tp_dim is not None:
+            full[spec.tp_dim] *= mesh.tp
+    elif isinstance(spec, HeadGroups):
         full[0] = spec.groups * (spec.q_per_group + 2) * spec.head_dim
     elif spec is not None:
         full[spec] *= mesh.tp
@@ -1821,3 +1943,102 @@ def load_pieces(path, wanted: dict, index: dict, process_group=None) -> None:
     with torch.no_grad():
         for local, local_at, entry, saved_at, size in plan:
             local[_region(local_at, size)] = reads[entry][_region(saved_at, size)].to(local.device, local.dtype)
+
+
+# ---------------------------------------------------------------------------
+# 14. Expert parallelism: a mixture-of-experts layer's token rows travel to
+#     the ep rank that holds their expert and back, by all-to-alls with
+#     uneven splits (Megatron's MoEAlltoAllTokenDispatcher). The ep group is
+#     the ranks that share tp, pp and edp coordinates (section 1).
+# ---------------------------------------------------------------------------
+
+
+class ExpertPlan(NamedTuple):
+    """Who sends how many rows to whom, for one MoE layer's forward.
+    send[j]: rows this rank sends to ep rank j (its choices of j's experts);
+    recv[j]: rows it receives from ep rank j; recv_counts [ep, E/ep]: of
+    those, how many for each of this rank's local experts."""
+
+    send: list
+    recv: list
+    recv_counts: torch.Tensor
+
+
+def expert_plan(counts: torch.Tensor, mesh: Mesh) -> ExpertPlan:
+    """counts [E]: this rank's rows for each expert (rows sorted by expert).
+    Ep rank j holds experts [j·E/ep, (j+1)·E/ep). One all-to-all of the
+    counts themselves (E/ep integers to each other rank) tells every rank
+    what it will receive, so the row all-to-all can be sized before it runs."""
+    ep = mesh.ep
+    local = counts.numel() // ep
+    if ep == 1:
+        return ExpertPlan([int(counts.sum())], [int(counts.sum())], counts.view(1, -1))
+    recv_counts = torch.empty_like(counts)
+    _record("all_to_all", "ep", local * (ep - 1), "forward", counts.dtype)
+    dist.all_to_all_single(recv_counts, counts.contiguous(), group=mesh.group("ep"))
+    recv_counts = recv_counts.view(ep, local)
+    return ExpertPlan(counts.view(ep, local).sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts)
+
+
+def _all_to_all(x: torch.Tensor, send: list, recv: list, mesh: Mesh, phase: str) -> torch.Tensor:
+    """x [sum(send), ...] -> [sum(recv), ...] over ep: the first send[0] rows
+    go to ep rank 0, the next send[1] to rank 1, ...; the result holds
+    recv[j] rows from each rank j, in rank order. Records the elements sent
+    to other ranks (a rank's rows for itself stay put)."""
+    if mesh.ep == 1:
+        return x
+    row = math.prod(x.shape[1:])
+    _record("all_to_all", "ep", (sum(send) - send[mesh.ep_rank]) * row, phase, x.dtype)
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send,
+                           group=mesh.group("ep"))
+    return out
+
+
+class _DispatchToExperts(torch.autograd.Function):
+    """Send each routed token row to the ep rank that holds its expert.
+    Forward: all-to-all over ep; rows [m, h], sorted by expert, go out by
+    `plan.send`, and [m', h] come in by `plan.recv` (from each source rank,
+    rows for each local expert in turn). Backward: the reverse all-to-all,
+    each row's gradient goes back to where the row came from.
+    Elements moved per rank: h × its choices of experts on other ranks, each
+    way: k·b·s·h·(ep−1)/ep when the routing is uniform."""
+
+    @staticmethod
+    def forward(ctx, rows, plan, mesh):
+        ctx.plan, ctx.mesh = plan, mesh
+        return _all_to_all(rows, plan.send, plan.recv, mesh, "forward")
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g):
+        return _all_to_all(g, ctx.plan.recv, ctx.plan.send, ctx.mesh, "backward"), None, None
+
+
+class _CombineFromExperts(torch.autograd.Function):
+    """Bring the experts' output rows home: the mirror of `_DispatchToExperts`.
+    Forward: all-to-all over ep, rows [m', h] go back by `plan.recv`, and
+    the source rank gets [m, h] in the order it sent them. Backward: the
+    gradients travel to the experts' ranks again (`plan.send`).
+    Elements moved per rank: as the dispatch, each way."""
+
+    @staticmethod
+    def forward(ctx, rows, plan, mesh):
+        ctx.plan, ctx.mesh = plan, mesh
+        return _all_to_all(rows, plan.recv, plan.send, mesh, "forward")
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g):
+        return _all_to_all(g, ctx.plan.send, ctx.plan.recv, ctx.mesh, "backward"), None, None
+
+
+def dispatch_to_experts(rows, plan: ExpertPlan, mesh: Mesh):
+    return _DispatchToExperts.apply(rows, plan, mesh) if mesh.ep > 1 else rows
+
+
+def combine_from_experts(rows, plan: ExpertPlan, mesh: Mesh):
+    return _CombineFromExperts.apply(rows, plan, mesh) if mesh.ep > 1 else rows
+
+
+dispatch_to_experts.__doc__, combine_from_experts.__doc__ = _DispatchToExperts.__doc__, _CombineFromExperts.__doc__

@@ -1315,7 +1315,8 @@ def checkpoint_tensors(params: dict, moments: dict, cfg, mesh: P.Mesh, specs: di
     out = {}
     for name, p in params.items():
         real = N.real_vocab_rows(name, P.full_shape_of(p.shape, specs[name], mesh), cfg)
-        ps = [pc._replace(writer=pc.writer and mesh.dp_rank == 0 and name not in skip)
+        replicas = "edp" if isinstance(specs[name], P.Experts) else "dp"  # the ranks holding the same piece
+        ps = [pc._replace(writer=pc.writer and mesh.rank(replicas) == 0 and name not in skip)
               for pc in P.pieces(p.shape, specs[name], mesh, real)]
         full = P.full_shape_of(p.shape, specs[name], mesh, real)
         for key, t in (("param", p), ("exp_avg", moments[name][0]), ("exp_avg_sq", moments[name][1])):
