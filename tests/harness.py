@@ -7,7 +7,7 @@ joins one gloo process group, and then runs task after task:
     pool.run(fn, *args, tp=2)  ->  [fn(mesh, *args) on rank 0, ..., rank world-1]
 
 `fn` must be a module-level function (it is pickled by reference). Every rank
-runs it with a `parallel.Mesh` of the asked layout (dp fills the world), so a
+runs it with a `parallel.Mesh` of the asked layout (dp fills the world; `ep=` carves expert parallelism out of dp), so a
 layout with tp < world runs world/tp replicas of the same inputs. They are
 identical but for dropout: a replica's masks are those of its rows of the
 global batch (rows dp_rank·b onwards), so with dropout on only the first
@@ -44,11 +44,12 @@ def _worker_main(rank, world, init_file, sys_path, tasks, results):
                             timeout=timedelta(seconds=60))
     meshes = {}
     while (task := tasks.get()) is not None:
-        task_id, fn, args, kwargs, (tp, pp) = task
+        task_id, fn, args, kwargs, layout = task
         try:
-            if (tp, pp) not in meshes:
-                meshes[tp, pp] = parallel.Mesh.build(tp=tp, pp=pp)
-            results.put((task_id, rank, True, fn(meshes[tp, pp], *args, **kwargs)))
+            if layout not in meshes:
+                tp, pp, ep = layout
+                meshes[layout] = parallel.Mesh.build(tp=tp, pp=pp, ep=ep)
+            results.put((task_id, rank, True, fn(meshes[layout], *args, **kwargs)))
         except BaseException:
             results.put((task_id, rank, False, traceback.format_exc()))
     dist.destroy_process_group()
@@ -95,15 +96,17 @@ class WorkerPool:
             p.join(timeout=5)
         self.procs = []
 
-    def run(self, fn, *args, tp: int = 1, pp: int = 1, **kwargs) -> list:
-        """Run fn(mesh, *args, **kwargs) on every rank; return the per-rank results."""
-        if self.world % (tp * pp):
-            raise ValueError(f"tp*pp = {tp}*{pp} does not divide the pool's world size {self.world}")
+    def run(self, fn, *args, tp: int = 1, pp: int = 1, ep: int = 1, **kwargs) -> list:
+        """Run fn(mesh, *args, **kwargs) on every rank; return the per-rank results.
+        ep: expert parallelism, carved out of the data-parallel ranks (world / (tp·pp))."""
+        if self.world % (tp * pp) or (self.world // (tp * pp)) % ep:
+            raise ValueError(f"tp*pp = {tp}*{pp} (and ep={ep} of the dp ranks) does not fit the pool's world size "
+                             f"{self.world}")
         if not self.procs:
             self.start()
         self._task_id += 1
         for q in self.tasks:
-            q.put((self._task_id, fn, args, kwargs, (tp, pp)))
+            q.put((self._task_id, fn, args, kwargs, (tp, pp, ep)))
         done, errors = {}, {}
         deadline = time.monotonic() + self.timeout
         while len(done) + len(errors) < self.world:
