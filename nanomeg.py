@@ -1170,7 +1170,8 @@ def check_generate_args(prompt_ids, cfg: GPTConfig, max_new_tokens, temperature,
 
 
 # ---------------------------------------------------------------------------
-# 6. GPT-2 weights (Hugging Face GPT2LMHeadModel) in and out
+# 6. Hugging Face weights in and out: GPT-2 (GPT2LMHeadModel), Llama
+#    (LlamaForCausalLM) and Mixtral (MixtralForCausalLM, a Llama with MoE)
 # ---------------------------------------------------------------------------
 
 
@@ -1350,6 +1351,174 @@ def to_hf_gpt2(params, cfg: GPTConfig) -> dict[str, torch.Tensor]:
                f"{h}.mlp.c_proj.bias": params[f"{pre}.mlp.fc2.bias"]}
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     return {k: v.contiguous().clone() for k, v in sd.items()}
+
+
+def llama_config_from_hf(hf: dict, **overrides) -> GPTConfig:
+    """The GPTConfig of a Llama or Mixtral config.json (a dict): RMSNorm,
+    rotary, SwiGLU, GQA, no biases; Mixtral adds E experts, top-k, and its
+    router_aux_loss_coef as the aux weight. Options nanomeg does not have
+    (rope scaling, biases, another activation, a sliding window) are refused."""
+    kind = hf.get("model_type")
+    if kind not in ("llama", "mixtral"):
+        raise ValueError(f"config.json: model_type {kind!r}, not 'llama' or 'mixtral'")
+    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0),
+                                         "rope_type": (hf.get("rope_scaling") or {}).get("rope_type", "default")}
+    unsupported = {k: v for k, v in dict(hidden_act=hf.get("hidden_act", "silu"), rope_type=rope.get("rope_type"),
+                                         attention_bias=hf.get("attention_bias", False),
+                                         mlp_bias=hf.get("mlp_bias", False),
+                                         sliding_window=hf.get("sliding_window")).items()
+                   if v not in {"hidden_act": ("silu",), "rope_type": ("default", None)}.get(k, (False, None))}
+    if unsupported:
+        raise ValueError(f"config.json: {unsupported}: nanomeg's {kind} has silu, default rotary, no biases, "
+                         "full attention")
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    moe = dict(experts=hf["num_local_experts"], moe_topk=hf["num_experts_per_tok"],
+               moe_aux_loss=hf.get("router_aux_loss_coef", 0.001)) if kind == "mixtral" else {}
+    return GPTConfig(**{**dict(
+        vocab_size=hf["vocab_size"], max_seq=hf.get("max_position_embeddings", 2048), layers=hf["num_hidden_layers"],
+        hidden=hidden, heads=heads, kv_heads=hf.get("num_key_value_heads") or heads,
+        kv_channels=None if head_dim * heads == hidden else head_dim, ffn=hf["intermediate_size"], norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), activation="swiglu", position="rope",
+        rope_base=float(rope.get("rope_theta", 10000.0)), bias=False,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **moe), **overrides})
+
+
+def check_llama_compatible(cfg: GPTConfig) -> None:
+    """Llama / Mixtral hold only: RMSNorm, SwiGLU, rotary positions, no
+    biases, pre-norm; MoE on every layer (Mixtral), dropless. Else ValueError."""
+    want = dict(norm="rmsnorm", activation="swiglu", position="rope", bias=False, zero_centered_gamma=False,
+                residual_post_norm=False, norm_order="pre", type_vocab=0, scale_output=False)
+    if cfg.experts:
+        want |= dict(moe_every=1, moe_capacity=None)
+    wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
+    if wrong:
+        raise ValueError(f"Llama / Mixtral cannot hold this config: {wrong} (they have "
+                         f"{dict((k, want[k]) for k in wrong)})")
+
+
+def _llama_qkv(sd: dict, hf: str, cfg: GPTConfig) -> torch.Tensor:
+    """q_proj [n·d, h], k_proj, v_proj [g·d, h] -> nanomeg's qkv rows, grouped per kv head [its q heads, k, v]."""
+    g, d = cfg.num_kv_heads, cfg.head_dim
+    q = rearrange(sd[f"{hf}.q_proj.weight"], "(g rd) h -> g rd h", g=g)
+    k, v = (rearrange(sd[f"{hf}.{x}_proj.weight"], "(g d) h -> g d h", d=d) for x in "kv")
+    return rearrange(torch.cat([q, k, v], 1), "g x h -> (g x) h")
+
+
+def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [..., f, h] -> fc1 [..., 2f, h] with rows [gate_0, up_0, gate_1, up_1, ...] (nanomeg's gated fc1)."""
+    return rearrange(torch.stack([gate, up], -2), "... f two h -> ... (f two) h")
+
+
+def _mixtral_experts(sd: dict, hf: str, cfg: GPTConfig) -> tuple:
+    """(router [E, h], fc1 [E, 2f, h], fc2 [E, h, f]) of one Mixtral layer,
+    from transformers 5's fused tensors (mlp.gate, mlp.experts.gate_up_proj
+    [E, 2f, h] = [gate; up], down_proj [E, h, f]) or the older per-expert
+    ones (block_sparse_moe.gate, experts.{j}.w1 gate, w3 up, w2 down)."""
+    if f"{hf}.mlp.gate.weight" in sd:
+        gate, up = sd[f"{hf}.mlp.experts.gate_up_proj"].chunk(2, dim=1)
+        return sd[f"{hf}.mlp.gate.weight"], _interleave(gate, up), sd[f"{hf}.mlp.experts.down_proj"]
+    old = f"{hf}.block_sparse_moe"
+    w = lambda n: torch.stack([sd[f"{old}.experts.{j}.{n}.weight"] for j in range(cfg.experts)])
+    return sd[f"{old}.gate.weight"], _interleave(w("w1"), w("w3")), w("w2")
+
+
+def from_hf_llama(state_dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """nanomeg parameters from a LlamaForCausalLM or MixtralForCausalLM state
+    dict (or a .safetensors file, or a folder holding model.safetensors), for
+    cfg from `llama_config_from_hf`: q/k/v regrouped per kv head, gate and up
+    interleaved into fc1; Mixtral's router and experts stacked on dim 0.
+    Every tensor is checked by name and shape; vocabulary rows are padded."""
+    check_llama_compatible(cfg)
+    sd = load_state_dict(state_dict)
+    try:
+        p = _llama_params(sd, cfg)
+    except KeyError as e:
+        raise ValueError(f"not a {'Mixtral' if cfg.experts else 'Llama'} state dict for this config: missing "
+                         f"{e.args[0]!r}") from None
+    want = gpt_shapes(cfg)
+    for name, t in p.items():
+        if tuple(t.shape) != want[name][0]:
+            raise ValueError(f"{name}: the checkpoint gives shape {tuple(t.shape)}, the config needs {want[name][0]}")
+    return {k: v.contiguous().clone() for k, v in p.items()}
+
+
+def _llama_params(sd: dict, cfg: GPTConfig) -> dict:
+    """`from_hf_llama`'s renaming (KeyError on a missing tensor)."""
+    p = {"embed.word": sd["model.embed_tokens.weight"], "final_norm.weight": sd["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        p["head.weight"] = sd["lm_head.weight"]
+    else:
+        check_tied(sd, "lm_head.weight", "model.embed_tokens.weight", "tie_word_embeddings is true")
+    if f"model.layers.{cfg.layers}.input_layernorm.weight" in sd:
+        raise ValueError(f"the state dict holds more layers than the config's (model.layers.{cfg.layers} is there)")
+    for i in range(cfg.layers):
+        hf, pre = f"model.layers.{i}", f"layers.{i}"
+        p |= {f"{pre}.ln1.weight": sd[f"{hf}.input_layernorm.weight"],
+              f"{pre}.attn.qkv.weight": _llama_qkv(sd, f"{hf}.self_attn", cfg),
+              f"{pre}.attn.proj.weight": sd[f"{hf}.self_attn.o_proj.weight"],
+              f"{pre}.ln2.weight": sd[f"{hf}.post_attention_layernorm.weight"]}
+        if cfg.experts:
+            router, fc1, fc2 = _mixtral_experts(sd, hf, cfg)
+            p |= {f"{pre}.moe.router.weight": router, f"{pre}.moe.fc1.weight": fc1, f"{pre}.moe.fc2.weight": fc2}
+        else:
+            p |= {f"{pre}.mlp.fc1.weight": _interleave(sd[f"{hf}.mlp.gate_proj.weight"], sd[f"{hf}.mlp.up_proj.weight"]),
+                  f"{pre}.mlp.fc2.weight": sd[f"{hf}.mlp.down_proj.weight"]}
+    for name in ("embed.word", "head.weight"):
+        if name in p and p[name].shape[0] == cfg.vocab_size:
+            p[name] = pad_vocab_rows(p[name], cfg.padded_vocab)
+    return p
+
+
+def llama_hf_config(cfg: GPTConfig) -> dict:
+    """The config.json of a LlamaForCausalLM (or, with experts, MixtralForCausalLM) holding cfg."""
+    check_llama_compatible(cfg)
+    kind = "mixtral" if cfg.experts else "llama"
+    out = dict(model_type=kind, architectures=[f"{kind.capitalize()}ForCausalLM"], vocab_size=cfg.vocab_size,
+               hidden_size=cfg.hidden, intermediate_size=cfg.ffn_hidden, num_hidden_layers=cfg.layers,
+               num_attention_heads=cfg.heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+               max_position_embeddings=cfg.max_seq, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+               rope_theta=cfg.rope_base, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False)
+    if cfg.experts:
+        out |= dict(num_local_experts=cfg.experts, num_experts_per_tok=cfg.moe_topk,
+                    router_aux_loss_coef=cfg.moe_aux_loss)
+    return out
+
+
+def to_hf_llama(params, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A LlamaForCausalLM (with experts: MixtralForCausalLM, transformers 5's
+    fused expert tensors) state dict from full nanomeg parameters; inverse
+    of `from_hf_llama`. One rank's shards are refused: unshard them first."""
+    check_llama_compatible(cfg)
+    check_full_params(params, gpt_shapes(cfg))
+    g, d = cfg.num_kv_heads, cfg.head_dim
+    split_fc1 = lambda w: rearrange(w, "... (f two) h -> two ... f h", two=2)
+    word = params["embed.word"][: cfg.vocab_size]
+    sd = {"model.embed_tokens.weight": word, "model.norm.weight": params["final_norm.weight"],
+          "lm_head.weight": word if cfg.tie_embeddings else params["head.weight"][: cfg.vocab_size]}
+    for i in range(cfg.layers):
+        hf, pre = f"model.layers.{i}", f"layers.{i}"
+        qkv = rearrange(params[f"{pre}.attn.qkv.weight"], "(g x) h -> g x h", g=g)
+        q, k, v = qkv[:, :-2 * d], qkv[:, -2 * d:-d], qkv[:, -d:]
+        sd |= {f"{hf}.input_layernorm.weight": params[f"{pre}.ln1.weight"],
+               f"{hf}.self_attn.q_proj.weight": rearrange(q, "g x h -> (g x) h"),
+               f"{hf}.self_attn.k_proj.weight": rearrange(k, "g x h -> (g x) h"),
+               f"{hf}.self_attn.v_proj.weight": rearrange(v, "g x h -> (g x) h"),
+               f"{hf}.self_attn.o_proj.weight": params[f"{pre}.attn.proj.weight"],
+               f"{hf}.post_attention_layernorm.weight": params[f"{pre}.ln2.weight"]}
+        if cfg.experts:
+            gate, up = split_fc1(params[f"{pre}.moe.fc1.weight"])
+            sd |= {f"{hf}.mlp.gate.weight": params[f"{pre}.moe.router.weight"],
+                   f"{hf}.mlp.experts.gate_up_proj": torch.cat([gate, up], dim=1),
+                   f"{hf}.mlp.experts.down_proj": params[f"{pre}.moe.fc2.weight"]}
+        else:
+            gate, up = split_fc1(params[f"{pre}.mlp.fc1.weight"])
+            sd |= {f"{hf}.mlp.gate_proj.weight": gate, f"{hf}.mlp.up_proj.weight": up,
+                   f"{hf}.mlp.down_proj.weight": params[f"{pre}.mlp.fc2.weight"]}
+    return {k: v.contiguous().clone() for k, v in sd.items()}
+
+
+from_hf_mixtral, to_hf_mixtral = from_hf_llama, to_hf_llama  # one function each: a Mixtral is a Llama with experts
 
 
 # ---------------------------------------------------------------------------
