@@ -236,9 +236,7 @@ class GPTConfig:
             raise ValueError(f"sequence of {pos_offset + s} tokens is longer than max_seq={self.max_seq}")
         if self.sequence_parallel and s % mesh.tp:
             raise ValueError(f"sequence parallel needs seq % tp == 0, got seq={s}, tp={mesh.tp}")
-        if self.experts and s % mesh.tp:
-            raise ValueError(f"mixture-of-experts layers route each tp rank's 1/tp of the sequence: seq % tp == 0 "
-                             f"needed, got seq={s}, tp={mesh.tp}")
+
 
 
 # ---------------------------------------------------------------------------
@@ -810,18 +808,22 @@ def capacity_keep(idx, experts: int, capacity: float):
     return rearrange(place <= limit, "b (k s) -> b s k", k=k)
 
 
-def route(params, prefix, x, cfg: GPTConfig, mesh: Mesh):
-    """The router on this rank's tokens x [b, s', h] (s' = s/tp when tp > 1).
+def route(params, prefix, x, cfg: GPTConfig, mesh: Mesh, shared: bool):
+    """The router on this rank's tokens x [b, s', h]: 1/tp of the sequence
+    when `shared` (each tp rank routes its own share), else all of it.
     -> (gates [b, s', k], experts [b, s', k], aux, z). Gates: the top-k
     softmax probabilities, renormalised to sum 1 when k > 1 (Mixtral; with
     k = 1 Switch's raw probability, so the main loss trains the router).
     aux = mean over sequences of E·Σ_i f_i·P_i, f_i the share of the
     sequence's choices made for expert i, P_i its mean router probability;
     z = mean over tokens of logsumexp(logits)². Both over whole sequences:
-    with tp > 1 the per-sequence sums are all-reduced over tp (E and 1
+    when shared, the per-sequence sums are all-reduced over tp (E and 1
     numbers per sequence); P's all-reduce passes the gradient unchanged
     (`reduce_from_tp`), as each rank differentiates its own tokens."""
-    E, k, tp = cfg.experts, cfg.moe_topk, mesh.tp
+    E, k = cfg.experts, cfg.moe_topk
+    tp = mesh.tp if shared else 1
+    if not shared:  # every tp rank routes all the tokens: no collective over tp here
+        mesh = replace(mesh, tp=1, tp_rank=0, groups={d: g for d, g in mesh.groups.items() if d != "tp"})
     router = params[f"{prefix}.router.weight"]
     router = P.sync_replicated_grad(router, mesh) if tp > 1 else router  # each tp rank routes other tokens
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -845,7 +847,11 @@ def moe_mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, layer: int, moe: M
 
     1. Route each tp rank's 1/tp of the sequence (without sequence parallel
        the replicated x is cut first, `scatter_to_sp`): top-k experts and
-       gates per token, the auxiliary losses per sequence (`route`).
+       gates per token, the auxiliary losses per sequence (`route`). Why cut:
+       a replicated router would get the aux loss's gradient whole on every
+       tp rank but the main loss's only in part (each rank sees its part of
+       the experts' output), and no one reduction makes both right. Without
+       gradients (generation: one token at a time) every rank routes all.
     2. Every tp rank then takes the whole sequences and their routing (an
        all-gather over tp): expert e's weights are cut over tp as the dense
        MLP's, so each tp rank computes its part of every chosen expert.
@@ -862,12 +868,17 @@ def moe_mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, layer: int, moe: M
     6. The weighted auxiliary losses join the gradient through `_AuxLossGrad`
        (training only); `moe.stats` records them and the experts' load."""
     tp, sp, k = mesh.tp, cfg.sequence_parallel, cfg.moe_topk
-    mine = P.scatter_to_sp(x, mesh) if tp > 1 and not sp else x  # [b, s/t, h]: the tokens this rank routes
-    gates, experts, aux, z = route(params, prefix, mine, cfg, mesh)
-    if tp > 1:
-        x = P.gather_from_sp(x, mesh) if sp else P.copy_to_tp(x, mesh)  # [b, s, h] on every tp rank
+    shared = tp > 1 and (sp or torch.is_grad_enabled())  # each tp rank routes 1/tp of the sequence
+    if shared and not sp and x.shape[1] % tp:
+        raise ValueError(f"mixture-of-experts layers route each tp rank's 1/tp of the sequence: seq % tp == 0 "
+                         f"needed, got seq={x.shape[1]}, tp={tp}")
+    mine = P.scatter_to_sp(x, mesh) if shared and not sp else x  # [b, s/t, h]: the tokens this rank routes
+    gates, experts, aux, z = route(params, prefix, mine, cfg, mesh, shared)
+    if shared:
         gates = P.gather_from_sp(gates, mesh)  # backward: the partial gate gradients summed over tp
         experts = P.all_gather(experts, mesh, "tp", 1)
+    if tp > 1:
+        x = P.gather_from_sp(x, mesh) if sp else P.copy_to_tp(x, mesh)  # [b, s, h] on every tp rank
     b, s, h = x.shape
     keep = capacity_keep(experts, cfg.experts, cfg.moe_capacity) if cfg.moe_capacity is not None else None
     choice = torch.arange(b * s * k, device=x.device)
@@ -1322,7 +1333,7 @@ def check_gpt2_compatible(cfg: GPTConfig) -> None:
     want = dict(norm="layernorm", activation="gelu_tanh" if cfg.activation != "gelu" else "gelu",
                 position="learned", bias=True, tie_embeddings=True,
                 num_kv_heads=cfg.heads, ffn_hidden=4 * cfg.hidden, zero_centered_gamma=False,
-                residual_post_norm=False, norm_order="pre", type_vocab=0)
+                residual_post_norm=False, norm_order="pre", type_vocab=0, experts=0)
     wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
     if wrong:
         raise ValueError(f"GPT-2 cannot hold this config: {wrong} (GPT-2 has {dict((k, want[k]) for k in wrong)})")
@@ -2744,7 +2755,7 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     -> the losses of the batch (as the one-process run on it computes them),
     the same on every rank: {"loss"} for GPT, {"loss", "mlm", "nsp",
     "nsp_acc"} for BERT with its next-sentence head. clock: see `run_schedule`.
-    With MoE layers: "loss" adds, when training, the weighted auxiliary losses
+    With MoE layers, training: "loss" adds the weighted auxiliary losses
     of every stage's layers (summed over pp), and "lm" is the LM loss alone;
     moe: a `MoE` that collects this rank's layers' stats."""
     if model not in PIPELINE_MODELS:
@@ -2774,7 +2785,7 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
                             params_of=lambda c: chunks[c].values(), forward_only=not training, clock=clock)
     keys = ("loss",) if model == "gpt" else ("loss", "mlm", "nsp", "nsp_acc") if cfg.binary_head else ("loss", "mlm")
     out = P.pipeline_totals(totals, keys, mesh, device=inputs["ids"].device)
-    if cfg.experts:
-        aux = torch.as_tensor(moe.aux_loss(cfg) if training else 0.0, dtype=out["loss"].dtype, device=out["loss"].device)
+    if cfg.experts and training:
+        aux = torch.as_tensor(moe.aux_loss(cfg), dtype=out["loss"].dtype, device=out["loss"].device)
         out["lm"], out["loss"] = out["loss"], out["loss"] + P.all_reduce(aux, mesh, "pp", phase="after backward")
     return out
