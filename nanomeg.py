@@ -1103,13 +1103,16 @@ def gpt_flops(cfg: GPTConfig, batch: int, seq: int) -> float:
     """Model FLOPs of one forward + backward step (backward = 2x forward;
     recompute not counted, as in MFU). 2 FLOPs per multiply-add of every
     matmul plus the two [s, s] attention matmuls; for a GPT with ffn = 4h
-    this is Megatron's 72 B s l h^2 (1 + s/6h + V/12lh)."""
+    this is Megatron's 72 B s l h^2 (1 + s/6h + V/12lh). A MoE layer counts
+    the FLOPs a token spends: the router and its k experts (dropless)."""
     h, d = cfg.hidden, cfg.head_dim
-    per_layer = h * (cfg.heads + 2 * cfg.num_kv_heads) * d + cfg.heads * d * h \
-        + h * cfg.ffn_hidden * (3 if cfg.gated else 2)  # matmul weights
+    mlp_weights = h * cfg.ffn_hidden * (3 if cfg.gated else 2)
+    per_layer = h * (cfg.heads + 2 * cfg.num_kv_heads) * d + cfg.heads * d * h + mlp_weights  # matmul weights
+    moe_layers = sum(cfg.is_moe(i) for i in range(cfg.layers))  # each token: the router and k experts' MLPs
+    moe_extra = moe_layers * (h * cfg.experts + (cfg.moe_topk - 1) * mlp_weights)
     tokens = batch * seq
     attn = 4 * batch * seq * seq * cfg.heads * d * cfg.layers  # q k^T and probs v
-    forward = 2 * tokens * (cfg.layers * per_layer + h * cfg.padded_vocab) + attn
+    forward = 2 * tokens * (cfg.layers * per_layer + moe_extra + h * cfg.padded_vocab) + attn
     return 3.0 * forward
 
 

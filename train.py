@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "corruption (an encoder-decoder restores the dropped spans); biencoder: ICT retrieval "
                          "pretraining (a line finds its block); realm: retrieve-and-read masked lines")
     ap.add_argument("--data", help="a text file or a folder of text files (default: the Python stdlib's source)")
-    ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size / --pp)")
+    ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size / (--pp x --ep))")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (gpt, bert); data parallel fills "
                                                       "what tp x pp leave of the world")
     ap.add_argument("--virtual-stages", type=int, default=1,
@@ -87,6 +87,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--show-schedule", action="store_true",
                     help="print the pipeline schedule's timeline per rank and its bubble, then exit (no processes "
                          "needed)")
+    ap.add_argument("--experts", type=int, default=0,
+                    help="gpt only: mixture-of-experts MLPs of E experts each (0: dense; see --topk, --ep)")
+    ap.add_argument("--topk", type=int, default=None, help="MoE: experts per token (1: Switch, 2: Mixtral; default 1)")
+    ap.add_argument("--ep", type=int, default=1,
+                    help="MoE: expert-parallel ranks, carved out of data parallel (each holds experts/ep experts)")
+    ap.add_argument("--moe-every", type=int, default=None, help="MoE: layer i has experts when i %% N == 0 (default 1)")
+    ap.add_argument("--capacity-factor", type=float, default=None,
+                    help="MoE: each expert takes at most ceil(c x seq x topk / experts) of a sequence's choices, the "
+                         "rest skip the layer (default: dropless)")
+    ap.add_argument("--aux-loss", type=float, default=None,
+                    help="MoE: weight of the load-balancing loss (default 0.01)")
+    ap.add_argument("--z-loss", type=float, default=None, help="MoE: weight of the router z-loss (default 0)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
     ap.add_argument("--max-seq", type=int, default=1024, help="rows of the learned position table")
     ap.add_argument("--layers", type=int, default=4)
@@ -706,14 +718,21 @@ RANGES = {
     "dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "peak_flops": ABOVE_0, "top_k": AT_LEAST_1,
     "index_every": AT_LEAST_1, "pp": AT_LEAST_1, "virtual_stages": AT_LEAST_1, "microbatches": AT_LEAST_1,
     "bucket_mb": ABOVE_0, "save_every": AT_LEAST_1, "keep_last": AT_LEAST_1,
+    "experts": AT_LEAST_0, "topk": AT_LEAST_1, "ep": AT_LEAST_1, "moe_every": AT_LEAST_1, "capacity_factor": ABOVE_0,
+    "aux_loss": AT_LEAST_0, "z_loss": AT_LEAST_0,
 }
+MOE_FLAGS = ("topk", "moe_every", "capacity_factor", "aux_loss", "z_loss")  # their GPTConfig fields: MOE_FIELDS
+MOE_FIELDS = dict(topk="moe_topk", moe_every="moe_every", capacity_factor="moe_capacity", aux_loss="moe_aux_loss",
+                  z_loss="moe_z_loss")
 
 # GPTConfig's fields (and check_mesh's / check_seq's names) -> the flag that sets them.
 CONFIG_FLAGS = {"max_seq": "--max-seq", "layers": "--layers", "hidden": "--hidden", "heads": "--heads",
                 "kv_heads": "--kv-heads", "hidden_dropout": "--dropout", "attention_dropout": "--dropout",
                 "norm": "--norm", "activation": "--activation", "position": "--position",
                 "attention": "--attention", "recompute": "--recompute", "sequence_parallel": "--sequence-parallel",
-                "norm_order": "--norm-order", "tp": "--tp", "seq": "--seq"}
+                "norm_order": "--norm-order", "tp": "--tp", "seq": "--seq", "experts": "--experts",
+                "moe_topk": "--topk", "ep": "--ep", "moe_every": "--moe-every", "moe_capacity": "--capacity-factor",
+                "moe_aux_loss": "--aux-loss", "moe_z_loss": "--z-loss"}
 
 
 def flag(name: str) -> str:
@@ -755,7 +774,10 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     check_pipeline_args(args)
     if world % args.pp:
         raise UsageError(f"--pp {args.pp} does not divide the world size {world}")
-    tp = world // args.pp if args.tp is None else args.tp
+    ep = args.ep if args.ep and args.ep > 0 else 1  # the default tp leaves room for data parallel of ep ranks
+    if args.tp is None and world % (args.pp * ep):
+        raise UsageError(f"--ep {ep} x --pp {args.pp} does not divide the world size {world}")
+    tp = world // (args.pp * ep) if args.tp is None else args.tp
     if world % (tp * args.pp):
         what = f"--tp {tp}" if args.pp == 1 else f"--tp {tp} x --pp {args.pp} = {tp * args.pp}"
         raise UsageError(f"{what} does not divide the world size {world} (data parallel fills the rest)")
@@ -774,6 +796,7 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
             raise UsageError(f"--seq {args.seq} is too short for T5's span corruption: at least 8")
         if args.model in ("biencoder", "realm") and args.seq < 16:
             raise UsageError(f"--seq {args.seq} is too short for a block of lines: at least 16")
+    check_moe_args(args, world, tp)
     for name, models in (("top_k", ("realm",)), ("index_every", ("realm",))):
         if args.model not in models and getattr(args, name) is not None:
             raise UsageError(f"{flag(name)} is for --model {' / '.join(models)}")
@@ -794,17 +817,18 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
             cfg = hf_config_of(args, layout)
         else:
             vocab = {} if args.tokenizer_obj is None else dict(vocab_size=args.tokenizer_obj.get_vocab_size())
+            moe = {MOE_FIELDS[k]: getattr(args, k) for k in MOE_FLAGS if getattr(args, k) is not None}
             cfg = TASKS[args.model].config(
                 args, max_seq=args.max_seq, layers=args.layers, hidden=args.hidden, heads=args.heads,
                 kv_heads=args.kv_heads, norm=args.norm, activation=args.activation, position=args.position,
-                **layout, **order)
+                **layout, **order, **(dict(experts=args.experts, **moe) if args.experts else {}))
             cfg = replace(cfg, **vocab) if vocab else cfg
         if args.export_hf is not None:
             if args.model not in HF_EXPORTS:
                 raise ValueError(f"--export-hf: --model {args.model} has no Hugging Face twin here (gpt, bert, "
                                  "biencoder have)")
             HF_EXPORTS[args.model][0](cfg)  # a config the twin cannot hold is refused now, not after training
-        cfg.check_mesh(P.Mesh(tp=tp))
+        cfg.check_mesh(P.Mesh(tp=tp, ep=args.ep))
         cfg.check_seq(args.seq, P.Mesh(tp=tp))
         if args.model == "t5":
             args.dec_seq = t5_dec_seq(args.seq, tp)
@@ -831,6 +855,29 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     args.load_path = find_checkpoint(args.load) if args.load else None
     args.load_meta = read_meta(args.load_path, cfg, args) if args.load_path else None
     return cfg, tp
+
+
+def check_moe_args(args, world: int, tp: int) -> None:
+    """The mixture-of-experts flags: gpt only, the others need --experts,
+    --ep divides the data-parallel ranks, the sequence cuts over tp."""
+    if args.experts and args.model != "gpt":
+        raise UsageError(f"--experts is for --model gpt (mixture-of-experts MLPs), not {args.model}")
+    given = [flag(k) for k in (*MOE_FLAGS, "ep") if getattr(args, k) not in (None, 1 if k == "ep" else None)]
+    if given and not args.experts:
+        raise UsageError(f"{', '.join(given)} need --experts E (a mixture-of-experts model)")
+    if not args.experts:
+        return
+    dp = world // (tp * args.pp)
+    if dp % args.ep:
+        raise UsageError(f"--ep {args.ep} does not divide the data-parallel ranks dp = {dp} (world {world} / "
+                         f"(tp {tp} x pp {args.pp})): expert parallelism is carved out of data parallelism")
+    if args.topk is not None and args.topk > args.experts:
+        raise UsageError(f"--topk {args.topk} is more than --experts {args.experts}")
+    if args.init_hf is not None:
+        raise UsageError("--experts with --init-hf: the GPT-2 import has no experts")
+    if tp > 1 and args.seq % tp:
+        raise UsageError(f"--experts with --tp {tp}: each tp rank routes 1/tp of the sequence, so --seq {args.seq} "
+                         "must be divisible by --tp")
 
 
 # model -> (config check + config.json, state dict out, state dict in), for --export-hf / --init-hf
@@ -1014,8 +1061,9 @@ class Optimizer:
         self.skip = N.norm_skip(cfg, mesh) if cfg is not None else ()
         self.zero = args.zero == 1
         accumulations = args.microbatches if args.model in N.PIPELINE_MODELS else 1
+        experts = [n for n in params if isinstance(self.specs[n], P.Experts)]  # reduced over edp only
         self.buckets = P.GradBuckets(params, mesh, bucket_mb=args.bucket_mb, zero=self.zero,
-                                     accumulations=accumulations, tied=tied)
+                                     accumulations=accumulations, tied=tied, experts=experts)
         decay = lambda name, p: p.dim() >= 2
         if self.zero:
             self.opt = P.ZeroAdamW(params, self.buckets, self.specs, mesh, lr=args.lr, betas=(0.9, 0.95),
@@ -1095,16 +1143,39 @@ def train_step(params, opt: Optimizer, inputs, task, cfg, mesh, specs, args, ste
     collectives are recorded by a surrounding `P.count_comms()`, in phases
     forward, backward, after backward (dp, the tied embedding, the grad
     norm) and optimizer (ZeRO-1's all-gather)."""
+    moe = N.MoE() if getattr(cfg, "experts", 0) else None
     with autocast(args):
         if args.model in N.PIPELINE_MODELS:
             metrics = N.pipeline_step(args.model, params, inputs, cfg, mesh, schedule=args.schedule,
                                       v=args.virtual_stages, microbatches=args.microbatches, seed=args.seed + step,
-                                      clock=clock)
+                                      clock=clock, moe=moe)
         else:
             metrics = task.loss(params, inputs, cfg, mesh, seed=args.seed + step, training=True)
             metrics["loss"].backward()
     grad_norm = opt.step(lr_at(step, args), args.grad_clip)
-    return {k: v.detach() for k, v in metrics.items()}, grad_norm
+    metrics = {k: v.detach() for k, v in metrics.items()}
+    if moe is not None:  # this rank's MoE layers, summed: [load per expert..., dropped, choices]
+        totals = moe.totals().values()
+        metrics["moe"] = torch.stack([torch.stack([t.load.float() for t in totals]).sum(0).to(grad_norm.device),
+                                      ]).flatten() if totals else torch.zeros(cfg.experts, device=grad_norm.device)
+        metrics["moe"] = torch.cat([metrics["moe"], torch.tensor(
+            [float(sum(t.dropped for t in totals)), float(sum(t.choices for t in totals))], device=grad_norm.device)])
+    return metrics, grad_norm
+
+
+def moe_summary(stats, mesh: P.Mesh) -> str:
+    """The experts' load this step, over every MoE layer, stage and dp rank:
+    ' | experts ▆█▅▇ 24/27/23/26% | dropped 1.2%' (a bar per expert, its
+    share of the choices, the share dropped by capacity), '' without MoE.
+    stats: this rank's [load per expert..., dropped, choices] (`train_step`)."""
+    if stats is None:
+        return ""
+    stats = P.all_reduce(P.all_reduce(stats.double(), mesh, "pp", phase="log"), mesh, "dp", phase="log")
+    load, dropped, choices = stats[:-2], stats[-2].item(), stats[-1].item()
+    share = (load / load.sum().clamp(min=1)).tolist()
+    bars = "".join("▁▂▃▄▅▆▇█"[min(7, int(8 * x / max(share)))] if max(share) > 0 else "▁" for x in share)
+    line = f" | experts {bars} {'/'.join(f'{100 * x:.0f}' for x in share)}%"
+    return line + (f" | dropped {dropped / max(choices, 1):.1%}" if choices and dropped else "")
 
 
 def diverged_message(step: int, loss: float, grad_norm: float, last_finite, args) -> str:
@@ -1355,7 +1426,7 @@ def save_checkpoint(root: str, step: int, params, opt, cfg, mesh: P.Mesh, specs,
     indexes = gather_to_rank0(index)
     if rank == 0:
         meta = dict(format=1, model=args.model, step=step, optimizer_steps=opt.steps, config=config_dict(cfg),
-                    layout=dict(tp=mesh.tp, pp=mesh.pp, dp=mesh.dp, zero=args.zero,
+                    layout=dict(tp=mesh.tp, pp=mesh.pp, dp=mesh.dp, ep=mesh.ep, zero=args.zero,
                                 virtual_stages=args.virtual_stages),
                     seed=args.seed, index={k: v for part in indexes for k, v in part.items()})
         with open(tmp / "meta.json", "w") as f:
@@ -1451,7 +1522,7 @@ def load_checkpoint(path: Path, meta: dict, params, opt, cfg, mesh: P.Mesh, spec
 # ---------------------------------------------------------------------------
 
 PHASES = ("forward", "backward", "after backward")  # train_step's order
-MESH_ORDER = ("tp", "dp", "pp")
+MESH_ORDER = ("tp", "ep", "dp", "edp", "pp")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 LAYER = re.compile(r"((?:\w+\.)?)layers\.(\d+)\.(.+)")  # (stack prefix, layer, name in the layer)
 
@@ -1492,7 +1563,7 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
     moments = opt.state_bytes()
     return dict(
         rank=(mesh.pp_rank * mesh.dp + mesh.dp_rank) * mesh.tp + mesh.tp_rank,
-        mesh={d: (mesh.rank(d), mesh.size(d)) for d in MESH_ORDER},
+        mesh={d: (mesh.rank(d), mesh.size(d)) for d in MESH_ORDER if mesh.ep > 1 or d not in ("ep", "edp")},
         shards=shards,
         bytes=dict(weights=weights, grads=weights, moments=moments,
                    dtypes=sorted({dtype_name(p.dtype) for p in throwaway.values()})),
@@ -1711,7 +1782,7 @@ def train(args) -> int:
 
     rank, world = P.init_distributed()  # nccl and one GPU per rank when CUDA is there, else gloo on CPU
     torch.manual_seed(args.seed)
-    mesh = P.Mesh.build(tp=tp, pp=args.pp)
+    mesh = P.Mesh.build(tp=tp, pp=args.pp, ep=args.ep)
     say = print if rank == 0 else (lambda *a, **k: None)
     task = TASKS[args.model]
     specs = task.specs(cfg)
@@ -1726,8 +1797,20 @@ def train(args) -> int:
         (f" ({'+'.join(p.rstrip('.') or 'retriever' for p in stacks)})" if len(stacks) > 1 else "")
     say(f"model: {task.name} {layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {cfg.norm_order}-norm, "
         f"{n_params / 1e6:.2f}M parameters (vocab {cfg.vocab_size} padded to {cfg.padded_vocab}); "
-        f"mesh tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}{', sequence parallel' if cfg.sequence_parallel else ''}"
+        f"mesh tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}{f' (ep={mesh.ep})' if mesh.ep > 1 else ''}"
+        f"{', sequence parallel' if cfg.sequence_parallel else ''}"
         f"{', bf16' if args.bf16 else ''}{', ZeRO-1' if args.zero else ''}")
+    if getattr(cfg, "experts", 0):
+        moe_layers = sum(cfg.is_moe(i) for i in range(cfg.layers))
+        per_expert = sum(math.prod(shape) for name, (shape, _) in N.moe_shapes("moe", cfg).items()
+                         if "router" not in name) // cfg.experts
+        active = N.num_params(cfg) - moe_layers * (cfg.experts - cfg.moe_topk) * per_expert  # k experts per token
+        say(f"experts: {moe_layers} of {cfg.layers} layers have {cfg.experts} experts, top-{cfg.moe_topk}, "
+            f"{'dropless' if cfg.moe_capacity is None else f'capacity factor {cfg.moe_capacity:g}'}; "
+            f"{active / 1e6:.2f}M parameters active per token; aux loss x {cfg.moe_aux_loss:g}, z-loss x "
+            f"{cfg.moe_z_loss:g}" + (f"; ep={mesh.ep}: each rank holds {cfg.experts // mesh.ep} experts of each layer, "
+                                     f"their gradients averaged over the {mesh.dp // mesh.ep} rank(s) holding the "
+                                     "same ones" if mesh.ep > 1 else ""))
     if args.model in N.PIPELINE_MODELS and (mesh.pp > 1 or args.microbatches > 1):
         sim = P.simulate(P.schedule_for(args.schedule, mesh.pp, args.microbatches, args.virtual_stages),
                          args.virtual_stages)
@@ -1739,7 +1822,8 @@ def train(args) -> int:
         n_local = sum(p.numel() for p in params.values())
         say(f"data parallel: {len(opt.buckets.buckets)} gradient bucket(s) of <= {args.bucket_mb:g} MB, each "
             f"{'reduce-scattered' if args.zero else 'all-reduced'} over dp = {mesh.dp} as soon as its gradients are "
-            "in" + (f"; ZeRO-1: AdamW state {opt.state_bytes():,} B on rank 0 (fp32 main copy + 2 moments of its "
+            "in" + (f" (the experts' over the dp / ep = {mesh.dp // mesh.ep} rank(s) that hold them)"
+                    if mesh.ep > 1 else "") + (f"; ZeRO-1: AdamW state {opt.state_bytes():,} B on rank 0 (fp32 main copy + 2 moments of its "
                     f"slice), 1/{mesh.dp} of {12 * n_local:,} B up to the padding" if args.zero else ""))
     start = 1
     if args.load_path is not None:
@@ -1776,7 +1860,10 @@ def train(args) -> int:
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
         with P.count_comms() as comms:
             metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, clock)
+        moe_stats = moe_summary(metrics.pop("moe", None), mesh)
         metrics = {k: (P.all_reduce(v.float(), mesh, "dp") / mesh.dp).item() for k, v in metrics.items()}
+        if "lm" in metrics:  # MoE: the loss is lm + the weighted auxiliary losses
+            metrics["aux"] = metrics["loss"] - metrics["lm"]
         loss_value = metrics["loss"]
         norm_value = grad_norm.item()  # the same on every rank, so every rank stops at the same step
         if math.isfinite(norm_value):
@@ -1794,7 +1881,8 @@ def train(args) -> int:
             say(f"step {step:5d} | loss {loss_value:.4f}{metrics_line(metrics, 'log')} | lr {lr_at(step, args):.2e} "
                 f"| grad norm "
                 f"{norm_value:.3f} | {tokens_per_step / dt:,.0f} tok/s | {flops / 1e9:.2f} GFLOP/s | "
-                f"MFU {flops / (world * peak):.1%} | comm {comm_per_dim(comms)} el/step{bubble_note(clock, mesh)}")
+                f"MFU {flops / (world * peak):.1%} | comm {comm_per_dim(comms)} el/step{bubble_note(clock, mesh)}"
+                f"{moe_stats}")
             clock.clear()
         if step % args.eval_every == 0 or step == args.steps:
             bar.clear()
@@ -1810,8 +1898,8 @@ def train(args) -> int:
 
     if mesh.pp > 1:  # the held-out demos below run the whole model: every rank takes every stage's tensors
         params = gather_stages(params, task, cfg, mesh, specs, args, device)
-        mesh = P.Mesh(tp=mesh.tp, dp=mesh.dp, tp_rank=mesh.tp_rank, dp_rank=mesh.dp_rank,
-                      groups={d: g for d, g in mesh.groups.items() if d in ("tp", "dp")})
+        mesh = P.Mesh(tp=mesh.tp, dp=mesh.dp, tp_rank=mesh.tp_rank, dp_rank=mesh.dp_rank, ep=mesh.ep,
+                      ep_rank=mesh.ep_rank, groups={d: g for d, g in mesh.groups.items() if d in ("tp", "dp", "ep", "edp")})
     if args.export_hf is not None:
         said = export_hf(params, cfg, mesh, specs, args)
         if said:
