@@ -352,3 +352,335 @@ def test_gpt_loss_adds_the_weighted_aux_and_its_gradient_is_exact(capacity):
     cfg0 = replace(cfg, moe_aux_loss=0.0, moe_z_loss=0.0)
     f0 = lambda t: N.gpt_loss({k: v + t * eps * direction[k] for k, v in full.items()}, ids, tg, cfg0, SERIAL)
     assert abs(float((f0(1) - f0(-1)) / (2 * eps) - numeric)) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Layouts: (tp, ep, sp) on the worker pools equal the serial full-batch run
+# ---------------------------------------------------------------------------------------------------
+
+
+def my_rows(mesh, *tensors):
+    """This dp rank's rows of each global-batch tensor: dp_rank·b onwards."""
+    b = tensors[0].shape[0] // mesh.dp
+    return [t[mesh.dp_rank * b: (mesh.dp_rank + 1) * b] for t in tensors]
+
+
+def local_params(full, specs, mesh) -> dict:
+    return {k: v.requires_grad_(True) for k, v in P.shard(full, specs, mesh).items()}
+
+
+def dp_mean_grads(params: dict, specs: dict, mesh) -> dict:
+    """The brief's reduction: dense gradients all-reduced over dp, experts' over edp, all divided by dp."""
+    return {k: P.all_reduce(v.grad, mesh, "edp" if isinstance(specs[k], P.Experts) else "dp") / mesh.dp
+            for k, v in params.items()}
+
+
+def step_task(mesh, cfg, full, ids, tg, seed):
+    specs = N.gpt_specs(cfg)
+    params = local_params(full, specs, mesh)
+    ids, tg = my_rows(mesh, ids, tg)
+    moe = N.MoE()
+    loss = N.gpt_loss(params, ids, tg, cfg, mesh, seed=seed, moe=moe)
+    loss.backward()
+    return dict(loss=P.all_reduce(loss.detach(), mesh, "dp") / mesh.dp,
+                grads=P.unshard(dp_mean_grads(params, specs, mesh), specs, mesh), tp_rank=mesh.tp_rank,
+                stats={layer: (s.aux, s.load, int(s.dropped)) for (layer, _), s in moe.stats.items()})
+
+
+class GptCase(NamedTuple):
+    tp: int
+    ep: int
+    cfg: N.GPTConfig
+    rows: int
+    s: int
+    seed: int
+
+
+@st.composite
+def gpt_cases(draw, world: int, layouts):
+    tp, ep = draw(st.sampled_from(layouts))
+    dp = world // tp
+    sp = tp > 1 and draw(st.booleans())
+    s = tp * draw(st.integers(1, 8 // tp)) if tp > 1 else draw(st.integers(2, 8))
+    dropout = draw(st.sampled_from([0.0, 0.1]))
+    cfg = small_gpt(experts=draw(st.sampled_from([e for e in (4, 8) if e % ep == 0])),
+                    moe_topk=draw(st.sampled_from([1, 2])), moe_capacity=draw(st.sampled_from([None, 1.0, 1.5])),
+                    moe_every=draw(st.sampled_from([1, 2])), activation=draw(st.sampled_from(["gelu", "swiglu"])),
+                    hidden_dropout=dropout, sequence_parallel=sp, bias=draw(st.booleans()),
+                    tie_embeddings=draw(st.booleans()), moe_aux_loss=draw(st.sampled_from([0.0, 0.01, 0.5])),
+                    moe_z_loss=draw(st.sampled_from([0.0, 0.1])))
+    return GptCase(tp, ep, cfg, dp * draw(st.integers(1, 2)), s, draw(st.integers(0, 2**16)))
+
+
+def check_gpt_case(pool, case: GptCase):
+    cfg, what = case.cfg, f"tp={case.tp} ep={case.ep}"
+    full = model_params(cfg, case.seed)
+    ids = randint(case.seed + 1, cfg.vocab_size, case.rows, case.s)
+    tg = randint(case.seed + 2, cfg.vocab_size, case.rows, case.s)
+    params = {k: v.clone().requires_grad_(True) for k, v in full.items()}
+    moe = N.MoE()
+    loss = N.gpt_loss(params, ids, tg, replace(cfg, sequence_parallel=False), SERIAL, seed=case.seed, moe=moe)
+    loss.backward()
+    want = {k: v.grad for k, v in params.items()}
+    results = pool.run(step_task, cfg, full, ids, tg, case.seed, tp=case.tp, ep=case.ep)
+    for rank, r in enumerate(results):
+        assert_close(r["loss"], loss.detach(), f"{what}: loss on rank {rank}")
+        assert_close(r["grads"], want, f"{what}: gradients on rank {rank}")
+    firsts = [r["stats"] for r in results if r["tp_rank"] == 0]  # one per dp rank, its own rows
+    assert set(firsts[0]) == {i for i in range(cfg.layers) if cfg.is_moe(i)}
+    for (layer, _), (aux, _, load, dropped, _) in moe.stats.items():
+        assert_close(sum(f[layer][0] for f in firsts) / len(firsts), aux, f"{what}: aux of layer {layer}")
+        assert torch.equal(sum(f[layer][1] for f in firsts), load), what
+        assert sum(f[layer][2] for f in firsts) == int(dropped), what
+
+
+LAYOUTS4 = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]  # (tp, ep) on 4 ranks
+LAYOUTS8 = [(2, 2), (2, 4), (1, 8)]
+
+EVERYTHING4 = GptCase(2, 2, small_gpt(experts=4, moe_topk=2, moe_capacity=1.0, moe_every=1, activation="swiglu",
+                                      hidden_dropout=0.1, sequence_parallel=True, tie_embeddings=False), 4, 6, 21)
+EP4_DROPLESS = GptCase(1, 4, small_gpt(experts=8, moe_topk=1, moe_every=2, moe_z_loss=0.1), 4, 5, 8)
+
+
+@example(case=EVERYTHING4)
+@example(case=EP4_DROPLESS)
+@given(case=gpt_cases(4, LAYOUTS4))
+def test_layouts_equal_serial(pool, case):
+    check_gpt_case(pool, case)
+
+
+@settings(max_examples=3)
+@example(case=GptCase(2, 4, small_gpt(experts=8, moe_topk=2, moe_capacity=1.5, sequence_parallel=True,
+                                      hidden_dropout=0.1), 4, 4, 5))
+@given(case=gpt_cases(8, LAYOUTS8))
+def test_layouts_equal_serial_on_8_ranks(pool8, case):
+    check_gpt_case(pool8, case)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Communication of one MoE layer: the all-to-alls over ep
+# ---------------------------------------------------------------------------------------------------
+
+
+def layer_task(mesh, cfg, params, x, dy):
+    """moe_mlp on this dp rank's rows (its tp shard of the sequence under sequence parallel), forward and
+    backward, under count_comms; the gradients summed (not averaged) over dp / edp."""
+    specs = {k: v for k, v in N.gpt_specs(cfg).items() if k.startswith(PRE)}
+    loc = local_params(params, specs, mesh)
+    x, dy = my_rows(mesh, x, dy)
+    if cfg.sequence_parallel and mesh.tp > 1:
+        x, dy = (t.chunk(mesh.tp, 1)[mesh.tp_rank] for t in (x, dy))
+    x = x.clone().requires_grad_(True)
+    with P.count_comms() as records:
+        y, _ = N.moe_mlp(loc, PRE, x, cfg, mesh, layer=0, moe=N.MoE(), training=True)
+        (y * dy).sum().backward()
+    grads = {k: P.all_reduce(v.grad, mesh, "edp" if isinstance(specs[k], P.Experts) else "dp")
+             for k, v in loc.items()}
+    return dict(a2a=[c for c in records if c["op"] == "all_to_all"], y=y.detach(), gx=x.grad, dp_rank=mesh.dp_rank,
+                ep_rank=mesh.ep_rank, tp_rank=mesh.tp_rank, grads=P.unshard(grads, specs, mesh))
+
+
+@given(data=st.data())
+def test_all_to_all_moves_the_kept_choices_of_other_ranks_experts(pool, data):
+    """Per MoE layer and rank, all on dim "ep", in order: forward, the count all-to-all (int64, E/ep·(ep−1)),
+    the dispatch (sends h × n_out: this rank's kept choices whose expert another ep rank holds) and the combine
+    (sends back h × n_in: the rows its experts ran for the other ep ranks' kept choices); backward, the
+    combine's (h × n_out) and the dispatch's (h × n_in) again. None at ep = 1. (Each all-to-all records what
+    the rank sends, parallel._all_to_all; summed over an ep group dispatch and combine move the same.) The
+    output, the input's and the weights' gradients equal the reference's (the aux terms counted once per dp
+    rank)."""
+    tp, ep = data.draw(st.sampled_from(LAYOUTS4), label="tp, ep")
+    dp = 4 // tp
+    E = data.draw(st.sampled_from([e for e in (4, 8) if e % ep == 0]), label="E")
+    cfg = moe_config(hidden=8, heads=4, ffn=4 * data.draw(st.integers(1, 2)), experts=E,
+                     moe_topk=data.draw(st.sampled_from([1, 2]), label="k"),
+                     moe_capacity=data.draw(st.sampled_from([None, 1.0]), label="capacity"),
+                     sequence_parallel=tp > 1 and data.draw(st.booleans(), label="sp"),
+                     activation=data.draw(st.sampled_from(["gelu", "swiglu"]), label="activation"),
+                     moe_aux_loss=0.3, moe_z_loss=0.1)
+    s, seed = data.draw(st.sampled_from([4, 8]), label="s"), data.draw(st.integers(0, 2**16), label="seed")
+    b = dp * data.draw(st.integers(1, 2), label="rows per dp rank")
+    params = layer_params(cfg, seed)
+    x, dy = rand(seed + 1, b, s, cfg.hidden), rand(seed + 2, b, s, cfg.hidden)
+    # the reference: Σ y·dy over the global batch, plus the aux terms of each dp rank's rows (mean over its
+    # sequences: their sum over dp is dp × the global mean)
+    ref_p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    xr = x.clone().requires_grad_(True)
+    ref = ref_moe(ref_weights(ref_p), xr, cfg)
+    ((ref["y"] * dy).sum() + dp * (cfg.moe_aux_loss * ref["aux"] + cfg.moe_z_loss * ref["z"])).backward()
+    results = pool.run(layer_task, cfg, params, x, dy, tp=tp, ep=ep)
+    rows = b // dp
+    for r in results:
+        what = f"tp={tp} ep={ep} E={E} rank (dp {r['dp_rank']}, tp {r['tp_rank']})"
+        mine = slice(r["dp_rank"] * rows, (r["dp_rank"] + 1) * rows)
+        seq = slice(None)
+        if cfg.sequence_parallel and tp > 1:
+            seq = slice(r["tp_rank"] * s // tp, (r["tp_rank"] + 1) * s // tp)
+        assert_close(r["y"], ref["y"][mine, seq].detach(), f"{what}: output")
+        assert_close(r["gx"], xr.grad[mine, seq], f"{what}: x gradient")
+        assert_close(r["grads"], {k: v.grad for k, v in ref_p.items()}, f"{what}: weight gradients")
+        home = ref["idx"] // (E // ep)  # the ep rank that holds each choice's expert
+        kept = ref["keep"]
+        n_out = int((kept[mine] & (home[mine] != r["ep_rank"])).sum())
+        group = [d for d in range(dp) if d // ep == r["dp_rank"] // ep and d != r["dp_rank"]]  # my ep group
+        n_in = sum(int((kept[d * rows:(d + 1) * rows] & (home[d * rows:(d + 1) * rows] == r["ep_rank"])).sum())
+                   for d in group)
+        got = [(c["phase"], str(c["dtype"]), c["elements"], c["dim"]) for c in r["a2a"]]
+        h, f64 = cfg.hidden, "torch.float64"
+        want = [] if ep == 1 else [("forward", "torch.int64", E // ep * (ep - 1), "ep"), ("forward", f64, h * n_out, "ep"),
+                                   ("forward", f64, h * n_in, "ep"), ("backward", f64, h * n_out, "ep"),
+                                   ("backward", f64, h * n_in, "ep")]
+        assert got == want, f"{what}: {got} != {want}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Training steps: GradBuckets / ZeRO-1 with expert buckets, against serial AdamW
+# ---------------------------------------------------------------------------------------------------
+
+LR, BETAS, WEIGHT_DECAY, CLIP, STEPS = 1e-2, (0.9, 0.95), 0.1, 1.0, 3
+
+
+def adamw(params: dict):
+    """torch's AdamW, weight decay on tensors of 2 dims or more (ZeroAdamW's default rule)."""
+    return torch.optim.AdamW([dict(params=[p for p in params.values() if p.dim() >= 2], weight_decay=WEIGHT_DECAY),
+                              dict(params=[p for p in params.values() if p.dim() < 2], weight_decay=0.0)],
+                             lr=LR, betas=BETAS)
+
+
+def train_task(mesh, cfg, full, batches, zero, bucket_mb):
+    specs = N.gpt_specs(cfg)
+    params = local_params(full, specs, mesh)
+    buckets = P.GradBuckets(params, mesh, bucket_mb=bucket_mb, zero=zero, experts=expert_names(specs))
+    opt = P.ZeroAdamW(params, buckets, specs, mesh, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY) if zero \
+        else adamw(params)
+    losses, norms = [], []
+    for step, (ids, tg) in enumerate(batches):
+        buckets.zero_grad()
+        ids, tg = my_rows(mesh, ids, tg)
+        loss = N.gpt_loss(params, ids, tg, cfg, mesh, seed=10 + step)
+        loss.backward()
+        buckets.finish()
+        norms.append(opt.clip_grad_norm(CLIP) if zero else P.clip_grad_norm(params, specs, mesh, CLIP))
+        opt.step()
+        losses.append(P.all_reduce(loss.detach(), mesh, "dp") / mesh.dp)
+    return dict(losses=torch.stack(losses), norms=torch.stack(norms),
+                params=P.unshard({k: p.detach() for k, p in params.items()}, specs, mesh))
+
+
+def serial_training(cfg, full, batches):
+    params = {k: t.clone().requires_grad_(True) for k, t in full.items()}
+    opt = adamw(params)
+    losses, norms = [], []
+    for step, (ids, tg) in enumerate(batches):
+        opt.zero_grad()
+        loss = N.gpt_loss(params, ids, tg, replace(cfg, sequence_parallel=False), SERIAL, seed=10 + step)
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP))
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), torch.stack(norms), {k: p.detach() for k, p in params.items()}
+
+
+@pytest.mark.parametrize("tp, ep, zero, bucket_mb", [(1, 2, True, 1e-5), (1, 2, False, 25.0), (2, 2, True, 25.0),
+                                                     (2, 2, False, 1e-5), (1, 4, True, 1e-5), (1, 4, False, 1e-5)])
+def test_training_steps_equal_serial_adamw(pool, tp, ep, zero, bucket_mb):
+    cfg = small_gpt(experts=4, moe_topk=2, moe_capacity=1.0, moe_every=1, hidden_dropout=0.1,
+                    sequence_parallel=tp > 1, tie_embeddings=False)
+    full = model_params(cfg, 3)
+    batches = [(randint(20 + i, cfg.vocab_size, 4, 6), randint(30 + i, cfg.vocab_size, 4, 6)) for i in range(STEPS)]
+    want_losses, want_norms, want = serial_training(cfg, full, batches)
+    assert (want_norms > CLIP).all(), want_norms  # the clip does something at every step
+    what = f"tp={tp} ep={ep} {'zero' if zero else 'adamw'} bucket {bucket_mb} MB"
+    for rank, r in enumerate(pool.run(train_task, cfg, full, batches, zero, bucket_mb, tp=tp, ep=ep)):
+        assert_close(r["losses"], want_losses, f"{what}: losses on rank {rank}")
+        assert_close(r["norms"], want_norms, f"{what}: grad norms on rank {rank}")
+        assert_close(r["params"], want, f"{what}: parameters after {STEPS} steps on rank {rank}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Pipeline: a MoE GPT over 2 stages
+# ---------------------------------------------------------------------------------------------------
+
+
+def pipeline_task(mesh, cfg, full, ids, tg, m, seed):
+    specs = N.gpt_specs(cfg)
+    local = P.shard(full, specs, mesh)
+    params = {k: t.clone().requires_grad_(True) for k, t in N.stage_params(local, cfg, mesh).items()}
+    buckets = P.GradBuckets(params, mesh, accumulations=m, tied=N.tied_copies(cfg, mesh),
+                            experts=expert_names({k: specs[k] for k in params}))
+    ids, tg = my_rows(mesh, ids, tg)
+    out = N.pipeline_step("gpt", params, dict(ids=ids, targets=tg), cfg, mesh, schedule="1f1b", microbatches=m,
+                          seed=seed)
+    buckets.finish()
+    return dict(loss=P.all_reduce(out["loss"].detach(), mesh, "dp") / mesh.dp,
+                lm=P.all_reduce(out["lm"].detach(), mesh, "dp") / mesh.dp,
+                grads={k: P.unshard_tensor(p.grad, specs[k], mesh) for k, p in params.items()})
+
+
+@pytest.mark.parametrize("tp, ep", [(1, 2), (2, 1), (1, 1)])
+def test_pipeline_step_equals_serial(pool, tp, ep):
+    """pp = 2, 4 layers, MoE every other layer (layers 0 and 2: one per stage), 1F1B over 2 microbatches,
+    capacity drops and dropout: the loss (LM + aux over both stages), the LM loss alone, and every gradient
+    (the tied embedding's two copies included) equal the serial run on the global batch."""
+    cfg = small_gpt(layers=4, experts=4, moe_topk=2, moe_capacity=1.0, moe_every=2, hidden_dropout=0.1,
+                    sequence_parallel=tp > 1)
+    full = model_params(cfg, 6)
+    dp, m = 4 // (2 * tp), 2
+    ids, tg = randint(1, cfg.vocab_size, 2 * dp, 4), randint(2, cfg.vocab_size, 2 * dp, 4)
+    params = {k: v.clone().requires_grad_(True) for k, v in full.items()}
+    loss = N.gpt_loss(params, ids, tg, replace(cfg, sequence_parallel=False), SERIAL, seed=4)
+    loss.backward()
+    lm = N.lm_loss(N.gpt_logits(full, ids, replace(cfg, sequence_parallel=False), SERIAL, seed=4, training=True),
+                   tg, cfg, SERIAL)
+    results = pool.run(pipeline_task, cfg, full, ids, tg, m, 4, tp=tp, pp=2, ep=ep)
+    what = f"pp=2 tp={tp} ep={ep}"
+    for rank, r in enumerate(results):
+        assert_close(r["loss"], loss.detach(), f"{what}: loss on rank {rank}")
+        assert_close(r["lm"], lm, f"{what}: lm loss on rank {rank}")
+    assert_close(merged([r["grads"] for r in results], what), {k: v.grad for k, v in params.items()},
+                 f"{what}: gradients")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Bad input
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(experts=2, moe_topk=3), ["moe_topk=3", "experts=2"]),
+    (dict(experts=2, moe_capacity=0), ["moe_capacity", "0"]),
+    (dict(experts=2, moe_capacity=-1.0), ["moe_capacity", "-1"]),
+    (dict(experts=2, moe_aux_loss=-0.1), ["moe_aux_loss", "-0.1"]),
+    (dict(experts=2, moe_z_loss=-1.0), ["moe_z_loss", "-1"]),
+    (dict(experts=-1), ["experts", "-1"]),
+    (dict(experts=2, moe_every=0), ["moe_every", "0"]),
+])
+def test_bad_config_is_a_value_error_naming_it(kw, words):
+    with pytest.raises(ValueError) as e:
+        moe_config(**kw)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def bad_layout_case(mesh):
+    ok = small_gpt(experts=4)
+    three, dense = replace(ok, experts=3, moe_topk=1), replace(ok, experts=0)
+    ids = randint(1, ok.vocab_size, 2, 4)
+    messages = value_errors_then_in_step([
+        lambda: N.gpt_loss(N.init_gpt(three, 0, torch.float64), ids, ids, three, mesh),
+        lambda: N.pipeline_step("gpt", N.init_gpt(three, 0, torch.float64), dict(ids=ids, targets=ids), three,
+                                mesh),
+        lambda: N.gpt_loss(N.init_gpt(dense, 0, torch.float64), ids, ids, dense, mesh),
+        lambda: P.Mesh.build(ep=3),
+        lambda: P.Mesh.build(ep=0),
+    ], mesh)
+    return messages + [P.all_reduce(torch.ones(1), mesh, "dp").item()]  # every dp rank in step too
+
+
+def test_bad_layout_raises_on_every_rank_before_any_collective(pool):
+    want = ["experts=3 is not divisible by ep=2", "experts=3 is not divisible by ep=2",
+            "ep=2 needs a mixture-of-experts model (experts > 0), got experts=0",
+            "ep=3 does not divide the data-parallel ranks dp=4", "ep must be an integer >= 1, got ep=0", 2.0, 2.0]
+    for rank, messages in enumerate(pool.run(bad_layout_case, tp=2, ep=2)):
+        for got, expected in zip(messages, want, strict=True):
+            ok = got == expected if isinstance(expected, float) else (got is not None and expected in got)
+            assert ok, f"rank {rank}: {got!r}, want {expected!r}"
