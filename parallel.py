@@ -1557,7 +1557,7 @@ class GradBuckets:
                 current.append(n)
                 nbytes += params[n].numel() * params[n].element_size()
             groups += [current] if current else []
-            self.buckets += [self._bucket(g, tied=False, dim=dim) for g in groups]
+            self.buckets += [self._bucket(g, tied=False, dim=dim if mesh.ep > 1 else "dp") for g in groups]
         self.buckets += [self._bucket(tied, tied=True, dim="dp")] if tied else []
         self.bucket_of = {n: b for b in self.buckets for n in b["names"]}
         self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params.values()]

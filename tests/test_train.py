@@ -125,6 +125,47 @@ def test_torchrun_pipeline_learns_exactly_what_the_uncut_run_learns(text_file, m
         assert "ZeRO-1" in got.stdout and "dp " in step_line
 
 
+MOE = ["--experts", "4", "--topk", "2", "--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "32", "--batch",
+       "4", "--steps", "8", "--log-every", "4", "--eval-every", "4", "--eval-batches", "2", "--lr", "1e-2",
+       "--capacity-factor", "1.5", "--z-loss", "1e-3", "--peak-flops", "1e9", "--sample-tokens", "0"]
+
+
+@pytest.mark.parametrize("layout,reference", [
+    ((["--tp", "2", "--sequence-parallel"], 2), ([], 0)),  # expert-TP + SP against one process
+    # ep = 2 of dp = 2, 2 stages, microbatches, ZeRO-1, small buckets: against plain dp = 2 (the same batches)
+    ((["--tp", "1", "--pp", "2", "--ep", "2", "--microbatches", "2", "--zero", "1", "--bucket-mb", "0.01"], 4),
+     (["--tp", "1"], 2)),
+])
+def test_torchrun_mixture_of_experts_learns_exactly_what_the_reference_learns(text_file, layout, reference):
+    """MoE GPT (4 experts, top-2, capacity 1.5, aux and z losses) under torchrun: the same eval losses to the
+    printed four decimals as one process (tp 2 + SP), or as dp 2 without ep (pp 2 x ep 2, ZeRO-1); the log has
+    the LM loss, the auxiliary losses, a bar per expert and, with ep, all-to-alls on ep."""
+    common = ["--data", text_file, *MOE]
+    (args, n), (ref_args, ref_n) = layout, reference
+    want, got = run(*common, *ref_args, torchrun=ref_n), run(*common, *args, torchrun=n)
+    assert want.returncode == 0, want.stderr[-3000:]
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert len(eval_losses(want.stdout)) == 3 and eval_losses(got.stdout) == eval_losses(want.stdout), \
+        (want.stdout, got.stdout)
+    step_line = re.search(r"step +8 \|.*", got.stdout)[0]
+    assert re.search(r"\| lm \d\.\d{4} \| aux \d\.\d{4} \|", step_line), step_line
+    assert re.search(r"\| experts [▁▂▃▄▅▆▇█]{4} \d+/\d+/\d+/\d+%", step_line), step_line
+    assert "experts: 2 of 2 layers have 4 experts, top-2, capacity factor 1.5" in got.stdout
+    if "--ep" in args:
+        assert re.search(r"comm .*ep [0-9,]+", step_line) and "each rank holds 2 experts of each layer" in got.stdout
+
+
+def test_moe_flags_that_need_the_world_size_are_refused_before_any_process_group():
+    for argv, world, message in [
+        (["--experts", "3", "--ep", "2"], 2, "--experts 3 is not divisible by --ep 2"),
+        (["--experts", "4", "--ep", "2", "--tp", "2"], 2, "--ep 2 does not divide the data-parallel ranks dp = 1"),
+        (["--experts", "4", "--tp", "2", "--seq", "33"], 2, "each tp rank routes 1/tp of the sequence, so --seq 33"),
+        (["--model", "bert", "--experts", "4"], 1, "--experts is for --model gpt"),
+    ]:
+        with pytest.raises(train.UsageError, match=re.escape(message)):
+            train.check_args(args_of(*argv), world=world)
+
+
 def test_show_schedule_draws_the_timeline_and_exits_without_processes(capsys):
     assert train.main(["--pp", "4", "--layers", "4", "--microbatches", "8", "--show-schedule"]) == 0
     out = capsys.readouterr().out
@@ -204,6 +245,19 @@ TOO_BIG = "the model and one step need about"
     (["--bucket-mb", "0"], "--bucket-mb must be a finite number > 0, got 0.0"),
     (["--layers", "2", "--pp", "2", "--position", "relative"], "--position relative does not pipeline (--pp 2)"),
     (["--zero", "2"], "argument --zero: invalid choice: 2"),
+    (["--experts", "4", "--topk", "5"], "--topk 5 is more than --experts 4"),
+    (["--experts", "4", "--ep", "2"], "--ep 2 x --pp 1 does not divide the world size 1"),
+    (["--experts", "4", "--ep", "2", "--tp", "1"], "--ep 2 does not divide the data-parallel ranks dp = 1 (world 1 / "
+                                                   "(tp 1 x pp 1))"),
+    (["--experts", "4", "--ep", "0"], "--ep must be >= 1, got 0"),
+    (["--experts", "4", "--capacity-factor", "0"], "--capacity-factor must be a finite number > 0, got 0.0"),
+    (["--experts", "4", "--capacity-factor=-1.5"], "--capacity-factor must be a finite number > 0, got -1.5"),
+    (["--experts", "4", "--aux-loss=-0.1"], "--aux-loss must be a finite number >= 0, got -0.1"),
+    (["--experts", "4", "--z-loss", "nan"], "--z-loss must be a finite number >= 0, got nan"),
+    (["--experts=-2"], "--experts must be >= 0, got -2"),
+    (["--topk", "2"], "--topk need --experts E (a mixture-of-experts model)"),
+    (["--ep", "2", "--tp", "1", "--capacity-factor", "1.0"], "--capacity-factor, --ep need --experts E"),
+    (["--experts", "4", "--export-hf", "out"], "GPT-2 cannot hold this config: {'experts': 4}"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args, message):
     # a case wrongly accepted would train for one step on TINY and fail on its exit code
