@@ -922,10 +922,12 @@ def run_experts(params, prefix, rows, plan, cfg: GPTConfig, mesh: Mesh):
     b1, b2 = params.get(f"{prefix}.fc1.bias"), params.get(f"{prefix}.fc2.bias")
     if b2 is not None and mesh.tp > 1:  # replicated over tp: added once, on tp rank 0, before the sum over tp
         b2 = P.sync_replicated_grad(b2, mesh) * (mesh.tp_rank == 0)
+    # unbind, not w1[j]: indexing one expert in a loop would give each a whole [E/ep, ...] gradient to sum
+    none = [None] * local
     outs = []
-    for j, r in enumerate(rows[order].split(plan.recv_counts.sum(0).tolist())):
-        y = activate(F.linear(r, w1[j]), None if b1 is None else b1[j], cfg)
-        outs.append(F.linear(y, w2[j], None if b2 is None else b2[j]))
+    for r, w1j, w2j, b1j, b2j in zip(rows[order].split(plan.recv_counts.sum(0).tolist()), w1.unbind(0), w2.unbind(0),
+                                     none if b1 is None else b1.unbind(0), none if b2 is None else b2.unbind(0)):
+        outs.append(F.linear(activate(F.linear(r, w1j), b1j, cfg), w2j, b2j))
     return torch.cat(outs)[torch.argsort(order)]
 
 
