@@ -1435,6 +1435,8 @@ def _mixtral_experts(sd: dict, hf: str, cfg: GPTConfig) -> tuple:
         gate, up = sd[f"{hf}.mlp.experts.gate_up_proj"].chunk(2, dim=1)
         return sd[f"{hf}.mlp.gate.weight"], _interleave(gate, up), sd[f"{hf}.mlp.experts.down_proj"]
     old = f"{hf}.block_sparse_moe"
+    if f"{old}.gate.weight" not in sd:
+        raise KeyError(f"{hf}.mlp.gate.weight (or the older {old}.gate.weight)")
     w = lambda n: torch.stack([sd[f"{old}.experts.{j}.{n}.weight"] for j in range(cfg.experts)])
     return sd[f"{old}.gate.weight"], _interleave(w("w1"), w("w3")), w("w2")
 

@@ -30,6 +30,7 @@ import parallel as P
 from nanomeg import (
     GPTConfig,
     from_hf_gpt2,
+    from_hf_llama,
     generate,
     gpt2_config,
     gpt_logits,
@@ -38,8 +39,11 @@ from nanomeg import (
     gpt_specs,
     init_gpt,
     layer_ids,
+    llama_config_from_hf,
+    llama_hf_config,
     lm_loss,
     to_hf_gpt2,
+    to_hf_llama,
 )
 
 
@@ -588,54 +592,108 @@ def test_gpt2_weights_split_over_tp_equal_serial(hf_gpt2, pool):
         assert_close(got, want, f"rank {rank}")
 
 
-def from_hf_llama(sd, cfg: GPTConfig) -> dict:
-    """A LlamaForCausalLM state dict in nanomeg's layout: qkv rows grouped per kv head as
-    [its q heads, k, v]; SwiGLU fc1 rows interleaved [gate_i, up_i]."""
-    from einops import rearrange
-
-    g, d = cfg.num_kv_heads, cfg.head_dim
-    word = torch.zeros(cfg.padded_vocab, cfg.hidden)
-    word[: cfg.vocab_size] = sd["model.embed_tokens.weight"]
-    head = torch.zeros(cfg.padded_vocab, cfg.hidden)
-    head[: cfg.vocab_size] = sd["lm_head.weight"]
-    p = {"embed.word": word, "head.weight": head, "final_norm.weight": sd["model.norm.weight"]}
-    for i in range(cfg.layers):
-        hf, pre = f"model.layers.{i}", f"layers.{i}"
-        q = rearrange(sd[f"{hf}.self_attn.q_proj.weight"], "(g rd) h -> g rd h", g=g)
-        k = rearrange(sd[f"{hf}.self_attn.k_proj.weight"], "(g d) h -> g d h", d=d)
-        v = rearrange(sd[f"{hf}.self_attn.v_proj.weight"], "(g d) h -> g d h", d=d)
-        gate, up = sd[f"{hf}.mlp.gate_proj.weight"], sd[f"{hf}.mlp.up_proj.weight"]
-        p |= {f"{pre}.ln1.weight": sd[f"{hf}.input_layernorm.weight"],
-              f"{pre}.attn.qkv.weight": rearrange(torch.cat([q, k, v], 1), "g x h -> (g x) h"),
-              f"{pre}.attn.proj.weight": sd[f"{hf}.self_attn.o_proj.weight"],
-              f"{pre}.ln2.weight": sd[f"{hf}.post_attention_layernorm.weight"],
-              f"{pre}.mlp.fc1.weight": rearrange(torch.stack([gate, up], 1), "f two h -> (f two) h"),
-              f"{pre}.mlp.fc2.weight": sd[f"{hf}.mlp.down_proj.weight"]}
-    return p
-
-
-def test_rope_rmsnorm_swiglu_gqa_equal_hugging_face_llama():
-    """What parallel ≡ serial cannot prove: that the serial rope, RMSNorm, SwiGLU and GQA are the
-    usual ones. A Llama is exactly a nanomeg GPT with those options, untied and without biases."""
-    transformers = pytest.importorskip("transformers", reason="Llama-style options are checked against HF")
-    vocab, heads, kv_heads, hidden, ffn, layers = 37, 4, 2, 32, 24, 2
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-                                      num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=kv_heads, max_position_embeddings=16, rms_norm_eps=1e-5,
-                                      rope_theta=500.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
-                                      pad_token_id=0)
+def hf_llama_family(kind: str, tied: bool = False, **extra):
+    """A randomly initialised LlamaForCausalLM or MixtralForCausalLM (4 experts, top-2), eval mode, its
+    weights jittered away from the init so that no tensor is trivially ones or zeros."""
+    transformers = pytest.importorskip("transformers", reason="Llama / Mixtral weights are checked against HF")
+    common = dict(vocab_size=37, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=16, rms_norm_eps=1e-5, rope_theta=500.0,
+                  tie_word_embeddings=tied, bos_token_id=0, eos_token_id=None, pad_token_id=0, **extra)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4,
+                                                                           num_experts_per_tok=2, **common))
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
-            p.add_(0.1 * rand(i, *p.shape).float())
-    cfg = GPTConfig(vocab_size=vocab, vocab_multiple=8, max_seq=16, layers=layers, hidden=hidden, heads=heads,
-                    kv_heads=kv_heads, ffn=ffn, norm="rmsnorm", activation="swiglu", position="rope",
-                    rope_base=500.0, bias=False, tie_embeddings=False)
+            p.add_((0.3 if p.dim() > 1 else 0.1) * rand(i, *p.shape).float())
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind,tied", [("llama", False), ("llama", True), ("mixtral", False)])
+def test_llama_and_mixtral_weights_give_hugging_faces_logits_and_greedy_text(kind, tied):
+    """What parallel ≡ serial cannot prove: that the serial rope, RMSNorm, SwiGLU, GQA and Mixtral's top-2
+    experts (softmax, top-k, renormalised gates) are the usual ones. nanomeg.from_hf_llama (= from_hf_mixtral)
+    on transformers' randomly initialised models: logits to 1e-5, the same greedy continuation, and
+    to_hf_llama gives the state dict back exactly."""
+    model = hf_llama_family(kind, tied)
+    cfg = llama_config_from_hf(model.config.to_dict(), vocab_multiple=8)
+    assert (cfg.experts, cfg.moe_topk, cfg.tie_embeddings) == ((4, 2) if kind == "mixtral" else (0, 1)) + (tied,)
     params = from_hf_llama(model.state_dict(), cfg)
     assert {k: v.shape for k, v in params.items()} == {k: shape for k, (shape, _) in gpt_shapes(cfg).items()}
-    ids = randint(1, vocab, 2, 9)
+    ids = randint(1, 37, 2, 9)
     torch.testing.assert_close(real_logits(params, ids, cfg, SERIAL), hf_logits(model, ids), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        want = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    assert generate(params, ids[:1], cfg, SERIAL, max_new_tokens=6, temperature=0.0).tolist() == want.tolist()
+    back, sd = to_hf_llama(params, cfg), model.state_dict()
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert llama_config_from_hf(llama_hf_config(cfg), vocab_multiple=8) == cfg
+
+
+def mixtral_case(mesh, cfg, full, ids):
+    return real_logits(P.shard(full, gpt_specs(cfg), mesh), ids, cfg, mesh)
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 2), (1, 4), (4, 1)])
+def test_mixtral_cut_over_tensor_and_expert_parallel_ranks_gives_hugging_faces_logits(pool, tp, ep):
+    """The imported Mixtral on 4 ranks, its experts split over ep and inside over tp: every rank's gathered
+    logits equal transformers' (float32, 1e-5)."""
+    model = hf_llama_family("mixtral")
+    cfg = llama_config_from_hf(model.config.to_dict(), vocab_multiple=8 * tp)
+    full, ids = from_hf_llama(model.state_dict(), cfg), randint(2, 37, 2, 8)
+    want = hf_logits(model, ids)
+    for rank, got in enumerate(pool.run(mixtral_case, cfg, full, ids, tp=tp, ep=ep)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"rank {rank}: {m}")
+
+
+def test_mixtral_older_per_expert_tensors_load_too():
+    """Checkpoints saved before transformers 5 name each expert (block_sparse_moe.experts.{j}.w1 gate, w3 up,
+    w2 down): they give the same parameters as the fused tensors."""
+    model = hf_llama_family("mixtral")
+    cfg = llama_config_from_hf(model.config.to_dict(), vocab_multiple=8)
+    sd = model.state_dict()
+    old = {k: v for k, v in sd.items() if ".mlp." not in k}
+    for i in range(cfg.layers):
+        gate, up = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"].chunk(2, dim=1)
+        old[f"model.layers.{i}.block_sparse_moe.gate.weight"] = sd[f"model.layers.{i}.mlp.gate.weight"]
+        for j in range(cfg.experts):
+            for name, t in (("w1", gate[j]), ("w3", up[j]), ("w2", sd[f"model.layers.{i}.mlp.experts.down_proj"][j])):
+                old[f"model.layers.{i}.block_sparse_moe.experts.{j}.{name}.weight"] = t
+    assert_close(from_hf_llama(old, cfg), from_hf_llama(sd, cfg), "per-expert import", dict(rtol=0, atol=0))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden_act="gelu"), "{'hidden_act': 'gelu'}"),
+    (dict(attention_bias=True), "{'attention_bias': True}"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "'rope_type': 'linear'"),
+    (dict(model_type="gpt2"), "model_type 'gpt2', not 'llama' or 'mixtral'"),
+])
+def test_llama_configs_nanomeg_cannot_hold_are_refused(change, message):
+    hf = hf_llama_family("llama").config.to_dict()
+    if "rope_scaling" in change:
+        hf.pop("rope_parameters", None)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        llama_config_from_hf({**hf, **change})
+
+
+def test_llama_import_refuses_a_wrong_or_sharded_state_dict():
+    model = hf_llama_family("mixtral")
+    cfg = llama_config_from_hf(model.config.to_dict(), vocab_multiple=8)
+    sd = model.state_dict()
+    with pytest.raises(ValueError, match=r"not a Mixtral state dict for this config: missing 'model.layers.1.mlp.gate.weight \(or the older "
+                       r"model.layers.1.block_sparse_moe.gate.weight\)'"):
+        from_hf_llama({k: v for k, v in sd.items() if not k.startswith("model.layers.1.mlp")}, cfg)
+    with pytest.raises(ValueError, match=r"layers.0.moe.fc1.weight: the checkpoint gives shape \(4, 40, 32\), the "
+                                         r"config needs \(4, 48, 32\)"):
+        from_hf_llama({**sd, "model.layers.0.mlp.experts.gate_up_proj": sd["model.layers.0.mlp.experts.gate_up_proj"][
+            :, :40]}, cfg)
+    with pytest.raises(ValueError, match=r"Llama / Mixtral cannot hold this config: \{'moe_capacity': 1.0\}"):
+        from_hf_llama(sd, replace(cfg, moe_capacity=1.0))
+    params = from_hf_llama(sd, cfg)
+    with pytest.raises(ValueError, match="one rank's tensor-parallel shards"):
+        to_hf_llama({**params, "layers.0.moe.fc1.weight": params["layers.0.moe.fc1.weight"][:2]}, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
