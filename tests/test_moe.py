@@ -25,7 +25,6 @@ out = Σ over kept choices of gate · expert(x).
 """
 
 import math
-import re
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -527,9 +526,9 @@ def test_all_to_all_moves_the_kept_choices_of_other_ranks_experts(pool, data):
                    for d in group)
         got = [(c["phase"], str(c["dtype"]), c["elements"], c["dim"]) for c in r["a2a"]]
         h, f64 = cfg.hidden, "torch.float64"
-        want = [] if ep == 1 else [("forward", "torch.int64", E // ep * (ep - 1), "ep"), ("forward", f64, h * n_out, "ep"),
-                                   ("forward", f64, h * n_in, "ep"), ("backward", f64, h * n_out, "ep"),
-                                   ("backward", f64, h * n_in, "ep")]
+        want = [] if ep == 1 else [("forward", "torch.int64", E // ep * (ep - 1), "ep"),
+                                   ("forward", f64, h * n_out, "ep"), ("forward", f64, h * n_in, "ep"),
+                                   ("backward", f64, h * n_out, "ep"), ("backward", f64, h * n_in, "ep")]
         assert got == want, f"{what}: {got} != {want}"
 
 
