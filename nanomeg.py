@@ -836,7 +836,7 @@ def route(params, prefix, x, cfg: GPTConfig, mesh: Mesh, shared: bool):
     s = x.shape[1] * tp
     load = P.all_reduce(F.one_hot(experts, E).sum((1, 2)), mesh, "tp")  # [b, E] choices per expert
     mean_prob = P.reduce_from_tp(probs.sum(1), mesh) / s  # [b, E]
-    aux = E * (load / (s * k) * mean_prob).sum(-1).mean()
+    aux = E * (load.to(mean_prob.dtype) / (s * k) * mean_prob).sum(-1).mean()  # (int / int would be float32)
     z = P.reduce_from_tp(torch.logsumexp(logits, -1).pow(2).sum(1), mesh).mean() / s
     return gates, experts, aux, z
 

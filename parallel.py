@@ -2002,7 +2002,8 @@ class _DispatchToExperts(torch.autograd.Function):
     rows for each local expert in turn). Backward: the reverse all-to-all,
     each row's gradient goes back to where the row came from.
     Elements moved per rank: h × its choices of experts on other ranks, each
-    way: k·b·s·h·(ep−1)/ep when the routing is uniform."""
+    way: k·b·s·h·(ep−1)/ep when the routing is uniform (so dispatch +
+    combine: 2·k·b·s·h·(ep−1)/ep per direction, forward or backward)."""
 
     @staticmethod
     def forward(ctx, rows, plan, mesh):
@@ -2020,7 +2021,9 @@ class _CombineFromExperts(torch.autograd.Function):
     Forward: all-to-all over ep, rows [m', h] go back by `plan.recv`, and
     the source rank gets [m, h] in the order it sent them. Backward: the
     gradients travel to the experts' ranks again (`plan.send`).
-    Elements moved per rank: as the dispatch, each way."""
+    Elements moved per rank: h × the rows its experts ran for the other ep
+    ranks, each way (per rank not the dispatch's count, which is the rows it
+    sent away; over an ep group the two totals are equal)."""
 
     @staticmethod
     def forward(ctx, rows, plan, mesh):

@@ -188,13 +188,6 @@ def run_reference(params, x, cfg, dy):
     return ref, x.grad, grads
 
 
-def aux_tol(s, k):
-    """Library bug (see test_aux_loss_is_float64_exact): route() counts f_i = load / (s·k) with an integer
-    tensor divided by an int, which torch makes float32, so aux (and its gradient) is float64 only to float32's
-    precision of f_i, unless s·k is a power of 2 (then the division is exact). Elsewhere: TOL."""
-    return TOL if (s * k) & (s * k - 1) == 0 else dict(rtol=1e-6, atol=1e-8)
-
-
 MIXTRAL_DROPS = LayerCase(moe_config(experts=4, moe_topk=2, moe_capacity=0.5, activation="swiglu", moe_z_loss=0.3,
                                      moe_aux_loss=0.7), 2, 6, 11)
 SWITCH_DROPS = LayerCase(moe_config(experts=3, moe_topk=1, moe_capacity=1.0, activation="relu", bias=False), 3, 5, 2)
@@ -212,13 +205,12 @@ def test_layer_equals_reference(case):
     x, dy = rand(seed + 10, b, s, cfg.hidden), rand(seed + 11, b, s, cfg.hidden)
     y, gx, grads, stats = run_layer(params, x, cfg, dy)
     ref, want_gx, want_grads = run_reference(params, x, cfg, dy)
-    tol = aux_tol(s, cfg.moe_topk)
     assert_close(y, ref["y"], "output")
-    assert_close(gx, want_gx, "x gradient", tol if cfg.moe_aux_loss else TOL)
-    assert_close(grads, want_grads, "weight gradients", tol if cfg.moe_aux_loss else TOL)
+    assert_close(gx, want_gx, "x gradient")
+    assert_close(grads, want_grads, "weight gradients")
     assert set(stats) == {(0, 0)}
     st_ = stats[(0, 0)]
-    assert_close(st_.aux, ref["aux"].detach(), "stats.aux", tol)
+    assert_close(st_.aux, ref["aux"].detach(), "stats.aux")
     assert_close(st_.z, ref["z"].detach(), "stats.z")
     assert torch.equal(st_.load, ref["load"]), (st_.load, ref["load"])
     assert int(st_.dropped) == ref["dropped"] and st_.choices == b * s * cfg.moe_topk, (st_, ref["dropped"])
@@ -226,11 +218,9 @@ def test_layer_equals_reference(case):
         assert ref["dropped"] > 0  # the hand-picked cases do drop
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: route() computes f_i = load / (s*k) in float32 (integer "
-                   "tensor / int is torch's default float dtype), so a float64 model's aux loss and its gradient "
-                   "are only float32-accurate when s*k is not a power of 2")
 def test_aux_loss_is_float64_exact():
-    """s = 5, k = 1: f_i = n/5 is not a float32 number, so a float32 f_i shows at ~1e-8."""
+    """s = 5, k = 1: f_i = n/5 is not a float32 number, so a float32 f_i would show at ~1e-8 (it did: route()
+    divided an integer tensor by an int, which torch makes float32)."""
     cfg = moe_config(experts=3, moe_topk=1, moe_aux_loss=0.5)
     params = layer_params(cfg, 2)
     x = rand(12, 3, 5, cfg.hidden)
