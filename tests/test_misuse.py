@@ -269,6 +269,12 @@ BAD_FIELDS = [
     ("rel_max_distance", 0), ("rel_max_distance", 128.0), ("rel_max_distance", None),
     ("scale_attention", 1), ("scale_attention", None),
     ("scale_output", 0), ("scale_output", "no"),
+    ("experts", -1), ("experts", 2.0), ("experts", True), ("experts", None),
+    ("moe_topk", 0), ("moe_topk", 1.5), ("moe_topk", None),
+    ("moe_every", 0), ("moe_every", True),
+    ("moe_capacity", 0), ("moe_capacity", -1.0), ("moe_capacity", NAN), ("moe_capacity", INF), ("moe_capacity", "1"),
+    ("moe_aux_loss", -0.1), ("moe_aux_loss", NAN), ("moe_aux_loss", None),
+    ("moe_z_loss", -1), ("moe_z_loss", INF),
 ]
 
 GOOD_FIELDS = [
@@ -276,6 +282,8 @@ GOOD_FIELDS = [
     ("kv_heads", None), ("kv_heads", 1), ("ffn", None), ("ffn", 1), ("hidden_dropout", 0), ("label_smoothing", 0.999),
     ("attention_dropout", 0.5), ("max_seq", 1), ("vocab_multiple", 1), ("type_vocab", 0),
     ("kv_channels", None), ("kv_channels", 3), ("rel_buckets", 4), ("activation", "relu"), ("activation", "geglu"),
+    ("experts", 0), ("experts", 2), ("moe_capacity", None), ("moe_capacity", 0.25), ("moe_aux_loss", 0),
+    ("moe_z_loss", 0), ("moe_every", 3),
 ]
 
 
