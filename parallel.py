@@ -50,15 +50,22 @@ from einops import rearrange
 # 1. Mesh
 # ---------------------------------------------------------------------------
 
-MESH_DIMS = ("pp", "dp", "tp")  # slowest to fastest varying, as in Megatron
+MESH_DIMS = ("pp", "dp", "cp", "tp")  # slowest to fastest varying, as in Megatron
 
 
 @dataclass(frozen=True)
 class Mesh:
     """Sizes, this rank's coordinates and process groups of the tp, pp, dp dims.
 
-    Global rank = (pp_rank * dp + dp_rank) * tp + tp_rank: the tp ranks of one
-    model replica are neighbours (on one node, where the all-reduces are cheap).
+    Global rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank:
+    the tp ranks of one model replica are neighbours (on one node, where the
+    all-reduces are cheap), then its cp ranks.
+
+    cp: context parallelism. The cp ranks of one replica hold the same
+    weights and the same batch rows, each a 1/cp share of every sequence
+    (chunks r and 2·cp − 1 − r of 2·cp, `cp_positions`); attention passes
+    k/v around their ring (`ring_attention`). For the gradients they are one
+    more data-parallel dim: the "dpcp" group (dp × cp ranks) averages them.
     A group is None when its dim has size 1: every collective on it is a no-op.
     With pp > 1 there is one more group, "embed": the first and the last
     stage of a replica (same dp, tp coordinates), which hold the two copies
@@ -84,6 +91,8 @@ class Mesh:
     tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
+    cp: int = 1
+    cp_rank: int = 0
     ep: int = 1
     ep_rank: int = 0
     groups: dict = field(default_factory=dict, compare=False, repr=False)
@@ -97,36 +106,50 @@ class Mesh:
 
     @staticmethod
     def build(tp: int = 1, pp: int = 1, dp: int | None = None, device_type: str | None = None,
-              ep: int = 1) -> Mesh:
+              ep: int = 1, cp: int = 1) -> Mesh:
         """Build the mesh over the already-initialised default process group.
 
-        dp defaults to world_size / (tp * pp). Uses
-        `torch.distributed.device_mesh.init_device_mesh` with dims (pp, dp, tp),
-        with pp > 1 one embedding group per (dp, tp) coordinate, and with
-        ep > 1 the "ep" and "edp" groups (see the class docstring): every
-        rank creates every group, in the same order (torch's rule).
+        dp defaults to world_size / (tp * cp * pp). Uses
+        `torch.distributed.device_mesh.init_device_mesh` with dims (pp, dp,
+        cp, tp), with pp > 1 one embedding group per (dp, cp, tp)
+        coordinate, with cp > 1 the "dpcp" group, and with ep > 1 the "ep" and
+        "edp" groups (see the class docstring): every rank creates every
+        group, in the same order (torch's rule).
         """
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if dp is None:  # data parallel fills what tp and pp leave
+        check_cp(cp)
+        if dp is None:  # data parallel fills what tp, cp and pp leave
             check_mesh_sizes(tp, pp, 1, tp * pp)
-            if world % (tp * pp):
-                raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}")
-            dp = world // (tp * pp)
-        check_mesh_sizes(tp, pp, dp, world)
+            if world % (tp * pp * cp):
+                what, sizes = ("tp*pp", f"{tp}*{pp}") if cp == 1 else ("tp*cp*pp", f"{tp}*{cp}*{pp}")
+                raise ValueError(f"world size {world} is not divisible by {what} = {sizes} = {tp * cp * pp}")
+            dp = world // (tp * pp * cp)
+        check_mesh_sizes(tp, pp, dp, world, cp)
         check_ep(ep, dp)
+        if ep > 1 and cp > 1:
+            raise ValueError(f"ep={ep} with cp={cp}: expert and context parallelism together are not built")
         if world == 1:
             return Mesh()
         from torch.distributed.device_mesh import init_device_mesh
 
         if device_type is None:
             device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        dm = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
-        groups = {d: dm.get_group(d) for d, n in zip(MESH_DIMS, (pp, dp, tp)) if n > 1}
+        dm = init_device_mesh(device_type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIMS)
+        groups = {d: dm.get_group(d) for d, n in zip(MESH_DIMS, (pp, dp, cp, tp)) if n > 1}
         rank = dist.get_rank()
-        dp_rank = (rank // tp) % dp
-        mesh = Mesh(tp=tp, pp=pp, dp=dp, tp_rank=rank % tp, dp_rank=dp_rank, pp_rank=rank // (tp * dp),
-                    ep=ep, ep_rank=dp_rank % ep, groups=groups)
-        at = lambda p, d, t: (p * dp + d) * tp + t  # global rank of (pp, dp, tp) coordinates
+        dp_rank = (rank // (tp * cp)) % dp
+        mesh = Mesh(tp=tp, pp=pp, dp=dp, tp_rank=rank % tp, dp_rank=dp_rank, pp_rank=rank // (tp * cp * dp),
+                    cp=cp, cp_rank=(rank // tp) % cp, ep=ep, ep_rank=dp_rank % ep, groups=groups)
+        at = lambda p, d, t: (p * dp + d) * cp * tp + t  # global rank of (pp, dp, tp) coordinates (cp = 1 with ep)
+        if cp > 1 and dp > 1:  # the dp x cp ranks of one (pp, tp) coordinate: they average the gradients
+            for p in range(pp):
+                for t in range(tp):
+                    ranks = [(p * dp * cp + i) * tp + t for i in range(dp * cp)]
+                    group = dist.new_group(ranks)
+                    if rank in ranks:
+                        groups["dpcp"] = group
+        elif cp > 1 or dp > 1:
+            groups["dpcp"] = groups["cp" if cp > 1 else "dp"]
         edp = dp // ep
         # "ep": dp ranks j·ep + e for e < ep (fixed j); "edp": j·ep + e for j < edp (fixed e). Same pp, tp.
         for name, size, others, member in (("ep", ep, edp, lambda j, e: j * ep + e),
@@ -145,19 +168,20 @@ class Mesh:
         if ep == 1 and "dp" in groups:
             groups["edp"] = groups["dp"]
         if pp > 1:
-            for replica in range(dp * tp):  # ranks `replica` (first stage) and the same place on the last stage
-                group = dist.new_group([replica, (pp - 1) * dp * tp + replica])
-                if rank % (dp * tp) == replica and mesh.pp_rank in (0, pp - 1):
+            stage = dp * cp * tp  # ranks per pipeline stage
+            for replica in range(stage):  # ranks `replica` (first stage) and the same place on the last stage
+                group = dist.new_group([replica, (pp - 1) * stage + replica])
+                if rank % stage == replica and mesh.pp_rank in (0, pp - 1):
                     groups["embed"] = group
         return mesh
 
     def size(self, dim: str) -> int:
         return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "embed": 2 if self.pp > 1 else 1, "ep": self.ep,
-                "edp": self.dp // self.ep}[dim]
+                "edp": self.dp // self.ep, "cp": self.cp, "dpcp": self.dp * self.cp}[dim]
 
     def rank(self, dim: str) -> int:
         return {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp_rank, "ep": self.ep_rank,
-                "edp": self.dp_rank // self.ep}[dim]
+                "edp": self.dp_rank // self.ep, "cp": self.cp_rank, "dpcp": self.dp_rank * self.cp + self.cp_rank}[dim]
 
     def group(self, dim: str) -> Any:
         return self.groups.get(dim)
@@ -165,8 +189,14 @@ class Mesh:
     def pp_peer(self, step: int) -> int:
         """The global rank `step` stages on (+1 next, -1 previous), wrapping
         around the pipeline (interleaving: the last stage's chunk c feeds the
-        first stage's chunk c + 1), at this rank's dp and tp coordinates."""
-        return (((self.pp_rank + step) % self.pp) * self.dp + self.dp_rank) * self.tp + self.tp_rank
+        first stage's chunk c + 1), at this rank's dp, cp and tp coordinates."""
+        return ((((self.pp_rank + step) % self.pp) * self.dp + self.dp_rank) * self.cp + self.cp_rank) * self.tp \
+            + self.tp_rank
+
+    def cp_peer(self, step: int) -> int:
+        """The global rank `step` places on around this replica's cp ring (+1 next, -1 previous)."""
+        return ((self.pp_rank * self.dp + self.dp_rank) * self.cp + (self.cp_rank + step) % self.cp) * self.tp \
+            + self.tp_rank
 
     def batch_rows(self, b: int) -> tuple[int, int]:
         """(first global row, global batch rows) of this computation's b rows:
@@ -174,13 +204,21 @@ class Mesh:
         return (self.dp_rank * self.micros + self.micro) * b, b * self.dp * self.micros
 
 
-def check_mesh_sizes(tp: int, pp: int, dp: int, world: int) -> None:
-    """ValueError unless every size is >= 1 and tp * pp * dp == world."""
-    for name, n in (("tp", tp), ("pp", pp), ("dp", dp)):
+def check_mesh_sizes(tp: int, pp: int, dp: int, world: int, cp: int = 1) -> None:
+    """ValueError unless every size is >= 1 and tp * cp * pp * dp == world."""
+    for name, n in (("tp", tp), ("pp", pp), ("dp", dp), ("cp", cp)):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {name}={n} (world size {world})")
-    if tp * pp * dp != world:
-        raise ValueError(f"world size {world} != tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp}")
+    if tp * pp * dp * cp != world:
+        what = "tp*pp*dp" if cp == 1 else "tp*cp*pp*dp"
+        sizes = f"{tp}*{pp}*{dp}" if cp == 1 else f"{tp}*{cp}*{pp}*{dp}"
+        raise ValueError(f"world size {world} != {what} = {sizes} = {tp * pp * dp * cp}")
+
+
+def check_cp(cp: int) -> None:
+    """ValueError unless cp is an integer >= 1."""
+    if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
+        raise ValueError(f"cp must be an integer >= 1, got cp={cp!r}")
 
 
 def check_ep(ep: int, dp: int) -> None:
@@ -1557,8 +1595,9 @@ class GradBuckets:
                 current.append(n)
                 nbytes += params[n].numel() * params[n].element_size()
             groups += [current] if current else []
-            self.buckets += [self._bucket(g, tied=False, dim=dim if mesh.ep > 1 else "dp") for g in groups]
-        self.buckets += [self._bucket(tied, tied=True, dim="dp")] if tied else []
+            dense = "dpcp" if mesh.cp > 1 else "dp"  # context-parallel ranks average their gradients too
+            self.buckets += [self._bucket(g, tied=False, dim=dim if mesh.ep > 1 else dense) for g in groups]
+        self.buckets += [self._bucket(tied, tied=True, dim="dpcp" if mesh.cp > 1 else "dp")] if tied else []
         self.bucket_of = {n: b for b in self.buckets for n in b["names"]}
         self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params.values()]
         self.name_of = {id(p): n for n, p in params.items()}
@@ -1619,7 +1658,7 @@ class GradBuckets:
                 work.wait()
                 if out is not None:
                     bucket["shard"].copy_(out)
-            bucket["shard" if self.zero else "buf"].div_(self.mesh.dp)
+            bucket["shard" if self.zero else "buf"].div_(self.mesh.dp * self.mesh.cp)
             bucket["work"], bucket["launched"], bucket["ready"] = None, False, 0
         self.count = dict.fromkeys(self.params, 0)
 
@@ -1701,7 +1740,7 @@ class ZeroAdamW:
         check_max_norm(max_norm)  # before the collectives: every rank refuses alike
         sq = sum((s["counted"] * b["shard"].to(s["main"].dtype).pow(2)).sum().double()
                  for s, b in zip(self.state, self.buckets.buckets))
-        for dim in ("dp", "tp", "pp"):
+        for dim in ("dpcp" if self.mesh.cp > 1 else "dp", "tp", "pp"):
             sq = all_reduce(sq, self.mesh, dim, phase="after backward")
         norm = sq.sqrt()
         if max_norm > 0:
