@@ -2084,3 +2084,209 @@ def combine_from_experts(rows, plan: ExpertPlan, mesh: Mesh):
 
 
 dispatch_to_experts.__doc__, combine_from_experts.__doc__ = _DispatchToExperts.__doc__, _CombineFromExperts.__doc__
+
+
+# ---------------------------------------------------------------------------
+# 15. Context parallelism: each cp rank holds 1/cp of every sequence, also
+#     inside attention. Its queries stay; the keys and values travel around
+#     the cp ring, one block a step, while the local block computes; the
+#     partial results merge by their log-sum-exp (online softmax). For causal
+#     masks the sequence is cut into 2·cp chunks and rank r holds chunks r and
+#     2·cp − 1 − r, so every rank has the same work (the load balancing of
+#     Megatron's context parallelism and of Llama 3's training).
+# ---------------------------------------------------------------------------
+
+CP_TAG = 1 << 20  # p2p tags of the cp ring, apart from the pipeline's
+
+
+def check_cp_seq(s: int, mesh: Mesh) -> None:
+    """ValueError unless the sequence cuts into 2·cp equal chunks."""
+    if s % (2 * mesh.cp):
+        raise ValueError(f"context parallel cuts each sequence into 2·cp chunks: seq % (2·cp) == 0 needed, got "
+                         f"seq={s}, cp={mesh.cp}")
+
+
+def cp_positions(s: int, mesh: Mesh, rank: int | None = None, device=None) -> torch.Tensor:
+    """The global positions [s/cp] of cp rank `rank`'s tokens (default this
+    rank's) in a sequence of s: chunk r, then chunk 2·cp − 1 − r, of 2·cp
+    chunks of c = s/(2·cp). Rank 0 holds the first and the last chunk."""
+    cp, r = mesh.cp, mesh.cp_rank if rank is None else rank
+    c = s // (2 * cp)
+    return torch.cat([torch.arange(r * c, (r + 1) * c), torch.arange((2 * cp - 1 - r) * c, (2 * cp - r) * c)]).to(
+        device)
+
+
+def cp_split(x: torch.Tensor, mesh: Mesh, dim: int = 1) -> torch.Tensor:
+    """This cp rank's two chunks of x along dim (the sequence): [.., s, ..] -> [.., s/cp, ..]."""
+    if mesh.cp == 1:
+        return x
+    check_cp_seq(x.shape[dim], mesh)
+    return x.index_select(dim, cp_positions(x.shape[dim], mesh, device=x.device))
+
+
+def cp_unsplit(x: torch.Tensor, mesh: Mesh, dim: int = 1) -> torch.Tensor:
+    """Inverse of `cp_split` (no autograd): every rank's chunks all-gathered
+    over cp and put back in sequence order. For tests, logs and demos."""
+    if mesh.cp == 1:
+        return x
+    every = all_gather(x.movedim(dim, 0).contiguous(), mesh, "cp", 0, phase="gather")  # rank order
+    s = every.shape[0]
+    order = torch.cat([cp_positions(s, mesh, rank=r) for r in range(mesh.cp)]).to(x.device)
+    out = torch.empty_like(every)
+    out[order] = every
+    return out.movedim(0, dim)
+
+
+def _ring_exchange(sends: list, like: list, mesh: Mesh, phase: str) -> list:
+    """Send each tensor of `sends` to the next cp rank and receive as many,
+    shaped as `like`, from the previous one: one batch of isend/irecv (the
+    same order on every rank, so the pairs match). Returns the work handles
+    and the receive buffers; wait on the handles before reading them."""
+    recvs = [torch.empty_like(t) for t in like]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), mesh.cp_peer(+1), tag=CP_TAG + i) for i, t in enumerate(sends)]
+    ops += [dist.P2POp(dist.irecv, t, mesh.cp_peer(-1), tag=CP_TAG + i) for i, t in enumerate(recvs)]
+    for t in sends:
+        _record("send", "cp", t.numel(), phase, t.dtype)
+    return dist.batch_isend_irecv(ops), recvs
+
+
+def _sub_blocks(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> list:
+    """The (query chunk, key chunk, needs a mask) triples of one step: each
+    rank holds 2 chunks, so a step is 2 x 2 sub-blocks. Causal: a key chunk
+    wholly after a query chunk is skipped (no work), one wholly before needs
+    no mask, the diagonal needs the causal mask."""
+    c = q_pos.numel() // 2
+    out = []
+    for a in range(2):
+        for b in range(2):
+            qa, kb = q_pos[a * c:(a + 1) * c], k_pos[b * c:(b + 1) * c]
+            if causal and kb.min() > qa.max():
+                continue
+            out.append((slice(a * c, (a + 1) * c), slice(b * c, (b + 1) * c), causal and bool(kb.max() > qa.min())))
+    return out
+
+
+def _scores(q, k, q_pos, k_pos, scale, causal_part: bool, mask):
+    """q [b, g, r, c, d] (r query heads per kv head), k [b, g, c, d] -> masked scores [b, g, r, c, c] (fp32+)."""
+    s = torch.einsum("bgrqd,bgkd->bgrqk", q, k) * scale
+    hidden = None
+    if causal_part:
+        hidden = (k_pos[None, :] > q_pos[:, None])  # [c_q, c_k]
+    if mask is not None:  # [b|1, 1, s, s] in global positions, True = masked
+        m = mask[:, :, q_pos][..., k_pos][:, :, None]  # [b|1, 1, 1, c_q, c_k]
+        hidden = m if hidden is None else (m | hidden)
+    return s if hidden is None else s.masked_fill(hidden, float("-inf"))
+
+
+def _block_forward(q, k, v, q_pos, k_pos, scale, causal, mask, out, lse):
+    """Attend this rank's queries to one k/v block and merge into (out, lse) in place.
+    q [b, g, r, 2c, d]; k, v [b, g, 2c, d]; out [b, g, r, 2c, d]; lse [b, g, r, 2c] (−inf: nothing seen yet)."""
+    for qs, ks, causal_part in _sub_blocks(q_pos, k_pos, causal):
+        s = _scores(q[..., qs, :], k[..., ks, :], q_pos[qs], k_pos[ks], scale, causal_part, mask)
+        blk = torch.logsumexp(s, dim=-1)  # [b, g, r, c]
+        p = torch.exp(s - blk[..., None]).nan_to_num(0.0)  # rows that see nothing: 0
+        o = torch.einsum("bgrqk,bgkd->bgrqd", p, v[..., ks, :])
+        new = torch.logaddexp(lse[..., qs], blk)
+        w_old = torch.exp(lse[..., qs] - new).nan_to_num(0.0)
+        w_new = torch.exp(blk - new).nan_to_num(0.0)
+        out[..., qs, :] = out[..., qs, :] * w_old[..., None] + o * w_new[..., None]
+        lse[..., qs] = new
+
+
+def _block_backward(q, k, v, q_pos, k_pos, scale, causal, mask, do, lse, delta, dq, dk, dv):
+    """Gradients of one k/v block's part of the attention, added in place:
+    p = exp(scores − lse) (the final lse), dv += pᵀ·do, ds = p·(do·vᵀ − delta),
+    dq += ds·k·scale, dk += dsᵀ·q·scale (summed over a kv head's query heads)."""
+    for qs, ks, causal_part in _sub_blocks(q_pos, k_pos, causal):
+        s = _scores(q[..., qs, :], k[..., ks, :], q_pos[qs], k_pos[ks], scale, causal_part, mask)
+        p = torch.exp(s - lse[..., qs, None]).nan_to_num(0.0)
+        dv[..., ks, :] += torch.einsum("bgrqk,bgrqd->bgkd", p, do[..., qs, :])
+        ds = p * (torch.einsum("bgrqd,bgkd->bgrqk", do[..., qs, :], v[..., ks, :]) - delta[..., qs, None])
+        dq[..., qs, :] += torch.einsum("bgrqk,bgkd->bgrqd", ds, k[..., ks, :]) * scale
+        dk[..., ks, :] += torch.einsum("bgrqk,bgrqd->bgkd", ds, q[..., qs, :]) * scale
+
+
+class _RingAttention(torch.autograd.Function):
+    """Attention over a sequence cut across the cp ranks.
+
+    q [b, n, s/cp, d], k, v [b, g, s/cp, d] (g kv heads, GQA) -> [b, n, s/cp, d],
+    each rank's tokens at the global positions `cp_positions` gives.
+    Forward, cp steps: attend to the k/v block in hand (own first), merge by
+    log-sum-exp, and meanwhile pass it on: step i sends the block to the next
+    rank and receives the one of rank r − i − 1 (2 block transfers, k and v,
+    of b·g·(s/cp)·d elements each, for each of the cp − 1 steps).
+    Backward, cp rounds over the same ring: the k/v blocks travel again, and
+    with each goes the running sum of its dk, dv, which reaches the block's
+    owner after the last round (4 transfers a round for cp − 1 rounds: twice
+    the forward's). Saved: q, k, v, out and the lse [b, n, s/cp]; nothing of
+    size s² and nothing of another rank's."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mesh, scale, causal, mask):
+        b, n, sl, d = q.shape
+        g = k.shape[1]
+        s = sl * mesh.cp
+        dtype = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 (or float64)
+        qg = q.view(b, g, n // g, sl, d).to(dtype)
+        q_pos = cp_positions(s, mesh, device=q.device)
+        out = torch.zeros_like(qg)
+        lse = torch.full((b, g, n // g, sl), float("-inf"), dtype=dtype, device=q.device)
+        kv = [k.to(dtype), v.to(dtype)]
+        for i in range(mesh.cp):
+            if i < mesh.cp - 1:  # pass the block in hand on while it computes
+                works, nxt = _ring_exchange(kv, kv, mesh, "forward")
+            j = (mesh.cp_rank - i) % mesh.cp  # whose block this is
+            _block_forward(qg, kv[0], kv[1], q_pos, cp_positions(s, mesh, rank=j, device=q.device), scale, causal,
+                           mask, out, lse)
+            if i < mesh.cp - 1:
+                for w in works:
+                    w.wait()
+                kv = nxt
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mesh, ctx.scale, ctx.causal, ctx.mask = mesh, scale, causal, mask
+        return out.view(b, n, sl, d).to(q.dtype)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        mesh, cp = ctx.mesh, ctx.mesh.cp
+        b, n, sl, d = q.shape
+        g, s, dtype = k.shape[1], sl * cp, out.dtype
+        qg, do = q.view(b, g, n // g, sl, d).to(dtype), grad.reshape(b, g, n // g, sl, d).to(dtype)
+        delta = (do * out).sum(-1)  # [b, g, r, sl]: rowsum(do · out)
+        q_pos = cp_positions(s, mesh, device=q.device)
+        dq = torch.zeros_like(qg)
+        kv = [k.to(dtype), v.to(dtype)]
+        acc = [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]  # dk, dv of the block in hand
+        own = None
+        for i in range(cp):
+            j = (mesh.cp_rank - i) % cp
+            _block_backward(qg, kv[0], kv[1], q_pos, cp_positions(s, mesh, rank=j, device=q.device), ctx.scale,
+                            ctx.causal, ctx.mask, do, lse, delta, dq, acc[0], acc[1])
+            if i == 0:  # the own block's dk, dv stay here; the sums from the other ranks come back at the end
+                own, acc = acc, [torch.zeros_like(acc[0]), torch.zeros_like(acc[1])]
+                if cp > 1:
+                    works, (kv0, kv1) = _ring_exchange(kv, kv, mesh, "backward")
+                    for w in works:
+                        w.wait()
+                    kv = [kv0, kv1]
+                continue
+            sends = (kv if i < cp - 1 else []) + acc  # the block moves on (not after its last stop) with its sums
+            works, recvs = _ring_exchange(sends, sends, mesh, "backward")
+            for w in works:
+                w.wait()
+            if i < cp - 1:
+                kv, acc = recvs[:2], recvs[2:]  # the next block, and its sums so far (from the ranks it visited)
+            else:
+                own = [own[0] + recvs[0], own[1] + recvs[1]]  # the own block's sums, home from the last rank
+        dk, dv = own if own is not None else acc
+        return (dq.view(b, n, sl, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None)
+
+
+def ring_attention(q, k, v, mesh: Mesh, *, scale: float, causal: bool, mask=None):
+    """Attention of this cp rank's queries to the whole sequence (see `_RingAttention`).
+    q [b, n, s/cp, d]; k, v [b, g, s/cp, d]; mask: None or [b|1, 1, s, s] bool in
+    global positions, True = masked (a padding mask); causal: the causal mask
+    too. A query that sees no key gets zeros (as the fused softmax gives)."""
+    return _RingAttention.apply(q, k, v, mesh, scale, causal, mask)
