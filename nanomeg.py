@@ -225,6 +225,12 @@ class GPTConfig:
         if self.num_kv_heads % t and t % self.num_kv_heads:
             raise ValueError(f"tp={t} and kv_heads={self.num_kv_heads}: one must divide the other (tp > kv_heads "
                              "replicates each kv head over tp/kv_heads ranks)")
+        if mesh.cp > 1:
+            cannot = {k: getattr(self, k) for k, ok in (("position", ("learned", "rope")), ("experts", (0,)))
+                      if getattr(self, k) not in ok}
+            if cannot:
+                raise ValueError(f"cp={mesh.cp}: context parallelism is built for learned or rotary positions "
+                                 f"without experts, got {cannot}")
         if mesh.ep > 1 and not self.experts:
             raise ValueError(f"ep={mesh.ep} needs a mixture-of-experts model (experts > 0), got experts=0")
         if self.experts % mesh.ep:
@@ -480,8 +486,10 @@ def hidden_dropout(x, p, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
     b, s, h = x.shape
     row, rows = mesh.batch_rows(b)  # this replica's (and microbatch's) rows of the global batch
     t = mesh.tp if cfg.sequence_parallel else 1
-    return P.dropout(x, p, seed=seed, stream=stream, offset=(row, mesh.tp_rank * s if t > 1 else 0, 0),
-                     global_shape=(rows, s * t, h))
+    at = mesh.tp_rank * s if t > 1 else 0  # this rank's first position of the (cp rank's) sequence
+    if mesh.cp > 1:  # the cp rank's two chunks: the global positions of its tokens
+        at = P.cp_positions(s * t * mesh.cp, mesh, device=x.device)[at: at + s]
+    return P.dropout(x, p, seed=seed, stream=stream, offset=(row, at, 0), global_shape=(rows, s * t * mesh.cp, h))
 
 
 def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, training=False, pos_offset=0,
@@ -497,7 +505,9 @@ def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, 
                                    sequence_parallel=cfg.sequence_parallel, vocab_size=cfg.vocab_size)
     local = lambda rows, dim: P.split(rows, mesh, "tp", dim) if cfg.sequence_parallel else rows  # this chunk of s
     if cfg.position == "learned":
-        x = x + local(allreduce_grad_if_sp(params["embed.pos"][pos_offset: pos_offset + ids.shape[1]], cfg, mesh), 0)
+        rows = params["embed.pos"][pos_offset: pos_offset + ids.shape[1]] if mesh.cp == 1 else \
+            params["embed.pos"].index_select(0, P.cp_positions(ids.shape[1] * mesh.cp, mesh, device=ids.device))
+        x = x + local(allreduce_grad_if_sp(rows, cfg, mesh), 0)
     if cfg.type_vocab:
         types = torch.zeros_like(ids) if token_types is None else token_types
         x = x + local(F.embedding(types, allreduce_grad_if_sp(params["embed.type"], cfg, mesh)), 1)  # [b, s(/t), h]
@@ -612,6 +622,16 @@ def attend(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, bias, seed, 
     """Self- or cross-attention's core: q [b, n/t, sq, d], k, v [b, g/t, sk, d]
     -> context [b, sq, n/t·d], by cfg.attention's path. The mask is checked
     the same way for both paths."""
+    if mesh.cp > 1:  # this rank's queries against the whole sequence's k/v, passed around the cp ring
+        if bias is not None:
+            raise ValueError("context parallelism has no relative-position bias")
+        drop = None
+        if training and cfg.attention_dropout > 0:  # the mask core_attention draws, at this rank's positions
+            row, rows = mesh.batch_rows(q.shape[0])
+            drop = (cfg.attention_dropout, seed, stream, row, rows, mesh.tp_rank * q.shape[1], q.shape[1] * mesh.tp)
+        ctx = P.ring_attention(q, k, v, mesh, scale=attention_scale(q, cfg), causal=mask_kind == "causal",
+                               mask=mask if mask_kind == "padding" else None, dropout=drop)
+        return rearrange(ctx, "b n s d -> b s (n d)")
     kernels.check_mask(mask_kind, mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q.device)
     if cfg.attention == "sdpa":
         ctx = sdpa_attention(q, k, v, mask_kind=mask_kind, mask=mask, bias=bias, scale=attention_scale(q, cfg))
@@ -650,8 +670,9 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
                     kv_group=local_kv_groups, rows_per_group=q_per_group + 2, d=cfg.head_dim)
     q = rearrange(qkv[:, :, :q_per_group], "b kv_group q s d -> b (kv_group q) s d")  # [b, n/t, s, d]
     k, v = qkv[:, :, q_per_group], qkv[:, :, q_per_group + 1]  # [b, g/t, s, d]
-    if cfg.position == "rope":
-        positions = torch.arange(pos_offset, pos_offset + q.shape[2], device=x.device)
+    if cfg.position == "rope":  # under cp this rank's two chunks (see parallel.cp_positions)
+        positions = torch.arange(pos_offset, pos_offset + q.shape[2], device=x.device) if mesh.cp == 1 else \
+            P.cp_positions(q.shape[2] * mesh.cp, mesh, device=x.device)
         q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
     if cache is not None:
         if "k" in cache:
@@ -1050,8 +1071,17 @@ def mask_padded_vocab(logits, vocab_size: int, mesh: Mesh):
 
 def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=False, caches=None, pos_offset=0,
                moe=None):
-    """ids [b, s] -> vocab-parallel logits [b, s, V/t]. moe: a `MoE` the MoE layers report into."""
+    """ids [b, s] -> vocab-parallel logits [b, s, V/t]. moe: a `MoE` the MoE layers report into.
+    Under context parallelism (mesh.cp > 1) every cp rank is given the whole
+    ids [b, s], keeps its two chunks (`parallel.cp_split`) and returns their
+    logits [b, s/cp, V/t], at the positions `parallel.cp_positions` names."""
     cfg.check_mesh(mesh)
+    if mesh.cp > 1:
+        if caches is not None or pos_offset:
+            raise ValueError(f"cp={mesh.cp}: generation with a KV cache runs without context parallelism")
+        P.check_cp_seq(ids.shape[1], mesh)
+        cfg.check_seq(ids.shape[1], replace(mesh, cp=1))
+        ids = P.cp_split(ids, mesh)
     x = embed(params, ids, cfg, mesh, seed=seed, training=training, pos_offset=pos_offset)
     x = run_layers(params, x, cfg, mesh, seed=seed, training=training, caches=caches, pos_offset=pos_offset,
                    moe=moe)
@@ -1064,12 +1094,16 @@ def lm_loss(logits, targets, cfg: GPTConfig, mesh: Mesh, loss_mask=None):
     token counts) or [b, s] exactly, bool or float weights >= 0 (Megatron's
     0/1 float mask): sum(loss * mask) / sum(mask), 0 when the mask is all 0."""
     check_loss_mask(loss_mask, targets)
+    if mesh.cp > 1 and logits.shape[1] != targets.shape[1]:  # whole targets: this cp rank's chunks of them
+        targets, loss_mask = P.cp_split(targets, mesh), None if loss_mask is None else P.cp_split(loss_mask, mesh)
     losses = P.vocab_parallel_cross_entropy(logits, targets, mesh, label_smoothing=cfg.label_smoothing,
-                                            vocab_size=cfg.vocab_size)  # [b, s]
+                                            vocab_size=cfg.vocab_size)  # [b, s(/cp)]
     if loss_mask is None:
         return losses.mean()
     loss_mask = loss_mask.to(losses.dtype)
     total = loss_mask.sum()
+    if mesh.cp > 1:  # the global weighted mean, once the cp ranks' losses are averaged (as their gradients are)
+        total = P.all_reduce(total.detach(), mesh, "cp") / mesh.cp
     return (losses * loss_mask).sum() / torch.where(total > 0, total, 1.0)  # an all-zero mask: 0, not nan
 
 

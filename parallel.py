@@ -1022,19 +1022,27 @@ def _stream_id(stream) -> int:
 
 def global_index(shape, offset=None, global_shape=None, device=None) -> torch.Tensor:
     """Flat indices, in the global tensor, of the box `shape` placed at `offset`.
-    shape/offset/global_shape: per dim. Returns int64 [*shape]."""
+    shape/offset/global_shape: per dim. An offset may also be a 1-D tensor of
+    the n indices the box takes along its dim (context parallelism's two
+    chunks of the sequence). Returns int64 [*shape]."""
     offset = offset or (0,) * len(shape)
-    global_shape = global_shape or tuple(n + o for n, o in zip(shape, offset))
+    global_shape = global_shape or tuple(n + (o if isinstance(o, int) else 0) for n, o in zip(shape, offset))
     if not (len(shape) == len(offset) == len(global_shape)):
         raise ValueError(f"shape {tuple(shape)}, offset {tuple(offset)} and global_shape "
                          f"{tuple(global_shape)} must have the same length")
     index = torch.zeros((), dtype=torch.int64, device=device)
     for d, (n, o, g) in enumerate(zip(shape, offset, global_shape)):
-        if o < 0 or o + n > g:
-            raise ValueError(f"dim {d}: box [{o}, {o + n}) is outside the global size {g}")
+        if isinstance(o, torch.Tensor):
+            if o.shape != (n,) or (n and (int(o.min()) < 0 or int(o.max()) >= g)):
+                raise ValueError(f"dim {d}: {n} indices inside the global size {g} needed, got {tuple(o.shape)}")
+            along = o.to(device=device, dtype=torch.int64)
+        else:
+            if o < 0 or o + n > g:
+                raise ValueError(f"dim {d}: box [{o}, {o + n}) is outside the global size {g}")
+            along = torch.arange(o, o + n, device=device)
         view = [1] * len(shape)
         view[d] = n
-        index = index * g + (torch.arange(o, o + n, device=device).view(view))
+        index = index * g + along.view(view)
     return index
 
 
@@ -2142,7 +2150,7 @@ def _ring_exchange(sends: list, like: list, mesh: Mesh, phase: str) -> list:
     shaped as `like`, from the previous one: one batch of isend/irecv (the
     same order on every rank, so the pairs match). Returns the work handles
     and the receive buffers; wait on the handles before reading them."""
-    recvs = [torch.empty_like(t) for t in like]
+    recvs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like]
     ops = [dist.P2POp(dist.isend, t.contiguous(), mesh.cp_peer(+1), tag=CP_TAG + i) for i, t in enumerate(sends)]
     ops += [dist.P2POp(dist.irecv, t, mesh.cp_peer(-1), tag=CP_TAG + i) for i, t in enumerate(recvs)]
     for t in sends:
@@ -2178,13 +2186,28 @@ def _scores(q, k, q_pos, k_pos, scale, causal_part: bool, mask):
     return s if hidden is None else s.masked_fill(hidden, float("-inf"))
 
 
-def _block_forward(q, k, v, q_pos, k_pos, scale, causal, mask, out, lse):
+def _kept(drop, p, q_pos, k_pos):
+    """The attention-dropout factor of a sub-block's probabilities p [b, g, r, c, c]: 0 or 1/(1 − p_drop)
+    by the counter-based mask at (row, head, query position, key position) of the global [B, N, s, s]
+    (what core_attention draws on the whole sequence); 1 without dropout."""
+    if drop is None:
+        return 1.0
+    prob, seed, stream, row, rows, head0, heads, seq = drop
+    b, g, r, cq, ck = p.shape
+    keep = keep_mask((b, g * r, cq, ck), prob, seed, stream, offset=(row, head0, q_pos, k_pos),
+                     global_shape=(rows, heads, seq, seq), device=p.device)
+    return keep.view(b, g, r, cq, ck).to(p.dtype) / (1.0 - prob)
+
+
+def _block_forward(q, k, v, q_pos, k_pos, scale, causal, mask, out, lse, drop=None):
     """Attend this rank's queries to one k/v block and merge into (out, lse) in place.
-    q [b, g, r, 2c, d]; k, v [b, g, 2c, d]; out [b, g, r, 2c, d]; lse [b, g, r, 2c] (−inf: nothing seen yet)."""
+    q [b, g, r, 2c, d]; k, v [b, g, 2c, d]; out [b, g, r, 2c, d]; lse [b, g, r, 2c] (−inf: nothing seen yet).
+    Dropout (drop) scales the probabilities that meet v, not the lse: the merge stays exact."""
     for qs, ks, causal_part in _sub_blocks(q_pos, k_pos, causal):
         s = _scores(q[..., qs, :], k[..., ks, :], q_pos[qs], k_pos[ks], scale, causal_part, mask)
         blk = torch.logsumexp(s, dim=-1)  # [b, g, r, c]
         p = torch.exp(s - blk[..., None]).nan_to_num(0.0)  # rows that see nothing: 0
+        p = p * _kept(drop, p, q_pos[qs], k_pos[ks])
         o = torch.einsum("bgrqk,bgkd->bgrqd", p, v[..., ks, :])
         new = torch.logaddexp(lse[..., qs], blk)
         w_old = torch.exp(lse[..., qs] - new).nan_to_num(0.0)
@@ -2193,15 +2216,16 @@ def _block_forward(q, k, v, q_pos, k_pos, scale, causal, mask, out, lse):
         lse[..., qs] = new
 
 
-def _block_backward(q, k, v, q_pos, k_pos, scale, causal, mask, do, lse, delta, dq, dk, dv):
+def _block_backward(q, k, v, q_pos, k_pos, scale, causal, mask, do, lse, delta, dq, dk, dv, drop=None):
     """Gradients of one k/v block's part of the attention, added in place:
     p = exp(scores − lse) (the final lse), dv += pᵀ·do, ds = p·(do·vᵀ − delta),
     dq += ds·k·scale, dk += dsᵀ·q·scale (summed over a kv head's query heads)."""
     for qs, ks, causal_part in _sub_blocks(q_pos, k_pos, causal):
         s = _scores(q[..., qs, :], k[..., ks, :], q_pos[qs], k_pos[ks], scale, causal_part, mask)
         p = torch.exp(s - lse[..., qs, None]).nan_to_num(0.0)
-        dv[..., ks, :] += torch.einsum("bgrqk,bgrqd->bgkd", p, do[..., qs, :])
-        ds = p * (torch.einsum("bgrqd,bgkd->bgrqk", do[..., qs, :], v[..., ks, :]) - delta[..., qs, None])
+        kept = _kept(drop, p, q_pos[qs], k_pos[ks])  # dropout: out = (p·kept) v, so dp = kept·(do vᵀ)
+        dv[..., ks, :] += torch.einsum("bgrqk,bgrqd->bgkd", p * kept, do[..., qs, :])
+        ds = p * (torch.einsum("bgrqd,bgkd->bgrqk", do[..., qs, :], v[..., ks, :]) * kept - delta[..., qs, None])
         dq[..., qs, :] += torch.einsum("bgrqk,bgkd->bgrqd", ds, k[..., ks, :]) * scale
         dk[..., ks, :] += torch.einsum("bgrqk,bgrqd->bgkd", ds, q[..., qs, :]) * scale
 
@@ -2222,29 +2246,29 @@ class _RingAttention(torch.autograd.Function):
     size s² and nothing of another rank's."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mesh, scale, causal, mask):
+    def forward(ctx, q, k, v, mesh, scale, causal, mask, drop):
         b, n, sl, d = q.shape
         g = k.shape[1]
         s = sl * mesh.cp
         dtype = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 (or float64)
-        qg = q.view(b, g, n // g, sl, d).to(dtype)
+        qg = q.reshape(b, g, n // g, sl, d).to(dtype)
         q_pos = cp_positions(s, mesh, device=q.device)
         out = torch.zeros_like(qg)
         lse = torch.full((b, g, n // g, sl), float("-inf"), dtype=dtype, device=q.device)
-        kv = [k.to(dtype), v.to(dtype)]
+        kv = [k.to(dtype).contiguous(), v.to(dtype).contiguous()]
         for i in range(mesh.cp):
             if i < mesh.cp - 1:  # pass the block in hand on while it computes
                 works, nxt = _ring_exchange(kv, kv, mesh, "forward")
             j = (mesh.cp_rank - i) % mesh.cp  # whose block this is
             _block_forward(qg, kv[0], kv[1], q_pos, cp_positions(s, mesh, rank=j, device=q.device), scale, causal,
-                           mask, out, lse)
+                           mask, out, lse, drop)
             if i < mesh.cp - 1:
                 for w in works:
                     w.wait()
                 kv = nxt
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mesh, ctx.scale, ctx.causal, ctx.mask = mesh, scale, causal, mask
-        return out.view(b, n, sl, d).to(q.dtype)
+        ctx.mesh, ctx.scale, ctx.causal, ctx.mask, ctx.drop = mesh, scale, causal, mask, drop
+        return out.reshape(b, n, sl, d).to(q.dtype)
 
     @staticmethod
     @first_order_only
@@ -2253,17 +2277,17 @@ class _RingAttention(torch.autograd.Function):
         mesh, cp = ctx.mesh, ctx.mesh.cp
         b, n, sl, d = q.shape
         g, s, dtype = k.shape[1], sl * cp, out.dtype
-        qg, do = q.view(b, g, n // g, sl, d).to(dtype), grad.reshape(b, g, n // g, sl, d).to(dtype)
+        qg, do = q.reshape(b, g, n // g, sl, d).to(dtype), grad.reshape(b, g, n // g, sl, d).to(dtype)
         delta = (do * out).sum(-1)  # [b, g, r, sl]: rowsum(do · out)
         q_pos = cp_positions(s, mesh, device=q.device)
         dq = torch.zeros_like(qg)
-        kv = [k.to(dtype), v.to(dtype)]
+        kv = [k.to(dtype).contiguous(), v.to(dtype).contiguous()]
         acc = [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]  # dk, dv of the block in hand
         own = None
         for i in range(cp):
             j = (mesh.cp_rank - i) % cp
             _block_backward(qg, kv[0], kv[1], q_pos, cp_positions(s, mesh, rank=j, device=q.device), ctx.scale,
-                            ctx.causal, ctx.mask, do, lse, delta, dq, acc[0], acc[1])
+                            ctx.causal, ctx.mask, do, lse, delta, dq, acc[0], acc[1], ctx.drop)
             if i == 0:  # the own block's dk, dv stay here; the sums from the other ranks come back at the end
                 own, acc = acc, [torch.zeros_like(acc[0]), torch.zeros_like(acc[1])]
                 if cp > 1:
@@ -2281,12 +2305,15 @@ class _RingAttention(torch.autograd.Function):
             else:
                 own = [own[0] + recvs[0], own[1] + recvs[1]]  # the own block's sums, home from the last rank
         dk, dv = own if own is not None else acc
-        return (dq.view(b, n, sl, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None)
+        return (dq.view(b, n, sl, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None)
 
 
-def ring_attention(q, k, v, mesh: Mesh, *, scale: float, causal: bool, mask=None):
+def ring_attention(q, k, v, mesh: Mesh, *, scale: float, causal: bool, mask=None, dropout=None):
     """Attention of this cp rank's queries to the whole sequence (see `_RingAttention`).
     q [b, n, s/cp, d]; k, v [b, g, s/cp, d]; mask: None or [b|1, 1, s, s] bool in
     global positions, True = masked (a padding mask); causal: the causal mask
-    too. A query that sees no key gets zeros (as the fused softmax gives)."""
-    return _RingAttention.apply(q, k, v, mesh, scale, causal, mask)
+    too. A query that sees no key gets zeros (as the fused softmax gives).
+    dropout: None, or (p, seed, stream, first row, rows, first head, heads) of
+    the global [rows, heads, s, s] probabilities: the mask core attention draws."""
+    drop = None if dropout is None else (*dropout, q.shape[2] * mesh.cp)
+    return _RingAttention.apply(q, k, v, mesh, scale, causal, mask, drop)
