@@ -2765,8 +2765,9 @@ def stage_forward(model: str, params, x, micro: dict, cfg: GPTConfig, mesh: Mesh
     collecting the MoE layers' stats (its scale: this microbatch's rows share)."""
     ids = micro["ids"]
     mask = bert_attention_mask(micro.get("attention_mask"), ids) if model == "bert" else None
-    if stage.first:
-        x = embed(params, ids, cfg, mesh, token_types=micro.get("token_types"), seed=seed, training=training)
+    if stage.first:  # under cp: this rank's two chunks of each sequence (the loss splits the targets alike)
+        x = embed(params, P.cp_split(ids, mesh), cfg, mesh, token_types=micro.get("token_types"), seed=seed,
+                  training=training)
     layers = {n: p for n, p in params.items() if n.startswith("layers.") or n == "rel_bias"}  # the stack's own
     kind = "causal" if model == "gpt" else "none" if mask is None else "padding"
     x = run_layers(layers, x, cfg, mesh, mask_kind=kind, mask=mask, seed=seed, training=training,
@@ -2815,7 +2816,11 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     b, s = inputs["ids"].shape
     if model == "gpt":
         cfg.check_seq(s, mesh)
-    shape = (b // m, s // mesh.tp if cfg.sequence_parallel else s, cfg.hidden)
+    if mesh.cp > 1:
+        if model != "gpt":
+            raise ValueError(f"cp={mesh.cp}: context parallelism is built for GPT, not {model}")
+        P.check_cp_seq(s, mesh)
+    shape = (b // m, s // mesh.cp // (mesh.tp if cfg.sequence_parallel else 1), cfg.hidden)
     dtype = next(iter(params.values())).dtype
 
     def forward(c, i, x):

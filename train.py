@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--show-schedule", action="store_true",
                     help="print the pipeline schedule's timeline per rank and its bubble, then exit (no processes "
                          "needed)")
+    ap.add_argument("--cp", type=int, default=1,
+                    help="gpt only: context-parallel ranks, each holding 1/cp of every sequence (ring attention; "
+                         "--seq must divide into 2 x cp chunks)")
     ap.add_argument("--experts", type=int, default=0,
                     help="gpt only: mixture-of-experts MLPs of E experts each (0: dense; see --topk, --ep)")
     ap.add_argument("--topk", type=int, default=None, help="MoE: experts per token (1: Switch, 2: Mixtral; default 1)")
@@ -100,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="MoE: weight of the load-balancing loss (default 0.01)")
     ap.add_argument("--z-loss", type=float, default=None, help="MoE: weight of the router z-loss (default 0)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
-    ap.add_argument("--max-seq", type=int, default=1024, help="rows of the learned position table")
+    ap.add_argument("--max-seq", type=int, help="rows of the learned position table (default: 1024, or --seq if longer)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
@@ -719,7 +722,7 @@ RANGES = {
     "index_every": AT_LEAST_1, "pp": AT_LEAST_1, "virtual_stages": AT_LEAST_1, "microbatches": AT_LEAST_1,
     "bucket_mb": ABOVE_0, "save_every": AT_LEAST_1, "keep_last": AT_LEAST_1,
     "experts": AT_LEAST_0, "topk": AT_LEAST_1, "ep": AT_LEAST_1, "moe_every": AT_LEAST_1, "capacity_factor": ABOVE_0,
-    "aux_loss": AT_LEAST_0, "z_loss": AT_LEAST_0,
+    "aux_loss": AT_LEAST_0, "z_loss": AT_LEAST_0, "cp": AT_LEAST_1,
 }
 MOE_FLAGS = ("topk", "moe_every", "capacity_factor", "aux_loss", "z_loss")  # their GPTConfig fields: MOE_FIELDS
 MOE_FIELDS = dict(topk="moe_topk", moe_every="moe_every", capacity_factor="moe_capacity", aux_loss="moe_aux_loss",
@@ -732,7 +735,7 @@ CONFIG_FLAGS = {"max_seq": "--max-seq", "layers": "--layers", "hidden": "--hidde
                 "attention": "--attention", "recompute": "--recompute", "sequence_parallel": "--sequence-parallel",
                 "norm_order": "--norm-order", "tp": "--tp", "seq": "--seq", "experts": "--experts",
                 "moe_topk": "--topk", "ep": "--ep", "moe_every": "--moe-every", "moe_capacity": "--capacity-factor",
-                "moe_aux_loss": "--aux-loss", "moe_z_loss": "--z-loss"}
+                "moe_aux_loss": "--aux-loss", "moe_z_loss": "--z-loss", "cp": "--cp"}
 
 
 def flag(name: str) -> str:
@@ -775,14 +778,20 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     if world % args.pp:
         raise UsageError(f"--pp {args.pp} does not divide the world size {world}")
     ep = args.ep if args.ep and args.ep > 0 else 1  # the default tp leaves room for data parallel of ep ranks
-    if args.tp is None and world % (args.pp * ep):
-        raise UsageError(f"--ep {ep} x --pp {args.pp} does not divide the world size {world}")
-    tp = world // (args.pp * ep) if args.tp is None else args.tp
-    if world % (tp * args.pp):
-        what = f"--tp {tp}" if args.pp == 1 else f"--tp {tp} x --pp {args.pp} = {tp * args.pp}"
+    cp = args.cp
+    if args.tp is None and world % (args.pp * ep * cp):
+        what = " x ".join(f"--{k} {v}" for k, v in (("cp", cp), ("ep", ep), ("pp", args.pp)) if v > 1 or k == "pp")
+        raise UsageError(f"{what} does not divide the world size {world}")
+    tp = world // (args.pp * ep * cp) if args.tp is None else args.tp
+    if world % (tp * args.pp * cp):
+        what = " x ".join(f"--{k} {v}" for k, v in (("tp", tp), ("cp", cp), ("pp", args.pp)) if v > 1 or k == "tp")
+        what += f" = {tp * cp * args.pp}" if " x " in what else ""
         raise UsageError(f"{what} does not divide the world size {world} (data parallel fills the rest)")
+    check_cp_args(args, tp)
     if args.min_lr is not None and args.min_lr > args.lr:
         raise UsageError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decays from --lr to --min-lr")
+    if args.max_seq is None:
+        args.max_seq = max(1024, args.seq)
     if args.seq > args.max_seq:
         raise UsageError(f"--seq {args.seq} is longer than --max-seq {args.max_seq} (the position table's rows)")
     if args.model != "gpt":
@@ -857,6 +866,23 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     return cfg, tp
 
 
+def check_cp_args(args, tp: int) -> None:
+    """Context parallelism: gpt only, without experts; the sequence cuts into 2 x cp chunks (x tp under SP)."""
+    if args.cp == 1:
+        return
+    if args.model != "gpt":
+        raise UsageError(f"--cp is for --model gpt (ring attention over its causal stack), not {args.model}")
+    if args.experts:
+        raise UsageError("--cp with --experts: context and expert parallelism together are not built")
+    if args.position == "relative":
+        raise UsageError("--cp with --position relative: context parallelism has no relative-position bias")
+    chunks = 2 * args.cp * (tp if args.sequence_parallel and tp > 1 else 1)
+    if args.seq % chunks:
+        raise UsageError(f"--seq {args.seq} does not cut into 2 x --cp {args.cp}"
+                         + (f" x --tp {tp} (sequence parallel)" if chunks != 2 * args.cp else "")
+                         + f" = {chunks} equal chunks")
+
+
 def check_moe_args(args, world: int, tp: int) -> None:
     """The mixture-of-experts flags: gpt only, the others need --experts,
     --ep divides the data-parallel ranks, the sequence cuts over tp."""
@@ -867,7 +893,7 @@ def check_moe_args(args, world: int, tp: int) -> None:
         raise UsageError(f"{', '.join(given)} need --experts E (a mixture-of-experts model)")
     if not args.experts:
         return
-    dp = world // (tp * args.pp)
+    dp = world // (tp * args.pp * args.cp)
     if dp % args.ep:
         raise UsageError(f"--ep {args.ep} does not divide the data-parallel ranks dp = {dp} (world {world} / "
                          f"(tp {tp} x pp {args.pp})): expert parallelism is carved out of data parallelism")
@@ -1201,7 +1227,8 @@ def evaluate(params, data, task, cfg, mesh, args, device) -> dict[str, float]:
             else:
                 losses = task.loss(params, inputs, cfg, mesh, seed=0, training=False)
             for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v.float().item() / args.eval_batches
+                v = P.all_reduce(v.float(), mesh, "cp", phase="eval") / mesh.cp  # cp: each rank scored its chunks
+                totals[k] = totals.get(k, 0.0) + v.item() / args.eval_batches
     return totals
 
 
@@ -1387,7 +1414,7 @@ def checkpoint_tensors(params: dict, moments: dict, cfg, mesh: P.Mesh, specs: di
     for name, p in params.items():
         real = N.real_vocab_rows(name, P.full_shape_of(p.shape, specs[name], mesh), cfg)
         replicas = "edp" if isinstance(specs[name], P.Experts) else "dp"  # the ranks holding the same piece
-        ps = [pc._replace(writer=pc.writer and mesh.rank(replicas) == 0 and name not in skip)
+        ps = [pc._replace(writer=pc.writer and mesh.rank(replicas) == 0 and mesh.cp_rank == 0 and name not in skip)
               for pc in P.pieces(p.shape, specs[name], mesh, real)]
         full = P.full_shape_of(p.shape, specs[name], mesh, real)
         for key, t in (("param", p), ("exp_avg", moments[name][0]), ("exp_avg_sq", moments[name][1])):
@@ -1426,7 +1453,7 @@ def save_checkpoint(root: str, step: int, params, opt, cfg, mesh: P.Mesh, specs,
     indexes = gather_to_rank0(index)
     if rank == 0:
         meta = dict(format=1, model=args.model, step=step, optimizer_steps=opt.steps, config=config_dict(cfg),
-                    layout=dict(tp=mesh.tp, pp=mesh.pp, dp=mesh.dp, ep=mesh.ep, zero=args.zero,
+                    layout=dict(tp=mesh.tp, pp=mesh.pp, dp=mesh.dp, ep=mesh.ep, cp=mesh.cp, zero=args.zero,
                                 virtual_stages=args.virtual_stages),
                     seed=args.seed, index={k: v for part in indexes for k, v in part.items()})
         with open(tmp / "meta.json", "w") as f:
@@ -1522,7 +1549,7 @@ def load_checkpoint(path: Path, meta: dict, params, opt, cfg, mesh: P.Mesh, spec
 # ---------------------------------------------------------------------------
 
 PHASES = ("forward", "backward", "after backward")  # train_step's order
-MESH_ORDER = ("tp", "ep", "dp", "edp", "pp")
+MESH_ORDER = ("tp", "cp", "ep", "dp", "dpcp", "edp", "pp")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 LAYER = re.compile(r"((?:\w+\.)?)layers\.(\d+)\.(.+)")  # (stack prefix, layer, name in the layer)
 
@@ -1563,7 +1590,8 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
     moments = opt.state_bytes()
     return dict(
         rank=(mesh.pp_rank * mesh.dp + mesh.dp_rank) * mesh.tp + mesh.tp_rank,
-        mesh={d: (mesh.rank(d), mesh.size(d)) for d in MESH_ORDER if mesh.ep > 1 or d not in ("ep", "edp")},
+        mesh={d: (mesh.rank(d), mesh.size(d)) for d in MESH_ORDER
+              if (mesh.ep > 1 or d not in ("ep", "edp")) and (mesh.cp > 1 or d not in ("cp", "dpcp"))},
         shards=shards,
         bytes=dict(weights=weights, grads=weights, moments=moments,
                    dtypes=sorted({dtype_name(p.dtype) for p in throwaway.values()})),
@@ -1782,7 +1810,7 @@ def train(args) -> int:
 
     rank, world = P.init_distributed()  # nccl and one GPU per rank when CUDA is there, else gloo on CPU
     torch.manual_seed(args.seed)
-    mesh = P.Mesh.build(tp=tp, pp=args.pp, ep=args.ep)
+    mesh = P.Mesh.build(tp=tp, pp=args.pp, ep=args.ep, cp=args.cp)
     say = print if rank == 0 else (lambda *a, **k: None)
     task = TASKS[args.model]
     specs = task.specs(cfg)
@@ -1797,7 +1825,8 @@ def train(args) -> int:
         (f" ({'+'.join(p.rstrip('.') or 'retriever' for p in stacks)})" if len(stacks) > 1 else "")
     say(f"model: {task.name} {layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {cfg.norm_order}-norm, "
         f"{n_params / 1e6:.2f}M parameters (vocab {cfg.vocab_size} padded to {cfg.padded_vocab}); "
-        f"mesh tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}{f' (ep={mesh.ep})' if mesh.ep > 1 else ''}"
+        f"mesh tp={mesh.tp}{f' cp={mesh.cp}' if mesh.cp > 1 else ''} pp={mesh.pp} dp={mesh.dp}"
+        f"{f' (ep={mesh.ep})' if mesh.ep > 1 else ''}"
         f"{', sequence parallel' if cfg.sequence_parallel else ''}"
         f"{', bf16' if args.bf16 else ''}{', ZeRO-1' if args.zero else ''}")
     if getattr(cfg, "experts", 0):
@@ -1861,7 +1890,8 @@ def train(args) -> int:
         with P.count_comms() as comms:
             metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, clock)
         moe_stats = moe_summary(metrics.pop("moe", None), mesh)
-        metrics = {k: (P.all_reduce(v.float(), mesh, "dp") / mesh.dp).item() for k, v in metrics.items()}
+        replicas = "dpcp" if mesh.cp > 1 else "dp"  # under cp each rank's loss is its tokens' share: average them too
+        metrics = {k: (P.all_reduce(v.float(), mesh, replicas) / mesh.size(replicas)).item() for k, v in metrics.items()}
         if "lm" in metrics:  # MoE: the loss is lm + the weighted auxiliary losses
             metrics["aux"] = metrics["loss"] - metrics["lm"]
         loss_value = metrics["loss"]
@@ -1900,6 +1930,8 @@ def train(args) -> int:
         params = gather_stages(params, task, cfg, mesh, specs, args, device)
         mesh = P.Mesh(tp=mesh.tp, dp=mesh.dp, tp_rank=mesh.tp_rank, dp_rank=mesh.dp_rank, ep=mesh.ep,
                       ep_rank=mesh.ep_rank, groups={d: g for d, g in mesh.groups.items() if d in ("tp", "dp", "ep", "edp")})
+    if mesh.cp > 1:  # every cp rank holds the whole model: the demos run without the ring
+        mesh = replace(mesh, cp=1, cp_rank=0, groups={d: g for d, g in mesh.groups.items() if d not in ("cp", "dpcp")})
     if args.export_hf is not None:
         said = export_hf(params, cfg, mesh, specs, args)
         if said:
