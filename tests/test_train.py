@@ -206,7 +206,7 @@ TOO_BIG = "the model and one step need about"
     (["--heads", "4", "--kv-heads", "3"], "--heads 4 is not divisible by --kv-heads 3"),
     (["--dropout", "0.1", "--attention", "sdpa"], "--attention sdpa has no counter-based dropout: use --attention "
                                                   "core with --dropout 0.1"),
-    (["--seq", "2048"], "--seq 2048 is longer than --max-seq 1024"),
+    (["--seq", "2048", "--max-seq", "1024"], "--seq 2048 is longer than --max-seq 1024"),
     (["--max-seq", "0"], "--max-seq must be >= 1, got 0"),
     (["--steps", "-1"], "--steps must be >= 0, got -1"),
     (["--warmup", "-3"], "--warmup must be >= 0, got -3"),
