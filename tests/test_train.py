@@ -155,6 +155,45 @@ def test_torchrun_mixture_of_experts_learns_exactly_what_the_reference_learns(te
         assert re.search(r"comm .*ep [0-9,]+", step_line) and "each rank holds 2 experts of each layer" in got.stdout
 
 
+CP = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "64", "--batch", "4", "--steps", "8", "--log-every",
+      "4", "--eval-every", "4", "--eval-batches", "2", "--lr", "1e-2", "--dropout", "0.1", "--peak-flops", "1e9",
+      "--sample-tokens", "8"]
+
+
+@pytest.mark.parametrize("layout", [
+    ["--cp", "2", "--tp", "2", "--sequence-parallel"],
+    ["--cp", "2", "--pp", "2", "--tp", "1", "--microbatches", "2", "--zero", "1", "--position", "rope"],
+])
+def test_torchrun_context_parallel_learns_exactly_what_one_process_learns(text_file, layout):
+    """4 processes with context parallelism (ring attention; with tp 2 + SP, or with 2 pipeline stages, ZeRO-1
+    over dp x cp and rotary positions), dropout on: the same eval losses to the printed four decimals as one
+    process; the log counts the cp ring's sends and the dp x cp gradient reduction."""
+    common = ["--data", text_file, *CP, *(["--position", "rope"] if "rope" in layout else [])]
+    want = run(*common, torchrun=0)
+    got = run(*common, *[a for a in layout if a not in ("--position", "rope")], torchrun=4)
+    assert want.returncode == 0, want.stderr[-3000:]
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert len(eval_losses(want.stdout)) == 3 and eval_losses(got.stdout) == eval_losses(want.stdout), \
+        (want.stdout, got.stdout)
+    step_line = re.search(r"step +8 \|.*", got.stdout)[0]
+    assert re.search(r"comm .*cp [0-9,]+ .*dpcp [0-9,]+", step_line), step_line
+    assert " cp=2 " in got.stdout and "sample" in got.stdout
+
+
+def test_cp_flags_that_need_the_world_size_are_refused_before_any_process_group():
+    for argv, world, message in [
+        (["--cp", "2", "--seq", "30"], 2, "--seq 30 does not cut into 2 x --cp 2 = 4 equal chunks"),
+        (["--cp", "2", "--tp", "2", "--sequence-parallel", "--seq", "36"], 4,
+         "--seq 36 does not cut into 2 x --cp 2 x --tp 2 (sequence parallel) = 8 equal chunks"),
+        (["--cp", "2", "--model", "bert"], 2, "--cp is for --model gpt"),
+        (["--cp", "2", "--experts", "4"], 2, "--cp with --experts"),
+        (["--cp", "2", "--position", "relative"], 2, "--cp with --position relative"),
+        (["--cp", "3"], 4, "--cp 3 x --pp 1 does not divide the world size 4"),
+    ]:
+        with pytest.raises(train.UsageError, match=re.escape(message)):
+            train.check_args(args_of(*argv), world=world)
+
+
 def test_moe_flags_that_need_the_world_size_are_refused_before_any_process_group():
     for argv, world, message in [
         (["--experts", "3", "--ep", "2"], 2, "--experts 3 is not divisible by --ep 2"),
@@ -245,6 +284,8 @@ TOO_BIG = "the model and one step need about"
     (["--bucket-mb", "0"], "--bucket-mb must be a finite number > 0, got 0.0"),
     (["--layers", "2", "--pp", "2", "--position", "relative"], "--position relative does not pipeline (--pp 2)"),
     (["--zero", "2"], "argument --zero: invalid choice: 2"),
+    (["--cp", "2"], "--cp 2 x --pp 1 does not divide the world size 1"),
+    (["--cp", "0"], "--cp must be >= 1, got 0"),
     (["--experts", "4", "--topk", "5"], "--topk 5 is more than --experts 4"),
     (["--experts", "4", "--ep", "2"], "--ep 2 x --pp 1 does not divide the world size 1"),
     (["--experts", "4", "--ep", "2", "--tp", "1"], "--ep 2 does not divide the data-parallel ranks dp = 1 (world 1 / "
