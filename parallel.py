@@ -2315,5 +2315,9 @@ def ring_attention(q, k, v, mesh: Mesh, *, scale: float, causal: bool, mask=None
     too. A query that sees no key gets zeros (as the fused softmax gives).
     dropout: None, or (p, seed, stream, first row, rows, first head, heads) of
     the global [rows, heads, s, s] probabilities: the mask core attention draws."""
+    check_cp_seq(q.shape[2] * mesh.cp, mesh)  # this rank's tokens must be two equal chunks
+    if k.shape != v.shape or k.shape[2] != q.shape[2] or k.shape[0] != q.shape[0] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"ring attention needs q [b, n, s/cp, d] and k, v [b, g, s/cp, d] with g | n, got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     drop = None if dropout is None else (*dropout, q.shape[2] * mesh.cp)
     return _RingAttention.apply(q, k, v, mesh, scale, causal, mask, drop)
