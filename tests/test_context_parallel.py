@@ -23,7 +23,8 @@ cached per layout in the worker, since every build creates process groups on eve
    chunks r and 2·cp − 1 − r; `cp_split` / `cp_unsplit` are inverse;
 7. bad input: a sequence that does not cut into 2·cp chunks, a world that cp does not divide, cp = 0,
    relative positions or experts under cp, ep with cp, a KV cache under cp: ValueErrors naming the
-   values, raised on every rank before any collective.
+   values, raised on every rank before any collective; ring_attention refuses tokens that do not cut
+   into two chunks and k, v that do not fit q.
 """
 
 from dataclasses import replace
@@ -344,9 +345,9 @@ def test_gpt_under_context_parallel_equals_serial(pool, case):
         assert_close(got["logits"], want["logits"][got["rows"]], f"{what}: logits on rank {rank}")
 
 
-def test_gpt_dropout_under_cp_is_on_and_positional(pool):
-    """The cp run's masks are the serial run's: a different seed, or dropout off, changes the serial loss
-    (so the agreement above with dropout on says something)."""
+def test_gpt_dropout_in_the_cases_above_is_on():
+    """A different seed, or either dropout off, changes the serial loss of EVERYTHING_ON: so its agreement
+    above with dropout on says that the cp ranks drew the serial masks (at the global positions)."""
     tp, cp, cfg, B, s, masked, seed = EVERYTHING_ON
     full = jittered(N.init_gpt(cfg, seed, torch.float64), seed)
     ids, targets = randint(seed, cfg.vocab_size, B, s), randint(seed + 1, cfg.vocab_size, B, s)
@@ -534,6 +535,7 @@ def bad_cp_case(_pool_mesh):
         lambda: P.Mesh.build(cp=0),
         lambda: P.Mesh.build(tp=2, cp=4),
         lambda: P.Mesh.build(ep=2, cp=2),
+        lambda: P.ring_attention(*(rand(0, 1, 1, 3, 2),) * 3, mesh, scale=1.0, causal=True),  # 3 tokens a rank
     ]
     messages = []
     for case in cases:
@@ -554,7 +556,7 @@ def bad_cp_case(_pool_mesh):
 def test_bad_cp_input_raises_on_every_rank_before_any_collective(pool):
     want = [["seq=6", "cp=2"], ["seq=10", "cp=2"], ["cp=2", "relative"], ["cp=2", "experts"], ["cp=2", "cache"],
             ["cp=2", "cache"], ["16", "max_seq=12"], ["world size 4", "1*3*1 = 3"], ["cp", "cp=0"],
-            ["world size 4", "2*4*1 = 8"], ["ep=2", "cp=2"], 2.0, 4.0, True]
+            ["world size 4", "2*4*1 = 8"], ["ep=2", "cp=2"], ["seq=6", "cp=2"], 2.0, 4.0, True]
     for rank, messages in enumerate(pool.run(bad_cp_case)):
         for i, (got, words) in enumerate(zip(messages, want, strict=True)):
             if isinstance(words, list):
@@ -571,3 +573,18 @@ def test_check_mesh_refuses_what_cp_does_not_build(kw, words):
         cfg.check_mesh(replace(SERIAL, cp=2))
     assert all(w in str(e.value) for w in words), str(e.value)
     cfg.check_mesh(SERIAL)  # fine without cp
+
+
+@pytest.mark.parametrize("shapes, words", [
+    (((1, 1, 3, 2), (1, 1, 3, 2), (1, 1, 3, 2)), ["seq=3", "cp=1"]),  # 3 tokens: chunks of 1 would cover 2
+    (((1, 2, 4, 2), (1, 1, 4, 2), (1, 1, 2, 2)), ["ring attention needs", "(1, 1, 2, 2)"]),  # v not like k
+    (((1, 2, 4, 2), (1, 1, 2, 2), (1, 1, 2, 2)), ["ring attention needs", "(1, 1, 2, 2)"]),  # k, v not like q
+    (((1, 3, 4, 2), (1, 2, 4, 2), (1, 2, 4, 2)), ["ring attention needs", "g | n"]),  # 2 kv heads, 3 heads
+    (((2, 2, 4, 2), (1, 2, 4, 2), (1, 2, 4, 2)), ["ring attention needs", "(2, 2, 4, 2)"]),  # other batch
+])
+def test_ring_attention_refuses_shapes_it_cannot_attend(shapes, words):
+    """Once a silent wrong answer (3 tokens: the last query got 0 and its key was never seen); now refused."""
+    q, k, v = (rand(i, *shape) for i, shape in enumerate(shapes))
+    with pytest.raises(ValueError) as e:
+        P.ring_attention(q, k, v, SERIAL, scale=1.0, causal=False)
+    assert all(w in str(e.value) for w in words), str(e.value)
