@@ -1081,6 +1081,9 @@ def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=Fals
             raise ValueError(f"cp={mesh.cp}: generation with a KV cache runs without context parallelism")
         P.check_cp_seq(ids.shape[1], mesh)
         cfg.check_seq(ids.shape[1], replace(mesh, cp=1))
+        if cfg.sequence_parallel and ids.shape[1] // mesh.cp % mesh.tp:
+            raise ValueError(f"sequence parallel under cp needs each cp rank's seq/cp tokens divisible by tp, got "
+                             f"seq={ids.shape[1]}, cp={mesh.cp}, tp={mesh.tp}")
         ids = P.cp_split(ids, mesh)
     x = embed(params, ids, cfg, mesh, seed=seed, training=training, pos_offset=pos_offset)
     x = run_layers(params, x, cfg, mesh, seed=seed, training=training, caches=caches, pos_offset=pos_offset,

@@ -1077,15 +1077,16 @@ def dropout(x, p: float, *, seed: int, stream, training: bool = True, offset=Non
 
 
 def all_reduce_grads_dp(params: dict, mesh: Mesh) -> None:
-    """Average every gradient over the data-parallel replicas, in place.
+    """Average every gradient over the data-parallel replicas (and the cp ranks: dp x cp), in place.
     Elements moved: one all-reduce of each parameter shard's size over dp.
     The plain form, after the backward; train.py uses `GradBuckets`, which
     packs them into buckets reduced while the backward runs, as Megatron does."""
-    if mesh.dp == 1:
+    dim = "dpcp" if mesh.cp > 1 else "dp"  # context-parallel ranks hold the whole model too
+    if mesh.size(dim) == 1:
         return
     for p in params.values():
         if p.grad is not None:
-            p.grad.copy_(all_reduce(p.grad, mesh, "dp", "after backward") / mesh.dp)
+            p.grad.copy_(all_reduce(p.grad, mesh, dim, "after backward") / mesh.size(dim))
 
 
 def check_max_norm(max_norm) -> None:
@@ -2180,8 +2181,8 @@ def _scores(q, k, q_pos, k_pos, scale, causal_part: bool, mask):
     hidden = None
     if causal_part:
         hidden = (k_pos[None, :] > q_pos[:, None])  # [c_q, c_k]
-    if mask is not None:  # [b|1, 1, s, s] in global positions, True = masked
-        m = mask[:, :, q_pos][..., k_pos][:, :, None]  # [b|1, 1, 1, c_q, c_k]
+    if mask is not None:  # [b|1, 1, s|1, s] in global positions, True = masked
+        m = (mask if mask.shape[2] == 1 else mask[:, :, q_pos])[..., k_pos][:, :, None]  # [b|1, 1, 1, c_q|1, c_k]
         hidden = m if hidden is None else (m | hidden)
     return s if hidden is None else s.masked_fill(hidden, float("-inf"))
 
@@ -2311,7 +2312,8 @@ class _RingAttention(torch.autograd.Function):
 def ring_attention(q, k, v, mesh: Mesh, *, scale: float, causal: bool, mask=None, dropout=None):
     """Attention of this cp rank's queries to the whole sequence (see `_RingAttention`).
     q [b, n, s/cp, d]; k, v [b, g, s/cp, d]; mask: None or [b|1, 1, s, s] bool in
-    global positions, True = masked (a padding mask); causal: the causal mask
+    global positions, True = masked (a padding mask; [b, 1, 1, s] masks keys
+    only); causal: the causal mask
     too. A query that sees no key gets zeros (as the fused softmax gives).
     dropout: None, or (p, seed, stream, first row, rows, first head, heads) of
     the global [rows, heads, s, s] probabilities: the mask core attention draws."""
@@ -2319,5 +2321,10 @@ def ring_attention(q, k, v, mesh: Mesh, *, scale: float, causal: bool, mask=None
     if k.shape != v.shape or k.shape[2] != q.shape[2] or k.shape[0] != q.shape[0] or q.shape[1] % k.shape[1]:
         raise ValueError(f"ring attention needs q [b, n, s/cp, d] and k, v [b, g, s/cp, d] with g | n, got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    drop = None if dropout is None else (*dropout, q.shape[2] * mesh.cp)
+    s = q.shape[2] * mesh.cp
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, q.shape[0])
+                             or mask.shape[1] != 1 or mask.shape[2] not in (1, s) or mask.shape[3] != s):
+        raise ValueError(f"ring attention's mask must be bool [b|1, 1, s|1, s] over the whole sequence (b={q.shape[0]}, "
+                         f"s={s}), got {mask.dtype} {tuple(mask.shape)}")
+    drop = None if dropout is None else (*dropout, s)
     return _RingAttention.apply(q, k, v, mesh, scale, causal, mask, drop)

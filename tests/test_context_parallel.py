@@ -588,3 +588,21 @@ def test_ring_attention_refuses_shapes_it_cannot_attend(shapes, words):
     with pytest.raises(ValueError) as e:
         P.ring_attention(q, k, v, SERIAL, scale=1.0, causal=False)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_ring_attention_takes_a_key_only_padding_mask_and_refuses_a_bad_one():
+    """A [b, 1, 1, s] mask (keys only, the serial padding path's form) is the pair mask that masks those keys for
+    every query; a mask of the wrong shape or dtype is a ValueError, not an IndexError."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 8, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    keys = torch.rand(2, 8, generator=g) < 0.4
+    got = P.ring_attention(q, k, v, P.Mesh.serial(), scale=0.5, causal=True, mask=keys[:, None, None, :])
+    want = P.ring_attention(q, k, v, P.Mesh.serial(), scale=0.5, causal=True,
+                            mask=keys[:, None, None, :].expand(2, 1, 8, 8))
+    scores = (q @ k.transpose(-1, -2) * 0.5).masked_fill(keys[:, None, None, :] | torch.ones(8, 8).triu(1).bool(),
+                                                         float("-inf"))
+    assert_close(got, want, "key-only mask vs its pair mask")
+    assert_close(got, torch.softmax(scores, -1).nan_to_num(0.0) @ v, "key-only mask vs plain attention")
+    for bad in (keys[:, None, :, None], keys.float()[:, None, None, :], keys[:, None, None, :4]):
+        with pytest.raises(ValueError, match=r"ring attention's mask must be bool \[b\|1, 1, s\|1, s\]"):
+            P.ring_attention(q, k, v, P.Mesh.serial(), scale=0.5, causal=True, mask=bad)
