@@ -559,7 +559,7 @@ def test_a_checkpoint_resumes_at_another_layout_as_the_serial_run(pool, text_fil
             assert r["sp"] == ("--sequence-parallel" in flags and tp > 1), (case, i)
         losses.append(results[0]["losses"])
         meta = json.loads((Path(root) / f"step-{(i + 1) * K:08d}" / "meta.json").read_text())
-        previous = dict(tp=tp, pp=pp, dp=4 // (tp * pp), ep=1, zero=int("--zero" in flags),
+        previous = dict(tp=tp, pp=pp, dp=4 // (tp * pp), ep=1, cp=1, zero=int("--zero" in flags),
                         virtual_stages=2 if "--virtual-stages" in flags else 1)
         assert meta["layout"] == previous and meta["step"] == meta["optimizer_steps"] == (i + 1) * K, meta
         assert (Path(root) / "latest").read_text().strip() == f"step-{(i + 1) * K:08d}"
