@@ -1858,7 +1858,9 @@ def train(args) -> int:
     if args.load_path is not None:
         saved = args.load_meta["layout"]
         start = load_checkpoint(args.load_path, args.load_meta, params, opt, cfg, mesh, specs) + 1
-        say(f"loaded {args.load_path} (step {start - 1}; saved at tp={saved['tp']} pp={saved['pp']} dp={saved['dp']}"
+        saved_cp = f" cp={saved['cp']}" if saved.get("cp", 1) > 1 else ""
+        say(f"loaded {args.load_path} (step {start - 1}; saved at tp={saved['tp']}{saved_cp} pp={saved['pp']} "
+            f"dp={saved['dp']}"
             f"{' ZeRO-1' if saved['zero'] else ''}, resharded to this run's layout)")
     elif args.load is not None:
         say(f"--load {args.load}: no checkpoint there yet, starting fresh")
