@@ -74,3 +74,37 @@ def padding(draw, n: int, s: int):
         i = draw(st.integers(0, n - 1))
         patterns[i] = patterns[i][:-1] + (0,)
     return tuple(patterns)
+
+
+# ---- the multi-step oracle of the training tests (pipeline, MoE, context parallel) ----
+
+LR, BETAS, WEIGHT_DECAY, CLIP, STEPS = 1e-2, (0.9, 0.95), 0.1, 1.0, 3
+
+
+def adamw(params: dict):
+    """torch's AdamW, weight decay on tensors of 2 dims or more (train.py's and ZeroAdamW's rule)."""
+    return torch.optim.AdamW([dict(params=[p for p in params.values() if p.dim() >= 2], weight_decay=WEIGHT_DECAY),
+                              dict(params=[p for p in params.values() if p.dim() < 2], weight_decay=0.0)],
+                             lr=LR, betas=BETAS)
+
+
+def serial_gpt_training(cfg, full, batches):
+    """The oracle: one process on the whole global batch of each step ((ids, targets) pairs), torch's
+    clip_grad_norm_ and AdamW. -> (losses [steps], grad norms [steps], final parameters)."""
+    from dataclasses import replace
+
+    import nanomeg as N
+
+    params = {k: t.clone().requires_grad_(True) for k, t in full.items()}
+    opt = adamw(params)
+    losses, norms = [], []
+    for step, (ids, targets) in enumerate(batches):
+        opt.zero_grad()
+        loss = N.gpt_loss(params, ids, targets, replace(cfg, sequence_parallel=False), SERIAL, seed=10 + step,
+                          training=True)
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP))
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), torch.stack(norms), {k: p.detach() for k, p in params.items()}
+

@@ -32,7 +32,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
-from common import SERIAL, TOL, assert_close, jittered, padding, rand, randint
+from common import (BETAS, CLIP, LR, SERIAL, STEPS, TOL, WEIGHT_DECAY, adamw, assert_close, jittered, padding, rand,
+                    randint, serial_gpt_training)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -361,14 +362,6 @@ def test_gpt_dropout_in_the_cases_above_is_on():
 # 5. Training steps: GradBuckets + AdamW, or ZeRO-1, over dp x cp, against serial AdamW
 # ---------------------------------------------------------------------------------------------------
 
-LR, BETAS, WEIGHT_DECAY, CLIP, STEPS = 1e-2, (0.9, 0.95), 0.1, 1.0, 3
-
-
-def adamw(params: dict):
-    """torch's AdamW, weight decay on tensors of 2 dims or more (ZeroAdamW's default rule)."""
-    return torch.optim.AdamW([dict(params=[p for p in params.values() if p.dim() >= 2], weight_decay=WEIGHT_DECAY),
-                              dict(params=[p for p in params.values() if p.dim() < 2], weight_decay=0.0)],
-                             lr=LR, betas=BETAS)
 
 
 def train_task(_pool_mesh, tp, cp, cfg, full, batches, zero, bucket_mb):
@@ -393,20 +386,6 @@ def train_task(_pool_mesh, tp, cp, cfg, full, batches, zero, bucket_mb):
                 params=P.unshard({k: p.detach() for k, p in params.items()}, specs, mesh))
 
 
-def serial_training(cfg, full, batches):
-    params = {k: t.clone().requires_grad_(True) for k, t in full.items()}
-    opt = adamw(params)
-    losses, norms = [], []
-    for step, (ids, tg) in enumerate(batches):
-        opt.zero_grad()
-        loss = N.gpt_loss(params, ids, tg, replace(cfg, sequence_parallel=False), SERIAL, seed=10 + step)
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP))
-        opt.step()
-        losses.append(loss.detach())
-    return torch.stack(losses), torch.stack(norms), {k: p.detach() for k, p in params.items()}
-
-
 @pytest.mark.parametrize("tp, cp, zero, bucket_mb", [(1, 2, False, 25.0), (1, 2, True, 1e-5), (2, 2, False, 1e-5),
                                                      (2, 2, True, 25.0)])
 def test_training_steps_equal_serial_adamw(pool, tp, cp, zero, bucket_mb):
@@ -416,7 +395,7 @@ def test_training_steps_equal_serial_adamw(pool, tp, cp, zero, bucket_mb):
     full = jittered(N.init_gpt(cfg, 3, torch.float64), 3)
     B = 2 * WORLD // (tp * cp)
     batches = [(randint(20 + i, cfg.vocab_size, B, 8), randint(30 + i, cfg.vocab_size, B, 8)) for i in range(STEPS)]
-    want_losses, want_norms, want = serial_training(cfg, full, batches)
+    want_losses, want_norms, want = serial_gpt_training(cfg, full, batches)
     assert (want_norms > CLIP).all(), want_norms  # the clip does something at every step
     what = f"tp={tp} cp={cp} {'zero' if zero else 'adamw'} bucket {bucket_mb} MB"
     for rank, r in enumerate(pool.run(train_task, tp, cp, cfg, full, batches, zero, bucket_mb)):

@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from common import SERIAL, TOL, assert_close, jittered, merged, padding, rand, randint
+from common import (BETAS, CLIP, LR, SERIAL, STEPS, TOL, WEIGHT_DECAY, adamw, assert_close, jittered, merged,
+                    padding, rand, randint, serial_gpt_training)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -328,21 +329,12 @@ def test_relative_positions_run_at_pp_1_and_are_refused_across_stages():
 # 2. Three optimizer steps: ZeRO-1 or bucketed dp + AdamW, against serial AdamW
 # ---------------------------------------------------------------------------------------------------
 
-LR, BETAS, WEIGHT_DECAY, CLIP, STEPS = 1e-2, (0.9, 0.95), 0.1, 1.0, 3
-
 
 def train_config(layers=4, tied=True, sp=False):
     """init_std 0.2: the first steps' gradient norms are above CLIP, so the clipping is exercised."""
     return N.GPTConfig(vocab_size=49, vocab_multiple=4, max_seq=8, layers=layers, hidden=16, heads=4, kv_heads=2,
                        hidden_dropout=0.1, attention_dropout=0.1, tie_embeddings=tied, sequence_parallel=sp,
                        init_std=0.2)
-
-
-def adamw(params: dict):
-    """torch's AdamW, weight decay on matrices only (train.py's rule)."""
-    return torch.optim.AdamW([dict(params=[p for p in params.values() if p.dim() >= 2], weight_decay=WEIGHT_DECAY),
-                              dict(params=[p for p in params.values() if p.dim() < 2], weight_decay=0.0)],
-                             lr=LR, betas=BETAS)
 
 
 def train_case(mesh, cfg, full, batches, schedule, v, m, zero, bucket_mb):
@@ -366,21 +358,6 @@ def train_case(mesh, cfg, full, batches, schedule, v, m, zero, bucket_mb):
                 norms=torch.stack(norms), params=gathered(params, "gpt", cfg, mesh))
 
 
-def serial_training(cfg, full, batches):
-    """The oracle: one process, the whole global batch, torch's clip_grad_norm_ and AdamW."""
-    params = {k: t.clone().requires_grad_(True) for k, t in full.items()}
-    opt = adamw(params)
-    losses, norms = [], []
-    for step, batch in enumerate(batches):
-        opt.zero_grad()
-        loss = N.gpt_loss(params, batch["ids"], batch["targets"], cfg, SERIAL, seed=10 + step, training=True)
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP))
-        opt.step()
-        losses.append(loss.detach())
-    return torch.stack(losses), torch.stack(norms), {k: p.detach() for k, p in params.items()}
-
-
 TRAIN_LAYOUTS = [  # pp, tp, dp, schedule, v, m, zero, bucket_mb, tied, sequence parallel
     (2, 1, 2, "1f1b", 1, 2, True, TINY_BUCKETS, True, False),
     (2, 2, 1, "interleaved", 2, 2, False, ONE_BUCKET, True, True),
@@ -401,7 +378,7 @@ def test_training_steps_equal_serial_adamw(pools, layout):
     full = full_params("gpt", cfg, 3)
     rows = dp * m * (2 if dp * m < 4 else 1)
     batches = [dict(ids=randint(20 + k, 49, rows, 8), targets=randint(30 + k, 49, rows, 8)) for k in range(STEPS)]
-    want_losses, want_norms, want = serial_training(cfg, full, batches)
+    want_losses, want_norms, want = serial_gpt_training(cfg, full, [(b["ids"], b["targets"]) for b in batches])
     assert (want_norms > CLIP).any(), want_norms  # the clipping did something
     results = run_layout(pools, train_case, cfg, full, batches, schedule, v, m, zero, bucket_mb, pp=pp, tp=tp, dp=dp)
     what = f"{layout}"
