@@ -1180,13 +1180,12 @@ def train_step(params, opt: Optimizer, inputs, task, cfg, mesh, specs, args, ste
             metrics["loss"].backward()
     grad_norm = opt.step(lr_at(step, args), args.grad_clip)
     metrics = {k: v.detach() for k, v in metrics.items()}
-    if moe is not None:  # this rank's MoE layers, summed: [load per expert..., dropped, choices]
-        totals = moe.totals().values()
-        metrics["moe"] = torch.stack([torch.stack([t.load.float() for t in totals]).sum(0).to(grad_norm.device),
-                                      ]).flatten() if totals else torch.zeros(cfg.experts, device=grad_norm.device)
-        metrics["moe"] = torch.cat([metrics["moe"], torch.tensor(
-            [float(sum(t.dropped for t in totals)), float(sum(t.choices for t in totals))], device=grad_norm.device)])
-    return metrics, grad_norm
+    if moe is not None:  # this rank's MoE layers (a pipeline stage may hold none), summed
+        load, dropped, choices = torch.zeros(cfg.experts, dtype=torch.float64), 0.0, 0.0
+        for t in moe.totals().values():
+            load, dropped, choices = load + t.load.cpu(), dropped + float(t.dropped), choices + t.choices
+        metrics["moe"] = torch.cat([load, torch.tensor([dropped, choices], dtype=torch.float64)]).to(grad_norm.device)
+    return metrics, grad_norm  # metrics["moe"]: [load per expert..., dropped, choices], read by moe_summary
 
 
 def moe_summary(stats, mesh: P.Mesh) -> str:
