@@ -913,8 +913,9 @@ def moe_mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, layer: int, moe: M
     if torch.is_autocast_enabled(x.device.type):  # move (and compute) in the autocast dtype
         rows = rows.to(torch.get_autocast_dtype(x.device.type))
     plan = P.expert_plan(torch.bincount(expert_of, minlength=cfg.experts), mesh)
-    out = P.combine_from_experts(run_experts(params, prefix, P.dispatch_to_experts(rows, plan, mesh), plan, cfg,
-                                             mesh), plan, mesh)  # [m, h], in `rows` order
+    received = P.dispatch_to_experts(rows, plan, mesh)  # [m', h]: every ep rank's rows for this rank's experts
+    done = run_experts(params, prefix, received, plan, cfg, mesh)  # [m', h]
+    out = P.combine_from_experts(done, plan, mesh)  # [m, h]: back home, in `rows` order
     gate = gates.reshape(-1)[choice].to(out.dtype)
     y = out.new_zeros(b * s, h).index_add(0, token_of, out * gate[:, None]).view(b, s, h)
     if tp > 1:
