@@ -130,10 +130,11 @@ class WorkerPool:
         return [done[r] for r in range(self.world)]
 
 
-def value_errors_then_in_step(cases, mesh) -> list:
+def value_errors_then_in_step(cases, mesh, dims=("tp",)) -> list:
     """Run each zero-argument case on this rank; collect str(ValueError) (None
-    when a case did not raise), then one all-reduce over tp: it returns only if
-    every rank is still in step, i.e. no case left a rank inside a collective."""
+    when a case did not raise), then one all-reduce over each mesh dim of
+    `dims`: it returns only if every rank is still in step, i.e. no case left
+    a rank inside a collective."""
     import torch
 
     import parallel
@@ -145,5 +146,5 @@ def value_errors_then_in_step(cases, mesh) -> list:
             messages.append(None)
         except ValueError as e:
             messages.append(str(e))
-    messages.append(parallel.all_reduce(torch.ones(1), mesh, "tp").item())
+    messages += [parallel.all_reduce(torch.ones(1), mesh, dim).item() for dim in dims]
     return messages

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from common import (BETAS, CLIP, LR, SERIAL, STEPS, TOL, WEIGHT_DECAY, adamw, assert_close, jittered, padding, rand,
                     randint, serial_gpt_training)
+from harness import value_errors_then_in_step
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -516,16 +517,8 @@ def bad_cp_case(_pool_mesh):
         lambda: P.Mesh.build(ep=2, cp=2),
         lambda: P.ring_attention(*(rand(0, 1, 1, 3, 2),) * 3, mesh, scale=1.0, causal=True),  # 3 tokens a rank
     ]
-    messages = []
-    for case in cases:
-        try:
-            case()
-            messages.append(None)
-        except ValueError as e:
-            messages.append(str(e))
-    # every rank still in step: no case left one inside a collective (this would hang, then fail)
-    messages.append(P.all_reduce(torch.ones(1), mesh, "cp").item())
-    messages.append(P.all_reduce(torch.ones(1), mesh, "dpcp").item())
+    # every rank still in step over cp and dp x cp: no case left one inside a collective (this would hang)
+    messages = value_errors_then_in_step(cases, mesh, dims=("cp", "dpcp"))
     # and the ring still works after the refusals
     q = rand(mesh.cp_rank, 1, 1, 4, 2)
     messages.append(P.ring_attention(q, q, q, mesh, scale=1.0, causal=True).shape == q.shape)
