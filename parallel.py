@@ -2,7 +2,8 @@
 
 Read top to bottom:
 
-1. `Mesh`: the tp / pp / dp process groups (Megatron's rank order: tp fastest).
+1. `Mesh`: the tp / cp / dp / pp process groups (Megatron's rank order: tp
+   fastest), plus "dpcp", "embed", and ep's "ep" / "edp" carved out of dp.
 2. Communication accounting: `count_comms()` records every collective.
 3. The raw collectives (all-reduce, all-gather, reduce-scatter along any dim).
 4. The region mappings: autograd functions that say what moves forward and
@@ -19,6 +20,12 @@ Read top to bottom:
    between neighbouring stages, and the executor that runs a schedule.
 12. Data parallel done properly: gradients reduced in buckets during the
    backward (`GradBuckets`) and ZeRO-1 (`ZeroAdamW`).
+13. Checkpoints: each rank writes the pieces it holds in the full tensors'
+   coordinates and reads whatever overlaps what it holds (any layout to any).
+14. Expert parallelism: a MoE layer's token rows travel to the ranks holding
+   their experts and back, with all-to-alls over "ep".
+15. Context parallelism: each cp rank holds 1/cp of every sequence, and
+   ring attention passes k/v around the cp ranks.
 
 Notation in docstrings: b batch, s sequence, h hidden, t tensor-parallel size,
 V vocabulary (padded). "Elements moved" counts the elements of the *full*
@@ -27,6 +34,16 @@ tensor the collective produces (all-reduce, all-gather) or consumes
 
 Every collective is a no-op on a group of one, so the serial model is the
 parallel model on `Mesh.serial()`: there is no second code path.
+
+Collectives that carry a gradient are named autograd functions (sections 4,
+5, 9, 14, 15) whose docstrings say what moves forward and backward. The
+rest call the raw collectives of section 3 on values no gradient flows
+through: statistics inside an autograd function's own forward (the
+vocab-parallel softmax's max and sums), integer counts (MoE routing's
+choices per expert over tp, the all-to-all's split sizes), detached totals
+(the loss-mask token count over cp, the MoE aux loss over pp after the
+backward), gradients after the backward (dp buckets, the norm's squares),
+and ZeRO-1's parameter all-gather after the optimizer step.
 """
 
 from __future__ import annotations
@@ -55,7 +72,7 @@ MESH_DIMS = ("pp", "dp", "cp", "tp")  # slowest to fastest varying, as in Megatr
 
 @dataclass(frozen=True)
 class Mesh:
-    """Sizes, this rank's coordinates and process groups of the tp, pp, dp dims.
+    """Sizes, this rank's coordinates and process groups of the tp, cp, dp, pp (and ep) dims.
 
     Global rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank:
     the tp ranks of one model replica are neighbours (on one node, where the
@@ -186,17 +203,25 @@ class Mesh:
     def group(self, dim: str) -> Any:
         return self.groups.get(dim)
 
+    def global_rank(self, **coords: int) -> int:
+        """The global rank at this rank's coordinates, with any of pp, dp, cp,
+        tp replaced by `coords` (a ValueError for any other name):
+        ((pp·dp_size + dp)·cp_size + cp)·tp_size + tp. ep is not a separate
+        term: it is carved out of dp (dp_rank = edp_rank·ep + ep_rank)."""
+        if set(coords) - set(MESH_DIMS):
+            raise ValueError(f"global_rank takes coordinates {MESH_DIMS}, not {sorted(set(coords) - set(MESH_DIMS))}")
+        at = dict(pp=self.pp_rank, dp=self.dp_rank, cp=self.cp_rank, tp=self.tp_rank) | coords
+        return ((at["pp"] * self.dp + at["dp"]) * self.cp + at["cp"]) * self.tp + at["tp"]
+
     def pp_peer(self, step: int) -> int:
         """The global rank `step` stages on (+1 next, -1 previous), wrapping
         around the pipeline (interleaving: the last stage's chunk c feeds the
         first stage's chunk c + 1), at this rank's dp, cp and tp coordinates."""
-        return ((((self.pp_rank + step) % self.pp) * self.dp + self.dp_rank) * self.cp + self.cp_rank) * self.tp \
-            + self.tp_rank
+        return self.global_rank(pp=(self.pp_rank + step) % self.pp)
 
     def cp_peer(self, step: int) -> int:
         """The global rank `step` places on around this replica's cp ring (+1 next, -1 previous)."""
-        return ((self.pp_rank * self.dp + self.dp_rank) * self.cp + (self.cp_rank + step) % self.cp) * self.tp \
-            + self.tp_rank
+        return self.global_rank(cp=(self.cp_rank + step) % self.cp)
 
     def batch_rows(self, b: int) -> tuple[int, int]:
         """(first global row, global batch rows) of this computation's b rows:
@@ -255,12 +280,17 @@ def count_comms():
     """Record every collective issued inside the block (forward and backward).
 
     Yields a list that fills with dicts {op, dim, elements, phase, dtype}:
-    op in all_reduce / all_gather / reduce_scatter / send / recv, dim the mesh
-    dim ("tp", "pp", "dp"), elements as defined in the module docstring,
-    phase "forward", "backward" or "after backward" (between backward and the
-    optimizer step: dp gradient averaging, the grad norm). Collectives on a
-    group of one are not
-    issued and so not recorded. Opt-in: costs nothing when not used.
+    * op: all_reduce / all_gather / reduce_scatter / all_to_all (ep's token
+      rows, counted as the elements that leave the rank) / send / recv
+      (pipeline activations and gradients on "pp", the ring's k/v on "cp");
+    * dim: the mesh dim or group: "tp", "cp", "dp", "pp", "dpcp" (gradients
+      under cp), "ep", "edp" (expert gradients), "embed" (tied embedding);
+    * elements: as defined in the module docstring;
+    * phase: "forward", "backward", "after backward" (between backward and
+      the optimizer step: dp gradient averaging, the grad norm) or
+      "optimizer" (ZeRO-1's all-gather of the updated parameters).
+    Collectives on a group of one are not issued and so not recorded.
+    Opt-in: costs nothing when not used.
     """
     records: list[dict] = []
     _RECORDERS.append(records)
@@ -1104,8 +1134,10 @@ def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float, skip=
     shard on every tp rank, replicated ones are counted once (on tp rank 0),
     replicated kv heads once (on their first replica, `HeadGroups.counted`),
     `skip`ped names not at all (the last stage's copy of a tied embedding:
-    the first stage counts it); then one all-reduce of a single element over
-    tp, and one over pp (each stage holds other layers), sums the squares.
+    the first stage counts it); experts' squares are summed over ep first
+    (`grad_norm_sq`: one all-reduce of a single element, each ep rank holds
+    other experts); then one all-reduce of a single element over tp, and
+    one over pp (each stage holds other layers), sums the squares.
     Counting a replicated gradient once is right only because it is whole on
     every rank: under sequence parallel the layers all-reduce it over tp in
     backward (`sync_replicated_grad`, nanomeg's `allreduce_grad_if_sp`).

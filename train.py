@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "corruption (an encoder-decoder restores the dropped spans); biencoder: ICT retrieval "
                          "pretraining (a line finds its block); realm: retrieve-and-read masked lines")
     ap.add_argument("--data", help="a text file or a folder of text files (default: the Python stdlib's source)")
-    ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size / (--pp x --ep))")
+    ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size / (--pp x --cp x --ep))")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (gpt, bert); data parallel fills "
                                                       "what tp x pp leave of the world")
     ap.add_argument("--virtual-stages", type=int, default=1,
@@ -1561,8 +1561,9 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
     """This rank's picture, for `format_layout`. Collective only where the
     step itself is: every rank of the mesh must call it together.
 
-    * rank, mesh: the global rank (Megatron's order, (pp_rank·dp + dp_rank)·tp
-      + tp_rank) and the tp/pp/dp sizes and this rank's coordinates;
+    * rank, mesh: the global rank (`Mesh.global_rank`, Megatron's order:
+      ((pp_rank·dp + dp_rank)·cp + cp_rank)·tp + tp_rank) and the sizes and
+      this rank's coordinates of every mesh dim in use (tp, cp, dp, pp, ep, ...);
     * shards: `P.shard_layout` of the task's full shapes (name, local_shape,
       full_shape, slice_desc), from the specs and the mesh alone; a ValueError
       if params (this rank's shards, as `P.shard` makes them) disagree;
@@ -1588,7 +1589,7 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
     weights = sum(p.numel() * p.element_size() for p in throwaway.values())
     moments = opt.state_bytes()
     return dict(
-        rank=(mesh.pp_rank * mesh.dp + mesh.dp_rank) * mesh.tp + mesh.tp_rank,
+        rank=mesh.global_rank(),
         mesh={d: (mesh.rank(d), mesh.size(d)) for d in MESH_ORDER
               if (mesh.ep > 1 or d not in ("ep", "edp")) and (mesh.cp > 1 or d not in ("cp", "dpcp"))},
         shards=shards,

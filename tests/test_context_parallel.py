@@ -421,7 +421,8 @@ def mesh_task(_pool_mesh, layouts):
         groups = {dim: P.all_gather(me, mesh, dim, 0).tolist() for dim in ("tp", "cp", "dp", "dpcp", "pp")}
         out.append(dict(coords=(mesh.tp, mesh.cp, mesh.dp, mesh.pp, mesh.tp_rank, mesh.cp_rank, mesh.dp_rank,
                                 mesh.pp_rank), peers=(mesh.cp_peer(1), mesh.cp_peer(-1), mesh.cp_peer(0)),
-                        groups=groups, ranks={d: mesh.rank(d) for d in groups}, sizes={d: mesh.size(d) for d in groups}))
+                        groups=groups, ranks={d: mesh.rank(d) for d in groups}, sizes={d: mesh.size(d) for d in groups},
+                        global_rank=mesh.global_rank(), pp_peers=(mesh.pp_peer(1), mesh.pp_peer(-1))))
     return out
 
 
@@ -436,6 +437,8 @@ def test_mesh_coordinates_groups_and_peers(pool):
             what = f"tp={tp} cp={cp} pp={pp} dp={dp}, rank {rank}"
             assert got["coords"] == (tp, cp, dp, pp, c["tp"], c["cp"], c["dp"], c["pp"]), what
             assert got["peers"] == (at(c | dict(cp=(c["cp"] + 1) % cp)), at(c | dict(cp=(c["cp"] - 1) % cp)), rank), what
+            assert got["global_rank"] == rank, what
+            assert got["pp_peers"] == (at(c | dict(pp=(c["pp"] + 1) % pp)), at(c | dict(pp=(c["pp"] - 1) % pp))), what
             # members: the ranks that differ from this one only in the group's dims, in the order of the
             # group rank (dpcp: dp_rank·cp + cp_rank), which is where the collectives put them
             for dim, varying in (("tp", ["tp"]), ("cp", ["cp"]), ("dp", ["dp"]), ("pp", ["pp"]),

@@ -844,7 +844,7 @@ def layout_and_counted_step(mesh, argv, data_path):
     """On every rank: train.rank_layout's picture; the same step (parameters, batch) run by train_step
     under count_comms; and whether rank_layout left the parameters as they were."""
     args = train.parse_args(argv)
-    cfg, _ = train.check_args(args, world=mesh.tp * mesh.dp)
+    cfg, _ = train.check_args(args, world=mesh.tp * mesh.cp * mesh.dp)
     task = train.TASKS[args.model]
     specs = task.specs(cfg)
     params = {k: v.requires_grad_(True) for k, v in P.shard(task.init(cfg, args.seed), specs, mesh).items()}
@@ -919,6 +919,20 @@ def test_show_layout_under_torchrun_prints_what_shard_holds_and_what_the_step_mo
         assert printed_comms(block) == want and set(want) == {"tp forward", "tp backward", "tp after backward"}
         total = re.search(rf"^    total +{len(tp_part)} collectives += +([\d,]+) el", block, re.M)
         assert total and int(total[1].replace(",", "")) == sum(c["elements"] for c in counted if c["dim"] == "tp")
+
+
+def cp_layout_task(_pool_mesh, argv, data_path):
+    """rank_layout's picture on a (tp 1, cp 2, dp 2) mesh: (its rank, its mesh coordinates, torch's rank)."""
+    picture = layout_and_counted_step(P.Mesh.build(cp=2), argv, data_path)[0]
+    return picture["rank"], picture["mesh"], torch.distributed.get_rank()
+
+
+def test_show_layout_under_cp_names_each_rank_once(text_file, pool):
+    """Under cp the picture's rank is the mesh's global rank (tp, cp, dp, pp), not one recomputed without cp:
+    four ranks, four names, each torch's own."""
+    got = pool.run(cp_layout_task, [*TINY, "--cp", "2", "--data", text_file], text_file)
+    assert [rank for rank, _, _ in got] == [torch_rank for _, _, torch_rank in got] == [0, 1, 2, 3]
+    assert [(m["cp"], m["dp"]) for _, m, _ in got] == [((r % 2, 2), (r // 2, 2)) for r in range(4)]
 
 
 def test_show_layout_in_one_process_bert_exits_0_without_training(text_file, capsys):
