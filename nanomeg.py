@@ -2814,9 +2814,7 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     stages = stages_of(cfg, mesh, v)
     chunks = {c: {n: p for n, p in params.items() if owned_by(n, st, cfg)} for c, st in stages.items()}
     micros = split_microbatches(inputs, m, "loss_mask" if model == "gpt" else "mlm_mask")
-    actions = P.schedule_for(schedule, mesh.pp, m, v)[mesh.pp_rank]
-    if not training:
-        actions = [a for a in actions if a.kind == "F"]
+    schedules, plans = P.checked_schedule(schedule, mesh.pp, m, v, forward_only=not training)
     b, s = inputs["ids"].shape
     if model == "gpt":
         cfg.check_seq(s, mesh)
@@ -2831,7 +2829,7 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
         return stage_forward(model, chunks[c], x, micros[i], cfg, replace(mesh, micro=i, micros=m), stages[c],
                              seed=seed, training=training, moe=moe)
 
-    totals = P.run_schedule(actions, forward, mesh, v=v, shape=shape, dtype=dtype, device=inputs["ids"].device,
+    totals = P.run_schedule(schedules[mesh.pp_rank], plans[mesh.pp_rank], forward, mesh, v=v, shape=shape, dtype=dtype, device=inputs["ids"].device,
                             params_of=lambda c: chunks[c].values(), forward_only=not training, clock=clock)
     keys = ("loss",) if model == "gpt" else ("loss", "mlm", "nsp", "nsp_acc") if cfg.binary_head else ("loss", "mlm")
     out = P.pipeline_totals(totals, keys, mesh, device=inputs["ids"].device)

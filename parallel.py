@@ -1438,40 +1438,178 @@ def stage_layers(layers: int, pp: int, v: int = 1) -> list[range]:
     return [range(k * per, (k + 1) * per) for k in range(pp * v)]
 
 
-def _tag(micro: int, stage: int, backward: bool, stages: int) -> int:
-    """One tag per message of a step, so a receive matches its send whatever
-    the order in which the two ranks post them: (microbatch, receiving virtual stage, direction)."""
-    return 2 * (micro * stages + stage) + backward
+# --- Point-to-point order: what each rank posts, checked as data ------------
+#
+# NCCL matches the transfers between two ranks by posting order alone (it has
+# no tags), and a send may not complete before its receive is posted. So the
+# executor does not post sends and receives as they come: it posts a plan,
+# one `batch_isend_irecv` between two actions holding the previous action's
+# send and the next action's receive (Megatron's send_forward_recv_backward /
+# send_backward_recv_forward), waited on as a whole. `check_p2p_plans` proves,
+# for every schedule the code builds, that the k-th send from rank a to rank b
+# is the k-th receive b posts from a, and that no rank can wait forever.
+
+P2P_TAGS = os.environ.get("NANOMEG_P2P_TAGS") == "1"  # a debugging aid: gloo then matches by tag, not order
 
 
-def _send(x: torch.Tensor, mesh: Mesh, step: int, tag: int, phase: str) -> list:
-    """Post a send of x to the stage `step` away (+1 next, -1 previous); return
-    its work handles, waited on at the end of the step (x stays referenced
-    until then). Non-blocking: the sender never waits for its receiver, so
-    no schedule that the simulator runs can deadlock here."""
-    x = x.contiguous()
-    _record("send", "pp", x.numel(), phase, x.dtype)
-    return [(w, x) for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, mesh.pp_peer(step), tag=tag)])]
+class Message(NamedTuple):
+    """One pipeline transfer as both ends name it: microbatch, the virtual
+    stage that receives it, and its direction (an activation forward, or a
+    gradient backward). Every message is [b_micro, s(/t), h]."""
+
+    micro: int
+    stage: int
+    backward: bool
 
 
-def _recv(shape, dtype, device, mesh: Mesh, step: int, tag: int, phase: str, clock=None) -> torch.Tensor:
-    """Receive a tensor of the known shape from the stage `step` away
-    (no shape handshake: every stage sends [b_micro, s(/t), h]); blocks until
-    it is here. clock["wait"] adds the seconds spent blocked: the bubble."""
-    x = torch.empty(shape, dtype=dtype, device=device)
-    _record("recv", "pp", x.numel(), phase, dtype)
+class Post(NamedTuple):
+    """One side of a transfer: op "send" or "recv", the pipeline rank at the other end, the message."""
+
+    op: str
+    peer: int
+    msg: Message
+
+
+def _transfers(a: Action, rank: int, p: int, v: int) -> tuple[Post | None, Post | None]:
+    """(what action a receives before it runs, what it sends after), either None.
+    F on virtual stage vs receives from vs - 1 and sends to vs + 1; B and I the
+    other way; W moves nothing. Virtual stage vs lives on rank vs % p."""
+    if a.kind not in UNIT_COST:
+        raise ValueError(f"unknown action kind {a.kind!r} (F, B, I or W)")
+    vs, last = a.chunk * p + rank, p * v - 1
+    if a.kind == "W":
+        return None, None
+    if a.kind == "F":
+        recv = Post("recv", (vs - 1) % p, Message(a.micro, vs, False)) if vs > 0 else None
+        return recv, Post("send", (vs + 1) % p, Message(a.micro, vs + 1, False)) if vs < last else None
+    recv = Post("recv", (vs + 1) % p, Message(a.micro, vs, True)) if vs < last else None
+    return recv, Post("send", (vs - 1) % p, Message(a.micro, vs - 1, True)) if vs > 0 else None
+
+
+def p2p_plans(schedules: list[list[Action]], v: int = 1) -> list[list[list[list[Post]]]]:
+    """What every pipeline rank posts around its actions, built by replaying
+    the schedules together in rounds. In a round, each rank whose next
+    action needs a message that its peer has already made gets it: the
+    receive and its send are posted in that same round. Then each rank whose
+    input is in (or needs none) runs its action, which may make a message
+    to send. Every rank's posts of one round are one group: one
+    batch_isend_irecv, waited on whole. So a send is posted only when its
+    receive is (Megatron pairs them by hand: send_forward_recv_backward).
+
+    -> plans[r][i]: the groups rank r posts just before its action i
+    (i = len(actions): after the last one), each a list of `Post`s.
+    ValueError if the schedules deadlock even with free transfers."""
+    p = len(schedules)
+    pos, outbox = [0] * p, [{} for _ in range(p)]  # outbox[r]: messages r made, not yet sent -> receiving rank
+    plans = [[[] for _ in range(len(s) + 1)] for s in schedules]
+    while any(pos[r] < len(schedules[r]) or outbox[r] for r in range(p)):
+        groups, ready = [[] for _ in range(p)], []
+        for r in range(p):
+            if pos[r] == len(schedules[r]):
+                continue
+            recv, _ = _transfers(schedules[r][pos[r]], r, p, v)
+            if recv is not None and recv.msg in outbox[recv.peer]:
+                del outbox[recv.peer][recv.msg]
+                groups[recv.peer].append(Post("send", r, recv.msg))
+                groups[r].append(recv)
+            if recv is None or groups[r] and groups[r][-1] == recv:
+                ready.append(r)
+        if not ready and not any(groups):
+            waiting = {r: schedules[r][pos[r]] for r in range(p) if pos[r] < len(schedules[r])}
+            raise ValueError(f"the schedule deadlocks: every rank waits for an input nobody has made: {waiting}")
+        for r in range(p):
+            if groups[r]:
+                plans[r][pos[r]].append(groups[r])
+        for r in ready:
+            _, send = _transfers(schedules[r][pos[r]], r, p, v)
+            if send is not None:
+                outbox[r][send.msg] = send.peer
+            pos[r] += 1
+    return plans
+
+
+def check_p2p_plans(plans: list[list[list[list[Post]]]]) -> None:
+    """ValueError unless the ranks' plans (`p2p_plans`) are correct when
+    transfers match by posting order alone and a send completes only once
+    its receive is posted (NCCL's rules, no buffering); a rank runs its
+    groups in order, blocked in each until every transfer in it has moved:
+
+    1. for every pair a -> b, the messages a sends to b, in order, are the
+       messages b receives from a, in order;
+    2. replaying the groups, each transfer moving once both its ends are in
+       their ranks' current groups, every rank reaches its end (no prefix
+       of the posting order deadlocks)."""
+    flat = [[group for groups in plan for group in groups] for plan in plans]
+    sent, received = {}, {}  # (from, to) -> [(message, group index)]
+    for r, groups in enumerate(flat):
+        for g, group in enumerate(groups):
+            for post in group:
+                key = (r, post.peer) if post.op == "send" else (post.peer, r)
+                (sent if post.op == "send" else received).setdefault(key, []).append((post.msg, g))
+    partner = {}  # (rank, group index, op, message) -> the group index of its other end
+    for a, b in sorted(set(sent) | set(received)):
+        sends, recvs = sent.get((a, b), []), received.get((a, b), [])
+        for k in range(max(len(sends), len(recvs))):
+            if k >= len(sends) or k >= len(recvs) or sends[k][0] != recvs[k][0]:
+                got = lambda side: side[k][0] if k < len(side) else "nothing"
+                raise ValueError(f"pipeline ranks {a} -> {b}: transfer {k} is sent as {got(sends)} but received as "
+                                 f"{got(recvs)}: matched by order, the two ends would trade the wrong tensors")
+            partner[a, sends[k][1], "send", sends[k][0]] = recvs[k][1]
+            partner[b, recvs[k][1], "recv", recvs[k][0]] = sends[k][1]
+    at, moved, progressed = [0] * len(flat), set(), True
+    other = {"send": "recv", "recv": "send"}
+    while progressed:
+        progressed = False
+        for r, groups in enumerate(flat):
+            while at[r] < len(groups):
+                for post in groups[at[r]]:  # a transfer moves once both ends are posted: now, at the same time
+                    if at[post.peer] == partner[r, at[r], post.op, post.msg]:
+                        moved |= {(r, post.op, post.msg), (post.peer, other[post.op], post.msg)}
+                if any((r, post.op, post.msg) not in moved for post in groups[at[r]]):
+                    break
+                at[r], progressed = at[r] + 1, True
+    stuck = {r: flat[r][at[r]] for r in range(len(flat)) if at[r] < len(flat[r])}
+    if stuck:
+        raise ValueError(f"the point-to-point posts deadlock when a send waits for its receive: {stuck}")
+
+
+def _tag(tag: int) -> int:
+    """The tag a transfer is posted with: 0 (matched by order, as NCCL does) unless P2P_TAGS."""
+    return tag if P2P_TAGS else 0
+
+
+def _exchange(group: list[Post], outgoing: dict, shape, dtype, device, mesh: Mesh, stages: int, clock=None) -> dict:
+    """Post one group of a plan as one batch_isend_irecv and wait for all of
+    it: each send takes its message's tensor out of `outgoing` (made by an
+    earlier action), each receive fills a fresh [shape] tensor.
+    -> {message: tensor received}. clock["wait"] adds the seconds spent
+    blocked: the bubble."""
+    ops, got = [], {}
+    for post in group:
+        if post.op == "send":
+            buf = outgoing.pop(post.msg).contiguous()
+        else:
+            buf = got[post.msg] = torch.empty(shape, dtype=dtype, device=device)
+        _record(post.op, "pp", buf.numel(), "backward" if post.msg.backward else "forward", buf.dtype)
+        tag = _tag(2 * (post.msg.micro * stages + post.msg.stage) + post.msg.backward)
+        ops.append(dist.P2POp(dist.isend if post.op == "send" else dist.irecv, buf, mesh.global_rank(pp=post.peer),
+                              tag=tag))
     t0 = time.perf_counter()
-    for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, x, mesh.pp_peer(step), tag=tag)]):
-        w.wait()
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
     if clock is not None:
         clock["wait"] = clock.get("wait", 0.0) + time.perf_counter() - t0
-    return x
+    return got
 
 
-def run_schedule(actions: list[Action], forward, mesh: Mesh, *, v: int = 1, shape, dtype, device,
+def run_schedule(actions: list[Action], plan: list, forward, mesh: Mesh, *, v: int = 1, shape, dtype, device,
                  params_of=None, forward_only: bool = False, clock: dict | None = None) -> dict:
     """Run this rank's action list; return the summed loss contributions
     ({} on a rank without the last virtual stage).
+
+    plan: this rank's `p2p_plans` entry, the groups of transfers to post
+    before each action (and after the last), checked for all ranks by
+    `check_p2p_plans` (`checked_schedule` returns both).
 
     forward(chunk, micro, x) -> chunk `chunk`'s output for microbatch
     `micro`: the activation [shape] for the next stage, or on the last
@@ -1480,12 +1618,12 @@ def run_schedule(actions: list[Action], forward, mesh: Mesh, *, v: int = 1, shap
     weighted so that their sum over microbatches is the full batch's). x is
     None on the first virtual stage (it embeds), else the received activation.
 
-    F: receive x from the previous virtual stage (shape [b_micro, s(/t), h]:
-       under sequence parallel only this tp rank's sequence shard travels,
+    F: x from the previous virtual stage (shape [b_micro, s(/t), h]: under
+       sequence parallel only this tp rank's sequence shard travels,
        Megatron's scatter-gather optimisation), run forward, send the output
        on; keep (x, output) for the backward: the activations in flight.
-    B: receive dy from the next virtual stage, backward through the chunk
-       (weights' grads accumulate in .grad), send dx = x.grad back.
+    B: dy from the next virtual stage, backward through the chunk (weights'
+       grads accumulate in .grad), send dx = x.grad back.
     I: the input gradient only (the previous stage waits for it): dx by
        autograd.grad, keeping the graph for
     W: the weight gradients, backward(inputs=the chunk's params). PyTorch's
@@ -1494,52 +1632,51 @@ def run_schedule(actions: list[Action], forward, mesh: Mesh, *, v: int = 1, shap
        needs linears whose backward is split in two (ZB's WeightGradStore).
        params_of(chunk) -> the chunk's parameter tensors.
     forward_only (evaluation, under no_grad): F actions only, nothing kept.
-    clock: a dict that gains "wait" (seconds blocked in receives) and "run"
+    clock: a dict that gains "wait" (seconds blocked in transfers) and "run"
     (seconds of the whole list): the measured bubble is wait / (run - wait).
 
     Per step and stage boundary: m sends of b_micro·s(/t)·h elements forward
-    and m back. Sends are posted without waiting; all are waited on at the end."""
-    p, last = mesh.pp, mesh.pp * v - 1
-    held, weight_grads, sends, totals = {}, {}, [], {}
+    and m back."""
+    p, stages = mesh.pp, mesh.pp * v
+    if len(plan) != len(actions) + 1:
+        raise ValueError(f"a plan of {len(plan)} slots for {len(actions)} actions: pass p2p_plans' entry for them")
+    held, weight_grads, totals, outgoing, got = {}, {}, {}, {}, {}
+    post = lambda groups: [got.update(_exchange(g, outgoing, shape, dtype, device, mesh, stages, clock))
+                           for g in groups]
     t_start = time.perf_counter()
-    for a in actions:
-        vs = a.chunk * p + mesh.pp_rank
+    for a, groups in zip(actions, plan):
+        post(groups)
+        recv, send = _transfers(a, mesh.pp_rank, p, v)
+        x = None if recv is None else got.pop(recv.msg)
         if a.kind == "F":
-            x = None if vs == 0 else _recv(shape, dtype, device, mesh, -1, _tag(a.micro, vs, False, last + 1),
-                                            "forward", clock)
             if x is not None and not forward_only:
                 x.requires_grad_(True)
             y = forward(a.chunk, a.micro, x)
-            if vs != last and (tuple(y.shape) != tuple(shape) or y.dtype != dtype):
-                raise ValueError(f"stage {vs} made {tuple(y.shape)} {y.dtype}, but the stages exchange "
+            if send is not None and (tuple(y.shape) != tuple(shape) or y.dtype != dtype):
+                raise ValueError(f"stage {a.chunk * p + mesh.pp_rank} made {tuple(y.shape)} {y.dtype}, but the stages exchange "
                                  f"{tuple(shape)} {dtype}")
-            if vs == last:
+            if send is None:  # the last virtual stage: y holds the losses
                 for k, val in y.items():
                     totals[k] = totals.get(k, 0.0) + val.detach()
                 y = y["loss"]
             else:
-                sends += _send(y.detach(), mesh, +1, _tag(a.micro, vs + 1, False, last + 1), "forward")
+                outgoing[send.msg] = y.detach()
             if not forward_only:
                 held[a.micro, a.chunk] = (x, y)
         elif a.kind in ("B", "I"):
-            x, y = held.pop((a.micro, a.chunk))
-            dy = None if vs == last else _recv(y.shape, y.dtype, device, mesh, +1,
-                                               _tag(a.micro, vs, True, last + 1), "backward", clock)
+            (x_in, y), dy = held.pop((a.micro, a.chunk)), x
             if a.kind == "B":
                 torch.autograd.backward(y, dy)
-                dx = None if x is None else x.grad
+                dx = None if x_in is None else x_in.grad
             else:
-                dx = None if x is None else torch.autograd.grad(y, x, dy, retain_graph=True)[0]
+                dx = None if x_in is None else torch.autograd.grad(y, x_in, dy, retain_graph=True)[0]
                 weight_grads[a.micro, a.chunk] = (y, dy)
-            if vs > 0:
-                sends += _send(dx, mesh, -1, _tag(a.micro, vs - 1, True, last + 1), "backward")
-        elif a.kind == "W":
+            if send is not None:
+                outgoing[send.msg] = dx
+        else:  # W
             y, dy = weight_grads.pop((a.micro, a.chunk))
             torch.autograd.backward(y, dy, inputs=list(params_of(a.chunk)))
-        else:
-            raise ValueError(f"unknown action kind {a.kind!r} (F, B, I or W)")
-    for work, _ in sends:
-        work.wait()
+    post(plan[-1])
     if clock is not None:
         clock["run"] = clock.get("run", 0.0) + time.perf_counter() - t_start
     if held or weight_grads:
@@ -1568,6 +1705,19 @@ def schedule_for(name: str, p: int, m: int, v: int = 1) -> list[list[Action]]:
     if name not in builders:
         raise ValueError(f"unknown schedule {name!r}: choose afab, 1f1b, interleaved or zb")
     return builders[name](p, m)
+
+
+def checked_schedule(name: str, p: int, m: int, v: int = 1, forward_only: bool = False) -> tuple[list, list]:
+    """(schedules, plans): `schedule_for`'s action lists (only their forwards
+    when forward_only) and every rank's `p2p_plans`, after `check_p2p_plans`
+    has approved them: the executor posts nothing that could be mismatched
+    or deadlock under NCCL's rules."""
+    schedules = schedule_for(name, p, m, v)
+    if forward_only:
+        schedules = [[a for a in s if a.kind == "F"] for s in schedules]
+    plans = p2p_plans(schedules, v)
+    check_p2p_plans(plans)
+    return schedules, plans
 
 
 # ---------------------------------------------------------------------------
@@ -2184,8 +2334,8 @@ def _ring_exchange(sends: list, like: list, mesh: Mesh, phase: str) -> list:
     same order on every rank, so the pairs match). Returns the work handles
     and the receive buffers; wait on the handles before reading them."""
     recvs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), mesh.cp_peer(+1), tag=CP_TAG + i) for i, t in enumerate(sends)]
-    ops += [dist.P2POp(dist.irecv, t, mesh.cp_peer(-1), tag=CP_TAG + i) for i, t in enumerate(recvs)]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), mesh.cp_peer(+1), tag=_tag(CP_TAG + i)) for i, t in enumerate(sends)]
+    ops += [dist.P2POp(dist.irecv, t, mesh.cp_peer(-1), tag=_tag(CP_TAG + i)) for i, t in enumerate(recvs)]
     for t in sends:
         _record("send", "cp", t.numel(), phase, t.dtype)
     return dist.batch_isend_irecv(ops), recvs

@@ -611,6 +611,6 @@ def test_a_stage_output_the_schedule_cannot_send_is_refused_before_sending(made)
     forward = lambda chunk, micro, x: torch.zeros(shape, dtype=dtype, requires_grad=True)
     with P.count_comms() as records, pytest.raises(ValueError, match=re.escape(
             f"stage 0 made {shape} {dtype}, but the stages exchange (1, 4, 4) torch.float64")):
-        P.run_schedule([P.Action("F", 0), P.Action("B", 0)], forward, mesh, shape=(1, 4, 4), dtype=torch.float64,
-                       device="cpu")
+        schedules, plans = P.checked_schedule("1f1b", 2, 1)
+        P.run_schedule(schedules[0], plans[0], forward, mesh, shape=(1, 4, 4), dtype=torch.float64, device="cpu")
     assert records == []

@@ -124,3 +124,118 @@ def test_the_picture_is_the_simulation():
     assert P.format_schedule(P.one_f_one_b_schedule(2, 2)).splitlines()[:2] == [
         "rank 0 |0  1  .  .  a  a  .  b  b",
         "rank 1 |.  0  a  a  1  b  b  .  ."]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Order, not tags: what each rank posts (parallel.p2p_plans), checked under NCCL's rules
+# ---------------------------------------------------------------------------------------------------
+
+
+def nccl_layouts(name):
+    """(p, m, v) for the NCCL-order checks: p in 2..8, m in 1..16, v in 1..4 (interleaved: m a multiple of p)."""
+    p = st.integers(2, 8)
+    if name != "interleaved":
+        return st.tuples(p, st.integers(1, 16), st.just(1))
+    return p.flatmap(lambda p: st.tuples(st.just(p), st.integers(1, 16 // p).map(lambda k: k * p), st.integers(2, 4)))
+
+
+def posts(plan):
+    """A rank's plan flattened: [(slot, group index, Post)], in posting order."""
+    return [(slot, g, post) for slot, groups in enumerate(plan) for g, group in enumerate(groups) for post in group]
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("forward_only", [False, True], ids=["training", "eval"])
+@given(data=st.data())
+def test_every_plan_pairs_each_transfer_in_order_and_cannot_deadlock(name, forward_only, data):
+    """checked_schedule approves the plans the executor will post, and they are what the actions need: each
+    action's input is received in the slot just before it, each output sent once, after the action made it,
+    to the rank that holds the next (forward) or previous (backward) virtual stage."""
+    p, m, v = data.draw(nccl_layouts(name))
+    schedules, plans = P.checked_schedule(name, p, m, v, forward_only=forward_only)
+    assert len(schedules) == len(plans) == p
+    for r, (actions, plan) in enumerate(zip(schedules, plans)):
+        assert len(plan) == len(actions) + 1
+        sends = {post.msg: (slot, post.peer) for slot, _, post in posts(plan) if post.op == "send"}
+        recvs = {post.msg: (slot, post.peer) for slot, _, post in posts(plan) if post.op == "recv"}
+        assert len(sends) + len(recvs) == len(posts(plan))  # no message posted twice
+        made, needed = {}, {}
+        for i, a in enumerate(actions):
+            vs, last = a.chunk * p + r, p * v - 1
+            if a.kind == "F":
+                if vs > 0:
+                    needed[P.Message(a.micro, vs, False)] = (i, (vs - 1) % p)
+                if vs < last:
+                    made[P.Message(a.micro, vs + 1, False)] = (i, (vs + 1) % p)
+            elif a.kind in ("B", "I"):
+                if vs < last:
+                    needed[P.Message(a.micro, vs, True)] = (i, (vs + 1) % p)
+                if vs > 0:
+                    made[P.Message(a.micro, vs - 1, True)] = (i, (vs - 1) % p)
+        assert recvs == needed
+        assert sends.keys() == made.keys()
+        for msg, (slot, peer) in sends.items():
+            assert slot > made[msg][0] and peer == made[msg][1], (msg, slot, made[msg])
+
+
+def one_post_per_group(schedules, v=1):
+    """The executor's old posting order: each action's receive in a group of its own just before it, its
+    send in a group of its own just after (gloo buffers the send; NCCL may not)."""
+    p, plans = len(schedules), []
+    for r, actions in enumerate(schedules):
+        plan = [[] for _ in range(len(actions) + 1)]
+        for i, a in enumerate(actions):
+            recv, send = P._transfers(a, r, p, v)
+            plan[i] += [[recv]] if recv else []
+            plan[i + 1] += [[send]] if send else []
+        plans.append(plan)
+    return plans
+
+
+@pytest.mark.parametrize("name, p, m, v", [("1f1b", 2, 4, 1), ("zb", 4, 8, 1), ("interleaved", 2, 4, 2)])
+def test_a_send_posted_before_the_receive_its_peer_waits_on_deadlocks(name, p, m, v):
+    """Each send alone, posted before the next receive: in 1F1B's steady state stage r sends F's output while
+    stage r + 1 sends B's input gradient, and each waits for the other to post its receive. Gloo buffered
+    the sends, so this ran there; under NCCL it hangs, and the checker says so, naming the stuck posts."""
+    schedules = P.schedule_for(name, p, m, v)
+    with pytest.raises(ValueError, match=r"deadlock when a send waits for its receive: \{0: \[Post\(op='send'"):
+        P.check_p2p_plans(one_post_per_group(schedules, v))
+    P.check_p2p_plans(P.p2p_plans(schedules, v))  # the plans the executor posts
+
+
+def test_two_ranks_that_both_send_first_deadlock_and_in_one_group_do_not():
+    a_to_b, b_to_a = P.Message(0, 1, False), P.Message(0, 0, True)
+    first = [[[P.Post("send", 1, a_to_b)], [P.Post("recv", 1, b_to_a)]]]
+    second = [[[P.Post("send", 0, b_to_a)], [P.Post("recv", 0, a_to_b)]]]
+    with pytest.raises(ValueError, match="deadlock"):
+        P.check_p2p_plans([first, second])
+    P.check_p2p_plans([[[sum(first[0], [])]], [[sum(second[0], [])]]])  # one batch each: both move
+    P.check_p2p_plans([first, [[second[0][1], second[0][0]]]])  # or the peer receives first
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@given(data=st.data())
+def test_swapping_two_posts_to_one_peer_fails_the_checker(name, data):
+    """Swap the messages of two sends (or two receives) one rank posts to the same peer: the k-th send no
+    longer carries the k-th receive's message, so by order the peers would trade the wrong tensors."""
+    p, m, v = data.draw(nccl_layouts(name))
+    _, plans = P.checked_schedule(name, p, m, v)
+    r = data.draw(st.integers(0, p - 1))
+    flat = posts(plans[r])
+    pairs = [(i, j) for i in range(len(flat)) for j in range(i + 1, len(flat))
+             if flat[i][2].op == flat[j][2].op and flat[i][2].peer == flat[j][2].peer]
+    if not pairs:
+        return
+    i, j = data.draw(st.sampled_from(pairs))
+    (si, gi, a), (sj, gj, b) = flat[i], flat[j]
+    mutated = [[list(map(list, groups)) for groups in plan] for plan in plans]
+    mutated[r][si][gi][mutated[r][si][gi].index(a)] = b
+    mutated[r][sj][gj][mutated[r][sj][gj].index(b)] = a
+    with pytest.raises(ValueError, match="would trade the wrong tensors"):
+        P.check_p2p_plans(mutated)
+
+
+def test_a_message_nobody_receives_is_refused():
+    lone = [[[P.Post("send", 1, P.Message(0, 1, False))]]]
+    with pytest.raises(ValueError, match=r"pipeline ranks 0 -> 1: transfer 0 is sent as .* but received as nothing"):
+        P.check_p2p_plans([lone, [[]]])
