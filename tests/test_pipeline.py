@@ -614,3 +614,48 @@ def test_a_stage_output_the_schedule_cannot_send_is_refused_before_sending(made)
         schedules, plans = P.checked_schedule("1f1b", 2, 1)
         P.run_schedule(schedules[0], plans[0], forward, mesh, shape=(1, 4, 4), dtype=torch.float64, device="cpu")
     assert records == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Order, not tags: the executor posts exactly the checked plan; tags change nothing
+# ---------------------------------------------------------------------------------------------------
+
+
+def posted_case(mesh, cfg, full, batch, schedule, v, m, tags):
+    """One training step with P2P_TAGS = tags, every batch_isend_irecv the executor makes recorded as
+    [(op, peer global rank, tag)]."""
+    calls, batch_isend_irecv = [], torch.distributed.batch_isend_irecv
+
+    def recorded(ops):
+        calls.append([(op.op.__name__, op.peer, op.tag) for op in ops])
+        return batch_isend_irecv(ops)
+
+    params = my_stage("gpt", mesh, cfg, full, v)
+    saved, P.P2P_TAGS, torch.distributed.batch_isend_irecv = P.P2P_TAGS, tags, recorded
+    try:
+        out = N.pipeline_step("gpt", params, my_rows(batch, mesh), cfg, mesh, schedule=schedule, v=v, microbatches=m)
+    finally:
+        P.P2P_TAGS, torch.distributed.batch_isend_irecv = saved, batch_isend_irecv
+    return dict(pp_rank=mesh.pp_rank, calls=calls, loss=out["loss"], grads={k: p.grad for k, p in params.items()})
+
+
+@pytest.mark.parametrize("schedule, v, m, pp, tp", [("interleaved", 2, 4, 2, 2), ("zb", 1, 3, 4, 1)])
+def test_the_executor_posts_the_checked_plan_and_tags_change_nothing(pools, schedule, v, m, pp, tp):
+    """Each batch_isend_irecv is one group of the rank's p2p_plans entry, in order, to the planned peers;
+    tags are 0 (matched by order, as NCCL does) unless P2P_TAGS, the debugging aid, and both runs give
+    bitwise the same loss and gradients."""
+    cfg, dp = train_config(layers=4), 4 // (pp * tp)
+    full = full_params("gpt", cfg, 5)
+    batch = dict(ids=randint(7, 49, dp * m, 8), targets=randint(8, 49, dp * m, 8))
+    untagged = run_layout(pools, posted_case, cfg, full, batch, schedule, v, m, False, pp=pp, tp=tp, dp=dp)
+    tagged = run_layout(pools, posted_case, cfg, full, batch, schedule, v, m, True, pp=pp, tp=tp, dp=dp)
+    _, plans = P.checked_schedule(schedule, pp, m, v)
+    for rank, (plain, debug) in enumerate(zip(untagged, tagged)):
+        mesh = P.Mesh(tp=tp, pp=pp, dp=dp, tp_rank=rank % tp, pp_rank=plain["pp_rank"], dp_rank=rank // tp % dp)
+        want = [[(("isend" if post.op == "send" else "irecv"), mesh.global_rank(pp=post.peer)) for post in group]
+                for groups in plans[plain["pp_rank"]] for group in groups]
+        assert [[(op, peer) for op, peer, _ in call] for call in plain["calls"]] == want, rank
+        assert {tag for call in plain["calls"] for _, _, tag in call} == {0}
+        assert len({tag for call in debug["calls"] for _, _, tag in call}) == sum(map(len, want))  # one per message
+        assert torch.equal(plain["loss"], debug["loss"])
+        assert all(torch.equal(plain["grads"][k], debug["grads"][k]) for k in plain["grads"])
