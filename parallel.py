@@ -143,6 +143,7 @@ class Mesh:
             dp = world // (tp * pp * cp)
         check_mesh_sizes(tp, pp, dp, world, cp)
         check_ep(ep, dp)
+        check_nodes(tp, cp, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         if ep > 1 and cp > 1:
             raise ValueError(f"ep={ep} with cp={cp}: expert and context parallelism together are not built")
         if world == 1:
@@ -253,6 +254,25 @@ def check_ep(ep: int, dp: int) -> None:
     if dp % ep:
         raise ValueError(f"ep={ep} does not divide the data-parallel ranks dp={dp}: expert parallelism is carved "
                          "out of data parallelism (world = tp x pp x dp, and ep | dp)")
+
+
+def check_nodes(tp: int, cp: int, world: int, per_node: int) -> None:
+    """ValueError unless the tp ranks of every replica share a node, and so
+    do its tp·cp ranks when they fit on one. torchrun numbers ranks node by
+    node (node · per_node + local rank, per_node = LOCAL_WORLD_SIZE), and the
+    mesh puts tp fastest, then cp: so a tp group lies on one node exactly
+    when tp divides per_node. A tp group across nodes would all-reduce
+    every layer's activations over the inter-node link."""
+    if per_node < 1 or world % per_node:
+        raise ValueError(f"the world of {world} ranks is not a whole number of nodes of {per_node} ranks "
+                         "(LOCAL_WORLD_SIZE): every node must run the same --nproc-per-node")
+    if per_node % tp:
+        raise ValueError(f"tp={tp} does not divide the {per_node} ranks per node: a tensor-parallel group would "
+                         f"cross nodes; choose tp dividing {per_node} (ranks per node)")
+    if tp * cp <= per_node and per_node % (tp * cp):
+        raise ValueError(f"tp x cp = {tp} x {cp} = {tp * cp} does not divide the {per_node} ranks per node: a "
+                         "context-parallel ring would straddle a node boundary; choose tp x cp dividing "
+                         f"{per_node}, or a multiple of it")
 
 
 def init_distributed() -> tuple[int, int]:

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import sys
 import sysconfig
@@ -788,6 +789,10 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
         what += f" = {tp * cp * args.pp}" if " x " in what else ""
         raise UsageError(f"{what} does not divide the world size {world} (data parallel fills the rest)")
     check_cp_args(args, tp)
+    try:  # torchrun's LOCAL_WORLD_SIZE: the ranks of one node (--nproc-per-node)
+        P.check_nodes(tp, cp, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    except ValueError as e:
+        raise UsageError(in_flags(str(e))) from None
     if args.min_lr is not None and args.min_lr > args.lr:
         raise UsageError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine decays from --lr to --min-lr")
     if args.max_seq is None:
@@ -1561,6 +1566,7 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
     """This rank's picture, for `format_layout`. Collective only where the
     step itself is: every rank of the mesh must call it together.
 
+    * host: (host name, local rank on it): where torchrun put this rank;
     * rank, mesh: the global rank (`Mesh.global_rank`, Megatron's order:
       ((pp_rank·dp + dp_rank)·cp + cp_rank)·tp + tp_rank) and the sizes and
       this rank's coordinates of every mesh dim in use (tp, cp, dp, pp, ep, ...);
@@ -1589,7 +1595,7 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
     weights = sum(p.numel() * p.element_size() for p in throwaway.values())
     moments = opt.state_bytes()
     return dict(
-        rank=mesh.global_rank(),
+        rank=mesh.global_rank(), host=(socket.gethostname(), int(os.environ.get("LOCAL_RANK", "0"))),
         mesh={d: (mesh.rank(d), mesh.size(d)) for d in MESH_ORDER
               if (mesh.ep > 1 or d not in ("ep", "edp")) and (mesh.cp > 1 or d not in ("cp", "dpcp"))},
         shards=shards,
@@ -1669,8 +1675,9 @@ def comm_lines(comms: list[dict]) -> list[str]:
 def format_layout(picture: dict) -> str:
     """One rank's picture (`rank_layout`) as text."""
     where = ", ".join(f"{d} rank {r} of {n}" for d, (r, n) in picture["mesh"].items())
-    return "\n".join([f"rank {picture['rank']}: {where}", *shard_lines(picture["shards"]),
-                      memory_line(picture["bytes"]), *comm_lines(picture["comms"])])
+    host, local = picture["host"]
+    return "\n".join([f"rank {picture['rank']}: {where}; host {host}, local rank {local}",
+                      *shard_lines(picture["shards"]), memory_line(picture["bytes"]), *comm_lines(picture["comms"])])
 
 
 def gather_to_rank0(obj) -> list | None:

@@ -11,6 +11,7 @@ import errno
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,64 @@ def test_torchrun_pipeline_learns_exactly_what_the_uncut_run_learns(text_file, m
         assert "sample" in got.stdout  # the stages gathered for the demo
     if reference:
         assert "ZeRO-1" in got.stdout and "dp " in step_line
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_on_this_machine_learn_what_one_process_learns(text_file):
+    """Two `torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d` launches started together stand for two
+    machines of 2 ranks each: tp 2 inside each node, pp 2 across them. They print the one-process run's eval
+    losses; --show-layout over the same two nodes says which node and local rank holds each global rank."""
+    common = ["--data", text_file, *PIPE, "--sample-tokens", "0"]
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def nodes(*argv):
+        launches = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"nanomeg-{argv[-1]}",
+             str(ROOT / "train.py"), *common, "--tp", "2", "--pp", "2", *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for _ in range(2)]
+        try:
+            outs = [launch.communicate(timeout=300) for launch in launches]
+        finally:
+            for launch in launches:
+                launch.kill()
+        assert [launch.returncode for launch in launches] == [0, 0], [err[-3000:] for _, err in outs]
+        return "".join(out for out, _ in outs)
+
+    want = run(*common)
+    assert want.returncode == 0, want.stderr[-3000:]
+    got = nodes("--microbatches", "2")
+    assert len(eval_losses(want.stdout)) == 3 and eval_losses(got) == eval_losses(want.stdout), (got, want.stdout)
+    layout = rank_blocks(nodes("--show-layout"))
+    assert sorted(layout) == [0, 1, 2, 3]
+    for rank, block in layout.items():  # ranks node by node: local rank = rank % 2, tp rank = rank % 2
+        assert block.startswith(f"tp rank {rank % 2} of 2, dp rank 0 of 1, pp rank {rank // 2} of 2; host "
+                                f"{socket.gethostname()}, local rank {rank % 2}\n"), block
+
+
+@pytest.mark.parametrize("argv, world, per_node, words", [
+    (["--tp", "4"], 8, 2, "--tp 4 does not divide the 2 ranks per node: a tensor-parallel group would cross nodes"),
+    (["--tp", "2", "--cp", "3", "--seq", "60"], 24, 8, "tp x cp = 2 x 3 = 6 does not divide the 8 ranks per node"),
+    (["--tp", "2"], 8, 3, "the world of 8 ranks is not a whole number of nodes of 3 ranks"),
+])
+def test_a_tp_group_across_nodes_is_refused_before_any_process_group(text_file, argv, world, per_node, words):
+    """What torchrun tells each rank (WORLD_SIZE, LOCAL_WORLD_SIZE) is checked with the flags: one error line,
+    exit 2, before the process group (this lone RANK 0 would otherwise wait for the others forever)."""
+    env = {**os.environ, "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(per_node), "RANK": "0"}
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", text_file, *TINY, *argv], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2 and out.stderr.startswith(f"error: {words}") and out.stderr.count("\n") == 1, \
+        out.stderr
+
+
+@pytest.mark.parametrize("tp, cp, per_node", [(1, 4, 2), (2, 2, 2), (2, 2, 8), (8, 1, 8)])
+def test_tp_inside_a_node_and_cp_inside_or_across_nodes_pass(tp, cp, per_node):
+    P.check_nodes(tp, cp, 16, per_node)  # tp divides the node; tp·cp divides it or is a multiple of it
 
 
 MOE = ["--experts", "4", "--topk", "2", "--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "32", "--batch",
@@ -893,7 +952,8 @@ def test_show_layout_under_torchrun_prints_what_shard_holds_and_what_the_step_mo
     for rank, block in blocks.items():
         picture, counted, untouched = results[rank]  # pool rank r: tp rank r, dp rank 0
         assert untouched
-        assert block.startswith(f"tp rank {rank} of 2, dp rank 0 of 1, pp rank 0 of 1\n"), block
+        assert block.startswith(f"tp rank {rank} of 2, dp rank 0 of 1, pp rank 0 of 1; host {socket.gethostname()}, "
+                                f"local rank {rank}\n"), block
 
         shards = P.shard(full, N.gpt_specs(cfg), P.Mesh(tp=2, tp_rank=rank))
         rows = dict(re.findall(r"^    (\S+) +(\[[\d, ]*\]) ", block, re.M))
@@ -942,7 +1002,7 @@ def test_show_layout_in_one_process_bert_exits_0_without_training(text_file, cap
     assert "eval loss" not in out and "fill-in" not in out
     cfg, _ = train.check_args(args_of(*argv), world=1)
     n = N.num_params(cfg, N.bert_shapes)
-    assert re.search(rf"^rank 0: tp rank 0 of 1, dp rank 0 of 1, pp rank 0 of 1\n  parameters: \d+ tensors, {n:,} of "
+    assert re.search(rf"^rank 0: tp rank 0 of 1, dp rank 0 of 1, pp rank 0 of 1; host .+, local rank 0\n  parameters: \d+ tensors, {n:,} of "
                      rf"the model's {n:,} elements$", out, re.M), out
     assert re.search(rf"^    lm_head.bias +\[{cfg.padded_vocab}\] +whole$", out, re.M), out
     assert f"memory: weights {4 * n:,} B (fp32) + grads {4 * n:,} B + AdamW state {8 * n:,} B" in out
