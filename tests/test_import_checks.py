@@ -32,10 +32,11 @@ GENERIC = {"transformers_version", "architectures", "model_type", "_name_or_path
            "output_attentions", "return_dict", "dtype", "id2label", "label2id", "problem_type",
            "chunk_size_feed_forward",  # feed-forward in chunks of the sequence: the same numbers
            "is_encoder_decoder"}
-IDS = {"pad_token_id", "bos_token_id", "eos_token_id", "use_cache", "initializer_range"}
+IDS = {"pad_token_id", "bos_token_id", "eos_token_id", "use_cache", "initializer_range"}  # BERT: pad is not a position
+# Dropout rates are the caller's (the importers set none; train.py takes --dropout).
 BERT_READ = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
              "max_position_embeddings", "type_vocab_size", "layer_norm_eps"}
-BERT_NO_EFFECT = IDS | {"hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"}  # dropout: the caller's
+BERT_NO_EFFECT = IDS | {"hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"}  # the caller's
 LLAMA_READ = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
               "rope_parameters", "head_dim"}
@@ -116,10 +117,12 @@ def test_mixtral_top1_renormalises_its_gate_as_transformers_does():
         N.llama_hf_config(switch)
 
 
-@pytest.mark.parametrize("change", [dict(scale_attn_weights=False), dict(reorder_and_upcast_attn=True)])
+@pytest.mark.parametrize("change", [dict(scale_attn_weights=False), dict(reorder_and_upcast_attn=True),
+                                    dict(n_inner=40)])
 def test_gpt2_switches_nanomeg_computes_give_transformers_logits(change):
     """scale_attn_weights=False was ignored (logits scaled by 1/sqrt(d) all the same): it is now nanomeg's
-    scale_attention. reorder_and_upcast_attn only computes the softmax in fp32: the same numbers."""
+    scale_attention. reorder_and_upcast_attn only computes the softmax in fp32: the same numbers. n_inner
+    (refused unless 4 x n_embd) is nanomeg's ffn."""
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16, resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **change)
     torch.manual_seed(0)
@@ -157,6 +160,7 @@ DPR = transformers.DPRConfig(hidden_size=8, intermediate_size=8, num_hidden_laye
     (N.gpt2_config_from_hf, GPT2 | dict(architectures=["GPT2ForTokenClassification"]),
      "architectures='GPT2ForTokenClassification'"),
     (N.gpt2_config_from_hf, GPT2 | dict(model_type="gpt_neo"), "model_type='gpt_neo'"),
+    (N.gpt2_config_from_hf, GPT2 | dict(architectures=5), "architectures=5"),
     (N.llama_config_from_hf, OLD_LLAMA | dict(rope_scaling={"type": "linear", "factor": 4.0}),
      "rope_scaling.type='linear'"),
     (N.llama_config_from_hf, OLD_LLAMA | dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
