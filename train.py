@@ -940,12 +940,8 @@ def hf_config_of(args, layout: dict):
     if not isinstance(hf, dict):
         raise UsageError(f"--init-hf {args.init_hf}: config.json is not a JSON object")
     try:
-        if args.model == "gpt":
-            return N.gpt2_config_from_hf(hf, **layout)
-        import types
-
-        return N.bert_config_from_hf(types.SimpleNamespace(**hf), **layout)
-    except (KeyError, AttributeError) as e:
+        return (N.gpt2_config_from_hf if args.model == "gpt" else N.bert_config_from_hf)(hf, **layout)
+    except KeyError as e:
         raise UsageError(f"--init-hf {args.init_hf}: config.json lacks {e}") from None
 
 
