@@ -1184,6 +1184,19 @@ def train_step(params, opt: Optimizer, inputs, task, cfg, mesh, specs, args, ste
     return metrics, grad_norm  # metrics["moe"]: [load per expert..., dropped, choices], read by moe_summary
 
 
+def logged_metrics(metrics: dict, mesh: P.Mesh) -> dict[str, float]:
+    """The numbers of the step line: train_step's metrics of this rank (its
+    replica's, and under cp its chunks' share of every sequence) averaged
+    over the dp replicas and the cp ranks, dp·cp in all: the one-process
+    run's on the global batch. MoE: "aux", the loss less the LM loss, added."""
+    replicas = "dpcp" if mesh.cp > 1 else "dp"
+    out = {k: (P.all_reduce(v.float(), mesh, replicas, phase="log") / mesh.size(replicas)).item()
+           for k, v in metrics.items()}
+    if "lm" in out:  # MoE: the loss is lm + the weighted auxiliary losses
+        out["aux"] = out["loss"] - out["lm"]
+    return out
+
+
 def moe_summary(stats, mesh: P.Mesh) -> str:
     """The experts' load this step, over every MoE layer, stage and dp rank:
     ' | experts ▆█▅▇ 24/27/23/26% | dropped 1.2%' (a bar per expert, its
@@ -1888,10 +1901,7 @@ def train(args) -> int:
         with P.count_comms() as comms:
             metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, clock)
         moe_stats = moe_summary(metrics.pop("moe", None), mesh)
-        replicas = "dpcp" if mesh.cp > 1 else "dp"  # under cp each rank's loss is its tokens' share: average them too
-        metrics = {k: (P.all_reduce(v.float(), mesh, replicas) / mesh.size(replicas)).item() for k, v in metrics.items()}
-        if "lm" in metrics:  # MoE: the loss is lm + the weighted auxiliary losses
-            metrics["aux"] = metrics["loss"] - metrics["lm"]
+        metrics = logged_metrics(metrics, mesh)
         loss_value = metrics["loss"]
         norm_value = grad_norm.item()  # the same on every rank, so every rank stops at the same step
         if math.isfinite(norm_value):
