@@ -153,6 +153,7 @@ class GPTConfig:
     # Mixture of experts (`moe_mlp`): 0 experts keeps every MLP dense.
     experts: int = 0  # experts per MoE layer, each an MLP of ffn hidden units
     moe_topk: int = 1  # experts per token: 1 is Switch (Megatron's SwitchMLP), 2 is Mixtral
+    moe_renormalize: bool | None = None  # top-k gates / their sum; None: when moe_topk > 1 (Mixtral: always)
     moe_every: int = 1  # layer i is a MoE layer when i % moe_every == 0 (Megatron's moe_layer_freq)
     moe_capacity: float | None = None  # None: dropless; c: each expert takes <= ceil(c·s·k/E) choices per sequence
     moe_aux_loss: float = 0.01  # weight of the load-balancing loss E·Σ_i f_i·P_i (Switch)
@@ -197,6 +198,11 @@ class GPTConfig:
     def gated(self) -> bool:
         """SwiGLU / GeGLU: fc1 makes a gate and an up projection, act(gate) * up."""
         return self.activation in ("swiglu", "geglu")
+
+    @property
+    def renormalizes_gates(self) -> bool:
+        """Whether a token's top-k gates are divided by their sum (at k = 1 that makes the gate 1)."""
+        return self.moe_topk > 1 if self.moe_renormalize is None else self.moe_renormalize
 
     def is_moe(self, i: int) -> bool:
         """Whether layer i's MLP is a mixture of experts."""
@@ -833,8 +839,9 @@ def route(params, prefix, x, cfg: GPTConfig, mesh: Mesh, shared: bool):
     """The router on this rank's tokens x [b, s', h]: 1/tp of the sequence
     when `shared` (each tp rank routes its own share), else all of it.
     -> (gates [b, s', k], experts [b, s', k], aux, z). Gates: the top-k
-    softmax probabilities, renormalised to sum 1 when k > 1 (Mixtral; with
-    k = 1 Switch's raw probability, so the main loss trains the router).
+    softmax probabilities, renormalised to sum 1 when `cfg.renormalizes_gates`
+    (by default when k > 1; Mixtral always); else raw (Switch's k = 1 rule, so
+    the main loss trains the router).
     aux = mean over sequences of E·Σ_i f_i·P_i, f_i the share of the
     sequence's choices made for expert i, P_i its mean router probability;
     z = mean over tokens of logsumexp(logits)². Both over whole sequences:
@@ -852,7 +859,7 @@ def route(params, prefix, x, cfg: GPTConfig, mesh: Mesh, shared: bool):
         logits = F.linear(x.to(dtype), router.to(dtype))  # [b, s', E]
     probs = logits.softmax(-1)
     gates, experts = probs.topk(k, dim=-1)
-    if k > 1:
+    if cfg.renormalizes_gates:
         gates = gates / gates.sum(-1, keepdim=True)
     s = x.shape[1] * tp
     load = P.all_reduce(F.one_hot(experts, E).sum((1, 2)), mesh, "tp")  # [b, E] choices per expert
@@ -1229,37 +1236,97 @@ def check_generate_args(prompt_ids, cfg: GPTConfig, max_new_tokens, temperature,
 # ---------------------------------------------------------------------------
 
 
+# HF's activation names -> nanomeg's: GPT-2's activation_function and BERT's hidden_act; T5's feed_forward_proj
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+HF_T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gated-gelu": "geglu",
+                     "gated-gelu_new": "geglu", "gated-silu": "swiglu"}
+
+# What each import computes, key by key: the keys of a transformers config
+# (config.json) that change the math, each with the values nanomeg computes
+# (transformers' default among them: an absent key is that default). A config
+# whose model_type, architectures or any of these keys holds another value is
+# refused. The sizes are read by each importer; every other field of the
+# transformers config classes changes nothing computed (dropouts, token ids,
+# init ranges, output and generation switches): tests/test_import_checks.py
+# sorts each field of each class into one of these three.
+_BERT_KEYS = dict(hidden_act=tuple(HF_ACTIVATIONS), position_embedding_type=("absolute",),
+                  is_decoder=(False,), add_cross_attention=(False,), is_encoder_decoder=(False,),
+                  tie_word_embeddings=(True,), problem_type=(None, "single_label_classification"))
+_BERT_HEADS = ("ForPreTraining", "Model", "ForMaskedLM", "ForSequenceClassification", "ForMultipleChoice")
+_ROPE_DEFAULT = {f"{k}.{t}": ("default",) for k in ("rope_parameters", "rope_scaling") for t in ("rope_type", "type")}
+HF_KEYS = {
+    "GPT-2": dict(model_type=("gpt2",), architectures=("GPT2LMHeadModel", "GPT2Model"),
+                  activation_function=tuple(HF_ACTIVATIONS), scale_attn_weights=(True, False),
+                  scale_attn_by_inverse_layer_idx=(False,), reorder_and_upcast_attn=(False, True),  # fp32 softmax only
+                  add_cross_attention=(False,), is_encoder_decoder=(False,), tie_word_embeddings=(True,)),
+    "Llama / Mixtral": dict(model_type=("llama", "mixtral"), architectures=("LlamaForCausalLM", "MixtralForCausalLM"),
+                            hidden_act=("silu",), attention_bias=(False,), mlp_bias=(False,), sliding_window=(None,),
+                            router_jitter_noise=(0.0,), is_encoder_decoder=(False,), **_ROPE_DEFAULT),
+    "BERT": dict(model_type=("bert", "megatron-bert"),
+                 architectures=tuple(f"{m}{h}" for m in ("Bert", "MegatronBert") for h in _BERT_HEADS), **_BERT_KEYS),
+    "DPR": dict(model_type=("dpr",), architectures=("DPRQuestionEncoder", "DPRContextEncoder"), **_BERT_KEYS),
+    "T5": dict(model_type=("t5",), architectures=("T5ForConditionalGeneration", "T5WithLMHeadModel"),
+               feed_forward_proj=tuple(HF_T5_ACTIVATIONS), is_encoder_decoder=(True,), is_decoder=(False,)),
+}
+
+
+def hf_config_dict(hf) -> dict:
+    """A transformers config as a dict: config.json's dict as it is, a
+    config object's `to_dict()` (a named tuple's fields, or an object's attributes)."""
+    if isinstance(hf, dict):
+        return hf
+    for method in ("to_dict", "_asdict"):
+        if hasattr(hf, method):
+            return getattr(hf, method)()
+    return vars(hf)
+
+
+def check_hf_config(hf: dict, what: str) -> dict:
+    """ValueError naming the key, its value and what nanomeg computes unless
+    every key of HF_KEYS[what] in hf (nested dicts as "outer.inner"; each
+    entry of `architectures`) holds an allowed value; model_type must be
+    there. -> hf, for the importer to read its sizes from."""
+    if "model_type" not in hf:
+        raise ValueError(f"the HF config has no model_type: nanomeg's {what} import needs one of "
+                         f"{HF_KEYS[what]['model_type']}")
+    flat = hf | {f"{k}.{inner}": v for k, d in hf.items() if isinstance(d, dict) for inner, v in d.items()}
+    for key, allowed in HF_KEYS[what].items():
+        values = (flat.get(key) or []) if key == "architectures" else [flat[key]] if key in flat else []
+        for value in values if isinstance(values, list) else [values]:
+            if value not in allowed:
+                raise ValueError(f"HF config {key}={value!r}: nanomeg's {what} import computes only "
+                                 f"{' or '.join(map(repr, allowed))}")
+    return hf
+
+
 def gpt2_config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, **overrides) -> GPTConfig:
     """The nanomeg config of a GPT-2 checkpoint (tanh GeLU, learned positions, tied)."""
     return GPTConfig(vocab_size=vocab_size, max_seq=n_positions, layers=n_layer, hidden=n_embd, heads=n_head,
                      activation="gelu_tanh", position="learned", norm="layernorm", **overrides)
 
 
-GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-
-
 def gpt2_hf_config(cfg: GPTConfig) -> dict:
     """The config.json of a GPT2LMHeadModel holding cfg (plain JSON values)."""
     check_gpt2_compatible(cfg)
     return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
-                n_positions=cfg.max_seq, n_embd=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads, n_inner=None,
+                n_positions=cfg.max_seq, n_embd=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads, n_inner=cfg.ffn,
                 activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
+                scale_attn_weights=cfg.scale_attention,
                 layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout,
                 attn_pdrop=cfg.attention_dropout, initializer_range=cfg.init_std, tie_word_embeddings=True,
                 bos_token_id=None, eos_token_id=None)
 
 
-def gpt2_config_from_hf(hf: dict, **overrides) -> GPTConfig:
-    """The GPTConfig of a GPT-2 config.json (a dict), plus overrides (the layout fields)."""
-    if hf.get("model_type") != "gpt2":
-        raise ValueError(f"config.json: model_type {hf.get('model_type')!r}, not 'gpt2'")
-    act = GPT2_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
-    if act is None or hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise ValueError(f"config.json: activation_function {hf.get('activation_function')!r}, n_inner "
-                         f"{hf.get('n_inner')}: nanomeg's GPT-2 has {sorted(GPT2_ACTIVATIONS)} and n_inner 4 x n_embd")
-    return GPTConfig(vocab_size=hf["vocab_size"], max_seq=hf["n_positions"], layers=hf["n_layer"], hidden=hf["n_embd"],
-                     heads=hf["n_head"], activation=act, position="learned", norm="layernorm",
-                     norm_eps=hf.get("layer_norm_epsilon", 1e-5), **overrides)
+def gpt2_config_from_hf(hf, **overrides) -> GPTConfig:
+    """The GPTConfig of a GPT-2 config.json (a dict, or a transformers
+    GPT2Config), plus overrides (the layout fields). What nanomeg does not
+    compute is refused (`check_hf_config`, HF_KEYS["GPT-2"])."""
+    hf = check_hf_config(hf_config_dict(hf), "GPT-2")
+    return GPTConfig(**dict(vocab_size=hf["vocab_size"], max_seq=hf["n_positions"], layers=hf["n_layer"],
+                            hidden=hf["n_embd"], heads=hf["n_head"], ffn=hf.get("n_inner"),
+                            activation=HF_ACTIVATIONS[hf.get("activation_function", "gelu_new")],
+                            scale_attention=hf.get("scale_attn_weights", True), position="learned",
+                            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5)) | overrides)
 
 
 def gpt2_hf_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -1372,10 +1439,11 @@ def check_full_params(params: dict, shapes: dict) -> None:
 def check_gpt2_compatible(cfg: GPTConfig) -> None:
     """GPT-2 holds only: LayerNorm, GeLU (tanh, its own, or exact: HF's
     activation_function), learned positions, biases, tied embeddings,
-    multi-head attention, ffn = 4h. Anything else is a ValueError."""
+    multi-head attention (scaled or not: scale_attn_weights), any ffn (n_inner).
+    Anything else is a ValueError."""
     want = dict(norm="layernorm", activation="gelu_tanh" if cfg.activation != "gelu" else "gelu",
                 position="learned", bias=True, tie_embeddings=True,
-                num_kv_heads=cfg.heads, ffn_hidden=4 * cfg.hidden, zero_centered_gamma=False,
+                num_kv_heads=cfg.heads, head_dim=cfg.hidden // cfg.heads, zero_centered_gamma=False, scale_output=False,
                 residual_post_norm=False, norm_order="pre", type_vocab=0, experts=0)
     wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
     if wrong:
@@ -1407,44 +1475,36 @@ def to_hf_gpt2(params, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in sd.items()}
 
 
-def llama_config_from_hf(hf: dict, **overrides) -> GPTConfig:
-    """The GPTConfig of a Llama or Mixtral config.json (a dict): RMSNorm,
-    rotary, SwiGLU, GQA, no biases; Mixtral adds E experts, top-k, and its
-    router_aux_loss_coef as the aux weight. Options nanomeg does not have
-    (rope scaling, biases, another activation, a sliding window) are refused."""
-    kind = hf.get("model_type")
-    if kind not in ("llama", "mixtral"):
-        raise ValueError(f"config.json: model_type {kind!r}, not 'llama' or 'mixtral'")
-    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0),
-                                         "rope_type": (hf.get("rope_scaling") or {}).get("rope_type", "default")}
-    unsupported = {k: v for k, v in dict(hidden_act=hf.get("hidden_act", "silu"), rope_type=rope.get("rope_type"),
-                                         attention_bias=hf.get("attention_bias", False),
-                                         mlp_bias=hf.get("mlp_bias", False),
-                                         sliding_window=hf.get("sliding_window")).items()
-                   if v not in {"hidden_act": ("silu",), "rope_type": ("default", None)}.get(k, (False, None))}
-    if unsupported:
-        raise ValueError(f"config.json: {unsupported}: nanomeg's {kind} has silu, default rotary, no biases, "
-                         "full attention")
+def llama_config_from_hf(hf, **overrides) -> GPTConfig:
+    """The GPTConfig of a Llama or Mixtral config.json (a dict, or a
+    transformers config): RMSNorm, rotary, SwiGLU, GQA, no biases; Mixtral
+    adds E experts, top-k with the gates always renormalised (at k = 1 the
+    gate is 1), and its router_aux_loss_coef as the aux weight. Options
+    nanomeg does not compute (rope scaling in either spelling, biases,
+    another activation, a sliding window, router jitter) are refused."""
+    hf = check_hf_config(hf_config_dict(hf), "Llama / Mixtral")
+    rope = hf.get("rope_parameters") or {}
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim") or hidden // heads
-    moe = dict(experts=hf["num_local_experts"], moe_topk=hf["num_experts_per_tok"],
-               moe_aux_loss=hf.get("router_aux_loss_coef", 0.001)) if kind == "mixtral" else {}
+    moe = dict(experts=hf["num_local_experts"], moe_topk=hf["num_experts_per_tok"], moe_renormalize=True,
+               moe_aux_loss=hf.get("router_aux_loss_coef", 0.001)) if hf["model_type"] == "mixtral" else {}
     return GPTConfig(**{**dict(
         vocab_size=hf["vocab_size"], max_seq=hf.get("max_position_embeddings", 2048), layers=hf["num_hidden_layers"],
         hidden=hidden, heads=heads, kv_heads=hf.get("num_key_value_heads") or heads,
         kv_channels=None if head_dim * heads == hidden else head_dim, ffn=hf["intermediate_size"], norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6), activation="swiglu", position="rope",
-        rope_base=float(rope.get("rope_theta", 10000.0)), bias=False,
+        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), bias=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **moe), **overrides})
 
 
 def check_llama_compatible(cfg: GPTConfig) -> None:
     """Llama / Mixtral hold only: RMSNorm, SwiGLU, rotary positions, no
-    biases, pre-norm; MoE on every layer (Mixtral), dropless. Else ValueError."""
+    biases, pre-norm; MoE on every layer (Mixtral), dropless, gates
+    renormalised over the top k (even at k = 1). Else ValueError."""
     want = dict(norm="rmsnorm", activation="swiglu", position="rope", bias=False, zero_centered_gamma=False,
                 residual_post_norm=False, norm_order="pre", type_vocab=0, scale_output=False)
     if cfg.experts:
-        want |= dict(moe_every=1, moe_capacity=None)
+        want |= dict(moe_every=1, moe_capacity=None, renormalizes_gates=True)
     wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
     if wrong:
         raise ValueError(f"Llama / Mixtral cannot hold this config: {wrong} (they have "
@@ -1805,12 +1865,25 @@ def _pooled_head(params, ids, cfg: BertConfig, mesh: Mesh, token_types, attentio
     return F.linear(pooled, params["classifier.weight"], params["classifier.bias"])
 
 
+BERT_HEADS = ("pooler.", "lm_head.", "binary_head.", "classifier.")  # every BERT task's heads, by name prefix
+
+
+def check_encoder(params: dict, cfg: GPTConfig, heads: tuple = BERT_HEADS) -> None:
+    """ValueError naming the tensors unless params, but for the names
+    starting with `heads`, are exactly cfg's embedding and stack
+    (`stack_shapes`) at their full shapes: a builder may draw a missing head
+    fresh, never a missing layer or norm, and drops no extra one."""
+    check_full_params({k: v for k, v in params.items() if not k.startswith(heads)}, stack_shapes(cfg))
+
+
 def bert_for_task(params, cfg: BertConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Fine-tuning's start: keep the encoder (and pooler) of full BERT
     parameters from any task, e.g. a pretraining checkpoint, drop the heads
     cfg.task does not use, and draw the heads it needs but params lack
-    (Megatron's init; the pooler too when params have none). The encoder's
-    names and shapes must match cfg. -> full parameters for cfg, ready to `shard`."""
+    (Megatron's init; the pooler too when params have none). The encoder must
+    be cfg's, name for name and shape for shape (`check_encoder`).
+    -> full parameters for cfg, ready to `shard`."""
+    check_encoder(params, cfg)
     shapes = bert_shapes(cfg)
     fresh = init_params({k: v for k, v in shapes.items() if k not in params}, cfg, seed,
                         next(iter(params.values())).dtype)
@@ -1844,16 +1917,20 @@ def _check_task(cfg: BertConfig, task: str) -> None:
 
 
 def bert_config_from_hf(hf_config, **overrides) -> BertConfig:
-    """The BertConfig of a transformers BertConfig or MegatronBertConfig
-    (model_type "megatron-bert" is pre-norm; "bert" is post-norm)."""
-    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf_config.hidden_act)
-    if act is None:
-        raise ValueError(f"hidden_act={hf_config.hidden_act!r}: nanomeg's BERT has 'gelu' and 'gelu_new' only")
-    return BertConfig(vocab_size=hf_config.vocab_size, max_seq=hf_config.max_position_embeddings,
-                      layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size,
-                      heads=hf_config.num_attention_heads, ffn=hf_config.intermediate_size,
-                      type_vocab=hf_config.type_vocab_size, norm_eps=hf_config.layer_norm_eps, activation=act,
-                      norm_order="pre" if hf_config.model_type == "megatron-bert" else "post", **overrides)
+    """The BertConfig of a transformers BertConfig or MegatronBertConfig (or
+    its config.json's dict; model_type "megatron-bert" is pre-norm, "bert"
+    post-norm). What nanomeg does not compute is refused (HF_KEYS["BERT"])."""
+    hf = check_hf_config(hf_config_dict(hf_config), "BERT")
+    return BertConfig(**_bert_sizes(hf) | dict(norm_order="pre" if hf["model_type"] == "megatron-bert" else "post")
+                      | overrides)
+
+
+def _bert_sizes(hf: dict) -> dict:
+    """The BertConfig fields read from a checked BERT (or DPR) config dict."""
+    act = HF_ACTIVATIONS[hf.get("hidden_act", "gelu")]
+    return dict(vocab_size=hf["vocab_size"], max_seq=hf["max_position_embeddings"], layers=hf["num_hidden_layers"],
+                hidden=hf["hidden_size"], heads=hf["num_attention_heads"], ffn=hf["intermediate_size"],
+                type_vocab=hf["type_vocab_size"], norm_eps=hf["layer_norm_eps"], activation=act)
 
 
 def bert_hf_config(cfg: BertConfig) -> dict:
@@ -2197,26 +2274,22 @@ def t5_flops(cfg: T5Config, batch: int, enc_seq: int, dec_seq: int) -> float:
 # 10. T5 weights from / to Hugging Face's T5ForConditionalGeneration
 # ---------------------------------------------------------------------------
 
-HF_T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gated-gelu": "geglu",
-                     "gated-gelu_new": "geglu", "gated-silu": "swiglu"}
-
 
 def t5_config_from_hf(hf_config, **overrides) -> T5Config:
-    """The T5Config of a transformers T5Config. max_seq (T5 has no position
-    table) defaults to 512: a cap on both sequences, override it freely.
-    transformers 5 always ties the head and says scale_decoder_outputs; older
-    configs say tie_word_embeddings (False: v1.1's untied head, unscaled)."""
-    act = HF_T5_ACTIVATIONS.get(hf_config.feed_forward_proj)
-    if act is None:
-        raise ValueError(f"feed_forward_proj={hf_config.feed_forward_proj!r}: nanomeg's T5 has "
-                         f"{sorted(HF_T5_ACTIVATIONS)}")
-    tied = getattr(hf_config, "tie_word_embeddings", True)
+    """The T5Config of a transformers T5Config (or its config.json's dict;
+    HF_KEYS["T5"] checked: a UMT5 or mT5 is refused). max_seq (T5 has no
+    position table) defaults to 512: a cap on both sequences, override it
+    freely. transformers 5 always ties the head and says scale_decoder_outputs;
+    older configs say tie_word_embeddings (False: v1.1's untied head, unscaled)."""
+    hf = check_hf_config(hf_config_dict(hf_config), "T5")
+    tied = hf.get("tie_word_embeddings", True)
     return google_t5_config(**dict(
-        vocab_size=hf_config.vocab_size, layers=hf_config.num_layers, decoder_layers=hf_config.num_decoder_layers,
-        hidden=hf_config.d_model, heads=hf_config.num_heads, kv_channels=hf_config.d_kv, ffn=hf_config.d_ff,
-        norm_eps=hf_config.layer_norm_epsilon, activation=act, rel_buckets=hf_config.relative_attention_num_buckets,
-        rel_max_distance=hf_config.relative_attention_max_distance, tie_embeddings=tied,
-        scale_output=getattr(hf_config, "scale_decoder_outputs", tied)) | overrides)
+        vocab_size=hf["vocab_size"], layers=hf["num_layers"], decoder_layers=hf.get("num_decoder_layers"),
+        hidden=hf["d_model"], heads=hf["num_heads"], kv_channels=hf["d_kv"], ffn=hf["d_ff"],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6), activation=HF_T5_ACTIVATIONS[hf.get("feed_forward_proj", "relu")],
+        rel_buckets=hf.get("relative_attention_num_buckets", 32),
+        rel_max_distance=hf.get("relative_attention_max_distance", 128), tie_embeddings=tied,
+        scale_output=hf.get("scale_decoder_outputs", tied)) | overrides)
 
 
 def check_t5_compatible(cfg: T5Config) -> None:
@@ -2395,7 +2468,10 @@ def biencoder_specs(cfg: BiEncoderConfig) -> dict[str, int | P.HeadGroups | None
 def biencoder_from_bert(bert_params: dict, cfg: BiEncoderConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Both towers from one BERT's full parameters (Megatron's
     init_state_dict_from_bert): its embedding and stack (and pooler, for ICT)
-    copied into each tower; the projection or ICT head drawn fresh."""
+    copied into each tower; the projection or ICT head drawn fresh (the
+    pooler too when the BERT has none). The BERT's encoder must be cfg's
+    (`check_encoder`): no layer or norm is drawn fresh or dropped."""
+    check_encoder(bert_params, cfg)
     one = tower_shapes(cfg)
     fresh = init_params({k: v for k, v in one.items() if k not in bert_params}, cfg, seed,
                         next(iter(bert_params.values())).dtype)
@@ -2609,11 +2685,11 @@ DPR_PREFIXES = ("question_encoder.", "ctx_encoder.")
 
 
 def dpr_config_from_hf(hf_config, **overrides) -> BiEncoderConfig:
-    """The BiEncoderConfig of a transformers DPRConfig (a BERT's sizes plus
-    projection_dim); overrides, e.g. shared=False for two towers."""
-    bert = bert_config_from_hf(hf_config)
-    return BiEncoderConfig(**{f.name: getattr(bert, f.name) for f in fields(BertConfig)}
-                           | dict(projection_dim=hf_config.projection_dim, task="pretrain") | overrides)
+    """The BiEncoderConfig of a transformers DPRConfig (a post-norm BERT's
+    sizes plus projection_dim; HF_KEYS["DPR"] checked); overrides, e.g.
+    shared=False for two towers."""
+    hf = check_hf_config(hf_config_dict(hf_config), "DPR")
+    return BiEncoderConfig(**_bert_sizes(hf) | dict(projection_dim=hf["projection_dim"]) | overrides)
 
 
 def check_dpr_compatible(cfg: BiEncoderConfig) -> None:

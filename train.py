@@ -945,12 +945,8 @@ def hf_config_of(args, layout: dict):
     if not isinstance(hf, dict):
         raise UsageError(f"--init-hf {args.init_hf}: config.json is not a JSON object")
     try:
-        if args.model == "gpt":
-            return N.gpt2_config_from_hf(hf, **layout)
-        import types
-
-        return N.bert_config_from_hf(types.SimpleNamespace(**hf), **layout)
-    except (KeyError, AttributeError) as e:
+        return (N.gpt2_config_from_hf if args.model == "gpt" else N.bert_config_from_hf)(hf, **layout)
+    except KeyError as e:
         raise UsageError(f"--init-hf {args.init_hf}: config.json lacks {e}") from None
 
 
@@ -1191,6 +1187,19 @@ def train_step(params, opt: Optimizer, inputs, task, cfg, mesh, specs, args, ste
             load, dropped, choices = load + t.load.cpu(), dropped + float(t.dropped), choices + t.choices
         metrics["moe"] = torch.cat([load, torch.tensor([dropped, choices], dtype=torch.float64)]).to(grad_norm.device)
     return metrics, grad_norm  # metrics["moe"]: [load per expert..., dropped, choices], read by moe_summary
+
+
+def logged_metrics(metrics: dict, mesh: P.Mesh) -> dict[str, float]:
+    """The numbers of the step line: train_step's metrics of this rank (its
+    replica's, and under cp its chunks' share of every sequence) averaged
+    over the dp replicas and the cp ranks, dp·cp in all: the one-process
+    run's on the global batch. MoE: "aux", the loss less the LM loss, added."""
+    replicas = "dpcp" if mesh.cp > 1 else "dp"
+    out = {k: (P.all_reduce(v.float(), mesh, replicas, phase="log") / mesh.size(replicas)).item()
+           for k, v in metrics.items()}
+    if "lm" in out:  # MoE: the loss is lm + the weighted auxiliary losses
+        out["aux"] = out["loss"] - out["lm"]
+    return out
 
 
 def moe_summary(stats, mesh: P.Mesh) -> str:
@@ -1899,10 +1908,7 @@ def train(args) -> int:
         with P.count_comms() as comms:
             metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, clock)
         moe_stats = moe_summary(metrics.pop("moe", None), mesh)
-        replicas = "dpcp" if mesh.cp > 1 else "dp"  # under cp each rank's loss is its tokens' share: average them too
-        metrics = {k: (P.all_reduce(v.float(), mesh, replicas) / mesh.size(replicas)).item() for k, v in metrics.items()}
-        if "lm" in metrics:  # MoE: the loss is lm + the weighted auxiliary losses
-            metrics["aux"] = metrics["loss"] - metrics["lm"]
+        metrics = logged_metrics(metrics, mesh)
         loss_value = metrics["loss"]
         norm_value = grad_norm.item()  # the same on every rank, so every rank stops at the same step
         if math.isfinite(norm_value):

@@ -6,8 +6,9 @@ disk read back with torch.distributed.checkpoint directly.
    `python train.py` equals `torchrun --nproc-per-node 4 train.py --tp 4`;
 2. pieces algebra (hypothesis): the writer pieces of all tp ranks tile the full, unpadded tensor exactly once;
 3. a resume in the same layout is bit-exact (loss lines and every saved tensor), with dropout and microbatches;
-4. resharding, float64 on the worker pool: save at one (tp, pp, dp, ZeRO, sequence parallel) layout, load at
-   another, and the losses and final parameters are the serial run's;
+4. resharding, float64 on the worker pool: save at one (tp, pp, dp, cp, ep, ZeRO, sequence parallel) layout, load
+   at another (ZeRO-1 under cp and under ep, a MoE's experts split over ep, then not, then again), and the
+   losses and final parameters are the serial run's;
 5. atomic saves: real SIGKILLs of saving processes (one process and torchrun with 2 ranks, and one in the
    middle of --keep-last's pruning) leave only complete step folders and a load that resumes; a stale .tmp
    folder is never picked up;
@@ -468,12 +469,21 @@ def replica_rows(batch, mesh):
     return {k: v[mesh.dp_rank * b: (mesh.dp_rank + 1) * b] for k, v in batch.items()}
 
 
+_CP_MESHES: dict = {}
+
+
 def reshard_phase(mesh, model, argv, text, root, first, last):
     """Steps first..last of this rank as train.py takes them, in float64: the params at this layout
     (another init seed when resuming: the load must overwrite every real element), train.Optimizer, the
     checkpoint of step first-1 loaded (find_checkpoint / read_meta / load_checkpoint), train_step on this
-    replica's rows of the global batch, then save_checkpoint of step `last` on every rank."""
+    replica's rows of the global batch, then save_checkpoint of step `last` on every rank. With --cp in argv
+    the pool's mesh (which has no cp) gives way to one with that cp, built once per worker."""
     world = torch.distributed.get_world_size()
+    cp = train.parse_args(["--model", model, *argv]).cp
+    if cp > 1:
+        if (mesh.tp, mesh.pp, cp) not in _CP_MESHES:
+            _CP_MESHES[(mesh.tp, mesh.pp, cp)] = P.Mesh.build(tp=mesh.tp, pp=mesh.pp, cp=cp)
+        mesh = _CP_MESHES[(mesh.tp, mesh.pp, cp)]
     args = train.parse_args(["--model", model, *argv, "--tp", str(mesh.tp), "--pp", str(mesh.pp),
                              "--batch", str(GLOBAL_BATCH // mesh.dp)])
     cfg, _ = train.check_args(args, world)
@@ -496,7 +506,8 @@ def reshard_phase(mesh, model, argv, text, root, first, last):
     for step in range(first, last + 1):
         inputs = replica_rows(global_batch(task, data, args, step, GLOBAL_BATCH), mesh)
         metrics, _ = train.train_step(params, opt, inputs, task, cfg, mesh, specs, args, step)
-        losses.append(P.all_reduce(metrics["loss"].double(), mesh, "dp") / mesh.dp)
+        replicas = "dpcp" if mesh.cp > 1 else "dp"  # under cp each rank's loss is its chunks' share
+        losses.append(P.all_reduce(metrics["loss"].double(), mesh, replicas) / mesh.size(replicas))
     train.save_checkpoint(root, last, params, opt, cfg, mesh, specs, args)
     return dict(coords=(mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), losses=torch.stack(losses),
                 saved_layout=saved_layout, sp=cfg.sequence_parallel,
@@ -537,6 +548,13 @@ RESHARD_CASES = {
         (2, 1, ["--zero", "1"]), (4, 1, []), (2, 1, []), (1, 1, ["--zero", "1"])]),
     "bert-tp2sp-pp2-tp2zero": ("bert", [], [  # dp stays 2: BERT's dp mean is a mean of replica means
         (2, 1, ["--sequence-parallel"]), (1, 2, ["--microbatches", "2"]), (2, 1, ["--zero", "1"])]),
+    # ZeRO-1 under cp: the optimizer state sliced over the dp x cp ranks (4 here), saved, then sliced over dp 4
+    "gpt-cp2zero1-dp4zero1-cp2tp2sp": ("gpt", ["--bucket-mb", "0.01", "--dropout", "0.1"], [
+        (1, 1, ["--cp", "2", "--zero", "1"]), (1, 1, ["--zero", "1"]), (2, 1, ["--cp", "2", "--sequence-parallel"])]),
+    # experts split over ep (ZeRO-1: their state sliced over edp), resharded to ep 1, and back to ep 2 at tp 2
+    "gpt-moe-ep2zero1-ep1tp2-ep2tp2zero1": ("gpt", ["--experts", "4", "--topk", "2", "--capacity-factor", "1.5",
+                                                    "--aux-loss", "0.1", "--bucket-mb", "0.01"], [
+        (1, 1, ["--ep", "2", "--zero", "1"]), (2, 1, []), (2, 1, ["--ep", "2", "--zero", "1", "--sequence-parallel"])]),
 }
 
 
@@ -545,21 +563,24 @@ def test_a_checkpoint_resumes_at_another_layout_as_the_serial_run(pool, text_fil
     """Each phase: K float64 steps at its layout, loading the previous phase's checkpoint (saved at another
     tp / pp / dp / ZeRO / sequence parallel) and saving its own. The losses of every step and the final
     parameters (tp-gathered, stages merged, real vocabulary rows; padding rows still zero) equal the serial
-    float64 run's to 1e-9, and the meta.json of each checkpoint says the layout that saved it."""
+    float64 run's to 1e-9, and the meta.json of each checkpoint says the layout that saved it. A phase's
+    --cp and --ep flags set those dims too."""
     model, extra, phases = RESHARD_CASES[case]
     text = Path(text_file).read_bytes()
     argv = [*RESHARD_ARGV, *extra, "--steps", str(K * len(phases))]
     root = str(tmp_path / "ckpt")
     losses, previous = [], None
     for i, (tp, pp, flags) in enumerate(phases):
-        results = pool.run(reshard_phase, model, [*argv, *flags], text, root, i * K + 1, (i + 1) * K, tp=tp, pp=pp)
+        cp, ep = (int(flags[flags.index(f) + 1]) if f in flags else 1 for f in ("--cp", "--ep"))
+        results = pool.run(reshard_phase, model, [*argv, *flags], text, root, i * K + 1, (i + 1) * K, tp=tp, pp=pp,
+                           ep=ep)
         for r in results:
             assert_close(r["losses"], results[0]["losses"], f"{case} phase {i}: rank {r['coords']}'s losses")
             assert r["saved_layout"] == previous, (case, i, r["saved_layout"], previous)
             assert r["sp"] == ("--sequence-parallel" in flags and tp > 1), (case, i)
         losses.append(results[0]["losses"])
         meta = json.loads((Path(root) / f"step-{(i + 1) * K:08d}" / "meta.json").read_text())
-        previous = dict(tp=tp, pp=pp, dp=4 // (tp * pp), ep=1, cp=1, zero=int("--zero" in flags),
+        previous = dict(tp=tp, pp=pp, dp=4 // (tp * pp * cp), ep=ep, cp=cp, zero=int("--zero" in flags),
                         virtual_stages=2 if "--virtual-stages" in flags else 1)
         assert meta["layout"] == previous and meta["step"] == meta["optimizer_steps"] == (i + 1) * K, meta
         assert (Path(root) / "latest").read_text().strip() == f"step-{(i + 1) * K:08d}"
@@ -572,8 +593,9 @@ def test_a_checkpoint_resumes_at_another_layout_as_the_serial_run(pool, text_fil
             assert not p[cfg.vocab_size:].any(), (case, name, "padding rows moved")
             p, want[name] = p[:cfg.vocab_size], want[name][:cfg.vocab_size]
         assert_close(p, want[name], f"{case}: {name} after {K * len(phases)} steps")
-    assert not torch.equal(want["layers.0.mlp.fc1.weight"], train.TASKS[model].init(cfg, 7)["layers.0.mlp.fc1.weight"]
-                           .double())  # the steps moved the weights
+    init = train.TASKS[model].init(cfg, 7)
+    for name in ("layers.0.attn.qkv.weight", "layers.0.mlp.fc1.weight", "layers.0.moe.fc1.weight"):
+        assert name not in want or not torch.equal(want[name], init[name].double()), name  # the steps moved it
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -665,10 +665,10 @@ def test_mixtral_older_per_expert_tensors_load_too():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(hidden_act="gelu"), "{'hidden_act': 'gelu'}"),
-    (dict(attention_bias=True), "{'attention_bias': True}"),
-    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "'rope_type': 'linear'"),
-    (dict(model_type="gpt2"), "model_type 'gpt2', not 'llama' or 'mixtral'"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(attention_bias=True), "attention_bias=True"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling.rope_type='linear'"),
+    (dict(model_type="gpt2"), "model_type='gpt2': nanomeg's Llama / Mixtral import computes only 'llama' or 'mixtral'"),
 ])
 def test_llama_configs_nanomeg_cannot_hold_are_refused(change, message):
     hf = hf_llama_family("llama").config.to_dict()

@@ -271,6 +271,7 @@ BAD_FIELDS = [
     ("scale_output", 0), ("scale_output", "no"),
     ("experts", -1), ("experts", 2.0), ("experts", True), ("experts", None),
     ("moe_topk", 0), ("moe_topk", 1.5), ("moe_topk", None),
+    ("moe_renormalize", 1), ("moe_renormalize", "yes"),
     ("moe_every", 0), ("moe_every", True),
     ("moe_capacity", 0), ("moe_capacity", -1.0), ("moe_capacity", NAN), ("moe_capacity", INF), ("moe_capacity", "1"),
     ("moe_aux_loss", -0.1), ("moe_aux_loss", NAN), ("moe_aux_loss", None),
@@ -283,7 +284,7 @@ GOOD_FIELDS = [
     ("attention_dropout", 0.5), ("max_seq", 1), ("vocab_multiple", 1), ("type_vocab", 0),
     ("kv_channels", None), ("kv_channels", 3), ("rel_buckets", 4), ("activation", "relu"), ("activation", "geglu"),
     ("experts", 0), ("experts", 2), ("moe_capacity", None), ("moe_capacity", 0.25), ("moe_aux_loss", 0),
-    ("moe_z_loss", 0), ("moe_every", 3),
+    ("moe_z_loss", 0), ("moe_every", 3), ("moe_renormalize", None), ("moe_renormalize", True),
 ]
 
 

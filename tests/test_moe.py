@@ -20,7 +20,8 @@ out = Σ over kept choices of gate · expert(x).
    nothing at ep = 1;
 5. training: GradBuckets (experts over edp) + AdamW, or ZeRO-1, with the global-norm clip, over 3 steps
    equals torch's AdamW + clip_grad_norm_ on the full model; the norm is the full model's;
-6. pipeline: a MoE GPT at pp = 2 (1F1B, 2 microbatches) equals the serial loss and gradients;
+6. pipeline: a MoE GPT at pp = 2 (1F1B, 2 microbatches) equals the serial loss and gradients; with a loss
+   mask that gives the microbatches unequal token shares too (section 8: the aux losses scale by rows);
 7. bad configs and layouts are ValueErrors naming the values, raised on every rank before any collective.
 """
 
@@ -570,15 +571,15 @@ def test_training_steps_equal_serial_adamw(pool, tp, ep, zero, bucket_mb):
 # ---------------------------------------------------------------------------------------------------
 
 
-def pipeline_task(mesh, cfg, full, ids, tg, m, seed):
+def pipeline_task(mesh, cfg, full, ids, tg, m, seed, loss_mask=None):
     specs = N.gpt_specs(cfg)
     local = P.shard(full, specs, mesh)
     params = {k: t.clone().requires_grad_(True) for k, t in N.stage_params(local, cfg, mesh).items()}
     buckets = P.GradBuckets(params, mesh, accumulations=m, tied=N.tied_copies(cfg, mesh),
                             experts=expert_names({k: specs[k] for k in params}))
-    ids, tg = my_rows(mesh, ids, tg)
-    out = N.pipeline_step("gpt", params, dict(ids=ids, targets=tg), cfg, mesh, schedule="1f1b", microbatches=m,
-                          seed=seed)
+    batch = dict(ids=ids, targets=tg) | ({} if loss_mask is None else dict(loss_mask=loss_mask))
+    out = N.pipeline_step("gpt", params, dict(zip(batch, my_rows(mesh, *batch.values()))), cfg, mesh,
+                          schedule="1f1b", microbatches=m, seed=seed)
     buckets.finish()
     return dict(loss=P.all_reduce(out["loss"].detach(), mesh, "dp") / mesh.dp,
                 lm=P.all_reduce(out["lm"].detach(), mesh, "dp") / mesh.dp,
@@ -652,3 +653,71 @@ def test_bad_layout_raises_on_every_rank_before_any_collective(pool):
         for got, expected in zip(messages, want, strict=True):
             ok = got == expected if isinstance(expected, float) else (got is not None and expected in got)
             assert ok, f"rank {rank}: {got!r}, want {expected!r}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Pipeline with a loss mask: the microbatches' LM shares follow the counted tokens, the aux losses'
+#    follow the rows (the aux loss is a mean over sequences, whatever the mask)
+# ---------------------------------------------------------------------------------------------------
+
+
+class MaskedPipelineCase(NamedTuple):
+    tp: int
+    ep: int
+    m: int  # microbatches per replica, one row each
+    s: int
+    counts: tuple  # counted tokens of each global row (the loss mask); every replica counts one at least
+    cfg: N.GPTConfig
+    seed: int
+
+
+@st.composite
+def masked_pipeline_cases(draw):
+    tp, ep = draw(st.sampled_from([(1, 2), (2, 1), (1, 1)]))
+    m, s = draw(st.sampled_from([2, 4])), tp * draw(st.integers(2, 3))
+    dp = 4 // (2 * tp)
+    counts = [draw(st.integers(0, s)) for _ in range(dp * m)]
+    for d in range(dp):
+        counts[d * m] = max(counts[d * m], 1)
+    cfg = small_gpt(layers=2, experts=4, moe_topk=draw(st.sampled_from([1, 2])),
+                    moe_capacity=draw(st.sampled_from([None, 1.0])), moe_every=1, max_seq=s,
+                    hidden_dropout=draw(st.sampled_from([0.0, 0.1])), sequence_parallel=tp > 1 and draw(st.booleans()),
+                    moe_aux_loss=draw(st.sampled_from([0.3, 1.0])), moe_z_loss=draw(st.sampled_from([0.0, 0.2])))
+    return MaskedPipelineCase(tp, ep, m, s, tuple(counts), cfg, draw(st.integers(0, 2**16)))
+
+
+# one counted token in each replica's first microbatch, all in its second: LM shares 1/7 and 6/7, rows 1/2 each
+UNEQUAL_SHARES = MaskedPipelineCase(1, 2, 2, 6, (1, 6, 1, 6), small_gpt(layers=2, max_seq=6, moe_every=1,
+                                                                       moe_aux_loss=1.0), 5)
+
+
+@settings(max_examples=4)
+@example(case=UNEQUAL_SHARES)
+@given(case=masked_pipeline_cases())
+def test_pipeline_step_with_a_loss_mask_equals_serial(pool, case):
+    """pp = 2 (one MoE layer a stage), 1F1B, a loss mask that gives the microbatches unequal token shares:
+    the loss (masked LM + aux), the LM loss and every gradient equal the serial run's. The serial mask weighs
+    each replica's counted tokens 1 / (its count): one masked mean over the global batch is then the mean of
+    the replicas' masked means, which is what dp averages."""
+    tp, ep, m, s, counts, cfg, seed = case
+    dp, rows = 4 // (2 * tp), len(counts)
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.stack([torch.randperm(s, generator=gen) < c for c in counts]).double()
+    weights = mask.clone()
+    for replica in weights.chunk(dp):
+        replica /= replica.sum()
+    full = model_params(cfg, seed)
+    ids, tg = randint(seed + 1, cfg.vocab_size, rows, s), randint(seed + 2, cfg.vocab_size, rows, s)
+    serial = replace(cfg, sequence_parallel=False)
+    params = {k: v.clone().requires_grad_(True) for k, v in full.items()}
+    loss = N.gpt_loss(params, ids, tg, serial, SERIAL, loss_mask=weights, seed=seed)
+    loss.backward()
+    lm = N.lm_loss(N.gpt_logits(full, ids, serial, SERIAL, seed=seed, training=True), tg, serial, SERIAL, weights)
+    assert not torch.allclose(loss, lm), "the aux losses add nothing: the case cannot see their scale"
+    results = pool.run(pipeline_task, cfg, full, ids, tg, m, seed, mask, tp=tp, pp=2, ep=ep)
+    what = f"{case}"
+    for rank, r in enumerate(results):
+        assert_close(r["loss"], loss.detach(), f"{what}: loss on rank {rank}")
+        assert_close(r["lm"], lm, f"{what}: lm loss on rank {rank}")
+    assert_close(merged([r["grads"] for r in results], what), {k: v.grad for k, v in params.items()},
+                 f"{what}: gradients")

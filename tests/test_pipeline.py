@@ -17,7 +17,9 @@ and compares them with independent oracles in float64: the serial model on the w
    derived from the docstrings, and small buckets are reduced during the backward (the overlap);
 4. ZeRO-1 memory: the optimizer state halves at dp = 2; bf16 parameters keep an fp32 main copy that
    accumulates updates below bf16's resolution;
-5. bad inputs are ValueErrors that name the values.
+5. bad inputs are ValueErrors that name the values;
+6. pp, cp and dp all 2 (world 8): three training steps under any schedule equal serial AdamW (with any of the
+   three at 1, the dp and cp coordinates of a pipeline peer could be swapped unseen).
 """
 
 import re
@@ -28,7 +30,7 @@ import pytest
 import torch
 from common import (BETAS, CLIP, LR, SERIAL, STEPS, TOL, WEIGHT_DECAY, adamw, assert_close, jittered, merged,
                     padding, rand, randint, serial_gpt_training)
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import nanomeg as N
@@ -614,6 +616,63 @@ def test_a_stage_output_the_schedule_cannot_send_is_refused_before_sending(made)
         schedules, plans = P.checked_schedule("1f1b", 2, 1)
         P.run_schedule(schedules[0], plans[0], forward, mesh, shape=(1, 4, 4), dtype=torch.float64, device="cpu")
     assert records == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Pipeline x context x data parallel, all above 1: pp = cp = dp = 2 on the 8 workers
+# ---------------------------------------------------------------------------------------------------
+
+_CP_MESHES: dict = {}
+
+
+def cp_mesh(tp: int, cp: int, pp: int) -> P.Mesh:
+    """The pool's meshes have no cp: this worker's mesh of the layout (dp fills the world), built once (every
+    rank runs the same tasks in the same order, so every rank creates the same groups in the same order)."""
+    if (tp, cp, pp) not in _CP_MESHES:
+        _CP_MESHES[(tp, cp, pp)] = P.Mesh.build(tp=tp, cp=cp, pp=pp)
+    return _CP_MESHES[(tp, cp, pp)]
+
+
+def cp_train_case(_pool_mesh, cp, pp, *args):
+    """train_case at (tp 1, cp, pp): each cp rank's loss is its chunks' share, so the replica's loss is their
+    mean over cp; coords gain the cp rank."""
+    mesh = cp_mesh(1, cp, pp)
+    out = train_case(mesh, *args)
+    out["losses"] = {k: P.all_reduce(v, mesh, "cp") / cp for k, v in out["losses"].items()}
+    out["coords"] += (mesh.cp_rank,)
+    return out
+
+
+@st.composite
+def pp_cp_dp_cases(draw):
+    schedule = draw(st.sampled_from(SCHEDULES))
+    v = 2 if schedule == "interleaved" else 1
+    m = 2 if v > 1 else draw(st.integers(1, 2))
+    return (schedule, v, m, draw(st.booleans()), draw(st.sampled_from([TINY_BUCKETS, ONE_BUCKET])),
+            draw(st.booleans()), draw(st.sampled_from(["learned", "rope"])))
+
+
+@settings(max_examples=2)
+@example(case=("1f1b", 1, 2, True, TINY_BUCKETS, True, "rope"))
+@given(case=pp_cp_dp_cases())
+def test_training_at_pp2_cp2_dp2_equals_serial_adamw(pool8, case):
+    """pp, cp and dp all 2 (with any of them 1 a mix-up of the dp and cp coordinates, in `Mesh.pp_peer` say,
+    goes unseen): three steps of pipeline_step (each stage sends its two chunks of every sequence to the same
+    cp and dp coordinates on the next stage), GradBuckets over dp x cp (ZeRO-1 or AdamW), the global-norm clip:
+    the losses, grad norms and parameters equal serial AdamW's on the global batch."""
+    schedule, v, m, zero, bucket_mb, tied, position = case
+    cfg = replace(train_config(layers=4, tied=tied), position=position)
+    full = full_params("gpt", cfg, 3)
+    rows, s = 2 * m, 8  # dp = 2 replicas of m microbatches of one row
+    batches = [dict(ids=randint(20 + k, 49, rows, s), targets=randint(30 + k, 49, rows, s)) for k in range(STEPS)]
+    want_losses, want_norms, want = serial_gpt_training(cfg, full, [(b["ids"], b["targets"]) for b in batches])
+    results = pool8.run(cp_train_case, 2, 2, cfg, full, batches, schedule, v, m, zero, bucket_mb)
+    assert {r["coords"] for r in results} == {(p, d, 0, c) for p in (0, 1) for d in (0, 1) for c in (0, 1)}
+    what = f"pp=2 cp=2 dp=2 {case}"
+    check_losses(results, dict(loss=want_losses), what)
+    for r in results:
+        assert_close(r["norms"], want_norms, f"{what}: grad norm on rank {r['coords']}")
+    assert_close(merged([r["params"] for r in results], what), want, f"{what}: parameters after {STEPS} steps")
 
 
 # ---------------------------------------------------------------------------------------------------

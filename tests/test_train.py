@@ -1114,3 +1114,66 @@ def test_hf_flags_bad_input_is_one_line_and_exit_code_2(text_file, capsys, args,
     assert code == 2, err
     assert err.startswith("error: " + message), err
     assert err.count("\n") == 1, err
+
+
+
+# ---------------------------------------------------------------------------
+# The logged training loss under context parallelism: train.logged_metrics,
+# what the step line prints, on the worker pool against one process
+# ---------------------------------------------------------------------------
+
+LOGGED = ["--model", "gpt", "--layers", "2", "--hidden", "16", "--heads", "2", "--seq", "8", "--max-seq", "8",
+          "--batch", "2", "--dropout", "0.1", "--lr", "1e-2", "--warmup", "1", "--steps", "2"]
+_CP_MESHES: dict = {}
+
+
+def logged_steps(pool_mesh, argv, data, cp):
+    """Two float64 train_steps of this rank as train.py takes them (its replica's batch from batch_seed) and
+    the step line's numbers (train.logged_metrics), on a mesh of the pool's tp and pp with this cp (built
+    once per worker; dp fills the rest). -> (each step's global batch, the replicas' rows in order; the
+    logged losses; the grad norms)."""
+    key = (pool_mesh.tp, pool_mesh.pp, cp)
+    if key not in _CP_MESHES:
+        _CP_MESHES[key] = P.Mesh.build(tp=key[0], pp=key[1], cp=cp)
+    mesh = _CP_MESHES[key]
+    args = train.parse_args([*argv, "--tp", str(mesh.tp), "--pp", str(mesh.pp), "--cp", str(mesh.cp)])
+    cfg, _ = train.check_args(args, mesh.tp * mesh.pp * mesh.dp * mesh.cp)
+    task, specs = train.TASKS["gpt"], N.gpt_specs(cfg)
+    local = N.stage_params(P.shard(task.init(cfg, args.seed, dtype=torch.float64), specs, mesh), cfg, mesh)
+    params = {k: v.requires_grad_(True) for k, v in local.items()}
+    opt = train.Optimizer(params, args, mesh, specs, cfg)
+    batches, losses, norms = [], [], []
+    for step in (1, 2):
+        inputs = task.batch(data, args, train.batch_seed(args, step, mesh))
+        batches.append({k: P.all_gather(v, mesh, "dp", 0) for k, v in inputs.items()})
+        metrics, norm = train.train_step(params, opt, inputs, task, cfg, mesh, specs, args, step)
+        losses.append(train.logged_metrics(metrics, mesh)["loss"])
+        norms.append(norm.item())
+    return batches, losses, norms
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (1, 2)], ids=["cp2-dp2", "cp2-pp2"])
+def test_the_logged_training_loss_under_cp_is_the_one_process_loss(pool, tp, pp):
+    """The step line's loss (train.logged_metrics) and grad norm at --cp 2 (with dp 2, or with pp 2) are the
+    one-process run's on the same global batch, dropout on: each cp rank's loss is its chunks' share of its
+    replica's, so the line must average over all dp·cp ranks (only eval losses were compared before)."""
+    data = torch.arange(3000, dtype=torch.int64) * 7 % 251
+    results = pool.run(logged_steps, [*LOGGED, "--microbatches", str(pp)], data, 2, tp=tp, pp=pp)
+    batches = results[0][0]
+    for rank, (got, _, _) in enumerate(results):
+        assert all(torch.equal(g[k], b[k]) for g, b in zip(got, batches) for k in b), f"rank {rank}: other batches"
+    rows = batches[0]["ids"].shape[0]
+    assert rows == 2 * 4 // (2 * pp * tp)  # --batch 2 per replica
+    args = train.parse_args([*LOGGED, "--batch", str(rows), "--tp", "1"])
+    cfg, _ = train.check_args(args, 1)
+    task, specs, serial = train.TASKS["gpt"], N.gpt_specs(cfg), P.Mesh.serial()
+    params = {k: v.requires_grad_(True) for k, v in task.init(cfg, args.seed, dtype=torch.float64).items()}
+    opt = train.Optimizer(params, args, serial, specs, cfg)
+    want_losses, want_norms = [], []
+    for step, inputs in zip((1, 2), batches):
+        metrics, norm = train.train_step(params, opt, inputs, task, cfg, serial, specs, args, step)
+        want_losses.append(train.logged_metrics(metrics, serial)["loss"])
+        want_norms.append(norm.item())
+    for rank, (_, losses, norms) in enumerate(results):
+        assert losses == pytest.approx(want_losses, rel=1e-6), f"rank {rank}: logged losses"
+        assert norms == pytest.approx(want_norms, rel=1e-9), f"rank {rank}: grad norms"
