@@ -19,7 +19,9 @@ and compares them with independent oracles in float64: the serial model on the w
    accumulates updates below bf16's resolution;
 5. bad inputs are ValueErrors that name the values;
 6. pp, cp and dp all 2 (world 8): three training steps under any schedule equal serial AdamW (with any of the
-   three at 1, the dp and cp coordinates of a pipeline peer could be swapped unseen).
+   three at 1, the dp and cp coordinates of a pipeline peer could be swapped unseen);
+7. order, not tags: each batch_isend_irecv the executor makes is the next group of its checked plan
+   (`checked_schedule`), every tag 0, and the per-message tags of the debugging switch change no bit.
 """
 
 import re
@@ -676,7 +678,7 @@ def test_training_at_pp2_cp2_dp2_equals_serial_adamw(pool8, case):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Order, not tags: the executor posts exactly the checked plan; tags change nothing
+# 7. Order, not tags: the executor posts exactly the checked plan; tags change nothing
 # ---------------------------------------------------------------------------------------------------
 
 
