@@ -879,11 +879,12 @@ def test_a_metadata_pickle_that_runs_code_is_refused(base, saved, tmp_path, payl
     (folder / ".metadata").write_bytes(pickle.dumps(evil))
     if payload.startswith("rank-local"):
         (folder / ".metadata").rename(folder / "__0.metadata")
+    said = "no .metadata" if payload.startswith("rank-local") else "refused"  # a rank-local one is never read
     got = main(*base, "--steps", 3, "--load", tmp_path / "ckpt")
-    assert got.code != 0 and "refused" in f"{got.code} {got.err}", got
+    assert got.code != 0 and said in f"{got.code} {got.err}", got
     assert not marker.exists()
     _, cfg = config_at("gpt", TINY[:8], 1)
-    with pytest.raises(BaseException, match="refused"):  # DCP's CheckpointException is a BaseException
+    with pytest.raises(ValueError, match=said):
         P.load_pieces(folder, *wanted_of(folder, cfg))
     if not payload.startswith("rank-local"):
         with pytest.raises(pickle.UnpicklingError, match="refused"):
@@ -909,7 +910,7 @@ def test_a_metadata_of_allowed_types_cannot_make_the_load_unpickle_the_data(base
         md.storage_data[MetadataIndex(fqn)] = _StorageInfo("payload.distcp", 0, len(payload))
     md.storage_meta = None
     (folder / ".metadata").write_bytes(pickle.dumps(md))
-    with pytest.raises(pickle.UnpicklingError, match="non-tensor entries"):  # allowed types, but bytes entries
+    with pytest.raises(pickle.UnpicklingError, match="BytesStorageMetadata: refused"):  # never in a nanomeg one
         P.SafeReader(str(folder)).read_metadata()
     got = main(*base, "--steps", 3, "--load", tmp_path / "ckpt")
     ran_on_load = marker.exists()
@@ -1016,3 +1017,119 @@ def test_keep_last_keeps_the_newest_and_latest_names_the_newest(base, tmp_path):
     assert (root / "latest").read_text().strip() == "step-00000007"
     for name in ("step-00000006", "step-00000007"):
         assert read_checkpoint(root / name)[0]["step"] == int(name[5:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. The metadata allow-list, tested from the inside: (module, name) pairs only, never a dotted name
+# ---------------------------------------------------------------------------------------------------
+
+
+def global_call(module: str, name: str, *args) -> bytes:
+    """A protocol-4 pickle that asks the unpickler for `name` under `module` (STACK_GLOBAL, which resolves a
+    dotted name through the module's attributes: "os.system" under a module that imports os) and calls it
+    with args (str or bytes)."""
+    def push(a):
+        b = a.encode() if isinstance(a, str) else a
+        return (b"X" if isinstance(a, str) else b"B") + len(b).to_bytes(4, "little") + b
+    return b"\x80\x04" + push(module) + push(name) + b"\x93(" + b"".join(map(push, args)) + b"tR."
+
+
+DCP_MD, DCP_FS = "torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"
+PLANTED = {  # name -> (module, name, args); {marker} is the file the call would create
+    "metadata: os.system": (DCP_MD, "os.system", "touch {marker}"),
+    "metadata: torch.save": (DCP_MD, "torch.save", "x", "{marker}"),
+    "filesystem: os.system": (DCP_FS, "os.system", "touch {marker}"),
+    "filesystem: pickle.loads": (DCP_FS, "pickle.loads", "pickled os.system"),
+    "filesystem: an unlisted class": (DCP_FS, "FileSystemWriter", "{marker}"),
+    "serialization: os.system": ("torch.serialization", "os.system", "touch {marker}"),
+    "torch: a callable": ("torch", "save", "x", "{marker}"),
+    "torch: a dotted dtype": ("torch", "float32.__class__", "x"),
+    "pathlib: os.system": ("pathlib", "os.system", "touch {marker}"),
+}
+
+
+@pytest.mark.parametrize("case", PLANTED, ids=list(PLANTED))
+def test_planted_globals_under_allowed_modules_are_refused_and_never_run(base, saved, tmp_path, case):
+    """A .metadata that asks an allowed module for a dotted name (os.system, torch.save, pickle.loads of a
+    second pickle), for a callable torch attribute, or for an unlisted name: --load is one error line naming
+    module.name, exit 2, SafeReader raises, and the marker file the call would write never appears.
+    (Before the allow-list was made of (module, name) pairs, the dotted names ran.)"""
+    folder = copy_checkpoint(saved, tmp_path / "ckpt")
+    marker = tmp_path / "marker"
+    module, name, *args = PLANTED[case]
+    args = [pickle.dumps(RunsCode(f"touch {marker}")) if a == "pickled os.system" else a.format(marker=marker)
+            for a in args]
+    (folder / ".metadata").write_bytes(global_call(module, name, *args))
+    got = main(*base, "--steps", 3, "--load", tmp_path / "ckpt")
+    assert not marker.exists(), f"{module}.{name} ran"
+    line = one_error(got)
+    assert f"refers to {module}.{name}: refused" in line, line
+    with pytest.raises(pickle.UnpicklingError, match="refused"):
+        P.SafeReader(str(folder)).read_metadata()
+    assert not marker.exists(), f"{module}.{name} ran"
+
+
+def recorded_globals(folder: Path) -> set:
+    """The (module, name) pairs the unpickler asks for when it reads folder's .metadata (plain pickle: these
+    are files the tests wrote)."""
+    asked = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            asked.add((module, name))
+            return super().find_class(module, name)
+
+    with open(folder / ".metadata", "rb") as f:
+        Recorder(f).load()
+    return asked
+
+
+def test_the_allow_list_is_what_dcp_pickles_for_nanomeg_checkpoints(base, saved, tmp_path):
+    """The allow-list is the globals DCP's pickle of real checkpoints asks for (a GPT, a BERT, a MoE GPT saved
+    by train.py), no more: beyond them only the other dtypes and pathlib's 3.13 name; nothing callable in
+    torch, no name with a dot."""
+    folders = [train.find_checkpoint(str(saved))]
+    i = base.index("--sample-tokens")
+    for name, extra in (("bert", ["--model", "bert"]), ("moe", ["--experts", "4", "--sample-tokens", "0"])):
+        assert main(*base[:i], *base[i + 2:], *extra, "--steps", 1, "--save", tmp_path / name).code == 0
+        folders.append(train.find_checkpoint(str(tmp_path / name)))
+    asked = set().union(*map(recorded_globals, folders))
+    assert asked <= P.CHECKPOINT_GLOBALS, asked - P.CHECKPOINT_GLOBALS
+    extra = {(m, n) for m, n in P.CHECKPOINT_GLOBALS - asked
+             if not (m == "torch" and isinstance(getattr(torch, n), torch.dtype)) and m != "pathlib._local"}
+    assert not extra, extra
+    assert all("." not in n for _, n in P.CHECKPOINT_GLOBALS)
+    assert all(not callable(getattr(torch, n)) for m, n in P.CHECKPOINT_GLOBALS if m == "torch" and n != "Size")
+
+
+def odd_metadata(folder: Path, case: str, tmp_path: Path) -> None:
+    """Rewrite folder's .metadata with allowed types only, given odd values."""
+    md = P.SafeReader(str(folder)).read_metadata()
+    md.storage_meta = None
+    if case == "not a Metadata":
+        md = torch.Size([1, 2])
+    elif case == "storage_meta a path":
+        md.storage_meta = Path("/")
+    elif case == "entries a Size":
+        md.state_dict_metadata = torch.Size([3])
+    elif case == "a file out of the folder":  # the data moved next to the folder, the metadata pointing there
+        data = next(folder.glob("*.distcp"))
+        data.rename(folder.parent / "outside.distcp")
+        md.storage_data = {k: v.__class__("../outside.distcp", v.offset, v.length)
+                           for k, v in md.storage_data.items()}
+    elif case == "a negative offset":
+        md.storage_data = {k: v.__class__(v.relative_path, -1, v.length) for k, v in md.storage_data.items()}
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+
+
+@pytest.mark.parametrize("case", ["not a Metadata", "storage_meta a path", "entries a Size",
+                                  "a file out of the folder", "a negative offset"])
+def test_allowed_types_with_odd_values_are_refused_in_one_line(base, saved, tmp_path, case):
+    """Allowed types put together oddly (a Size for the whole metadata or for its entries, a path where the
+    StorageMeta belongs, an entry whose data file lies outside the checkpoint's folder, a negative offset):
+    --load is one error line, exit 2; nothing is read from outside the folder. (Before: tracebacks logged by
+    DCP, or a load that read the tensors from ../outside.distcp.)"""
+    folder = copy_checkpoint(saved, tmp_path / "ckpt")
+    odd_metadata(folder, case, tmp_path)
+    line = one_error(main(*base, "--steps", 3, "--load", tmp_path / "ckpt"))
+    assert "refused" in line, line
