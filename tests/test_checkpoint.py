@@ -1269,3 +1269,39 @@ def test_a_checkpoint_without_dcp_metadata_or_data_is_one_error_line(base, saved
         for w in words:
             assert w in line, (fault, w, line)
 
+
+# ---------------------------------------------------------------------------------------------------
+# 14. A load covers every element: coverage checked element by element, not by summed areas
+# ---------------------------------------------------------------------------------------------------
+
+COVERS = {  # name -> saved pieces (at, size) of a [4, 6] tensor, and the box left unread (None: all covered)
+    "rows overlap, last row unread": ([((0, 0), (3, 6)), ((1, 0), (1, 6))], "[3:4, 0:6]"),
+    "columns overlap, a block unread": ([((0, 0), (4, 4)), ((0, 2), (2, 2)), ((2, 2), (2, 2))], "[0:4, 4:6]"),
+    "a hole in the middle": ([((0, 0), (1, 6)), ((3, 0), (1, 6)), ((1, 0), (2, 2)), ((1, 4), (2, 2)),
+                              ((0, 2), (1, 4))], "[1:3, 2:4]"),
+    "overlapping but whole": ([((0, 0), (3, 6)), ((2, 0), (2, 6))], None),
+}
+
+
+@pytest.mark.parametrize("case", COVERS, ids=list(COVERS))
+def test_load_pieces_refuses_overlapping_pieces_that_leave_a_hole(tmp_path, case):
+    """Saved pieces that overlap can sum to the tensor's area and still leave elements unread (which kept
+    their fresh values before, silently): load_pieces names the tensor and the box of the unread
+    elements; overlapping pieces that do cover it load it exactly (they were refused before: "30 of 24
+    elements")."""
+    saved_pieces, hole = COVERS[case]
+    full = torch.arange(24.0).view(4, 6)
+    ps = [P.Piece(at, at, size, True) for at, size in saved_pieces]
+    P.save_pieces(tmp_path / "ck", {"w": (full, ps, (4, 6))}, P.Mesh.serial())
+    index = {f"w@{at[0]},{at[1]}": dict(key="w", at=list(at), size=list(size), full=[4, 6])
+             for at, size in saved_pieces}
+    local = torch.full((4, 6), math.nan)
+    wanted = {"w": (local, [P.Piece((0, 0), (0, 0), (4, 6), True)], (4, 6))}
+    if hole is None:
+        P.load_pieces(tmp_path / "ck", wanted, index)
+        assert torch.equal(local, full)
+        return
+    with pytest.raises(ValueError, match=re.escape(f"does not hold all of 'w' (4, 6)")) as e:
+        P.load_pieces(tmp_path / "ck", wanted, index)
+    assert hole in str(e.value), str(e.value)
+    assert local.isnan().all()  # nothing was read
