@@ -2125,20 +2125,37 @@ def _dcp_failure(e: BaseException) -> BaseException:
     return e
 
 
+def _raise_on_every_rank(error: str | None, process_group=None) -> None:
+    """A check that fails on some ranks (each checks the pieces it holds)
+    fails on all, with the first failing rank's message: no rank goes on
+    alone into DCP's collectives (it would wait there for the others), and
+    rank 0, the one that prints, says what is wrong."""
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(errors, error, group=process_group)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise ValueError(error)
+
+
 def load_pieces(path, wanted: dict, index: dict, process_group=None) -> None:
     """Fill each local tensor of `wanted` ({key: (local tensor, pieces, full
     shape)}) from the saved entries whose rectangles overlap its pieces,
     in place. index: the checkpoint's {entry: {key, at, size, full}}.
-    Everything is checked before a byte is read (`check_index`, element-wise
+    Everything is checked before a tensor is read (`check_index`, element-wise
     coverage, the metadata through `SafeReader`, the files): any fault is one
     ValueError naming it. Collective (every rank calls it)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    check_index(index)
-    plan, sizes = _read_plan(wanted, index)
-    reader = SafeReader(str(path))
-    _check_entries(path, _read_dcp_metadata(reader), sizes)
+    reader, error = SafeReader(str(path)), None
+    try:
+        check_index(index)
+        plan, sizes = _read_plan(wanted, index)
+        _check_entries(path, _read_dcp_metadata(reader), sizes)
+    except ValueError as e:
+        error = str(e)
+    _raise_on_every_rank(error, process_group)
     reads = {}
     for local, _, entry, _, _ in plan:
         reads.setdefault(entry, torch.empty(sizes[entry], dtype=local.dtype))

@@ -148,10 +148,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--save", metavar="DIR", help="save checkpoints into DIR (at the end, every --save-every "
                                                   "steps, and on SIGTERM / SIGINT)")
     ap.add_argument("--save-every", type=int, help="steps between checkpoints (with --save; default: only the last)")
-    ap.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints in --save's DIR (default: all)")
+    ap.add_argument("--keep-last", type=int, help="keep the checkpoint just saved and the K-1 before it in --save's "
+                                                  "DIR (default: all)")
     ap.add_argument("--load", metavar="DIR",
-                    help="resume from DIR's latest complete checkpoint, at any --tp / --pp / data parallel / --zero "
-                         "(the load reshards); a DIR without one starts fresh")
+                    help="resume from DIR's newest complete checkpoint (or DIR/step-N), at any --tp / --pp / data "
+                         "parallel / --zero (the load reshards); a DIR without one starts fresh")
     ap.add_argument("--export-hf", metavar="OUT",
                     help="at the end, write the model in Hugging Face's format (config.json + model.safetensors) "
                          "into OUT: gpt as GPT2LMHeadModel, bert as (Megatron)BertForPreTraining")
@@ -1573,7 +1574,8 @@ def check_meta(meta, folder: Path) -> None:
             raise ValueError(f"no {key!r}")
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
             raise ValueError(f"{key!r} is {str(meta[key])[:60]!r}, not {kind.__name__}")
-    if meta["step"] != int(folder.name[5:]) or not 0 <= meta["optimizer_steps"] <= meta["step"]:
+    named = STEP_DIR.fullmatch(folder.name)
+    if (named and meta["step"] != int(named[1])) or not 0 <= meta["optimizer_steps"] <= meta["step"]:
         raise ValueError(f"step {meta['step']} and optimizer_steps {meta['optimizer_steps']} in a folder named "
                          f"{folder.name}")
     sizes = {k: meta["layout"].get(k, 1) for k in ("tp", "pp", "dp", "cp", "ep")}

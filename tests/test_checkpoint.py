@@ -16,7 +16,12 @@ disk read back with torch.distributed.checkpoint directly.
 7. loading is safe: a checkpoint whose metadata would run code (a pickle of os.system / eval, or DCP's own
    types pointing a "bytes" entry at a pickle) is refused and no code runs; meta.json is JSON only;
 8. bad input is one `error:` line and exit 2;
-9. --keep-last.
+9. --keep-last;
+10. the metadata allow-list from the inside: dotted names, torch callables, allowed types with odd values;
+11. no save lost: --save refuses a folder holding later steps, --keep-last keeps what it just wrote;
+12. --load takes the newest complete step, whatever `latest` says;
+13. output paths checked before the first step; meta.json and DCP's files checked as data;
+14. coverage element by element: overlapping pieces that leave a hole are refused.
 
 Processes are started only where the promise is about processes (signals, kills, torchrun); the other runs
 call `train.main(argv)` in this process with one thread, as a `python train.py` with OMP_NUM_THREADS=1 runs.
@@ -1305,3 +1310,25 @@ def test_load_pieces_refuses_overlapping_pieces_that_leave_a_hole(tmp_path, case
         P.load_pieces(tmp_path / "ck", wanted, index)
     assert hole in str(e.value), str(e.value)
     assert local.isnan().all()  # nothing was read
+
+
+def load_with_a_hole(mesh, folder):
+    """'w' [4, 6] split by rows over tp, loaded from `folder`, whose one saved piece (rows 0..2) leaves row 3
+    unread: a row that only tp rank 1 holds at tp 2. -> the error this rank raised."""
+    local = torch.zeros(4 // mesh.tp, 6)
+    index = {"w@0,0": dict(key="w", at=[0, 0], size=[3, 6], full=[4, 6])}
+    try:
+        P.load_pieces(folder, {"w": (local, P.pieces(local.shape, 0, mesh), (4, 6))}, index)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_a_hole_that_one_rank_finds_fails_the_load_on_every_rank(pool, tmp_path):
+    """Each rank checks the pieces it holds, so a hole may show on some ranks only: all of them raise the
+    same error (the failing rank's, naming the box), none goes on alone into DCP's collectives (where it
+    would wait for the others), and rank 0, which prints, says what is wrong."""
+    full = torch.arange(24.0).view(4, 6)
+    P.save_pieces(tmp_path / "ck", {"w": (full, [P.Piece((0, 0), (0, 0), (3, 6), True)], (4, 6))}, P.Mesh.serial())
+    got = pool.run(load_with_a_hole, str(tmp_path / "ck"), tp=2)
+    assert len(set(got)) == 1 and "does not hold all of 'w' (4, 6)" in got[0] and "[3:4, 0:6]" in got[0], got
