@@ -1905,6 +1905,7 @@ CHECKPOINT_GLOBALS = frozenset({
 
 
 def _refuse(what: str):
+    """Raise the one-line refusal of a checkpoint's metadata."""
     import pickle
 
     raise pickle.UnpicklingError(f"checkpoint metadata {what}: refused (a nanomeg checkpoint's .metadata holds "
@@ -1918,7 +1919,7 @@ def check_dcp_metadata(md) -> None:
     (a path out of the folder, a "bytes" entry DCP would torch.load
     unsafely, a Size where a dict belongs) are refused here, one line."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
                                                        TensorProperties, TensorStorageMetadata)
 
     def sizes(x):
@@ -1928,14 +1929,16 @@ def check_dcp_metadata(md) -> None:
         _refuse(f"is a {type(md).__name__}, not DCP's Metadata")
     if not isinstance(md.state_dict_metadata, dict) or not isinstance(md.storage_data, dict):
         _refuse("has no dicts of entries and files")
+    if md.storage_meta is not None and type(md.storage_meta) is not StorageMeta:
+        _refuse(f"has a {type(md.storage_meta).__name__} for its StorageMeta")
     for fqn, t in md.state_dict_metadata.items():
         if type(t) is not TensorStorageMetadata:
-            _refuse(f"declares entry {fqn!r} a {type(t).__name__}, not a tensor")
+            _refuse(f"declares entry {str(fqn)[:100]!r} a {type(t).__name__}, not a tensor")
         if type(t.properties) is not TensorProperties or not isinstance(t.properties.dtype, torch.dtype) or \
                 not sizes(t.size) or not isinstance(t.chunks, list) or \
                 any(type(c) is not ChunkStorageMetadata or not sizes(c.offsets) or not sizes(c.sizes)
                     for c in t.chunks):
-            _refuse(f"describes tensor {fqn!r} with values of the wrong types")
+            _refuse(f"describes tensor {str(fqn)[:100]!r} with values of the wrong types")
     for idx, info in md.storage_data.items():
         if type(idx) is not MetadataIndex or type(info) is not _StorageInfo:
             _refuse(f"maps {type(idx).__name__} to {type(info).__name__}, not an entry to its file")
@@ -1985,8 +1988,6 @@ class SafeReader:
                     check_dcp_metadata(metadata)
                     if metadata.storage_meta is None:
                         metadata.storage_meta = StorageMeta()
-                    if type(metadata.storage_meta) is not StorageMeta:
-                        _refuse(f"has a {type(metadata.storage_meta).__name__} for its StorageMeta")
                     metadata.storage_meta.load_id = self.load_id
                     self.safe_metadata = metadata
                 return self.safe_metadata
