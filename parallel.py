@@ -2088,13 +2088,78 @@ def _overlap(a_at, a_size, b_at, b_size):
     return None if any(h <= l for l, h in zip(lo, hi)) else (tuple(lo), tuple(h - l for l, h in zip(lo, hi)))
 
 
-class SafeReader:
-    """`FileSystemReader` whose metadata unpickler refuses every class but
-    DCP's own metadata types, torch dtypes and paths: loading a checkpoint
-    never runs code from it (the tensors themselves are read with
-    torch.load(weights_only=True) by DCP)."""
+# Every global the unpickler of a nanomeg checkpoint's .metadata may ask for,
+# as (module, name) pairs: what DCP pickles for these checkpoints (listed by
+# saving them and recording the unpickler's requests), nothing else. A name
+# is never looked up under a module's other names (pickle resolves a dotted
+# name, "os.system", through the module's attributes).
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+CHECKPOINT_GLOBALS = frozenset({
+    *((_DCP_METADATA, n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+                                   "TensorProperties", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # a tensor's layout, by its name ("torch.strided")
+    ("torch", "Size"),
+    *(("torch", n) for n in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                             "uint8", "bool")),  # dtypes: values, not callables
+    ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath"),  # the save's checkpoint_id (3.13 names it _local)
+})
 
-    ALLOWED = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"}
+
+def _refuse(what: str):
+    """Raise the one-line refusal of a checkpoint's metadata."""
+    import pickle
+
+    raise pickle.UnpicklingError(f"checkpoint metadata {what}: refused (a nanomeg checkpoint's .metadata holds "
+                                 "only DCP's tensor metadata)")
+
+
+def check_dcp_metadata(md) -> None:
+    """What the unpickler built must be the shape DCP gives a nanomeg
+    checkpoint: a Metadata of tensor entries whose data lie in plain files of
+    the checkpoint's own folder. Allowed types called with odd arguments
+    (a path out of the folder, a "bytes" entry DCP would torch.load
+    unsafely, a Size where a dict belongs) are refused here, one line."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                       TensorProperties, TensorStorageMetadata)
+
+    def sizes(x):
+        return isinstance(x, torch.Size) and all(isinstance(n, int) and n >= 0 for n in x)
+
+    if type(md) is not Metadata:
+        _refuse(f"is a {type(md).__name__}, not DCP's Metadata")
+    if not isinstance(md.state_dict_metadata, dict) or not isinstance(md.storage_data, dict):
+        _refuse("has no dicts of entries and files")
+    if md.storage_meta is not None and type(md.storage_meta) is not StorageMeta:
+        _refuse(f"has a {type(md.storage_meta).__name__} for its StorageMeta")
+    for fqn, t in md.state_dict_metadata.items():
+        if type(t) is not TensorStorageMetadata:
+            _refuse(f"declares entry {str(fqn)[:100]!r} a {type(t).__name__}, not a tensor")
+        if type(t.properties) is not TensorProperties or not isinstance(t.properties.dtype, torch.dtype) or \
+                not sizes(t.size) or not isinstance(t.chunks, list) or \
+                any(type(c) is not ChunkStorageMetadata or not sizes(c.offsets) or not sizes(c.sizes)
+                    for c in t.chunks):
+            _refuse(f"describes tensor {str(fqn)[:100]!r} with values of the wrong types")
+    for idx, info in md.storage_data.items():
+        if type(idx) is not MetadataIndex or type(info) is not _StorageInfo:
+            _refuse(f"maps {type(idx).__name__} to {type(info).__name__}, not an entry to its file")
+        name = info.relative_path
+        if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name or "\\" in name:
+            _refuse(f"puts {idx.fqn!r} in {name!r}, not a file of the checkpoint's folder")
+        if not all(isinstance(n, int) and n >= 0 for n in (info.offset, info.length)):
+            _refuse(f"puts {idx.fqn!r} at offset {info.offset!r}, length {info.length!r}")
+
+
+class SafeReader:
+    """`FileSystemReader` that reads a checkpoint's DCP metadata (.metadata,
+    a pickle) without running code from it: its unpickler finds only the
+    (module, name) pairs of CHECKPOINT_GLOBALS, and what it builds must
+    pass `check_dcp_metadata`, so the one route by which DCP would unpickle
+    data unsafely (a "bytes" entry, torch.load(weights_only=False)) is shut
+    too; the tensors are read by DCP with torch.load(weights_only=True).
+    Only the global .metadata nanomeg writes is read (never a rank-local
+    __N.metadata, DCP's fallback); it is read once and kept."""
 
     def __new__(cls, path):
         import pickle
@@ -2102,31 +2167,32 @@ class SafeReader:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import StorageMeta
 
-        allowed = cls.ALLOWED
-
         class _Unpickler(pickle.Unpickler):
             def find_class(self, module, name):
-                ok = module in allowed or (module == "pathlib" and name in ("PosixPath", "WindowsPath")) or \
-                    (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))) \
-                    or (module, name) == ("torch.serialization", "_get_layout")
-                if not ok:
-                    raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}: refused (only "
-                                                 "torch.distributed.checkpoint's own types may be loaded)")
+                if (module, name) not in CHECKPOINT_GLOBALS:
+                    _refuse(f"refers to {module}.{name}")
                 return super().find_class(module, name)
 
         class _Reader(FileSystemReader):
+            safe_metadata = None
+
             def read_metadata(self, *args, **kwargs):
-                with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-                    metadata = _Unpickler(f).load()
-                bytes_entries = [k for k, v in getattr(metadata, "state_dict_metadata", {}).items()
-                                 if not hasattr(v, "chunks")]
-                if bytes_entries:  # DCP reads a bytes entry with torch.load(weights_only=False): refuse them all
-                    raise pickle.UnpicklingError(f"checkpoint declares non-tensor entries {bytes_entries[:3]}: "
-                                                 "refused (nanomeg checkpoints hold tensors only)")
-                if getattr(metadata, "storage_meta", None) is None:
-                    metadata.storage_meta = StorageMeta()
-                metadata.storage_meta.load_id = self.load_id
-                return metadata
+                if kwargs.get("rank") is not None:
+                    _refuse(f"asked for rank {kwargs['rank']}'s own __{kwargs['rank']}.metadata")
+                if self.safe_metadata is None:
+                    with self.fs.create_stream(self._get_metadata_path(), "rb") as f:
+                        try:
+                            metadata = _Unpickler(f).load()
+                        except pickle.UnpicklingError:
+                            raise
+                        except Exception as e:  # an allowed type given arguments it rejects, a cut file, ...
+                            _refuse(f"cannot be read ({type(e).__name__}: {str(e)[:200]})")
+                    check_dcp_metadata(metadata)
+                    if metadata.storage_meta is None:
+                        metadata.storage_meta = StorageMeta()
+                    metadata.storage_meta.load_id = self.load_id
+                    self.safe_metadata = metadata
+                return self.safe_metadata
 
         return _Reader(path)
 
@@ -2155,41 +2221,155 @@ def save_pieces(path, tensors: dict, mesh: Mesh, process_group=None) -> dict:
     return index
 
 
-def load_pieces(path, wanted: dict, index: dict, process_group=None) -> None:
-    """Fill each local tensor of `wanted` ({key: (local tensor, pieces, full
-    shape)}) from the saved entries whose rectangles overlap its pieces,
-    in place; ValueError naming what is missing. index: the checkpoint's
-    {entry: {key, at, size, full}}. Collective (every rank calls it)."""
-    import torch.distributed.checkpoint as dcp
+def check_index(index) -> None:
+    """A checkpoint's index ({entry: {key, at, size, full}}, from its
+    meta.json) is data from a file: ValueError, naming the entry, unless
+    each is a rectangle of non-negative ints inside its full tensor, named
+    "key@at" as `save_pieces` names it."""
+    def ints(x):
+        return isinstance(x, list) and len(x) <= 8 and all(type(n) is int and n >= 0 for n in x)
 
+    if not isinstance(index, dict):
+        raise ValueError(f"the index is a {type(index).__name__}, not an object")
+    for entry, m in index.items():
+        if not (isinstance(m, dict) and isinstance(m.get("key"), str)
+                and all(ints(m.get(k)) for k in ("at", "size", "full"))
+                and len(m["at"]) == len(m["size"]) == len(m["full"])):
+            raise ValueError(f"index entry {entry!r} is not {{key, at, size, full}} with lists of non-negative ints "
+                             f"of one length: {str(m)[:200]}")
+        if any(a + n > f for a, n, f in zip(m["at"], m["size"], m["full"])) or \
+                entry != f"{m['key']}@{','.join(map(str, m['at']))}":
+            raise ValueError(f"index entry {entry!r}: a piece at {m['at']} of size {m['size']} is not inside "
+                             f"{m['key']!r} {m['full']} under that name")
+
+
+def _hole(key: str, full: tuple, p: Piece, seen: torch.Tensor) -> str:
+    """The error for a piece that the saved entries leave partly unread: the
+    tensor, how many elements, and the box (full coordinates) they lie in."""
+    missing = (~seen).nonzero()
+    lo = [int(v) + a for v, a in zip(missing.min(0).values, p.full_at)]
+    hi = [int(v) + a + 1 for v, a in zip(missing.max(0).values, p.full_at)]
+    return (f"checkpoint does not hold all of {key!r} {tuple(full)}: {len(missing)} element(s) in no saved piece, "
+            f"within [{', '.join(f'{a}:{b}' for a, b in zip(lo, hi))}]")
+
+
+def _read_plan(wanted: dict, index: dict) -> tuple[list, dict]:
+    """What a load copies: [(local tensor, its region's start, entry, the
+    entry's region start, size)] and the entries to read {entry: full size
+    of the entry}. ValueError when a saved tensor has another full shape or
+    when the saved entries leave any element of a wanted piece unread
+    (checked element by element: saved pieces may overlap)."""
     by_key = {}
     for entry, meta in index.items():
         by_key.setdefault(meta["key"], []).append((entry, meta))
     plan, reads = [], {}
     for key, (local, ps, full) in wanted.items():
         saved = by_key.get(key, [])
-        if saved and list(saved[0][1]["full"]) != list(full):
-            raise ValueError(f"checkpoint tensor {key!r} is {tuple(saved[0][1]['full'])}, this model's is "
-                             f"{tuple(full)}")
+        other = next((m["full"] for _, m in saved if list(m["full"]) != list(full)), None)
+        if other is not None:
+            raise ValueError(f"checkpoint tensor {key!r} is {tuple(other)}, this model's is {tuple(full)}")
         for p in ps:
-            need, covered = math.prod(p.size), 0
+            seen = torch.zeros(p.size, dtype=torch.bool)
             for entry, meta in saved:
                 hit = _overlap(p.full_at, p.size, meta["at"], meta["size"])
                 if hit is None:
                     continue
                 at, size = hit
-                if entry not in reads:
-                    reads[entry] = torch.empty(meta["size"], dtype=local.dtype)
+                seen[_region(tuple(a - f for a, f in zip(at, p.full_at)), size)] = True
+                reads[entry] = meta["size"]
                 plan.append((local, tuple(a - f + la for a, f, la in zip(at, p.full_at, p.local_at)), entry,
                              tuple(a - s for a, s in zip(at, meta["at"])), size))
-                covered += math.prod(size)
-            if covered != need:
-                raise ValueError(f"checkpoint does not hold all of {key!r} (rows {p.full_at[0]}.."
-                                 f"{p.full_at[0] + p.size[0]} of {tuple(full)}): {covered} of {need} elements")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(reads, storage_reader=SafeReader(str(path)), process_group=process_group,
-                 no_dist=not dist.is_initialized())
+            if not seen.all():
+                raise ValueError(_hole(key, full, p, seen))
+    return plan, reads
+
+
+def _read_dcp_metadata(reader):
+    """The checkpoint's DCP metadata, read (once) by SafeReader before DCP
+    asks for it: a missing or refused .metadata is one ValueError, not DCP's
+    fallback to rank-local files and the tracebacks it logs on the way."""
+    import pickle
+
+    try:
+        return reader.read_metadata()
+    except FileNotFoundError:
+        raise ValueError("no .metadata (DCP's index of the saved pieces): not a whole checkpoint") from None
+    except (pickle.UnpicklingError, OSError) as e:
+        raise ValueError(f".metadata: {e}") from None
+
+
+def _check_entries(path, md, reads: dict) -> None:
+    """Each entry this load reads is in DCP's metadata at the size meta.json
+    gives, and its bytes lie in a file of the folder that is long enough."""
+    files = {}
+    for idx, info in md.storage_data.items():
+        files.setdefault(idx.fqn, []).append(info)
+    for entry, size in reads.items():
+        t = md.state_dict_metadata.get(entry)
+        if t is None or list(t.size) != list(size):
+            found = "not there" if t is None else f"{tuple(t.size)} there"
+            raise ValueError(f"meta.json's piece {entry!r} {tuple(size)} is {found} in .metadata")
+        for info in files.get(entry, []):
+            f = os.path.join(path, info.relative_path)
+            have = os.path.getsize(f) if os.path.isfile(f) else None
+            if have is None or have < info.offset + info.length:
+                raise ValueError(f"the data file {info.relative_path} of {entry!r} is "
+                                 + ("missing" if have is None else f"{have} bytes, cut short of "
+                                    f"{info.offset + info.length}"))
+
+
+def _dcp_failure(e: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (a
+    (exception, traceback) pair, or an object with .exc, by torch version)."""
+    for failure in getattr(e, "failures", {}).values():
+        failure = failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", failure)
+        if isinstance(failure, BaseException):
+            return failure
+    return e
+
+
+def _raise_on_every_rank(error: str | None, process_group=None) -> None:
+    """A check that fails on some ranks (each checks the pieces it holds)
+    fails on all, with the first failing rank's message: no rank goes on
+    alone into DCP's collectives (it would wait there for the others), and
+    rank 0, the one that prints, says what is wrong."""
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(errors, error, group=process_group)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise ValueError(error)
+
+
+def load_pieces(path, wanted: dict, index: dict, process_group=None) -> None:
+    """Fill each local tensor of `wanted` ({key: (local tensor, pieces, full
+    shape)}) from the saved entries whose rectangles overlap its pieces,
+    in place. index: the checkpoint's {entry: {key, at, size, full}}.
+    Everything is checked before a tensor is read (`check_index`, element-wise
+    coverage, the metadata through `SafeReader`, the files): any fault is one
+    ValueError naming it. Collective (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader, error = SafeReader(str(path)), None
+    try:
+        check_index(index)
+        plan, sizes = _read_plan(wanted, index)
+        _check_entries(path, _read_dcp_metadata(reader), sizes)
+    except ValueError as e:
+        error = str(e)
+    _raise_on_every_rank(error, process_group)
+    reads = {}
+    for local, _, entry, _, _ in plan:
+        reads.setdefault(entry, torch.empty(sizes[entry], dtype=local.dtype))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(reads, storage_reader=reader, process_group=process_group, no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # a BaseException: say which rank's error, in one line
+        cause = _dcp_failure(e)
+        raise ValueError(f"reading the pieces failed: {type(cause).__name__}: "
+                         f"{(str(cause).splitlines() or [''])[0][:300]}") from None
     with torch.no_grad():
         for local, local_at, entry, saved_at, size in plan:
             local[_region(local_at, size)] = reads[entry][_region(saved_at, size)].to(local.device, local.dtype)

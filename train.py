@@ -149,10 +149,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--save", metavar="DIR", help="save checkpoints into DIR (at the end, every --save-every "
                                                   "steps, and on SIGTERM / SIGINT)")
     ap.add_argument("--save-every", type=int, help="steps between checkpoints (with --save; default: only the last)")
-    ap.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints in --save's DIR (default: all)")
+    ap.add_argument("--keep-last", type=int, help="keep the checkpoint just saved and the K-1 before it in --save's "
+                                                  "DIR (default: all)")
     ap.add_argument("--load", metavar="DIR",
-                    help="resume from DIR's latest complete checkpoint, at any --tp / --pp / data parallel / --zero "
-                         "(the load reshards); a DIR without one starts fresh")
+                    help="resume from DIR's newest complete checkpoint (or DIR/step-N), at any --tp / --pp / data "
+                         "parallel / --zero (the load reshards); a DIR without one starts fresh")
     ap.add_argument("--export-hf", metavar="OUT",
                     help="at the end, write the model in Hugging Face's format (config.json + model.safetensors) "
                          "into OUT: gpt as GPT2LMHeadModel, bert as (Megatron)BertForPreTraining")
@@ -856,8 +857,8 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     for name in ("save_every", "keep_last"):
         if getattr(args, name) is not None and args.save is None:
             raise UsageError(f"{flag(name)} needs --save DIR")
-    if args.save is not None and (not args.save or (Path(args.save).exists() and not Path(args.save).is_dir())):
-        raise UsageError(f"--save {args.save!r}: not a folder")
+    if args.save is not None and not args.save:
+        raise UsageError("--save is an empty path")
     if args.load is not None and not args.load:
         raise UsageError("--load is an empty path")
     if args.tokenizer_obj is not None and args.tokenizer_obj.get_vocab_size() > cfg.vocab_size:
@@ -866,8 +867,13 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     for name in ("export_hf", "init_hf"):
         if getattr(args, name) == "":
             raise UsageError(f"{flag(name)} is an empty path")
+    for name in ("save", "export_hf"):
+        if getattr(args, name) is not None:
+            check_output_folder(getattr(args, name), flag(name))
     args.load_path = find_checkpoint(args.load) if args.load else None
     args.load_meta = read_meta(args.load_path, cfg, args) if args.load_path else None
+    if args.save is not None:
+        check_save_folder(args.save, args.load_meta["step"] if args.load_meta else 0, args.load_path)
     return cfg, tp
 
 
@@ -1450,7 +1456,7 @@ def save_checkpoint(root: str, step: int, params, opt, cfg, mesh: P.Mesh, specs,
     files flushed); rank 0 adds meta.json (config, layout, step, the index of
     every piece), flushes it, renames the folder to step-NNNNNNNN (the commit:
     a folder under that name is complete), then points root/latest at it
-    (written aside, renamed over) and removes all but the --keep-last newest.
+    (written aside, renamed over) and prunes to --keep-last (`prune_checkpoints`).
     A kill at any moment leaves the previous checkpoint loadable and no
     partial one that a load would pick."""
     root = Path(root)
@@ -1488,10 +1494,7 @@ def save_checkpoint(root: str, step: int, params, opt, cfg, mesh: P.Mesh, specs,
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
         if args.keep_last:
-            for stale in sorted(d for d in root.iterdir() if STEP_DIR.fullmatch(d.name))[:-args.keep_last]:
-                gone = root / f".old-{stale.name}"
-                stale.rename(gone)  # first out of the step-* names, so a kill mid-delete leaves no broken step
-                shutil.rmtree(gone, ignore_errors=True)
+            prune_checkpoints(root, args.keep_last, final)
     barrier()
     return final
 
@@ -1501,34 +1504,115 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def prune_checkpoints(root: Path, keep: int, written: Path) -> None:
+    """--keep-last K: keep `written` (the save just made) and the K - 1
+    newest committed steps before it; remove the older ones. Steps after it
+    (another run's, which check_save_folder refuses up front) are never
+    counted nor removed, so neither the new checkpoint nor what `latest`
+    names can go."""
+    before = [d for d in committed_steps(root) if d.name < written.name]
+    for stale in before[:max(0, len(before) - (keep - 1))]:
+        gone = root / f".old-{stale.name}"
+        stale.rename(gone)  # first out of the step-* names, so a kill mid-delete leaves no broken step
+        shutil.rmtree(gone, ignore_errors=True)
+
+
+def committed_steps(root: Path) -> list[Path]:
+    """root's committed checkpoints (step-NNNNNNNN folders with their
+    meta.json: a save renames a finished folder to that name), oldest first."""
+    try:
+        return sorted(d for d in root.iterdir() if STEP_DIR.fullmatch(d.name) and (d / "meta.json").is_file())
+    except OSError as e:
+        raise UsageError(f"{root}: cannot list it ({e.strerror})") from None
+
+
 def find_checkpoint(root: str) -> Path | None:
-    """The checkpoint --load DIR resumes from: the one root/latest names, or
-    (the pointer missing or stale) the newest committed step folder; None
-    when DIR holds none (or does not exist): the run starts fresh."""
+    """The checkpoint --load DIR resumes from: DIR itself when it is a
+    committed step folder, else the newest committed step folder in DIR;
+    None when DIR holds none (or does not exist): the run starts fresh.
+    `latest` is not read: it names that same folder, but for a kill between
+    a commit and latest's update, after which it names the one before
+    (both whole: the newest loses less)."""
     root = Path(root)
     if not root.exists():
         return None
     if not root.is_dir():
         raise UsageError(f"--load {root}: not a folder")
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if STEP_DIR.fullmatch(named.name) and (named / "meta.json").is_file():
-            return named
-    steps = sorted(d for d in root.iterdir() if STEP_DIR.fullmatch(d.name) and (d / "meta.json").is_file())
+    if STEP_DIR.fullmatch(root.name) and (root / "meta.json").is_file():
+        return root
+    steps = committed_steps(root)
     return steps[-1] if steps else None
+
+
+def check_output_folder(path: str, what: str) -> None:
+    """An output folder (--save DIR, --export-hf OUT) is one, or can be
+    made: its nearest existing ancestor is a folder this process may write
+    in. Checked before the first step, so a run is never lost at its end."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{what} {path}: not a folder (a file is there)")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: not a folder, nor one that can be made ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: {parent} is not writable")
+
+
+def check_save_folder(root: str, start: int, loaded: Path | None) -> None:
+    """--save DIR must not hold committed steps after the one this run
+    starts from (another run's, or this run's abandoned future): a later
+    --load DIR takes the newest step, so it would resume those, and
+    --keep-last would count them. --load DIR (its newest) resumes from them."""
+    later = [d for d in committed_steps(Path(root)) if int(d.name[5:]) > start] if Path(root).is_dir() else []
+    if later:
+        since = f"resumes from {loaded} (step {start})" if loaded else "starts fresh (step 0)"
+        raise UsageError(f"--save {root} holds {later[-1].name}, later than this run, which {since}: the next "
+                         f"--load {root} would resume that; --load {root} to continue it, or save elsewhere")
+
+
+META_TYPES = {"format": int, "model": str, "step": int, "optimizer_steps": int, "config": dict, "layout": dict,
+              "index": dict}  # what a load reads from meta.json
+
+
+def check_meta(meta, folder: Path) -> None:
+    """meta.json is data from a file: an object with every key a load reads,
+    of its type; the step its folder's name says, optimizer steps 0..step;
+    a layout of sizes >= 1; an index that parallel.check_index passes.
+    ValueError naming the first fault."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    for key, kind in META_TYPES.items():
+        if key not in meta:
+            raise ValueError(f"no {key!r}")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise ValueError(f"{key!r} is {str(meta[key])[:60]!r}, not {kind.__name__}")
+    named = STEP_DIR.fullmatch(folder.name)
+    if (named and meta["step"] != int(named[1])) or not 0 <= meta["optimizer_steps"] <= meta["step"]:
+        raise ValueError(f"step {meta['step']} and optimizer_steps {meta['optimizer_steps']} in a folder named "
+                         f"{folder.name}")
+    sizes = {k: meta["layout"].get(k, 1) for k in ("tp", "pp", "dp", "cp", "ep")}
+    if not all(type(v) is int and v >= 1 for v in sizes.values()) or meta["layout"].get("zero") not in (0, 1):
+        raise ValueError(f"layout {str(meta['layout'])[:200]}: tp, pp, dp, cp, ep must be ints >= 1, zero 0 or 1")
+    P.check_index(meta["index"])
 
 
 def read_meta(path: Path, cfg, args) -> dict:
     """The checkpoint's meta.json (plain JSON: nothing in it runs), checked
-    against this run: the same model and config but for the layout fields."""
+    (`check_meta`) and against this run: the same model and config but for
+    the layout fields."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--load {path}: cannot read meta.json ({e})") from None
-    if meta.get("format") != 1 or meta.get("model") != args.model:
-        raise UsageError(f"--load {path}: a checkpoint of --model {meta.get('model')} (format "
-                         f"{meta.get('format')}), this run is --model {args.model}")
+    except (OSError, ValueError, RecursionError) as e:
+        raise UsageError(f"--load {path}: cannot read meta.json ({str(e)[:200]})") from None
+    if isinstance(meta, dict) and (meta.get("format") != 1 or meta.get("model") != args.model):
+        raise UsageError(f"--load {path}: a checkpoint of --model {str(meta.get('model'))[:60]} (format "
+                         f"{str(meta.get('format'))[:60]}), this run is --model {args.model}")
+    try:
+        check_meta(meta, path)
+    except ValueError as e:
+        raise UsageError(f"--load {path}: meta.json: {e}") from None
     want, got = config_dict(cfg), meta["config"]
     differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     if differ:
@@ -1544,15 +1628,10 @@ def load_checkpoint(path: Path, meta: dict, params, opt, cfg, mesh: P.Mesh, spec
     tensors = checkpoint_tensors(params, moments, cfg, mesh, specs)
     if meta["optimizer_steps"] == 0:
         tensors = {k: v for k, v in tensors.items() if k.startswith("param/")}
-    from torch.distributed.checkpoint.api import CheckpointException
-
     try:
         P.load_pieces(path, tensors, meta["index"])
-    except (CheckpointException, ValueError, OSError) as e:  # DCP's exception is a BaseException
-        cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP wraps each rank's own exception
-        cause = getattr(cause, "exc", cause) if not isinstance(cause, BaseException) else cause
-        raise UsageError(f"--load {path}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-                         [:500]) from None
+    except ValueError as e:  # the library says what is wrong in one line
+        raise UsageError(f"--load {path}: {str(e)[:500]}") from None
     opt.load_state(moments, meta["optimizer_steps"])
     return meta["step"]
 

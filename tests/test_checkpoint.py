@@ -17,7 +17,12 @@ disk read back with torch.distributed.checkpoint directly.
 7. loading is safe: a checkpoint whose metadata would run code (a pickle of os.system / eval, or DCP's own
    types pointing a "bytes" entry at a pickle) is refused and no code runs; meta.json is JSON only;
 8. bad input is one `error:` line and exit 2;
-9. --keep-last.
+9. --keep-last;
+10. the metadata allow-list from the inside: dotted names, torch callables, allowed types with odd values;
+11. no save lost: --save refuses a folder holding later steps, --keep-last keeps what it just wrote;
+12. --load takes the newest complete step, whatever `latest` says;
+13. output paths checked before the first step; meta.json and DCP's files checked as data;
+14. coverage element by element: overlapping pieces that leave a hole are refused.
 
 Processes are started only where the promise is about processes (signals, kills, torchrun); the other runs
 call `train.main(argv)` in this process with one thread, as a `python train.py` with OMP_NUM_THREADS=1 runs.
@@ -604,8 +609,9 @@ def test_a_checkpoint_resumes_at_another_layout_as_the_serial_run(pool, text_fil
 
 
 def check_after_kill(root: Path) -> int:
-    """Every committed step folder is complete and loads; find_checkpoint picks a complete one (latest's if
-    complete, else the newest); -> its step."""
+    """Every committed step folder is complete and loads; find_checkpoint picks the newest; `latest`, if
+    there, names a complete one (the newest, or the one before when the kill fell between the commit and
+    latest's update); -> the newest's step."""
     names = step_folders(root)
     assert names, f"{root}: nothing saved before the kill"
     for name in names:
@@ -613,14 +619,11 @@ def check_after_kill(root: Path) -> int:
         meta, tensors = read_checkpoint(root / name)  # meta.json there, every piece there, tiles once
         assert meta["step"] == int(name[5:]) and all(not t.isnan().any() for t in tensors.values()), name
     found = train.find_checkpoint(str(root))
-    assert found is not None and found.parent == root and found.name in names, (found, names)
+    assert found == root / names[-1], (found, names)
     pointer = root / "latest"
     if pointer.exists():
         named = pointer.read_text().strip()
-        assert re.fullmatch(r"step-\d{8}", named), named
-        assert found.name == (named if (root / named).exists() else names[-1]), (found, named, names)
-    else:
-        assert found.name == names[-1]
+        assert named in names[-2:], (named, names)
     return int(found.name[5:])
 
 
@@ -667,8 +670,9 @@ def test_sigkill_while_saving_leaves_only_complete_checkpoints_and_resume_finish
 
 def test_a_stale_tmp_folder_is_ignored_and_replaced_by_the_next_save(base, tmp_path):
     """A .tmp-step-* folder left by a killed save (here with junk and even a meta.json), a `latest` that names
-    it, or names a missing or incomplete folder: find_checkpoint and --load skip them all and resume from
-    the newest complete step; the next save of that step replaces the .tmp folder."""
+    it, or names a missing, incomplete or older folder: find_checkpoint and --load skip them all and resume
+    from the newest complete step (`latest` is not read); the next save of that step replaces the .tmp
+    folder."""
     root = tmp_path / "ckpt"
     assert main(*base, "--steps", 2, "--save-every", 1, "--save", root).code == 0
     stale = root / ".tmp-step-00000003"
@@ -683,8 +687,8 @@ def test_a_stale_tmp_folder_is_ignored_and_replaced_by_the_next_save(base, tmp_p
     (root / "latest").write_text("step-00000005\n")
     assert train.find_checkpoint(str(root)) == root / "step-00000002"
     shutil.rmtree(root / "step-00000005")
-    (root / "latest").write_text("step-00000001\n")  # an older complete one that latest names wins
-    assert train.find_checkpoint(str(root)) == root / "step-00000001"
+    (root / "latest").write_text("step-00000001\n")  # an older complete one that latest names: still the newest
+    assert train.find_checkpoint(str(root)) == root / "step-00000002"
     (root / "latest").write_text(".tmp-step-00000003\n")
     got = main(*base, "--steps", 3, "--load", root, "--save", root)
     assert got.code == 0, got.err
@@ -901,11 +905,12 @@ def test_a_metadata_pickle_that_runs_code_is_refused(base, saved, tmp_path, payl
     (folder / ".metadata").write_bytes(pickle.dumps(evil))
     if payload.startswith("rank-local"):
         (folder / ".metadata").rename(folder / "__0.metadata")
+    said = "no .metadata" if payload.startswith("rank-local") else "refused"  # a rank-local one is never read
     got = main(*base, "--steps", 3, "--load", tmp_path / "ckpt")
-    assert got.code != 0 and "refused" in f"{got.code} {got.err}", got
+    assert got.code != 0 and said in f"{got.code} {got.err}", got
     assert not marker.exists()
     _, cfg = config_at("gpt", TINY[:8], 1)
-    with pytest.raises(BaseException, match="refused"):  # DCP's CheckpointException is a BaseException
+    with pytest.raises(ValueError, match=said):
         P.load_pieces(folder, *wanted_of(folder, cfg))
     if not payload.startswith("rank-local"):
         with pytest.raises(pickle.UnpicklingError, match="refused"):
@@ -931,7 +936,7 @@ def test_a_metadata_of_allowed_types_cannot_make_the_load_unpickle_the_data(base
         md.storage_data[MetadataIndex(fqn)] = _StorageInfo("payload.distcp", 0, len(payload))
     md.storage_meta = None
     (folder / ".metadata").write_bytes(pickle.dumps(md))
-    with pytest.raises(pickle.UnpicklingError, match="non-tensor entries"):  # allowed types, but bytes entries
+    with pytest.raises(pickle.UnpicklingError, match="BytesStorageMetadata: refused"):  # never in a nanomeg one
         P.SafeReader(str(folder)).read_metadata()
     got = main(*base, "--steps", 3, "--load", tmp_path / "ckpt")
     ran_on_load = marker.exists()
@@ -1038,3 +1043,314 @@ def test_keep_last_keeps_the_newest_and_latest_names_the_newest(base, tmp_path):
     assert (root / "latest").read_text().strip() == "step-00000007"
     for name in ("step-00000006", "step-00000007"):
         assert read_checkpoint(root / name)[0]["step"] == int(name[5:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. The metadata allow-list, tested from the inside: (module, name) pairs only, never a dotted name
+# ---------------------------------------------------------------------------------------------------
+
+
+def global_call(module: str, name: str, *args) -> bytes:
+    """A protocol-4 pickle that asks the unpickler for `name` under `module` (STACK_GLOBAL, which resolves a
+    dotted name through the module's attributes: "os.system" under a module that imports os) and calls it
+    with args (str or bytes)."""
+    def push(a):
+        b = a.encode() if isinstance(a, str) else a
+        return (b"X" if isinstance(a, str) else b"B") + len(b).to_bytes(4, "little") + b
+    return b"\x80\x04" + push(module) + push(name) + b"\x93(" + b"".join(map(push, args)) + b"tR."
+
+
+DCP_MD, DCP_FS = "torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"
+PLANTED = {  # name -> (module, name, args); {marker} is the file the call would create
+    "metadata: os.system": (DCP_MD, "os.system", "touch {marker}"),
+    "metadata: torch.save": (DCP_MD, "torch.save", "x", "{marker}"),
+    "filesystem: os.system": (DCP_FS, "os.system", "touch {marker}"),
+    "filesystem: pickle.loads": (DCP_FS, "pickle.loads", "pickled os.system"),
+    "filesystem: an unlisted class": (DCP_FS, "FileSystemWriter", "{marker}"),
+    "serialization: os.system": ("torch.serialization", "os.system", "touch {marker}"),
+    "torch: a callable": ("torch", "save", "x", "{marker}"),
+    "torch: a dotted dtype": ("torch", "float32.__class__", "x"),
+    "pathlib: os.system": ("pathlib", "os.system", "touch {marker}"),
+}
+
+
+@pytest.mark.parametrize("case", PLANTED, ids=list(PLANTED))
+def test_planted_globals_under_allowed_modules_are_refused_and_never_run(base, saved, tmp_path, case):
+    """A .metadata that asks an allowed module for a dotted name (os.system, torch.save, pickle.loads of a
+    second pickle), for a callable torch attribute, or for an unlisted name: --load is one error line naming
+    module.name, exit 2, SafeReader raises, and the marker file the call would write never appears.
+    (Before the allow-list was made of (module, name) pairs, the dotted names ran.)"""
+    folder = copy_checkpoint(saved, tmp_path / "ckpt")
+    marker = tmp_path / "marker"
+    module, name, *args = PLANTED[case]
+    args = [pickle.dumps(RunsCode(f"touch {marker}")) if a == "pickled os.system" else a.format(marker=marker)
+            for a in args]
+    (folder / ".metadata").write_bytes(global_call(module, name, *args))
+    got = main(*base, "--steps", 3, "--load", tmp_path / "ckpt")
+    assert not marker.exists(), f"{module}.{name} ran"
+    line = one_error(got)
+    assert f"refers to {module}.{name}: refused" in line, line
+    with pytest.raises(pickle.UnpicklingError, match="refused"):
+        P.SafeReader(str(folder)).read_metadata()
+    assert not marker.exists(), f"{module}.{name} ran"
+
+
+def recorded_globals(folder: Path) -> set:
+    """The (module, name) pairs the unpickler asks for when it reads folder's .metadata (plain pickle: these
+    are files the tests wrote)."""
+    asked = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            asked.add((module, name))
+            return super().find_class(module, name)
+
+    with open(folder / ".metadata", "rb") as f:
+        Recorder(f).load()
+    return asked
+
+
+def test_the_allow_list_is_what_dcp_pickles_for_nanomeg_checkpoints(base, saved, tmp_path):
+    """The allow-list is the globals DCP's pickle of real checkpoints asks for (a GPT, a BERT, a MoE GPT saved
+    by train.py), no more: beyond them only the other dtypes and pathlib's 3.13 name; nothing callable in
+    torch, no name with a dot."""
+    folders = [train.find_checkpoint(str(saved))]
+    i = base.index("--sample-tokens")
+    for name, extra in (("bert", ["--model", "bert"]), ("moe", ["--experts", "4", "--sample-tokens", "0"])):
+        assert main(*base[:i], *base[i + 2:], *extra, "--steps", 1, "--save", tmp_path / name).code == 0
+        folders.append(train.find_checkpoint(str(tmp_path / name)))
+    asked = set().union(*map(recorded_globals, folders))
+    assert asked <= P.CHECKPOINT_GLOBALS, asked - P.CHECKPOINT_GLOBALS
+    extra = {(m, n) for m, n in P.CHECKPOINT_GLOBALS - asked
+             if not (m == "torch" and isinstance(getattr(torch, n), torch.dtype)) and m != "pathlib._local"}
+    assert not extra, extra
+    assert all("." not in n for _, n in P.CHECKPOINT_GLOBALS)
+    assert all(not callable(getattr(torch, n)) for m, n in P.CHECKPOINT_GLOBALS if m == "torch" and n != "Size")
+
+
+def odd_metadata(folder: Path, case: str, tmp_path: Path) -> None:
+    """Rewrite folder's .metadata with allowed types only, given odd values."""
+    md = P.SafeReader(str(folder)).read_metadata()
+    md.storage_meta = None
+    if case == "not a Metadata":
+        md = torch.Size([1, 2])
+    elif case == "storage_meta a path":
+        md.storage_meta = Path("/")
+    elif case == "entries a Size":
+        md.state_dict_metadata = torch.Size([3])
+    elif case == "a file out of the folder":  # the data moved next to the folder, the metadata pointing there
+        data = next(folder.glob("*.distcp"))
+        data.rename(folder.parent / "outside.distcp")
+        md.storage_data = {k: v.__class__("../outside.distcp", v.offset, v.length)
+                           for k, v in md.storage_data.items()}
+    elif case == "a negative offset":
+        md.storage_data = {k: v.__class__(v.relative_path, -1, v.length) for k, v in md.storage_data.items()}
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+
+
+@pytest.mark.parametrize("case", ["not a Metadata", "storage_meta a path", "entries a Size",
+                                  "a file out of the folder", "a negative offset"])
+def test_allowed_types_with_odd_values_are_refused_in_one_line(base, saved, tmp_path, case):
+    """Allowed types put together oddly (a Size for the whole metadata or for its entries, a path where the
+    StorageMeta belongs, an entry whose data file lies outside the checkpoint's folder, a negative offset):
+    --load is one error line, exit 2; nothing is read from outside the folder. (Before: tracebacks logged by
+    DCP, or a load that read the tensors from ../outside.distcp.)"""
+    folder = copy_checkpoint(saved, tmp_path / "ckpt")
+    odd_metadata(folder, case, tmp_path)
+    line = one_error(main(*base, "--steps", 3, "--load", tmp_path / "ckpt"))
+    assert "refused" in line, line
+
+
+# ---------------------------------------------------------------------------------------------------
+# 11. No save lost: --save refuses a folder of another run's later steps; --keep-last keeps what it wrote
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_save_into_a_folder_holding_later_steps_is_refused_before_the_first_step(base, tmp_path):
+    """Run A saves steps 1..4 into DIR. A fresh run with --save DIR --keep-last 1 used to prune by step
+    number: it deleted the step 2 it had just written, left `latest` naming it, and the next --load DIR
+    resumed A's step 4 without a word. Now it is one error line naming A's step 4, before any step, and so
+    is a rollback into the same folder (--load DIR/step-00000002 --save DIR); DIR is untouched. --load DIR
+    --save DIR continues A."""
+    root = tmp_path / "ckpt"
+    assert main(*base, "--steps", 4, "--save-every", 1, "--save", root).code == 0
+    before = step_folders(root)
+    line = one_error(main(*base, "--steps", 2, "--keep-last", 1, "--save", root))
+    assert f"--save {root} holds step-00000004" in line and "starts fresh" in line, line
+    line = one_error(main(*base, "--steps", 3, "--load", root / "step-00000002", "--save", root))
+    assert "holds step-00000004" in line and "(step 2)" in line, line
+    assert step_folders(root) == before and (root / "latest").read_text().strip() == "step-00000004"
+    got = main(*base, "--steps", 5, "--keep-last", 1, "--load", root, "--save", root)
+    assert got.code == 0 and "(step 4;" in got.out, got
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000005"]
+    assert (root / "latest").read_text().strip() == "step-00000005"
+
+
+def test_keep_last_never_removes_the_save_just_made_nor_later_steps(tmp_path):
+    """prune_checkpoints keeps the checkpoint just written and the K - 1 newest before it; steps after it (a
+    run the CLI check could not see, e.g. one started at the same time) are neither counted nor removed."""
+    for k in range(1, 7):
+        (tmp_path / f"step-{k:08d}").mkdir()
+        (tmp_path / f"step-{k:08d}" / "meta.json").write_text("{}")
+    (tmp_path / "step-00000007").mkdir()  # not committed (no meta.json): not a checkpoint, left alone
+    train.prune_checkpoints(tmp_path, 2, tmp_path / "step-00000003")
+    assert step_folders(tmp_path) == [f"step-{k:08d}" for k in (2, 3, 4, 5, 6, 7)]
+    train.prune_checkpoints(tmp_path, 1, tmp_path / "step-00000003")
+    assert step_folders(tmp_path) == [f"step-{k:08d}" for k in (3, 4, 5, 6, 7)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 12. --load takes the newest complete checkpoint, as the README says
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_load_takes_the_newest_complete_step_whatever_latest_says(base, tmp_path):
+    """A kill between a commit and latest's update leaves `latest` naming the step before: --load DIR takes
+    the newest complete step (both are whole; the newest loses less work), as the README says (the code
+    used to follow `latest`). A `latest` of bytes that are not UTF-8 (a traceback before) is not read
+    either. --load DIR/step-NNNNNNNN takes that step."""
+    root = tmp_path / "ckpt"
+    assert main(*base, "--steps", 2, "--save-every", 1, "--save", root).code == 0
+    for pointer in (b"step-00000001\n", b"\xff\xfe\x00 not utf-8\n"):
+        (root / "latest").write_bytes(pointer)
+        got = main(*base, "--steps", 3, "--load", root)
+        assert got.code == 0 and "(step 2;" in got.out, (pointer, got)
+    got = main(*base, "--steps", 3, "--load", root / "step-00000001")
+    assert got.code == 0 and "(step 1;" in got.out and set(step_losses(got.out)) == {2, 3}, got
+
+
+# ---------------------------------------------------------------------------------------------------
+# 13. Every output path is checked before the first step; meta.json is checked as data
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_output_paths_are_checked_before_the_first_step(base, tmp_path):
+    """--save below a regular file and --export-hf onto (or below) one used to fail after training, with a
+    traceback: now one error line before the first step."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [(["--save", a_file / "ckpt"], ["--save", f"({a_file} is a file)"]),
+             (["--export-hf", a_file], ["--export-hf", "not a folder (a file is there)"]),
+             (["--export-hf", a_file / "a" / "b"], ["--export-hf", f"({a_file} is a file)"])]
+    for argv, words in cases:
+        line = one_error(main(*base, "--steps", 2, *argv))
+        for w in words:
+            assert str(w) in line, (argv, w, line)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_output_folder_is_one_error_line(base, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    line = one_error(main(*base, "--steps", 2, "--save", locked / "ckpt"))
+    assert f"{locked} is not writable" in line, line
+
+
+META_FAULTS = {  # name -> a change of the saved meta.json (a function of it), and words of the error line
+    "not an object": (lambda m: [m], ["a JSON list, not an object"]),
+    "no index": (lambda m: {k: v for k, v in m.items() if k != "index"}, ["no 'index'"]),
+    "no layout": (lambda m: {k: v for k, v in m.items() if k != "layout"}, ["no 'layout'"]),
+    "step a string": (lambda m: m | {"step": "2"}, ["'step' is '2', not int"]),
+    "config a list": (lambda m: m | {"config": []}, ["'config' is '[]', not dict"]),
+    "step of another folder": (lambda m: m | {"step": 10**12}, ["step 1000000000000", "step-00000002"]),
+    "tp zero": (lambda m: m | {"layout": m["layout"] | {"tp": 0}}, ["layout", "ints >= 1"]),
+    "index a list": (lambda m: m | {"index": []}, ["'index' is '[]', not dict"]),
+    "entry of absurd size": (lambda m: m | {"index": {e: v | {"size": [10**12] + v["size"][1:]}
+                                                      for e, v in m["index"].items()}}, ["not inside"]),
+    "entry not ints": (lambda m: m | {"index": {e: v | {"at": ["0"] * len(v["at"])}
+                                                for e, v in m["index"].items()}}, ["non-negative ints"]),
+    "a tensor saved bigger": (lambda m: m | {"index": {e: v | {"full": [10**9] * len(v["full"])}
+                                                       for e, v in m["index"].items()}}, ["this model's is"]),
+}
+
+
+def test_meta_json_of_missing_keys_wrong_types_or_absurd_sizes_is_one_error_line(base, saved, tmp_path):
+    """meta.json is data from a file: not an object, a key missing, a value of the wrong type, sizes far
+    out of range: one error line naming the fault, exit 2 (each was a traceback, or an allocation of the
+    absurd size)."""
+    folder = copy_checkpoint(saved, tmp_path / "ckpt")
+    good = json.loads((folder / "meta.json").read_text())
+    for name, (change, words) in META_FAULTS.items():
+        (folder / "meta.json").write_text(json.dumps(change(json.loads(json.dumps(good)))))
+        line = one_error(main(*base, "--steps", 3, "--load", tmp_path / "ckpt"))
+        assert line.startswith(f"error: --load {folder}: "), (name, line)
+        for w in words:
+            assert w in line, (name, w, line)
+
+
+def test_a_checkpoint_without_dcp_metadata_or_data_is_one_error_line(base, saved, tmp_path):
+    """A checkpoint missing DCP's .metadata used to print 35 lines (two tracebacks logged by DCP's reader on
+    its way to the rank-local fallback) before the error; a missing or cut data file printed DCP's wrapped
+    exception with its frames. Now one line each, naming the file."""
+    for fault, words in (("no .metadata", ["no .metadata"]), ("no data", ["__0_0.distcp", "is missing"]),
+                         ("cut data", ["__0_0.distcp", "cut short"])):
+        folder = copy_checkpoint(saved, tmp_path / fault)
+        if fault == "no .metadata":
+            (folder / ".metadata").unlink()
+        elif fault == "no data":
+            (folder / "__0_0.distcp").unlink()
+        else:
+            os.truncate(folder / "__0_0.distcp", 1000)
+        got = main(*base, "--steps", 3, "--load", tmp_path / fault)
+        line = one_error(got)
+        for w in words:
+            assert w in line, (fault, w, line)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 14. A load covers every element: coverage checked element by element, not by summed areas
+# ---------------------------------------------------------------------------------------------------
+
+COVERS = {  # name -> saved pieces (at, size) of a [4, 6] tensor, and the box left unread (None: all covered)
+    "rows overlap, last row unread": ([((0, 0), (3, 6)), ((1, 0), (1, 6))], "[3:4, 0:6]"),
+    "columns overlap, a block unread": ([((0, 0), (4, 4)), ((0, 2), (2, 2)), ((2, 2), (2, 2))], "[0:4, 4:6]"),
+    "a hole in the middle": ([((0, 0), (1, 6)), ((3, 0), (1, 6)), ((1, 0), (2, 2)), ((1, 4), (2, 2)),
+                              ((0, 2), (1, 4))], "[1:3, 2:4]"),
+    "overlapping but whole": ([((0, 0), (3, 6)), ((2, 0), (2, 6))], None),
+}
+
+
+@pytest.mark.parametrize("case", COVERS, ids=list(COVERS))
+def test_load_pieces_refuses_overlapping_pieces_that_leave_a_hole(tmp_path, case):
+    """Saved pieces that overlap can sum to the tensor's area and still leave elements unread (which kept
+    their fresh values before, silently): load_pieces names the tensor and the box of the unread
+    elements; overlapping pieces that do cover it load it exactly (they were refused before: "30 of 24
+    elements")."""
+    saved_pieces, hole = COVERS[case]
+    full = torch.arange(24.0).view(4, 6)
+    ps = [P.Piece(at, at, size, True) for at, size in saved_pieces]
+    P.save_pieces(tmp_path / "ck", {"w": (full, ps, (4, 6))}, P.Mesh.serial())
+    index = {f"w@{at[0]},{at[1]}": dict(key="w", at=list(at), size=list(size), full=[4, 6])
+             for at, size in saved_pieces}
+    local = torch.full((4, 6), math.nan)
+    wanted = {"w": (local, [P.Piece((0, 0), (0, 0), (4, 6), True)], (4, 6))}
+    if hole is None:
+        P.load_pieces(tmp_path / "ck", wanted, index)
+        assert torch.equal(local, full)
+        return
+    with pytest.raises(ValueError, match=re.escape(f"does not hold all of 'w' (4, 6)")) as e:
+        P.load_pieces(tmp_path / "ck", wanted, index)
+    assert hole in str(e.value), str(e.value)
+    assert local.isnan().all()  # nothing was read
+
+
+def load_with_a_hole(mesh, folder):
+    """'w' [4, 6] split by rows over tp, loaded from `folder`, whose one saved piece (rows 0..2) leaves row 3
+    unread: a row that only tp rank 1 holds at tp 2. -> the error this rank raised."""
+    local = torch.zeros(4 // mesh.tp, 6)
+    index = {"w@0,0": dict(key="w", at=[0, 0], size=[3, 6], full=[4, 6])}
+    try:
+        P.load_pieces(folder, {"w": (local, P.pieces(local.shape, 0, mesh), (4, 6))}, index)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_a_hole_that_one_rank_finds_fails_the_load_on_every_rank(pool, tmp_path):
+    """Each rank checks the pieces it holds, so a hole may show on some ranks only: all of them raise the
+    same error (the failing rank's, naming the box), none goes on alone into DCP's collectives (where it
+    would wait for the others), and rank 0, which prints, says what is wrong."""
+    full = torch.arange(24.0).view(4, 6)
+    P.save_pieces(tmp_path / "ck", {"w": (full, [P.Piece((0, 0), (0, 0), (3, 6), True)], (4, 6))}, P.Mesh.serial())
+    got = pool.run(load_with_a_hole, str(tmp_path / "ck"), tp=2)
+    assert len(set(got)) == 1 and "does not hold all of 'w' (4, 6)" in got[0] and "[3:4, 0:6]" in got[0], got
