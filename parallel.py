@@ -26,6 +26,8 @@ Read top to bottom:
    their experts and back, with all-to-alls over "ep".
 15. Context parallelism: each cp rank holds 1/cp of every sequence, and
    ring attention passes k/v around the cp ranks.
+16. Where each rank is: what a failing or hanging rank reports, and the
+   watchdog that ends a wait past the timeout.
 
 Notation in docstrings: b batch, s sequence, h hidden, t tensor-parallel size,
 V vocabulary (padded). "Elements moved" counts the elements of the *full*
@@ -53,9 +55,12 @@ import functools
 import math
 import numbers
 import os
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, NamedTuple
 
 import torch
@@ -123,7 +128,7 @@ class Mesh:
 
     @staticmethod
     def build(tp: int = 1, pp: int = 1, dp: int | None = None, device_type: str | None = None,
-              ep: int = 1, cp: int = 1) -> Mesh:
+              ep: int = 1, cp: int = 1, timeout: timedelta | None = None) -> Mesh:
         """Build the mesh over the already-initialised default process group.
 
         dp defaults to world_size / (tp * cp * pp). Uses
@@ -152,7 +157,8 @@ class Mesh:
 
         if device_type is None:
             device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        dm = init_device_mesh(device_type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIMS)
+        options = None if timeout is None else {d: (dist.get_backend(), _group_options(timeout)) for d in MESH_DIMS}
+        dm = init_device_mesh(device_type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIMS, backend_override=options)
         groups = {d: dm.get_group(d) for d, n in zip(MESH_DIMS, (pp, dp, cp, tp)) if n > 1}
         rank = dist.get_rank()
         dp_rank = (rank // (tp * cp)) % dp
@@ -163,7 +169,7 @@ class Mesh:
             for p in range(pp):
                 for t in range(tp):
                     ranks = [(p * dp * cp + i) * tp + t for i in range(dp * cp)]
-                    group = dist.new_group(ranks)
+                    group = dist.new_group(ranks, timeout=timeout)
                     if rank in ranks:
                         groups["dpcp"] = group
         elif cp > 1 or dp > 1:
@@ -178,7 +184,7 @@ class Mesh:
                 for other in range(others):
                     for t in range(tp):
                         ranks = [at(p, member(other, i), t) for i in range(size)]
-                        group = dist.new_group(ranks)
+                        group = dist.new_group(ranks, timeout=timeout)
                         if rank in ranks:
                             groups[name] = group
         if ep == dp and "dp" in groups:
@@ -188,7 +194,7 @@ class Mesh:
         if pp > 1:
             stage = dp * cp * tp  # ranks per pipeline stage
             for replica in range(stage):  # ranks `replica` (first stage) and the same place on the last stage
-                group = dist.new_group([replica, (pp - 1) * stage + replica])
+                group = dist.new_group([replica, (pp - 1) * stage + replica], timeout=timeout)
                 if rank % stage == replica and mesh.pp_rank in (0, pp - 1):
                     groups["embed"] = group
         return mesh
@@ -275,16 +281,26 @@ def check_nodes(tp: int, cp: int, world: int, per_node: int) -> None:
                          f"{per_node}, or a multiple of it")
 
 
-def init_distributed() -> tuple[int, int]:
+def _group_options(timeout: timedelta):
+    """The backend's process-group options carrying `timeout`: DeviceMesh's
+    groups take no timeout argument, and would wait the backend's default."""
+    options = dist.ProcessGroupNCCL.Options() if dist.get_backend() == "nccl" else dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return options
+
+
+def init_distributed(timeout: timedelta | None = None) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun's environment (or do nothing
-    when run as plain `python`). Returns (rank, world_size). gloo on CPU, nccl on CUDA."""
+    when run as plain `python`). Returns (rank, world_size). gloo on CPU, nccl
+    on CUDA. timeout: how long a collective or a transfer may wait before
+    it fails (None: the backend's default); pass the same to `Mesh.build`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or dist.is_initialized():
         return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -322,6 +338,7 @@ def count_comms():
 
 
 def _record(op: str, dim: str, elements: int, phase: str, dtype: torch.dtype) -> None:
+    WHERE["last"] = f"{op} over {dim} of {int(elements):,} elements ({phase})"  # for a hang's report (section 16)
     for records in _RECORDERS:
         records.append(dict(op=op, dim=dim, elements=int(elements), phase=phase, dtype=dtype))
 
@@ -338,7 +355,8 @@ def all_reduce(x: torch.Tensor, mesh: Mesh, dim: str, phase: str = "forward", op
         return x
     _record("all_reduce", dim, x.numel(), phase, x.dtype)
     x = x.clone(memory_format=torch.contiguous_format)  # reduce into a fresh buffer, never the caller's
-    dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+    with waiting(f"all_reduce over {dim}"):
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
     return x
 
 
@@ -351,7 +369,8 @@ def all_gather(x: torch.Tensor, mesh: Mesh, dim: str, along: int, phase: str = "
     _record("all_gather", dim, x.numel() * size, phase, x.dtype)
     x = x.movedim(along, 0).contiguous()  # the collective concatenates along dim 0
     out = x.new_empty((x.shape[0] * size, *x.shape[1:]))
-    dist.all_gather_single(out, x, group=group)
+    with waiting(f"all_gather over {dim}"):
+        dist.all_gather_single(out, x, group=group)
     return out.movedim(0, along)
 
 
@@ -365,7 +384,8 @@ def reduce_scatter(x: torch.Tensor, mesh: Mesh, dim: str, along: int, phase: str
     _record("reduce_scatter", dim, x.numel(), phase, x.dtype)
     x = x.movedim(along, 0).contiguous()
     out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
-    dist.reduce_scatter_single(out, x, group=group)
+    with waiting(f"reduce_scatter over {dim}"):
+        dist.reduce_scatter_single(out, x, group=group)
     return out.movedim(0, along)
 
 
@@ -1614,9 +1634,10 @@ def _exchange(group: list[Post], outgoing: dict, shape, dtype, device, mesh: Mes
         tag = _tag(2 * (post.msg.micro * stages + post.msg.stage) + post.msg.backward)
         ops.append(dist.P2POp(dist.isend if post.op == "send" else dist.irecv, buf, mesh.global_rank(pp=post.peer),
                               tag=tag))
+    what = " + ".join(f"{post.op} {'to' if post.op == 'send' else 'from'} rank {mesh.global_rank(pp=post.peer)}"
+                      for post in group)
     t0 = time.perf_counter()
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
+    wait_all(dist.batch_isend_irecv(ops), what)
     if clock is not None:
         clock["wait"] = clock.get("wait", 0.0) + time.perf_counter() - t0
     return got
@@ -1663,8 +1684,9 @@ def run_schedule(actions: list[Action], plan: list, forward, mesh: Mesh, *, v: i
     held, weight_grads, totals, outgoing, got = {}, {}, {}, {}, {}
     post = lambda groups: [got.update(_exchange(g, outgoing, shape, dtype, device, mesh, stages, clock))
                            for g in groups]
-    t_start = time.perf_counter()
-    for a, groups in zip(actions, plan):
+    t_start, step = time.perf_counter(), WHERE["step"]
+    for i, (a, groups) in enumerate(zip(actions, plan)):
+        at(step, f"action {i} of {len(actions)} {a.kind}(mb {a.micro}, chunk {a.chunk})")
         post(groups)
         recv, send = _transfers(a, mesh.pp_rank, p, v)
         x = None if recv is None else got.pop(recv.msg)
@@ -1696,7 +1718,9 @@ def run_schedule(actions: list[Action], plan: list, forward, mesh: Mesh, *, v: i
         else:  # W
             y, dy = weight_grads.pop((a.micro, a.chunk))
             torch.autograd.backward(y, dy, inputs=list(params_of(a.chunk)))
+    at(step, f"action {len(actions)} of {len(actions)} (the last sends)")
     post(plan[-1])
+    at(step)
     if clock is not None:
         clock["run"] = clock.get("run", 0.0) + time.perf_counter() - t_start
     if held or weight_grads:
@@ -1860,13 +1884,15 @@ class GradBuckets:
             if bucket["tied"]:  # the first and last stage's copies of the tied embedding: sum them first
                 group = self.mesh.group("embed")
                 _record("all_reduce", "embed", bucket["buf"].numel(), "after backward", bucket["buf"].dtype)
-                dist.all_reduce(bucket["buf"], group=group)
+                with waiting("all_reduce over embed"):
+                    dist.all_reduce(bucket["buf"], group=group)
             if not bucket["launched"]:
                 self._launch(bucket, "after backward")
         for bucket in self.buckets:
             if bucket["work"] is not None:
                 work, out = bucket["work"]
-                work.wait()
+                wait_all([work], f"a gradient bucket's {'reduce_scatter' if self.zero else 'all_reduce'} over "
+                                 f"{bucket['dim']}")
                 if out is not None:
                     bucket["shard"].copy_(out)
             bucket["shard" if self.zero else "buf"].div_(self.mesh.dp * self.mesh.cp)
@@ -2405,7 +2431,8 @@ def expert_plan(counts: torch.Tensor, mesh: Mesh) -> ExpertPlan:
         return ExpertPlan([int(counts.sum())], [int(counts.sum())], counts.view(1, -1))
     recv_counts = torch.empty_like(counts)
     _record("all_to_all", "ep", local * (ep - 1), "forward", counts.dtype)
-    dist.all_to_all_single(recv_counts, counts.contiguous(), group=mesh.group("ep"))
+    with waiting("all_to_all over ep (the counts)"):
+        dist.all_to_all_single(recv_counts, counts.contiguous(), group=mesh.group("ep"))
     recv_counts = recv_counts.view(ep, local)
     return ExpertPlan(counts.view(ep, local).sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts)
 
@@ -2420,8 +2447,9 @@ def _all_to_all(x: torch.Tensor, send: list, recv: list, mesh: Mesh, phase: str)
     row = math.prod(x.shape[1:])
     _record("all_to_all", "ep", (sum(send) - send[mesh.ep_rank]) * row, phase, x.dtype)
     out = x.new_empty((sum(recv), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send,
-                           group=mesh.group("ep"))
+    with waiting("all_to_all over ep"):
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send,
+                               group=mesh.group("ep"))
     return out
 
 
@@ -2541,6 +2569,10 @@ def _ring_exchange(sends: list, like: list, mesh: Mesh, phase: str) -> list:
     return dist.batch_isend_irecv(ops), recvs
 
 
+def _ring_words(mesh: Mesh) -> str:
+    return f"the cp ring: send to rank {mesh.cp_peer(+1)} + recv from rank {mesh.cp_peer(-1)}"
+
+
 def _sub_blocks(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> list:
     """The (query chunk, key chunk, needs a mask) triples of one step: each
     rank holds 2 chunks, so a step is 2 x 2 sub-blocks. Causal: a key chunk
@@ -2646,8 +2678,7 @@ class _RingAttention(torch.autograd.Function):
             _block_forward(qg, kv[0], kv[1], q_pos, cp_positions(s, mesh, rank=j, device=q.device), scale, causal,
                            mask, out, lse, drop)
             if i < mesh.cp - 1:
-                for w in works:
-                    w.wait()
+                wait_all(works, _ring_words(mesh))
                 kv = nxt
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mesh, ctx.scale, ctx.causal, ctx.mask, ctx.drop = mesh, scale, causal, mask, drop
@@ -2675,14 +2706,12 @@ class _RingAttention(torch.autograd.Function):
                 own, acc = acc, [torch.zeros_like(acc[0]), torch.zeros_like(acc[1])]
                 if cp > 1:
                     works, (kv0, kv1) = _ring_exchange(kv, kv, mesh, "backward")
-                    for w in works:
-                        w.wait()
+                    wait_all(works, _ring_words(mesh))
                     kv = [kv0, kv1]
                 continue
             sends = (kv if i < cp - 1 else []) + acc  # the block moves on (not after its last stop) with its sums
             works, recvs = _ring_exchange(sends, sends, mesh, "backward")
-            for w in works:
-                w.wait()
+            wait_all(works, _ring_words(mesh))
             if i < cp - 1:
                 kv, acc = recvs[:2], recvs[2:]  # the next block, and its sums so far (from the ranks it visited)
             else:
@@ -2710,3 +2739,122 @@ def ring_attention(q, k, v, mesh: Mesh, *, scale: float, causal: bool, mask=None
                          f"s={s}), got {mask.dtype} {tuple(mask.shape)}")
     drop = None if dropout is None else (*dropout, s)
     return _RingAttention.apply(q, k, v, mesh, scale, causal, mask, drop)
+
+
+# ---------------------------------------------------------------------------
+# 16. Where each rank is. A rank that raises, or waits too long in a
+#     collective or a transfer, says one line naming its place: its mesh
+#     coordinates, step, pipeline action, and what it waits in (or the last
+#     collective it entered). Every rank keeps its place in WHERE, cheaply:
+#     the collectives of section 3, the executor and the training loop set it.
+# ---------------------------------------------------------------------------
+
+WHERE: dict = dict(who=None, step=None, action=None, last=None, waiting=None, since=None, signal=None)
+_REPORTED = threading.Lock()  # one line per rank, whoever says it first (main thread or watchdog)
+
+
+def locate(mesh: Mesh) -> None:
+    """Name this rank in every report: its global rank and mesh coordinates."""
+    coords = [f"{d} {mesh.rank(d)}" for d in ("tp", "cp", "pp", "dp", "ep") if mesh.size(d) > 1 or d in ("tp", "dp")]
+    WHERE["who"] = f"rank {mesh.global_rank()} ({', '.join(coords)})"
+
+
+def at(step=None, action=None) -> None:
+    """This rank is now at `step` (and, inside a pipeline step, `action`:
+    e.g. "action 7 of 24 B(mb 2, chunk 0)"). Fires a planted fault here."""
+    WHERE["step"], WHERE["action"] = step, action
+    if FAULT and (FAULT["rank"], FAULT["step"], FAULT["action"]) == (_rank(), step, _index(action)):
+        if FAULT["kind"] == "raise":
+            raise RuntimeError(f"the fault planted by NANOMEG_FAULT={os.environ['NANOMEG_FAULT']}")
+        with waiting(f"a stall planted by NANOMEG_FAULT={os.environ['NANOMEG_FAULT']}"):
+            time.sleep(FAULT["seconds"])
+
+
+@contextlib.contextmanager
+def waiting(what: str):
+    """Mark this rank as blocked in `what` while the block runs. If the
+    block raises (a timeout, a peer gone), the mark stays for the report."""
+    WHERE["waiting"], WHERE["since"] = what, time.monotonic()
+    yield
+    WHERE["waiting"] = WHERE["since"] = None
+
+
+def wait_all(works, what: str) -> None:
+    """Wait for every async work handle, marked as blocked in `what`."""
+    with waiting(what):
+        for work in works:
+            work.wait()
+
+
+def whereabouts() -> str:
+    """This rank's place, one line: 'rank 3 (tp 1, pp 1, dp 0): step 12,
+    action 7 of 24 B(mb 2, chunk 0): waiting 41 s in recv from rank 1'."""
+    line = WHERE["who"] or f"rank {_rank()}"
+    place = ", ".join(str(p) for p in (WHERE["step"] is not None and f"step {WHERE['step']}", WHERE["action"]) if p)
+    line += f": {place or 'before the first step'}"
+    if WHERE["waiting"]:
+        return line + f": waiting {time.monotonic() - WHERE['since']:.0f} s in {WHERE['waiting']}"
+    return line + (f": last collective {WHERE['last']}" if WHERE["last"] else "")
+
+
+def report(why: str = "") -> bool:
+    """Print this rank's place (and why) to stderr, once per rank; False if already said."""
+    if not _REPORTED.acquire(blocking=False):
+        return False
+    print(whereabouts() + (f": {why}" if why else ""), file=sys.stderr, flush=True)
+    return True
+
+
+def start_watchdog(timeout: float, grace: float = 5.0) -> threading.Thread:
+    """A daemon thread that ends this process (exit 1) with its report when
+    it has waited in one place longer than `timeout` (the process group's own
+    timeout raises about then on gloo; NCCL may block elsewhere), or longer
+    than `grace` after a SIGTERM / SIGINT (`WHERE["signal"]`: when another
+    rank failed, the launcher stops the job, and a rank blocked on the failed
+    one would never finish its step). If the main thread is already
+    reporting, it gets a moment to finish."""
+    def watch():
+        while True:
+            time.sleep(0.2)
+            since, signal = WHERE["since"], WHERE["signal"]
+            if since is None:
+                continue
+            now = time.monotonic()
+            if signal is not None and now - max(since, signal[0]) > grace:
+                why = f"stopped by {signal[1]} while waiting"
+            elif now - since > timeout:
+                why = f"no progress for {now - since:.0f} s (--timeout {timeout:g})"
+            else:
+                continue
+            if not report(why):
+                time.sleep(grace)
+            os._exit(1)
+
+    thread = threading.Thread(target=watch, name="nanomeg-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def _index(action) -> int | None:
+    """7 from 'action 7 of 24 ...' (None outside a pipeline step)."""
+    return int(action.split()[1]) if action else None
+
+
+def _planted_fault(spec: str | None) -> dict | None:
+    """NANOMEG_FAULT, a testing aid: 'raise:RANK:STEP[:ACTION]' makes that rank
+    raise there, 'sleep:RANK:STEP[:ACTION[:SECONDS]]' stalls it (an hour by default)."""
+    if not spec:
+        return None
+    kind, *where = spec.split(":")
+    if kind not in ("raise", "sleep") or not 2 <= len(where) <= 4 - (kind == "raise"):
+        raise ValueError(f"NANOMEG_FAULT={spec!r}: want raise:RANK:STEP[:ACTION] or sleep:RANK:STEP[:ACTION[:SECONDS]]")
+    numbers = [int(w) for w in where[:3]] + [None] * (3 - len(where[:3]))
+    return dict(kind=kind, rank=numbers[0], step=numbers[1], action=numbers[2],
+                seconds=float(where[3]) if len(where) == 4 else 3600.0)
+
+
+FAULT = _planted_fault(os.environ.get("NANOMEG_FAULT"))

@@ -42,7 +42,9 @@ import stat
 import sys
 import sysconfig
 import time
+import traceback
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -146,6 +148,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "Megatron's ICT)")
     ap.add_argument("--top-k", type=int, help="realm only: blocks retrieved per query (default 4)")
     ap.add_argument("--index-every", type=int, help="realm only: steps between index refreshes (default 50)")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds a collective or a pipeline transfer may wait (the process groups' timeout); "
+                         "then every rank that can says where it is (step, action, what it waits in) and the job "
+                         "exits non-zero (default 600)")
     ap.add_argument("--save", metavar="DIR", help="save checkpoints into DIR (at the end, every --save-every "
                                                   "steps, and on SIGTERM / SIGINT)")
     ap.add_argument("--save-every", type=int, help="steps between checkpoints (with --save; default: only the last)")
@@ -720,7 +726,7 @@ RANGES = {
     "log_every": AT_LEAST_1, "eval_every": AT_LEAST_1, "eval_batches": AT_LEAST_1,
     "warmup": AT_LEAST_0, "sample_tokens": AT_LEAST_0, "seed": ("in [0, 2**31)", lambda v: 0 <= v < 2**31),
     "lr": ABOVE_0, "min_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0,
-    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "peak_flops": ABOVE_0, "top_k": AT_LEAST_1,
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "peak_flops": ABOVE_0, "top_k": AT_LEAST_1, "timeout": ABOVE_0,
     "index_every": AT_LEAST_1, "pp": AT_LEAST_1, "virtual_stages": AT_LEAST_1, "microbatches": AT_LEAST_1,
     "bucket_mb": ABOVE_0, "save_every": AT_LEAST_1, "keep_last": AT_LEAST_1,
     "experts": AT_LEAST_0, "topk": AT_LEAST_1, "ep": AT_LEAST_1, "moe_every": AT_LEAST_1, "capacity_factor": ABOVE_0,
@@ -1903,9 +1909,13 @@ def train(args) -> int:
     if args.tokenizer_obj is not None:
         train_data, eval_data = tokenize(args, train_data), tokenize(args, eval_data)
 
-    rank, world = P.init_distributed()  # nccl and one GPU per rank when CUDA is there, else gloo on CPU
+    timeout = timedelta(seconds=args.timeout)  # nccl and one GPU per rank when CUDA is there, else gloo on CPU
+    rank, world = P.init_distributed(timeout)
     torch.manual_seed(args.seed)
-    mesh = P.Mesh.build(tp=tp, pp=args.pp, ep=args.ep, cp=args.cp)
+    mesh = P.Mesh.build(tp=tp, pp=args.pp, ep=args.ep, cp=args.cp, timeout=timeout)
+    P.locate(mesh)  # a failure or a hang names this rank's place (P.report)
+    if world > 1:
+        P.start_watchdog(args.timeout)
     say = print if rank == 0 else (lambda *a, **k: None)
     task = TASKS[args.model]
     specs = task.specs(cfg)
@@ -1959,9 +1969,14 @@ def train(args) -> int:
             f"{' ZeRO-1' if saved['zero'] else ''}, resharded to this run's layout)")
     elif args.load is not None:
         say(f"--load {args.load}: no checkpoint there yet, starting fresh")
-    stop = {}  # SIGTERM / SIGINT: finish the step, save, exit 0
+    stop = {}  # SIGTERM / SIGINT: finish the step, save, exit 0 (or, blocked for good, the watchdog reports)
+
+    def on_signal(signum, frame):
+        stop.setdefault("signal", signal.Signals(signum).name)
+        P.WHERE["signal"] = (time.monotonic(), signal.Signals(signum).name)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.setdefault("signal", signal.Signals(signum).name))
+        signal.signal(sig, on_signal)
     refresh = getattr(task, "refresh", lambda *a: None)  # REALM's index of its corpus
     refresh(params, train_data, cfg, mesh, args, device, start)
     if args.show_layout:
@@ -1982,6 +1997,7 @@ def train(args) -> int:
     clock = {}  # seconds this rank waited for its pipeline neighbours, and ran its schedule
     t_last, steps_since, last_finite = time.perf_counter(), 0, None
     for step in range(start, args.steps + 1):
+        P.at(step)
         refresh(params, train_data, cfg, mesh, args, device, step)
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
         with P.count_comms() as comms:
@@ -2052,6 +2068,12 @@ def main(argv=None) -> int:
         else:  # every rank stops; let rank 0 be the first, so torchrun's
             time.sleep(2)  # first signal to the others never cuts its message
         return 2
+    except Exception as e:  # a bug, a timeout, a peer gone: the traceback, then one line of where this rank was
+        if not torch.distributed.is_initialized():
+            raise
+        traceback.print_exc()
+        P.report(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+        return 1
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

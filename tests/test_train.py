@@ -184,6 +184,40 @@ def test_tp_inside_a_node_and_cp_inside_or_across_nodes_pass(tp, cp, per_node):
     P.check_nodes(tp, cp, 16, per_node)  # tp divides the node; tp·cp divides it or is a multiple of it
 
 
+HANG = ["--layers", "4", "--hidden", "32", "--heads", "2", "--seq", "32", "--batch", "4", "--steps", "6",
+        "--log-every", "3", "--eval-every", "3", "--eval-batches", "1", "--sample-tokens", "0", "--pp", "2", "--tp", "1",
+        "--microbatches", "4", "--timeout", "5"]
+
+
+def rank_lines(stderr: str) -> dict[int, str]:
+    """The one line each rank says when it fails or gives up waiting, by rank."""
+    said = [(int(m[1]), m[0]) for m in re.finditer(r"^rank (\d+) \(tp \d+, pp \d+, dp \d+\): .*$", stderr, re.M)]
+    assert len(said) == len(dict(said)), stderr[-4000:]  # one line per rank
+    return dict(said)
+
+
+@pytest.mark.parametrize("fault", ["raise", "sleep"])
+def test_a_rank_that_raises_or_stalls_mid_pipeline_step_ends_the_job_and_every_rank_says_where(text_file, fault):
+    """NANOMEG_FAULT plants a fault on rank 1 (the last stage) at step 3, before its action 2 (F of microbatch 1),
+    while rank 0 waits in that action's transfer: the job exits non-zero within --timeout 5 plus a few seconds of
+    the fault, and each rank says one line naming its coordinates, step, action and what it waits in."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOMEG_FAULT": f"{fault}:1:3:2"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(ROOT / "train.py"),
+                          "--data", text_file, *HANG], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode != 0
+    lines = rank_lines(out.stderr)
+    assert sorted(lines) == [0, 1], out.stderr[-4000:]
+    assert lines[1].startswith("rank 1 (tp 0, pp 1, dp 0): step 3, action 2 of 8 F(mb 1, chunk 0): "), lines[1]
+    assert lines[0].startswith("rank 0 (tp 0, pp 0, dp 0): step 3, action 2 of 8 B(mb 0, chunk 0): waiting "), lines[0]
+    assert "recv from rank 1" in lines[0] and "eval loss at step 0" in out.stdout and "step 3" not in out.stdout
+    if fault == "raise":
+        assert lines[1].endswith("RuntimeError: the fault planted by NANOMEG_FAULT=raise:1:3:2"), lines[1]
+    else:  # both waited about --timeout (5 s): the stalled rank and the one waiting for it
+        assert "waiting" in lines[1] and "a stall planted by NANOMEG_FAULT=sleep:1:3:2" in lines[1], lines[1]
+        for line in lines.values():
+            assert 4 <= int(re.search(r"waiting (\d+) s", line)[1]) <= 8, line
+
+
 MOE = ["--experts", "4", "--topk", "2", "--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "32", "--batch",
        "4", "--steps", "8", "--log-every", "4", "--eval-every", "4", "--eval-batches", "2", "--lr", "1e-2",
        "--capacity-factor", "1.5", "--z-loss", "1e-3", "--peak-flops", "1e9", "--sample-tokens", "0"]
@@ -345,6 +379,9 @@ TOO_BIG = "the model and one step need about"
     (["--zero", "2"], "argument --zero: invalid choice: 2"),
     (["--cp", "2"], "--cp 2 x --pp 1 does not divide the world size 1"),
     (["--cp", "0"], "--cp must be >= 1, got 0"),
+    (["--timeout", "0"], "--timeout must be a finite number > 0, got 0.0"),
+    (["--timeout", "-5"], "--timeout must be a finite number > 0, got -5.0"),
+    (["--timeout", "inf"], "--timeout must be a finite number > 0, got inf"),
     (["--experts", "4", "--topk", "5"], "--topk 5 is more than --experts 4"),
     (["--experts", "4", "--ep", "2"], "--ep 2 x --pp 1 does not divide the world size 1"),
     (["--experts", "4", "--ep", "2", "--tp", "1"], "--ep 2 does not divide the data-parallel ranks dp = 1 (world 1 / "
