@@ -1562,7 +1562,12 @@ class GradBuckets:
 
     Parameters are bucketed in reverse order (the backward produces the last
     layers' gradients first), up to `bucket_mb` MB a bucket; each p.grad is a
-    view into its bucket, so autograd accumulates in place. A
+    view into its bucket, so autograd accumulates in place. Whatever detaches
+    a p.grad from its view (a torch optimizer's zero_grad() sets it to None;
+    so may the user), `_attach` puts its value into the view and the view
+    back into p.grad, before the bucket is reduced: in the hook after each
+    accumulation, and in finish() for a parameter no backward reached (None
+    counts as zeros). A
     post-accumulate-grad hook counts each parameter's gradients: when every
     parameter of a bucket has had its `accumulations`-th (one per
     microbatch), the bucket's collective is launched asynchronously:
@@ -1592,7 +1597,7 @@ class GradBuckets:
         self.params = params
         tied = [n for n in tied if n in params and mesh.group("embed") is not None]
         limit = bucket_mb * 2**20
-        self.buckets = []
+        self.buckets, self.views = [], {}  # views: {name: p.grad's place in its bucket}
         for dim in ("dp", "edp"):  # the dense gradients' buckets, then the experts'
             names = [n for n in reversed(list(params)) if n not in tied and (n in experts) == (dim == "edp")]
             groups, current, nbytes = [], [], 0
@@ -1622,14 +1627,25 @@ class GradBuckets:
         buf = torch.zeros(total, dtype=first.dtype, device=first.device)
         offsets = [sum(sizes[:i]) for i in range(len(names))]
         for n, off, size in zip(names, offsets, sizes):
-            self.params[n].grad = buf[off: off + size].view_as(self.params[n])
+            self.views[n] = buf[off: off + size].view_as(self.params[n])
+            self.params[n].grad = self.views[n]
         shard = total // n_ranks
         return dict(names=names, offsets=offsets, sizes=sizes, buf=buf, tied=tied, dim=dim,
                     shard=buf[rank * shard: (rank + 1) * shard],
                     lo=rank * shard, work=None, launched=False, ready=0)
 
+    def _attach(self, name: str) -> None:
+        """Make p.grad the bucket's view again, keeping its value (None: zeros)."""
+        p, view = self.params[name], self.views[name]
+        if p.grad is None:
+            view.zero_()
+        elif p.grad is not view:
+            view.copy_(p.grad)
+        p.grad = view
+
     def _on_grad(self, p: torch.Tensor) -> None:
         name = self.name_of[id(p)]
+        self._attach(name)  # autograd made a new p.grad if it was None (a torch optimizer's zero_grad)
         self.count[name] += 1
         bucket = self.bucket_of[name]
         if self.count[name] == self.accumulations:
@@ -1655,6 +1671,9 @@ class GradBuckets:
     def finish(self) -> None:
         """Complete every bucket's reduction and average over dp (call after the last backward)."""
         for bucket in self.buckets:
+            if not bucket["launched"]:  # some parameter's hook did not run: its p.grad may be None or detached
+                for name in bucket["names"]:
+                    self._attach(name)
             if bucket["tied"]:  # the first and last stage's copies of the tied embedding: sum them first
                 group = self.mesh.group("embed")
                 _record("all_reduce", "embed", bucket["buf"].numel(), "after backward", bucket["buf"].dtype)
@@ -1757,6 +1776,10 @@ class ZeroAdamW:
             for b in self.buckets.buckets:
                 b["shard"].mul_(scale.to(b["shard"].dtype))
         return norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's habit, here: zero the buckets (the gradients live there whatever set_to_none says)."""
+        self.buckets.zero_grad()
 
     @torch.no_grad()
     def step(self, lr: float | None = None) -> None:

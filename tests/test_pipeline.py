@@ -12,7 +12,8 @@ and compares them with independent oracles in float64: the serial model on the w
    per microbatch), layouts and schedules (AFAB, 1F1B, zero-bubble, interleaved with v = 2) and microbatch
    counts: the losses and every gradient after `GradBuckets.finish()` equal the serial step's;
 2. three optimizer steps with ZeRO-1 (`ZeroAdamW`) or bucketed dp + torch's AdamW land on serial AdamW's
-   parameters, with the gradient clipped by the global norm;
+   parameters, with the gradient clipped by the global norm; whatever zeroes the gradients between steps
+   (a torch optimizer's zero_grad(), which sets them to None; p.grad = None), they stay averaged over dp;
 3. communication: per step the pipeline sends and the dp / embedding collectives are exactly the counts
    derived from the docstrings, and small buckets are reduced during the backward (the overlap);
 4. ZeRO-1 memory: the optimizer state halves at dp = 2; bf16 parameters keep an fp32 main copy that
@@ -388,6 +389,73 @@ def test_training_steps_equal_serial_adamw(pools, layout):
     assert_close(merged([r["params"] for r in results], what), want, f"{what}: parameters after {STEPS} steps")
 
 
+# The zero_grad habit: a torch optimizer's zero_grad() (set_to_none) between steps, or p.grad = None, must not
+# switch the dp averaging off. A small MLP in float64, 8 rows over dp = 4, 3 steps against the serial run.
+
+def mlp_loss(params, x, y):
+    return ((torch.tanh(x @ params["w1"].T + params["b1"]) @ params["w2"].T - y) ** 2).mean()
+
+
+OPTIMIZERS = {
+    "SGD": lambda params: torch.optim.SGD(params.values(), lr=0.1, momentum=0.9),
+    "AdamW": adamw,
+}
+
+
+def _no_grads(params):
+    for p in params.values():
+        p.grad = None
+
+
+HABITS = {  # (the optimizer, the buckets, the parameters) -> what a user calls before a step's backward
+    "optimizer.zero_grad()": lambda opt, buckets, params: opt.zero_grad(),
+    "optimizer.zero_grad(set_to_none=False)": lambda opt, buckets, params: opt.zero_grad(set_to_none=False),
+    "buckets.zero_grad()": lambda opt, buckets, params: buckets.zero_grad(),
+    "buckets.zero_grad(), then optimizer.zero_grad()": lambda opt, buckets, params: (buckets.zero_grad(),
+                                                                                     opt.zero_grad()),
+    "p.grad = None": lambda opt, buckets, params: _no_grads(params),
+}
+
+
+def habit_case(mesh, full, batches, optimizer, habit, bucket_mb, m):
+    """STEPS steps of this replica on its rows, in m microbatches: HABITS[habit], backward, finish, step.
+    optimizer 'ZeRO': ZeroAdamW (its zero_grad is the buckets')."""
+    params = {k: t.clone().requires_grad_(True) for k, t in full.items()}
+    zero = optimizer == "ZeRO"
+    buckets = P.GradBuckets(params, mesh, bucket_mb=bucket_mb, zero=zero, accumulations=m)
+    opt = P.ZeroAdamW(params, buckets, dict.fromkeys(params), mesh, lr=LR, betas=BETAS,
+                      weight_decay=WEIGHT_DECAY) if zero else OPTIMIZERS[optimizer](params)
+    for batch in batches:
+        HABITS[habit](opt, buckets, params)
+        mine = my_rows(batch, mesh)
+        for x, y in zip(mine["x"].chunk(m), mine["y"].chunk(m)):
+            (mlp_loss(params, x, y) / m).backward()
+        buckets.finish()
+        opt.step()
+    return {k: p.detach() for k, p in params.items()}
+
+
+@example(optimizer="SGD", habit="optimizer.zero_grad()", bucket_mb=ONE_BUCKET, m=1)
+@example(optimizer="AdamW", habit="buckets.zero_grad(), then optimizer.zero_grad()", bucket_mb=TINY_BUCKETS, m=2)
+@example(optimizer="ZeRO", habit="optimizer.zero_grad()", bucket_mb=TINY_BUCKETS, m=1)
+@example(optimizer="ZeRO", habit="p.grad = None", bucket_mb=ONE_BUCKET, m=2)
+@given(optimizer=st.sampled_from([*OPTIMIZERS, "ZeRO"]), habit=st.sampled_from(list(HABITS)),
+       bucket_mb=st.sampled_from([TINY_BUCKETS, ONE_BUCKET]), m=st.sampled_from([1, 2]))
+def test_zero_grad_habits_keep_averaging_over_dp(pool, optimizer, habit, bucket_mb, m):
+    """Whatever zeroes the gradients between steps, every step's gradient is the mean over the dp = 4
+    replicas: the replicas agree and equal one process on the whole batch with the same optimizer."""
+    full = dict(w1=rand(1, 6, 5), b1=rand(2, 6), w2=rand(3, 3, 6))
+    batches = [dict(x=rand(10 + k, 8, 5), y=rand(20 + k, 8, 3)) for k in range(STEPS)]
+    serial = {k: t.clone().requires_grad_(True) for k, t in full.items()}
+    opt = (adamw if optimizer == "ZeRO" else OPTIMIZERS[optimizer])(serial)
+    for batch in batches:
+        opt.zero_grad()
+        mlp_loss(serial, batch["x"], batch["y"]).backward()
+        opt.step()
+    for rank, got in enumerate(pool.run(habit_case, full, batches, optimizer, habit, bucket_mb, m)):
+        assert_close(got, {k: p.detach() for k, p in serial.items()}, f"{optimizer}, {habit}: dp rank {rank}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. Communication: what one step moves, from the docstrings' formulas
 # ---------------------------------------------------------------------------------------------------
@@ -507,6 +575,7 @@ def test_zero_state_halves_at_dp_2(pools):
         half = lambda n: -(-n // 2)
         assert r["bytes"] == 24 * (half(r["numel"] - r["tied"]) + half(r["tied"])), r
         assert 0 <= 2 * r["bytes"] - one["bytes"] <= 2 * 24, (r, one)
+
 
 
 def test_zero_keeps_an_fp32_main_copy_of_bf16_parameters():
