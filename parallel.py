@@ -834,7 +834,8 @@ class HeadGroups:
         return rearrange(torch.cat([q, every[:, 0, -2:]], dim=1), "g r d ... -> (g r d) ...")
 
     def counted(self, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-        """The rows this rank counts in a global norm: k and v only on a group's first replica."""
+        """The rows this rank counts in a global norm (a leading slice of dim 0):
+        k and v only on a group's first replica."""
         rep = self.replicas(mesh.tp)
         return local if rep == 1 or mesh.tp_rank % rep == 0 else local[: -2 * self.head_dim]
 
@@ -868,8 +869,9 @@ class Experts:
         return all_gather(mine, mesh, "ep", 0)
 
     def counted(self, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-        """The elements this rank counts in a global norm (summed over tp and ep):
-        all of its experts' shard, or nothing off tp rank 0 when replicated over tp."""
+        """The elements this rank counts in a global norm (summed over tp and ep; a
+        leading slice of dim 0): all of its experts' shard, or nothing off tp rank 0
+        when replicated over tp."""
         return local if self.tp_dim is not None or mesh.tp_rank == 0 else local[:0]
 
 
@@ -1545,15 +1547,15 @@ def schedule_for(name: str, p: int, m: int, v: int = 1) -> list[list[Action]]:
 # ---------------------------------------------------------------------------
 
 
-def counted_mask(name: str, p: torch.Tensor, spec, mesh: Mesh, skip=()) -> torch.Tensor:
-    """1 where this rank counts p's elements in a global norm, 0 elsewhere
-    (the rule of `clip_grad_norm`: replicated tensors on tp rank 0 only,
-    replicated kv heads on their first replica, `skip`ped names nowhere)."""
-    mask = torch.zeros_like(p, dtype=torch.float64)
+def counted_numel(name: str, p: torch.Tensor, spec, mesh: Mesh, skip=()) -> int:
+    """How many of p's elements this rank counts in a global norm: always
+    its first ones, flattened (the rule of `clip_grad_norm`: replicated
+    tensors on tp rank 0 only, replicated kv heads on their first replica,
+    `skip`ped names nowhere; `HeadGroups.counted` and `Experts.counted` cut
+    a leading slice of dim 0)."""
     if name in skip or (spec is None and mesh.tp_rank != 0):
-        return mask
-    (spec.counted(mask, mesh) if isinstance(spec, (HeadGroups, Experts)) else mask).fill_(1.0)
-    return mask
+        return 0
+    return (spec.counted(p, mesh) if isinstance(spec, (HeadGroups, Experts)) else p).numel()
 
 
 class GradBuckets:
@@ -1712,7 +1714,8 @@ def grad_norm_sq(params: dict, specs: dict, mesh: Mesh, skip=()) -> torch.Tensor
     for name, p in params.items():
         if p.grad is not None:
             expert = isinstance(specs[name], Experts)
-            sq[expert] = sq[expert] + (counted_mask(name, p, specs[name], mesh, skip) * p.grad.double().pow(2)).sum()
+            counted = p.grad.reshape(-1)[: counted_numel(name, p, specs[name], mesh, skip)]
+            sq[expert] = sq[expert] + counted.double().pow(2).sum()
     if mesh.ep > 1:
         sq[True] = all_reduce(torch.as_tensor(sq[True], dtype=torch.float64, device=device), mesh, "ep",
                               phase="after backward")
@@ -1731,8 +1734,12 @@ class ZeroAdamW:
       3. AdamW on the slice, in the main precision (torch.optim.AdamW's formula);
       4. all-gather each bucket's updated slices over dp (its numel elements)
          and copy them into the model parameters, in their own dtype (bf16 stays bf16).
-    Optimizer state per rank: 1/dp of (main copy + 2 moments) of the unsharded optimizer.
-    `decay(name, p)` says which tensors get weight decay (train.py: matrices only).
+    Optimizer state per rank: the main copy and 2 moments of its slices, and
+    nothing else (12 B an element, 24 for float64 models): 1/dp of the
+    unsharded optimizer's (1/edp for the experts' buckets), up to the padding.
+    `decay(name, p)` says which tensors get weight decay (train.py: matrices
+    only); where they, and the elements the norm counts, lie in the slices is
+    kept as ranges (`_my_ranges`), not masks. `state_bytes()` measures it.
     """
 
     def __init__(self, params: dict, buckets: GradBuckets, specs: dict, mesh: Mesh, *, lr: float,
@@ -1742,17 +1749,16 @@ class ZeroAdamW:
         self.params, self.buckets, self.mesh = params, buckets, mesh
         self.lr, self.betas, self.eps, self.weight_decay, self.steps = lr, betas, eps, weight_decay, 0
         decay = decay or (lambda name, p: p.dim() >= 2)
-        self.state = []
+        self.state, self.decayed, self.counted = [], [], []  # per bucket: tensors; slices of the slice
         for b in buckets.buckets:
             dtype = torch.float64 if b["buf"].dtype == torch.float64 else torch.float32
             with torch.no_grad():
                 main = self._my_slice(b, lambda name: params[name].detach(), dtype)
-                wd = self._my_slice(b, lambda name: torch.full_like(params[name], float(decay(name, params[name]))),
-                                    dtype)
-                counted = self._my_slice(b, lambda name: counted_mask(name, params[name], specs[name], mesh, skip),
-                                         dtype)
-            self.state.append(dict(main=main, exp_avg=torch.zeros_like(main), exp_avg_sq=torch.zeros_like(main),
-                                   decay=wd, counted=counted))
+            self.state.append(dict(main=main, exp_avg=torch.zeros_like(main), exp_avg_sq=torch.zeros_like(main)))
+            decayed = lambda name: params[name].numel() if decay(name, params[name]) else 0
+            counted = lambda name: counted_numel(name, params[name], specs[name], mesh, skip)
+            self.decayed.append(self._my_ranges(b, decayed))
+            self.counted.append(self._my_ranges(b, counted))
 
     @staticmethod
     def _my_slice(bucket: dict, per_name, dtype) -> torch.Tensor:
@@ -1762,12 +1768,22 @@ class ZeroAdamW:
                          [torch.zeros(pad, dtype=dtype, device=bucket["buf"].device)])
         return flat[bucket["lo"]: bucket["lo"] + bucket["shard"].numel()].clone()
 
+    @staticmethod
+    def _my_ranges(bucket: dict, first) -> list[slice]:
+        """Where the first first(name) elements of each of the bucket's tensors
+        lie in this rank's slice: slices of the slice, empty ones left out."""
+        lo, hi = bucket["lo"], bucket["lo"] + bucket["shard"].numel()
+        spans = [(max(off, lo), min(off + first(name), hi)) for name, off in zip(bucket["names"], bucket["offsets"])]
+        return [slice(a - lo, b - lo) for a, b in spans if a < b]
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The global grad norm from the slices (one all-reduce of 1 element
         over dp, tp and pp each); scale the slices to max_norm (0: no clipping)."""
         check_max_norm(max_norm)  # before the collectives: every rank refuses alike
-        sq = sum((s["counted"] * b["shard"].to(s["main"].dtype).pow(2)).sum().double()
-                 for s, b in zip(self.state, self.buckets.buckets))
+        sq = torch.zeros((), dtype=torch.float64, device=self.buckets.buckets[0]["buf"].device)
+        for ranges, b in zip(self.counted, self.buckets.buckets):
+            for r in ranges:
+                sq = sq + b["shard"][r].double().pow(2).sum()
         for dim in ("dpcp" if self.mesh.cp > 1 else "dp", "tp", "pp"):
             sq = all_reduce(sq, self.mesh, dim, phase="after backward")
         norm = sq.sqrt()
@@ -1787,9 +1803,10 @@ class ZeroAdamW:
         self.steps += 1
         beta1, beta2 = self.betas
         c1, c2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
-        for s, b in zip(self.state, self.buckets.buckets):
+        for s, decayed, b in zip(self.state, self.decayed, self.buckets.buckets):
             g = b["shard"].to(s["main"].dtype)
-            s["main"].mul_(1 - lr * self.weight_decay * s["decay"])
+            for r in decayed:
+                s["main"][r].mul_(1 - lr * self.weight_decay)
             s["exp_avg"].lerp_(g, 1 - beta1)
             s["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (s["exp_avg_sq"].sqrt() / math.sqrt(c2)).add_(self.eps)
@@ -1822,9 +1839,10 @@ class ZeroAdamW:
                 s[k].copy_(self._my_slice(b, lambda name, i=i: moments[name][i], s[k].dtype))
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state on this rank: main copy + two moments of its slices."""
-        return sum(t.numel() * t.element_size() for s in self.state for t in (s["main"], s["exp_avg"],
-                                                                                 s["exp_avg_sq"]))
+        """Bytes of optimizer state on this rank, measured: the storage of every
+        tensor it holds, each storage once (the main copy and two moments)."""
+        held = [t.untyped_storage() for s in self.state for t in s.values()]
+        return sum({u.data_ptr(): u.nbytes() for u in held}.values())
 
 
 # ---------------------------------------------------------------------------

@@ -16,8 +16,9 @@ and compares them with independent oracles in float64: the serial model on the w
    (a torch optimizer's zero_grad(), which sets them to None; p.grad = None), they stay averaged over dp;
 3. communication: per step the pipeline sends and the dp / embedding collectives are exactly the counts
    derived from the docstrings, and small buckets are reduced during the backward (the overlap);
-4. ZeRO-1 memory: the optimizer state halves at dp = 2; bf16 parameters keep an fp32 main copy that
-   accumulates updates below bf16's resolution;
+4. ZeRO-1 memory: the optimizer state halves at dp = 2; state_bytes() is the storage of every tensor ZeroAdamW
+   holds, 12 bytes an element of its slices (24 in float64), and nothing else; bf16 parameters keep an fp32
+   main copy that accumulates updates below bf16's resolution;
 5. bad inputs are ValueErrors that name the values.
 """
 
@@ -576,6 +577,56 @@ def test_zero_state_halves_at_dp_2(pools):
         assert r["bytes"] == 24 * (half(r["numel"] - r["tied"]) + half(r["tied"])), r
         assert 0 <= 2 * r["bytes"] - one["bytes"] <= 2 * 24, (r, one)
 
+
+def tensors_held(x, seen=None) -> list:
+    """Every tensor reachable from x: through dicts, lists, tuples and objects' attributes, each object once."""
+    seen = set() if seen is None else seen
+    if id(x) in seen:
+        return []
+    seen.add(id(x))
+    if isinstance(x, torch.Tensor):
+        return [x]
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple, set)) else \
+        vars(x).values() if hasattr(x, "__dict__") and not isinstance(x, type) else ()
+    return [t for item in items for t in tensors_held(item, seen)]
+
+
+def zero_storage_case(mesh, cfg, full, batch, dtype, bucket_mb):
+    """One step of this rank twice: ZeRO-1 and plain buckets. -> the storage of every tensor ZeroAdamW holds
+    (but the parameters and buckets it was given), what state_bytes() says, its slices' elements, both norms."""
+    specs = N.gpt_specs(cfg)
+    local = P.shard(full, specs, mesh)
+    norms = []
+    for zero in (True, False):
+        params = {k: t.to(dtype).requires_grad_(True) for k, t in local.items()}
+        buckets = P.GradBuckets(params, mesh, bucket_mb=bucket_mb, zero=zero)
+        opt = P.ZeroAdamW(params, buckets, specs, mesh, lr=LR, weight_decay=WEIGHT_DECAY) if zero else None
+        N.gpt_loss(params, *my_rows(batch, mesh).values(), cfg, mesh).backward()
+        buckets.finish()
+        norms.append(opt.clip_grad_norm(0) if zero else P.clip_grad_norm(params, specs, mesh, 0))
+        if zero:
+            held = tensors_held({k: v for k, v in vars(opt).items() if k not in ("params", "buckets")})
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+            out = dict(measured=sum(storages.values()), reported=opt.state_bytes(),
+                       elements=sum(b["shard"].numel() for b in buckets.buckets))
+    return dict(out, norms=norms)
+
+
+@pytest.mark.parametrize("bucket_mb", [TINY_BUCKETS, 1e-3], ids=["tiny buckets", "buckets of 1 kB"])
+@pytest.mark.parametrize("dtype, per_element", [(torch.bfloat16, 12), (torch.float32, 12), (torch.float64, 24)],
+                         ids=["bf16", "fp32", "fp64"])
+def test_zero_state_bytes_are_measured_and_12_an_element(pool, dtype, per_element, bucket_mb):
+    """tp 2, dp 2: state_bytes() is the storage of every tensor ZeroAdamW holds, and that is the main copy and two
+    moments of its slices and nothing else: 12 bytes an element (24 for a float64 model), padding included.
+    The clipping norm it computes from its slices (which elements count: the layout, not a stored mask) is
+    the plain clip_grad_norm's, kv heads replicated over tp (kv_heads = 1) included."""
+    cfg = N.GPTConfig(vocab_size=21, vocab_multiple=4, max_seq=8, layers=2, hidden=16, heads=4, kv_heads=1)
+    full = jittered(N.init_gpt(cfg, 3, torch.float64), 3)
+    batch = dict(ids=randint(4, 21, 4, 8), targets=randint(5, 21, 4, 8))
+    for r in pool.run(zero_storage_case, cfg, full, batch, dtype, bucket_mb, tp=2):
+        assert r["measured"] == r["reported"] == per_element * r["elements"], r
+        assert_close(r["norms"][0], r["norms"][1], "ZeRO's grad norm vs clip_grad_norm's",
+                     TOL if dtype == torch.float64 else dict(rtol=1e-2, atol=0))
 
 
 def test_zero_keeps_an_fp32_main_copy_of_bf16_parameters():
