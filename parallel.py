@@ -904,7 +904,8 @@ class HeadGroups:
         return rearrange(torch.cat([q, every[:, 0, -2:]], dim=1), "g r d ... -> (g r d) ...")
 
     def counted(self, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-        """The rows this rank counts in a global norm: k and v only on a group's first replica."""
+        """The rows this rank counts in a global norm (a leading slice of dim 0):
+        k and v only on a group's first replica."""
         rep = self.replicas(mesh.tp)
         return local if rep == 1 or mesh.tp_rank % rep == 0 else local[: -2 * self.head_dim]
 
@@ -938,8 +939,9 @@ class Experts:
         return all_gather(mine, mesh, "ep", 0)
 
     def counted(self, local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-        """The elements this rank counts in a global norm (summed over tp and ep):
-        all of its experts' shard, or nothing off tp rank 0 when replicated over tp."""
+        """The elements this rank counts in a global norm (summed over tp and ep; a
+        leading slice of dim 0): all of its experts' shard, or nothing off tp rank 0
+        when replicated over tp."""
         return local if self.tp_dim is not None or mesh.tp_rank == 0 else local[:0]
 
 
@@ -1771,15 +1773,15 @@ def checked_schedule(name: str, p: int, m: int, v: int = 1, forward_only: bool =
 # ---------------------------------------------------------------------------
 
 
-def counted_mask(name: str, p: torch.Tensor, spec, mesh: Mesh, skip=()) -> torch.Tensor:
-    """1 where this rank counts p's elements in a global norm, 0 elsewhere
-    (the rule of `clip_grad_norm`: replicated tensors on tp rank 0 only,
-    replicated kv heads on their first replica, `skip`ped names nowhere)."""
-    mask = torch.zeros_like(p, dtype=torch.float64)
+def counted_numel(name: str, p: torch.Tensor, spec, mesh: Mesh, skip=()) -> int:
+    """How many of p's elements this rank counts in a global norm: always
+    its first ones, flattened (the rule of `clip_grad_norm`: replicated
+    tensors on tp rank 0 only, replicated kv heads on their first replica,
+    `skip`ped names nowhere; `HeadGroups.counted` and `Experts.counted` cut
+    a leading slice of dim 0)."""
     if name in skip or (spec is None and mesh.tp_rank != 0):
-        return mask
-    (spec.counted(mask, mesh) if isinstance(spec, (HeadGroups, Experts)) else mask).fill_(1.0)
-    return mask
+        return 0
+    return (spec.counted(p, mesh) if isinstance(spec, (HeadGroups, Experts)) else p).numel()
 
 
 class GradBuckets:
@@ -1788,7 +1790,12 @@ class GradBuckets:
 
     Parameters are bucketed in reverse order (the backward produces the last
     layers' gradients first), up to `bucket_mb` MB a bucket; each p.grad is a
-    view into its bucket, so autograd accumulates in place. A
+    view into its bucket, so autograd accumulates in place. Whatever detaches
+    a p.grad from its view (a torch optimizer's zero_grad() sets it to None;
+    so may the user), `_attach` puts its value into the view and the view
+    back into p.grad, before the bucket is reduced: in the hook after each
+    accumulation, and in finish() for a parameter no backward reached (None
+    counts as zeros). A
     post-accumulate-grad hook counts each parameter's gradients: when every
     parameter of a bucket has had its `accumulations`-th (one per
     microbatch), the bucket's collective is launched asynchronously:
@@ -1818,7 +1825,7 @@ class GradBuckets:
         self.params = params
         tied = [n for n in tied if n in params and mesh.group("embed") is not None]
         limit = bucket_mb * 2**20
-        self.buckets = []
+        self.buckets, self.views = [], {}  # views: {name: p.grad's place in its bucket}
         for dim in ("dp", "edp"):  # the dense gradients' buckets, then the experts'
             names = [n for n in reversed(list(params)) if n not in tied and (n in experts) == (dim == "edp")]
             groups, current, nbytes = [], [], 0
@@ -1848,14 +1855,25 @@ class GradBuckets:
         buf = torch.zeros(total, dtype=first.dtype, device=first.device)
         offsets = [sum(sizes[:i]) for i in range(len(names))]
         for n, off, size in zip(names, offsets, sizes):
-            self.params[n].grad = buf[off: off + size].view_as(self.params[n])
+            self.views[n] = buf[off: off + size].view_as(self.params[n])
+            self.params[n].grad = self.views[n]
         shard = total // n_ranks
         return dict(names=names, offsets=offsets, sizes=sizes, buf=buf, tied=tied, dim=dim,
                     shard=buf[rank * shard: (rank + 1) * shard],
                     lo=rank * shard, work=None, launched=False, ready=0)
 
+    def _attach(self, name: str) -> None:
+        """Make p.grad the bucket's view again, keeping its value (None: zeros)."""
+        p, view = self.params[name], self.views[name]
+        if p.grad is None:
+            view.zero_()
+        elif p.grad is not view:
+            view.copy_(p.grad)
+        p.grad = view
+
     def _on_grad(self, p: torch.Tensor) -> None:
         name = self.name_of[id(p)]
+        self._attach(name)  # autograd made a new p.grad if it was None (a torch optimizer's zero_grad)
         self.count[name] += 1
         bucket = self.bucket_of[name]
         if self.count[name] == self.accumulations:
@@ -1881,6 +1899,9 @@ class GradBuckets:
     def finish(self) -> None:
         """Complete every bucket's reduction and average over dp (call after the last backward)."""
         for bucket in self.buckets:
+            if not bucket["launched"]:  # some parameter's hook did not run: its p.grad may be None or detached
+                for name in bucket["names"]:
+                    self._attach(name)
             if bucket["tied"]:  # the first and last stage's copies of the tied embedding: sum them first
                 group = self.mesh.group("embed")
                 _record("all_reduce", "embed", bucket["buf"].numel(), "after backward", bucket["buf"].dtype)
@@ -1921,7 +1942,8 @@ def grad_norm_sq(params: dict, specs: dict, mesh: Mesh, skip=()) -> torch.Tensor
     for name, p in params.items():
         if p.grad is not None:
             expert = isinstance(specs[name], Experts)
-            sq[expert] = sq[expert] + (counted_mask(name, p, specs[name], mesh, skip) * p.grad.double().pow(2)).sum()
+            counted = p.grad.reshape(-1)[: counted_numel(name, p, specs[name], mesh, skip)]
+            sq[expert] = sq[expert] + counted.double().pow(2).sum()
     if mesh.ep > 1:
         sq[True] = all_reduce(torch.as_tensor(sq[True], dtype=torch.float64, device=device), mesh, "ep",
                               phase="after backward")
@@ -1940,8 +1962,12 @@ class ZeroAdamW:
       3. AdamW on the slice, in the main precision (torch.optim.AdamW's formula);
       4. all-gather each bucket's updated slices over dp (its numel elements)
          and copy them into the model parameters, in their own dtype (bf16 stays bf16).
-    Optimizer state per rank: 1/dp of (main copy + 2 moments) of the unsharded optimizer.
-    `decay(name, p)` says which tensors get weight decay (train.py: matrices only).
+    Optimizer state per rank: the main copy and 2 moments of its slices, and
+    nothing else (12 B an element, 24 for float64 models): 1/dp of the
+    unsharded optimizer's (1/edp for the experts' buckets), up to the padding.
+    `decay(name, p)` says which tensors get weight decay (train.py: matrices
+    only); where they, and the elements the norm counts, lie in the slices is
+    kept as ranges (`_my_ranges`), not masks. `state_bytes()` measures it.
     """
 
     def __init__(self, params: dict, buckets: GradBuckets, specs: dict, mesh: Mesh, *, lr: float,
@@ -1951,17 +1977,16 @@ class ZeroAdamW:
         self.params, self.buckets, self.mesh = params, buckets, mesh
         self.lr, self.betas, self.eps, self.weight_decay, self.steps = lr, betas, eps, weight_decay, 0
         decay = decay or (lambda name, p: p.dim() >= 2)
-        self.state = []
+        self.state, self.decayed, self.counted = [], [], []  # per bucket: tensors; slices of the slice
         for b in buckets.buckets:
             dtype = torch.float64 if b["buf"].dtype == torch.float64 else torch.float32
             with torch.no_grad():
                 main = self._my_slice(b, lambda name: params[name].detach(), dtype)
-                wd = self._my_slice(b, lambda name: torch.full_like(params[name], float(decay(name, params[name]))),
-                                    dtype)
-                counted = self._my_slice(b, lambda name: counted_mask(name, params[name], specs[name], mesh, skip),
-                                         dtype)
-            self.state.append(dict(main=main, exp_avg=torch.zeros_like(main), exp_avg_sq=torch.zeros_like(main),
-                                   decay=wd, counted=counted))
+            self.state.append(dict(main=main, exp_avg=torch.zeros_like(main), exp_avg_sq=torch.zeros_like(main)))
+            decayed = lambda name: params[name].numel() if decay(name, params[name]) else 0
+            counted = lambda name: counted_numel(name, params[name], specs[name], mesh, skip)
+            self.decayed.append(self._my_ranges(b, decayed))
+            self.counted.append(self._my_ranges(b, counted))
 
     @staticmethod
     def _my_slice(bucket: dict, per_name, dtype) -> torch.Tensor:
@@ -1971,12 +1996,22 @@ class ZeroAdamW:
                          [torch.zeros(pad, dtype=dtype, device=bucket["buf"].device)])
         return flat[bucket["lo"]: bucket["lo"] + bucket["shard"].numel()].clone()
 
+    @staticmethod
+    def _my_ranges(bucket: dict, first) -> list[slice]:
+        """Where the first first(name) elements of each of the bucket's tensors
+        lie in this rank's slice: slices of the slice, empty ones left out."""
+        lo, hi = bucket["lo"], bucket["lo"] + bucket["shard"].numel()
+        spans = [(max(off, lo), min(off + first(name), hi)) for name, off in zip(bucket["names"], bucket["offsets"])]
+        return [slice(a - lo, b - lo) for a, b in spans if a < b]
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The global grad norm from the slices (one all-reduce of 1 element
         over dp, tp and pp each); scale the slices to max_norm (0: no clipping)."""
         check_max_norm(max_norm)  # before the collectives: every rank refuses alike
-        sq = sum((s["counted"] * b["shard"].to(s["main"].dtype).pow(2)).sum().double()
-                 for s, b in zip(self.state, self.buckets.buckets))
+        sq = torch.zeros((), dtype=torch.float64, device=self.buckets.buckets[0]["buf"].device)
+        for ranges, b in zip(self.counted, self.buckets.buckets):
+            for r in ranges:
+                sq = sq + b["shard"][r].double().pow(2).sum()
         for dim in ("dpcp" if self.mesh.cp > 1 else "dp", "tp", "pp"):
             sq = all_reduce(sq, self.mesh, dim, phase="after backward")
         norm = sq.sqrt()
@@ -1986,15 +2021,20 @@ class ZeroAdamW:
                 b["shard"].mul_(scale.to(b["shard"].dtype))
         return norm
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's habit, here: zero the buckets (the gradients live there whatever set_to_none says)."""
+        self.buckets.zero_grad()
+
     @torch.no_grad()
     def step(self, lr: float | None = None) -> None:
         lr = self.lr if lr is None else lr
         self.steps += 1
         beta1, beta2 = self.betas
         c1, c2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
-        for s, b in zip(self.state, self.buckets.buckets):
+        for s, decayed, b in zip(self.state, self.decayed, self.buckets.buckets):
             g = b["shard"].to(s["main"].dtype)
-            s["main"].mul_(1 - lr * self.weight_decay * s["decay"])
+            for r in decayed:
+                s["main"][r].mul_(1 - lr * self.weight_decay)
             s["exp_avg"].lerp_(g, 1 - beta1)
             s["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (s["exp_avg_sq"].sqrt() / math.sqrt(c2)).add_(self.eps)
@@ -2027,9 +2067,10 @@ class ZeroAdamW:
                 s[k].copy_(self._my_slice(b, lambda name, i=i: moments[name][i], s[k].dtype))
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state on this rank: main copy + two moments of its slices."""
-        return sum(t.numel() * t.element_size() for s in self.state for t in (s["main"], s["exp_avg"],
-                                                                                 s["exp_avg_sq"]))
+        """Bytes of optimizer state on this rank, measured: the storage of every
+        tensor it holds, each storage once (the main copy and two moments)."""
+        held = [t.untyped_storage() for s in self.state for t in s.values()]
+        return sum({u.data_ptr(): u.nbytes() for u in held}.values())
 
 
 # ---------------------------------------------------------------------------

@@ -1158,7 +1158,7 @@ class Optimizer:
                                          exp_avg_sq=moments[n][1].clone())
 
     def state_bytes(self) -> int:
-        """AdamW's state on this rank: the two moments (ZeRO-1: and the fp32 main copy of its slice)."""
+        """AdamW's state on this rank: the two moments (ZeRO-1: measured from storage, with the fp32 main copy)."""
         if self.zero:
             return self.opt.state_bytes()
         return sum(s[k].numel() * s[k].element_size() for s in self.opt.state.values()
@@ -1952,13 +1952,14 @@ def train(args) -> int:
         say(f"pipeline: {args.schedule}, {args.microbatches} microbatches of {args.batch // args.microbatches}, "
             f"virtual stages hold layers {held}; simulated bubble {sim['bubble']:.1%} of the compute "
             f"(--show-schedule draws it)")
-    if mesh.dp > 1:
-        n_local = sum(p.numel() for p in params.values())
+    if mesh.dp * mesh.cp > 1:
+        over = f"dp x cp = {mesh.dp * mesh.cp}" if mesh.cp > 1 else f"dp = {mesh.dp}"
+        sliced = sum(b["shard"].numel() for b in opt.buckets.buckets)
         say(f"data parallel: {len(opt.buckets.buckets)} gradient bucket(s) of <= {args.bucket_mb:g} MB, each "
-            f"{'reduce-scattered' if args.zero else 'all-reduced'} over dp = {mesh.dp} as soon as its gradients are "
-            "in" + (f" (the experts' over the dp / ep = {mesh.dp // mesh.ep} rank(s) that hold them)"
-                    if mesh.ep > 1 else "") + (f"; ZeRO-1: AdamW state {opt.state_bytes():,} B on rank 0 (fp32 main copy + 2 moments of its "
-                    f"slice), 1/{mesh.dp} of {12 * n_local:,} B up to the padding" if args.zero else ""))
+            f"{'reduce-scattered' if args.zero else 'all-reduced'} over {over} as soon as its gradients are in"
+            + (f" (the experts' over the dp / ep = {mesh.dp // mesh.ep} rank(s) that hold them)" if mesh.ep > 1 else "")
+            + (f"; ZeRO-1: AdamW state {opt.state_bytes():,} B on rank 0, measured from storage: the fp32 main copy "
+               f"+ 2 moments of its slice of each bucket, 12 B x {sliced:,} elements" if args.zero else ""))
     start = 1
     if args.load_path is not None:
         saved = args.load_meta["layout"]

@@ -21,7 +21,8 @@ processes and measures, per pipeline rank, the peak bytes of activations saved f
 saved-tensors hook counts every tensor autograd keeps that is not a parameter, until it is freed),
 printed in units of one microbatch's activations on that stage beside what the schedule promises
 (AFAB m; 1F1B and ZB-H1 p - rank; interleaved from the simulator); and ZeRO-1's optimizer state
-per rank at dp = 1, 2, 4 beside 12 bytes x parameters / dp (fp32 main copy + two moments).
+per rank at dp = 1, 2, 4, measured from storage (`ZeroAdamW.state_bytes()`: every tensor it holds, each
+storage once) beside 12 bytes x parameters / dp (fp32 main copy + two moments).
 """
 
 import argparse
@@ -159,7 +160,7 @@ def measure():
                    "interleaved": f"chunks in flight {' '.join(map(str, inter))}, each half a stage"}[name]
         print(f"{name:<14} " + " ".join(f"{c:>16}" for c in cells) + f"   {promise}")
     zero = spawn(_zero_rank)[0]
-    print("\nZeRO-1 optimizer state per rank (fp32 main copy + two moments of the rank's slice):")
+    print("\nZeRO-1 optimizer state per rank, measured from storage (fp32 main copy + two moments of its slice):")
     for dp, (nbytes, n) in zero.items():
         print(f"  dp {dp}: {nbytes:>10,} B measured, 12 x {n:,} / {dp} = {12 * n / dp:>12,.0f} B formula")
 

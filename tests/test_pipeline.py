@@ -12,11 +12,13 @@ and compares them with independent oracles in float64: the serial model on the w
    per microbatch), layouts and schedules (AFAB, 1F1B, zero-bubble, interleaved with v = 2) and microbatch
    counts: the losses and every gradient after `GradBuckets.finish()` equal the serial step's;
 2. three optimizer steps with ZeRO-1 (`ZeroAdamW`) or bucketed dp + torch's AdamW land on serial AdamW's
-   parameters, with the gradient clipped by the global norm;
+   parameters, with the gradient clipped by the global norm; whatever zeroes the gradients between steps
+   (a torch optimizer's zero_grad(), which sets them to None; p.grad = None), they stay averaged over dp;
 3. communication: per step the pipeline sends and the dp / embedding collectives are exactly the counts
    derived from the docstrings, and small buckets are reduced during the backward (the overlap);
-4. ZeRO-1 memory: the optimizer state halves at dp = 2; bf16 parameters keep an fp32 main copy that
-   accumulates updates below bf16's resolution;
+4. ZeRO-1 memory: the optimizer state halves at dp = 2; state_bytes() is the storage of every tensor ZeroAdamW
+   holds, 12 bytes an element of its slices (24 in float64), and nothing else; bf16 parameters keep an fp32
+   main copy that accumulates updates below bf16's resolution;
 5. bad inputs are ValueErrors that name the values;
 6. pp, cp and dp all 2 (world 8): three training steps under any schedule equal serial AdamW (with any of the
    three at 1, the dp and cp coordinates of a pipeline peer could be swapped unseen);
@@ -392,6 +394,90 @@ def test_training_steps_equal_serial_adamw(pools, layout):
     assert_close(merged([r["params"] for r in results], what), want, f"{what}: parameters after {STEPS} steps")
 
 
+# The zero_grad habit: a torch optimizer's zero_grad() (set_to_none) between steps, or p.grad = None, must not
+# switch the dp averaging off. A small MLP in float64, 8 rows over dp = 4, 3 steps against the serial run.
+
+def mlp_loss(params, x, y):
+    return ((torch.tanh(x @ params["w1"].T + params["b1"]) @ params["w2"].T - y) ** 2).mean()
+
+
+OPTIMIZERS = {
+    "SGD": lambda params: torch.optim.SGD(params.values(), lr=0.1, momentum=0.9),
+    "AdamW": adamw,
+}
+
+
+def _no_grads(params):
+    for p in params.values():
+        p.grad = None
+
+
+HABITS = {  # (the optimizer, the buckets, the parameters) -> what a user calls before a step's backward
+    "optimizer.zero_grad()": lambda opt, buckets, params: opt.zero_grad(),
+    "optimizer.zero_grad(set_to_none=False)": lambda opt, buckets, params: opt.zero_grad(set_to_none=False),
+    "buckets.zero_grad()": lambda opt, buckets, params: buckets.zero_grad(),
+    "buckets.zero_grad(), then optimizer.zero_grad()": lambda opt, buckets, params: (buckets.zero_grad(),
+                                                                                     opt.zero_grad()),
+    "p.grad = None": lambda opt, buckets, params: _no_grads(params),
+}
+
+
+def habit_case(mesh, full, batches, optimizer, habit, bucket_mb, m):
+    """STEPS steps of this replica on its rows, in m microbatches: HABITS[habit], backward, finish, step.
+    optimizer 'ZeRO': ZeroAdamW (its zero_grad is the buckets')."""
+    params = {k: t.clone().requires_grad_(True) for k, t in full.items()}
+    zero = optimizer == "ZeRO"
+    buckets = P.GradBuckets(params, mesh, bucket_mb=bucket_mb, zero=zero, accumulations=m)
+    opt = P.ZeroAdamW(params, buckets, dict.fromkeys(params), mesh, lr=LR, betas=BETAS,
+                      weight_decay=WEIGHT_DECAY) if zero else OPTIMIZERS[optimizer](params)
+    for batch in batches:
+        HABITS[habit](opt, buckets, params)
+        mine = my_rows(batch, mesh)
+        for x, y in zip(mine["x"].chunk(m), mine["y"].chunk(m)):
+            (mlp_loss(params, x, y) / m).backward()
+        buckets.finish()
+        opt.step()
+    return {k: p.detach() for k, p in params.items()}
+
+
+@example(optimizer="SGD", habit="optimizer.zero_grad()", bucket_mb=ONE_BUCKET, m=1)
+@example(optimizer="AdamW", habit="buckets.zero_grad(), then optimizer.zero_grad()", bucket_mb=TINY_BUCKETS, m=2)
+@example(optimizer="ZeRO", habit="optimizer.zero_grad()", bucket_mb=TINY_BUCKETS, m=1)
+@example(optimizer="ZeRO", habit="p.grad = None", bucket_mb=ONE_BUCKET, m=2)
+@given(optimizer=st.sampled_from([*OPTIMIZERS, "ZeRO"]), habit=st.sampled_from(list(HABITS)),
+       bucket_mb=st.sampled_from([TINY_BUCKETS, ONE_BUCKET]), m=st.sampled_from([1, 2]))
+def test_zero_grad_habits_keep_averaging_over_dp(pool, optimizer, habit, bucket_mb, m):
+    """Whatever zeroes the gradients between steps, every step's gradient is the mean over the dp = 4
+    replicas: the replicas agree and equal one process on the whole batch with the same optimizer."""
+    full = dict(w1=rand(1, 6, 5), b1=rand(2, 6), w2=rand(3, 3, 6))
+    batches = [dict(x=rand(10 + k, 8, 5), y=rand(20 + k, 8, 3)) for k in range(STEPS)]
+    serial = {k: t.clone().requires_grad_(True) for k, t in full.items()}
+    opt = (adamw if optimizer == "ZeRO" else OPTIMIZERS[optimizer])(serial)
+    for batch in batches:
+        opt.zero_grad()
+        mlp_loss(serial, batch["x"], batch["y"]).backward()
+        opt.step()
+    for rank, got in enumerate(pool.run(habit_case, full, batches, optimizer, habit, bucket_mb, m)):
+        assert_close(got, {k: p.detach() for k, p in serial.items()}, f"{optimizer}, {habit}: dp rank {rank}")
+
+
+
+def test_a_parameter_no_backward_reached_gets_zeros_in_its_bucket_not_last_steps_gradient():
+    """After a torch optimizer's zero_grad() (every p.grad None), a step whose loss leaves b out: finish() puts
+    b's view back into b.grad, zeroed (None means zeros), so the bucket reduces this step's gradients only."""
+    params = dict(a=torch.ones(3, dtype=torch.float64, requires_grad=True),
+                  b=torch.ones(2, dtype=torch.float64, requires_grad=True))
+    buckets = P.GradBuckets(params, SERIAL)
+    opt = torch.optim.SGD(params.values(), lr=0.1)
+    (params["a"].sum() + 5 * params["b"].sum()).backward()
+    buckets.finish()
+    opt.step()
+    opt.zero_grad()
+    (2 * params["a"].sum()).backward()
+    buckets.finish()
+    assert all(p.grad is buckets.views[k] for k, p in params.items())
+    assert torch.equal(buckets.buckets[0]["buf"], torch.tensor([0.0, 0.0, 2.0, 2.0, 2.0], dtype=torch.float64))
+
 # ---------------------------------------------------------------------------------------------------
 # 3. Communication: what one step moves, from the docstrings' formulas
 # ---------------------------------------------------------------------------------------------------
@@ -511,6 +597,53 @@ def test_zero_state_halves_at_dp_2(pools):
         half = lambda n: -(-n // 2)
         assert r["bytes"] == 24 * (half(r["numel"] - r["tied"]) + half(r["tied"])), r
         assert 0 <= 2 * r["bytes"] - one["bytes"] <= 2 * 24, (r, one)
+
+
+def tensors_held(x, seen=None) -> list:
+    """Every tensor reachable from x: through dicts, lists, tuples and objects' attributes, each object once."""
+    seen = set() if seen is None else seen
+    if id(x) in seen:
+        return []
+    seen.add(id(x))
+    if isinstance(x, torch.Tensor):
+        return [x]
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple, set)) else \
+        vars(x).values() if hasattr(x, "__dict__") and not isinstance(x, type) else ()
+    return [t for item in items for t in tensors_held(item, seen)]
+
+
+def zero_storage_case(mesh, cfg, full, batch, dtype, bucket_mb):
+    """One step of this rank with ZeRO-1. -> the storage of every tensor ZeroAdamW holds (but the parameters and
+    buckets it was given), what its state_bytes() says, its slices' elements, the grad norm it computes."""
+    specs = N.gpt_specs(cfg)
+    params = {k: t.to(dtype).requires_grad_(True) for k, t in P.shard(full, specs, mesh).items()}
+    buckets = P.GradBuckets(params, mesh, bucket_mb=bucket_mb, zero=True)
+    opt = P.ZeroAdamW(params, buckets, specs, mesh, lr=LR, weight_decay=WEIGHT_DECAY)
+    N.gpt_loss(params, *my_rows(batch, mesh).values(), cfg, mesh).backward()
+    buckets.finish()
+    held = tensors_held({k: v for k, v in vars(opt).items() if k not in ("params", "buckets")})
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+    return dict(measured=sum(storages.values()), reported=opt.state_bytes(),
+                elements=sum(b["shard"].numel() for b in buckets.buckets), norm=opt.clip_grad_norm(0))
+
+
+@pytest.mark.parametrize("bucket_mb", [TINY_BUCKETS, 1e-3], ids=["tiny buckets", "buckets of 1 kB"])
+@pytest.mark.parametrize("dtype, per_element", [(torch.bfloat16, 12), (torch.float32, 12), (torch.float64, 24)],
+                         ids=["bf16", "fp32", "fp64"])
+def test_zero_state_bytes_are_measured_and_12_an_element(pool, dtype, per_element, bucket_mb):
+    """tp 2, dp 2: state_bytes() is the storage of every tensor ZeroAdamW holds, and that is the main copy and two
+    moments of its slices and nothing else: 12 bytes an element (24 for a float64 model), padding included.
+    The grad norm it computes from its slices (which elements count: ranges from the layout, not a stored
+    mask) is the serial model's, kv heads replicated over tp (kv_heads = 1) included."""
+    cfg = N.GPTConfig(vocab_size=21, vocab_multiple=4, max_seq=8, layers=2, hidden=16, heads=4, kv_heads=1)
+    full = jittered(N.init_gpt(cfg, 3, torch.float64), 3)
+    batch = dict(ids=randint(4, 21, 4, 8), targets=randint(5, 21, 4, 8))
+    serial = {k: t.clone().requires_grad_(True) for k, t in full.items()}
+    N.gpt_loss(serial, batch["ids"], batch["targets"], cfg, SERIAL).backward()
+    want = torch.stack([p.grad.norm() for p in serial.values()]).norm()
+    for r in pool.run(zero_storage_case, cfg, full, batch, dtype, bucket_mb, tp=2):
+        assert r["measured"] == r["reported"] == per_element * r["elements"], r
+        assert_close(r["norm"], want, "ZeRO's grad norm", TOL if dtype == torch.float64 else dict(rtol=2e-2, atol=0))
 
 
 def test_zero_keeps_an_fp32_main_copy_of_bf16_parameters():

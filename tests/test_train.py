@@ -124,6 +124,14 @@ def test_torchrun_pipeline_learns_exactly_what_the_uncut_run_learns(text_file, m
         assert "sample" in got.stdout  # the stages gathered for the demo
     if reference:
         assert "ZeRO-1" in got.stdout and "dp " in step_line
+        assert_zero_state_measured(got.stdout)
+
+
+def assert_zero_state_measured(stdout: str) -> None:
+    """The log's ZeRO-1 line: the state measured from storage is 12 B an element of the rank's slices."""
+    line = re.search(r"ZeRO-1: AdamW state ([\d,]+) B on rank 0, measured from storage: .* 12 B x ([\d,]+) elements",
+                     stdout)
+    assert line and int(line[1].replace(",", "")) == 12 * int(line[2].replace(",", "")), stdout
 
 
 def free_port() -> int:
@@ -246,6 +254,7 @@ def test_torchrun_mixture_of_experts_learns_exactly_what_the_reference_learns(te
     assert "experts: 2 of 2 layers have 4 experts, top-2, capacity factor 1.5" in got.stdout
     if "--ep" in args:
         assert re.search(r"comm .*ep [0-9,]+", step_line) and "each rank holds 2 experts of each layer" in got.stdout
+        assert_zero_state_measured(got.stdout)
 
 
 CP = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "64", "--batch", "4", "--steps", "8", "--log-every",
@@ -271,6 +280,8 @@ def test_torchrun_context_parallel_learns_exactly_what_one_process_learns(text_f
     step_line = re.search(r"step +8 \|.*", got.stdout)[0]
     assert re.search(r"comm .*cp [0-9,]+ .*dpcp [0-9,]+", step_line), step_line
     assert " cp=2 " in got.stdout and "sample" in got.stdout
+    if "--zero" in layout:
+        assert_zero_state_measured(got.stdout)
 
 
 def test_cp_flags_that_need_the_world_size_are_refused_before_any_process_group():
