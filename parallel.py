@@ -323,8 +323,9 @@ def count_comms():
       under cp), "ep", "edp" (expert gradients), "embed" (tied embedding);
     * elements: as defined in the module docstring;
     * phase: "forward", "backward", "after backward" (between backward and
-      the optimizer step: dp gradient averaging, the grad norm) or
-      "optimizer" (ZeRO-1's all-gather of the updated parameters).
+      the optimizer step: dp gradient averaging, the grad norm),
+      "optimizer" (ZeRO-1's all-gather of the updated parameters) or "log"
+      (train.py's averages for its step line, outside the counted step).
     Collectives on a group of one are not issued and so not recorded.
     Opt-in: costs nothing when not used.
     """
