@@ -94,6 +94,20 @@ def shape_of(x) -> tuple | str:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+def check_id_tensor(x, shape: tuple, name: str, high: int | None = None, what: str = "id") -> None:
+    """ValueError naming `name` unless x is an int64 (or int32) tensor of
+    exactly `shape` (None: any size in that dim), with every value (a `what`)
+    in [0, high) when high is given. Exactly: ids, labels or gold indices
+    that only broadcast to the shape ([m, 1] for [m]) would score wrong pairs."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in P.ID_DTYPES or x.dim() != len(shape) or \
+            any(n is not None and n != got for n, got in zip(shape, x.shape)):
+        want = ", ".join("*" if n is None else str(n) for n in shape)
+        got = f"{shape_of(x)} {getattr(x, 'dtype', '')}".rstrip()
+        raise ValueError(f"{name} must be an int64 (or int32) tensor of shape [{want}], got {got}")
+    if high is not None:
+        P.check_ids(x, high, what)
+
+
 def check_fields(cfg) -> None:
     """ValueError naming the field unless every field of the dataclass `cfg`
     has its annotated type (`int`, `float` (finite), `bool`, `str`; `X | None`
@@ -499,6 +513,7 @@ def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, 
     learned positions and token types [b, s] (BERT's segments; default all 0)
     are replicated and added to this rank's sequence chunk. Post-norm models
     normalise the sum (BERT's embedding LayerNorm); then dropout."""
+    check_id_tensor(ids, (None, None), "ids")  # the range: by the vocab-parallel lookup
     cfg.check_seq(ids.shape[1], mesh, pos_offset)
     check_token_types(token_types, ids, cfg)
     x = P.vocab_parallel_embedding(ids, params["embed.word"], mesh,
@@ -1077,6 +1092,7 @@ def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=Fals
     ids [b, s], keeps its two chunks (`parallel.cp_split`) and returns their
     logits [b, s/cp, V/t], at the positions `parallel.cp_positions` names."""
     cfg.check_mesh(mesh)
+    check_id_tensor(ids, (None, None), "ids")
     if mesh.cp > 1:
         if caches is not None or pos_offset:
             raise ValueError(f"cp={mesh.cp}: generation with a KV cache runs without context parallelism")
@@ -1133,6 +1149,8 @@ def gpt_loss(params, ids, targets, cfg: GPTConfig, mesh: Mesh, *, loss_mask=None
     reaches the router through `_AuxLossGrad`, so loss.backward() gives the
     gradient of the returned number (at unit scale: a scaled loss would
     not scale the auxiliary part). moe: a `MoE` to read the layers' stats."""
+    check_id_tensor(ids, (None, None), "ids")
+    check_id_tensor(targets, tuple(ids.shape), "targets")
     moe = MoE() if moe is None and cfg.experts else moe
     loss = lm_loss(gpt_logits(params, ids, cfg, mesh, seed=seed, training=training, moe=moe), targets, cfg, mesh,
                    loss_mask)
@@ -1187,11 +1205,14 @@ def generate(params, prompt_ids, cfg: GPTConfig, mesh: Mesh, max_new_tokens: int
 def next_token(local_logits, cfg: GPTConfig, mesh: Mesh, temperature: float, top_k, gen):
     """local_logits [b, V/t] (the last position, vocab-parallel) -> ids [b].
     ALL-GATHERS the logits over tp (b·V elements) so every rank draws the
-    same token with the same generator; temperature 0 is greedy."""
-    logits = P.gather_from_tp(local_logits, mesh).float()[:, : cfg.vocab_size]  # [b, V]
+    same token with the same generator; temperature 0 is greedy. Sampling
+    shifts the logits to max 0, then divides in float64 (where no positive
+    temperature rounds to 0): logits in [-inf, 0] with the max at 0, so
+    however small the temperature (1e-300), the softmax has no nan."""
+    logits = P.gather_from_tp(local_logits, mesh).double()[:, : cfg.vocab_size]  # [b, V]
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -1199,16 +1220,14 @@ def next_token(local_logits, cfg: GPTConfig, mesh: Mesh, temperature: float, top
 
 
 def check_generate_args(prompt_ids, cfg: GPTConfig, max_new_tokens, temperature, top_k, seed) -> None:
-    """ValueError naming the value unless: prompt_ids is an integer tensor
-    [b >= 1, s0 >= 1]; max_new_tokens an int >= 0 with s0 + max_new_tokens <=
+    """ValueError naming the value unless: prompt_ids is an int64 (or int32)
+    tensor [b >= 1, s0 >= 1]; max_new_tokens an int >= 0 with s0 + max_new_tokens <=
     max_seq; temperature a finite number >= 0; top_k None or an int >= 1; seed
     an int in [0, 2**63). (Token ids are range-checked by the embedding.)"""
     is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
-    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or 0 in prompt_ids.shape:
-        raise ValueError(f"prompt_ids must be a [batch, tokens] tensor with at least one token, "
-                         f"got {shape_of(prompt_ids)}")
-    if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
-        raise ValueError(f"prompt_ids must be an integer tensor, got dtype {prompt_ids.dtype}")
+    check_id_tensor(prompt_ids, (None, None), "prompt_ids")
+    if 0 in prompt_ids.shape:
+        raise ValueError(f"prompt_ids must hold at least one token, got {shape_of(prompt_ids)}")
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if prompt_ids.shape[1] + max_new_tokens > cfg.max_seq:
@@ -1752,20 +1771,22 @@ def bert_loss_and_metrics(params, ids, cfg: BertConfig, mesh: Mesh, *, mlm_targe
 def bert_pretrain_losses(mlm_logits, nsp_logits, cfg: BertConfig, mesh: Mesh, *, mlm_targets, mlm_mask,
                          nsp_labels=None) -> dict:
     """The heads' logits -> dict(loss, mlm[, nsp, nsp_acc]) (see `bert_loss_and_metrics`)."""
+    check_nsp_labels(nsp_labels, mlm_logits.shape[0], cfg)
     mlm = lm_loss(mlm_logits, mlm_targets, cfg, mesh, loss_mask=mlm_mask)
     if nsp_logits is None:
-        if nsp_labels is not None:
-            raise ValueError("nsp_labels given, but the model has no next-sentence head (binary_head=False)")
         return dict(loss=mlm, mlm=mlm)
-    b = mlm_targets.shape[0]
-    if nsp_labels is None or nsp_labels.shape != (b,):
-        raise ValueError(f"nsp_labels must be [b] = ({b},) with the binary head, got "
-                         f"{None if nsp_labels is None else tuple(nsp_labels.shape)}")
-    P.check_ids(nsp_labels, 2, "next-sentence label")
     nsp = F.cross_entropy(nsp_logits.float() if nsp_logits.dtype in (torch.float16, torch.bfloat16) else nsp_logits,
-                          nsp_labels)
+                          nsp_labels.long())
     nsp_acc = (nsp_logits.detach().argmax(-1) == nsp_labels).float().mean()
     return dict(loss=mlm + nsp, mlm=mlm, nsp=nsp, nsp_acc=nsp_acc)
+
+
+def check_nsp_labels(nsp_labels, b: int, cfg: BertConfig) -> None:
+    """ValueError unless nsp_labels is [b] of 0/1 with the binary head, None without it."""
+    if not cfg.binary_head and nsp_labels is not None:
+        raise ValueError("nsp_labels given, but the model has no next-sentence head (binary_head=False)")
+    if cfg.binary_head:
+        check_id_tensor(nsp_labels, (b,), "nsp_labels", 2, "next-sentence label")
 
 
 def bert_classify(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None, seed=0,
@@ -2118,9 +2139,8 @@ def t5_logits(params, enc_ids, dec_ids, cfg: T5Config, mesh: Mesh, *, enc_paddin
               masks=None, seed=0, training=False):
     """enc_ids [b, s_e], dec_ids [b, s_d] -> vocab-parallel logits [b, s_d, V/t].
     Masks from the padding of both sides, or Megatron's three (`t5_masks`)."""
-    for name, ids in (("enc_ids", enc_ids), ("dec_ids", dec_ids)):
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or 0 in ids.shape:
-            raise ValueError(f"{name} must be a [batch, tokens] tensor, got {shape_of(ids)}")
+    check_id_tensor(enc_ids, (None, None), "enc_ids")
+    check_id_tensor(dec_ids, (None, None), "dec_ids")
     if enc_ids.shape[0] != dec_ids.shape[0]:
         raise ValueError(f"enc_ids batch {enc_ids.shape[0]} != dec_ids batch {dec_ids.shape[0]}")
     enc_mask, dec_mask, enc_dec_mask = t5_masks(enc_ids, dec_ids, enc_padding=enc_padding, dec_padding=dec_padding,
@@ -2152,9 +2172,7 @@ def t5_generate(params, enc_ids, cfg: T5Config, mesh: Mesh, max_new_tokens: int,
     Greedy (temperature 0), temperature and top-k, the same on every tp
     rank (`next_token`). With eos_id, a sequence that has emitted it goes
     on with pad_id (default start_id), as HF's generate pads."""
-    if not isinstance(enc_ids, torch.Tensor) or enc_ids.dim() != 2 or 0 in enc_ids.shape or \
-            enc_ids.is_floating_point() or enc_ids.dtype == torch.bool:
-        raise ValueError(f"enc_ids must be an integer [batch, tokens] tensor, got {shape_of(enc_ids)}")
+    check_id_tensor(enc_ids, (None, None), "enc_ids")
     b = enc_ids.shape[0]
     for name, value in (("start_id", start_id), ("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
@@ -2507,18 +2525,34 @@ def search(q, index: Index, k: int, cfg: BiEncoderConfig, mesh: Mesh):
     against its own blocks, and `parallel.top_k_over_dp` merges the
     candidates (one all-gather of dp·m·k scores and ids per replica); each
     replica keeps its own m rows. No gradient. Every replica needs the same m."""
-    sizes = P.sizes_over_dp(q.shape[0], mesh, q.device)
-    if len(set(sizes)) > 1:
-        raise ValueError(f"uneven query batches across data-parallel ranks: {sizes}; every replica needs the same")
+    check_queries(q, index, mesh)
     every = P.all_gather(q.detach(), mesh, "dp", 0)  # [dp·m, e]
     scores, ids = P.top_k_over_dp(retrieval_scores(every, index.vectors, cfg), index.ids, k, mesh)
     m = q.shape[0]
     return scores[mesh.dp_rank * m: (mesh.dp_rank + 1) * m], ids[mesh.dp_rank * m: (mesh.dp_rank + 1) * m]
 
 
+def check_queries(q, index: Index, mesh: Mesh) -> None:
+    """ValueError, on every replica alike, unless each replica's q is a float
+    [m, e] with the index's e and every replica has the same m: the shapes go
+    round first (one all-gather of 2 numbers), so one bad replica stops all."""
+    e = index.vectors.shape[1]
+    ok = isinstance(q, torch.Tensor) and q.is_floating_point() and q.dim() == 2 and q.shape[1] == e
+    every = P.sizes_over_dp((ok, q.shape[0] if ok else 0), mesh, index.vectors.device)  # [(ok, m)] per replica
+    bad = [r for r, (fine, _) in enumerate(every) if not fine]
+    if bad:
+        here = "" if ok else f", here {shape_of(q)} {getattr(q, 'dtype', '')}".rstrip()
+        raise ValueError(f"queries must be float [m, {e}] (the index's width), not on dp ranks {bad}{here}")
+    if len({m for _, m in every}) > 1:
+        raise ValueError(f"uneven query batches across data-parallel ranks: {[m for _, m in every]}; every replica "
+                         "needs the same")
+
+
 def retrieval_accuracy(found_ids, gold_ids, ks=(1, 5, 20)) -> dict[str, float]:
     """found_ids [m, k] (best first), gold_ids [m] -> {"acc@k": fraction of
     queries whose gold block is among the first k}, for each k <= found."""
+    check_id_tensor(found_ids, (None, None), "found_ids")
+    check_id_tensor(gold_ids, (found_ids.shape[0],), "gold_ids")
     hit = found_ids == gold_ids[:, None]
     return {f"acc@{k}": hit[:, :k].any(-1).float().mean().item() for k in ks if k <= found_ids.shape[1]}
 
@@ -2576,6 +2610,12 @@ def realm_loss(params, batch: dict, index: Index, corpus: tuple, cfg: RealmConfi
     -> dict(loss, retrieval_acc: the gold block among the k, when gold is given)."""
     blocks, block_mask = corpus
     x, k = batch["query_ids"], cfg.top_k
+    check_id_tensor(x, (None, None), "query_ids")
+    check_id_tensor(batch["targets"], tuple(x.shape), "targets")
+    chosen = real_tokens(batch["target_mask"], x, "target_mask")
+    if batch.get("gold") is not None:
+        check_id_tensor(batch["gold"], (x.shape[0],), "gold")
+    check_id_tensor(blocks, (None, None), "corpus blocks")
     q = embed_text(params, x, cfg, mesh, tower="query", attention_mask=batch["query_mask"], seed=seed,
                    training=training)  # [b, e]
     _, top = search(q, index, k, cfg, mesh)  # [b, k] global block ids
@@ -2588,7 +2628,7 @@ def realm_loss(params, batch: dict, index: Index, corpus: tuple, cfg: RealmConfi
     mask = pair(batch["query_mask"], block_mask[top])
     types = pair(torch.zeros_like(x), torch.ones_like(blocks[top]))
     targets = pair(batch["targets"], torch.zeros_like(blocks[top]))
-    chosen = pair(batch["target_mask"].to(q.dtype), torch.zeros(blocks[top].shape, dtype=q.dtype, device=x.device))
+    chosen = pair(chosen.to(q.dtype), torch.zeros(blocks[top].shape, dtype=q.dtype, device=x.device))
     reader = substack(params, "reader.")
     logits, _ = bert_pretrain(reader, ids, reader_config(cfg), mesh, token_types=types, attention_mask=mask,
                               seed=seed, training=training, stream_prefix="reader.")

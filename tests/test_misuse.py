@@ -683,3 +683,119 @@ def test_attention_mask_is_checked_on_both_paths(attention, mask, mask_kind, fra
     x = embed(params, randint(0, 10, 2, 4), cfg, SERIAL)
     with pytest.raises(ValueError, match=fragment):
         run_layers(params, x, cfg, SERIAL, mask_kind=mask_kind, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 9. ids, labels and gold indices: an int64 (or int32) tensor of exactly the shape, or a ValueError
+# ---------------------------------------------------------------------------------------------------
+
+BERT = N.BertConfig(vocab_size=11, vocab_multiple=4, max_seq=8, layers=1, hidden=8, heads=2)
+T5 = N.T5Config(vocab_size=11, vocab_multiple=4, max_seq=8, layers=1, hidden=8, heads=2)
+REALM = N.RealmConfig(vocab_size=11, vocab_multiple=4, max_seq=8, layers=1, hidden=8, heads=2, top_k=2)
+IDS = randint(0, 11, B, S)  # [2, 3]
+
+
+def test_retrieval_accuracy_refuses_gold_ids_that_only_broadcast():
+    """Gold ids [m, 1] once scored every query against every gold id (0.333 here, where the answer is 0.667)."""
+    found = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    assert N.retrieval_accuracy(found, torch.tensor([0, 2, 9])) == pytest.approx({"acc@1": 2 / 3})
+    raises_naming(lambda: N.retrieval_accuracy(found, torch.tensor([[0], [2], [9]])), "gold_ids", "[3]", "(3, 1)")
+    raises_naming(lambda: N.retrieval_accuracy(found, torch.tensor([0.0, 2.0, 9.0])), "gold_ids", "float32")
+    raises_naming(lambda: N.retrieval_accuracy(found[0], torch.tensor([0])), "found_ids", "(2,)")
+
+
+def realm_case(**changes):
+    """realm_loss on a tiny corpus with one entry of the batch replaced."""
+    params = N.init_realm(REALM, 0, torch.float64)
+    blocks, block_mask = randint(1, 11, 4, 3), torch.ones(4, 3, dtype=torch.int64)
+    index = N.build_index(params, blocks, block_mask, REALM, SERIAL)
+    batch = dict(query_ids=IDS, query_mask=torch.ones(B, S, dtype=torch.int64), targets=randint(2, 11, B, S),
+                 target_mask=torch.ones(B, S, dtype=torch.int64), gold=torch.tensor([0, 3])) | changes
+    return lambda: N.realm_loss(params, batch, index, (blocks, block_mask), REALM, SERIAL)
+
+
+def bert_case(cfg=BERT, **kw):
+    params = N.init_bert(cfg, 0, torch.float64)
+    return lambda: N.bert_loss(params, kw.pop("ids", IDS), cfg, SERIAL, **dict(mlm_targets=IDS, mlm_mask=None,
+                                                                                nsp_labels=torch.tensor([0, 1])) | kw)
+
+
+BAD_IDS = {  # each once a broadcast, an IndexError or a dtype error deep inside torch, or a silent wrong number
+    "gpt ids [s]": (lambda: N.gpt_logits(N.init_gpt(TINY, 0), IDS[0], TINY, SERIAL), ["ids", "(3,)"]),
+    "gpt ids [b, s, 1]": (lambda: N.gpt_logits(N.init_gpt(TINY, 0), IDS[..., None], TINY, SERIAL),
+                          ["ids", "(2, 3, 1)"]),
+    "gpt ids uint8": (lambda: N.gpt_logits(N.init_gpt(TINY, 0), IDS.to(torch.uint8), TINY, SERIAL), ["uint8"]),
+    "gpt ids int16": (lambda: N.gpt_logits(N.init_gpt(TINY, 0), IDS.short(), TINY, SERIAL), ["int16"]),
+    "gpt targets int16": (lambda: N.gpt_loss(N.init_gpt(TINY, 0), IDS, IDS.short(), TINY, SERIAL),
+                          ["targets", "int16"]),
+    "gpt targets [b, 1]": (lambda: N.gpt_loss(N.init_gpt(TINY, 0), IDS, IDS[:, :1], TINY, SERIAL),
+                           ["targets", "[2, 3]", "(2, 1)"]),
+    "generate uint8": (lambda: N.generate(N.init_gpt(TINY, 0), IDS.to(torch.uint8), TINY, SERIAL, 1),
+                       ["prompt_ids", "uint8"]),
+    "bert nsp_labels [b, 1]": (bert_case(nsp_labels=torch.tensor([[0], [1]])), ["nsp_labels", "[2]", "(2, 1)"]),
+    "bert nsp_labels int16": (bert_case(nsp_labels=torch.tensor([0, 1]).short()), ["nsp_labels", "int16"]),
+    "bert ids uint8": (bert_case(ids=IDS.to(torch.uint8)), ["ids", "uint8"]),
+    "t5 dec_ids [s]": (lambda: N.t5_logits(N.init_t5(T5, 0), IDS, IDS[0], T5, SERIAL), ["dec_ids", "(3,)"]),
+    "t5_generate int16": (lambda: N.t5_generate(N.init_t5(T5, 0), IDS.short(), T5, SERIAL, 1), ["enc_ids", "int16"]),
+    "embed_text [b, s, 1]": (lambda: N.embed_text(N.init_biencoder(REALM, 0), IDS[..., None], REALM, SERIAL,
+                                                  tower="query"), ["ids", "(2, 3, 1)"]),
+    "build_index uint8": (lambda: N.build_index(N.init_biencoder(REALM, 0), IDS.to(torch.uint8), None, REALM, SERIAL),
+                          ["uint8"]),
+    "realm gold [b, 1]": (realm_case(gold=torch.tensor([[0], [3]])), ["gold", "[2]", "(2, 1)"]),
+    "realm targets [b, 1]": (realm_case(targets=IDS[:, :1]), ["targets", "[2, 3]", "(2, 1)"]),
+    "realm target_mask [b, 1]": (realm_case(target_mask=torch.ones(B, 1, dtype=torch.int64)),
+                                 ["target_mask", "(2, 1)"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IDS)
+def test_ids_labels_and_gold_of_a_wrong_shape_or_dtype_are_refused_naming_them(case):
+    call, fragments = BAD_IDS[case]
+    raises_naming(call, *fragments)
+
+
+def test_int32_ids_and_labels_still_work_like_int64():
+    params = N.init_bert(BERT, 0, torch.float64)
+    loss = lambda cast: N.bert_loss(params, cast(IDS), BERT, SERIAL, mlm_targets=cast(IDS), mlm_mask=None,
+                                    nsp_labels=cast(torch.tensor([0, 1])))
+    assert_close(loss(torch.Tensor.int), loss(torch.Tensor.long), "int32 vs int64")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. generate at a tiny temperature; search with queries of a wrong rank or width
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_generate_at_a_tiny_temperature_samples_the_greedy_tokens(temperature):
+    """Once a nan softmax and a RuntimeError in torch.multinomial: the logits were divided in float32."""
+    params = N.init_gpt(GEN, 0)
+    greedy = N.generate(params, PROMPT, GEN, SERIAL, 4, temperature=0)
+    assert torch.equal(N.generate(params, PROMPT, GEN, SERIAL, 4, temperature=temperature, seed=3), greedy)
+
+
+def search_case(mesh, case):
+    """search over a 6-block index with this rank's queries of BAD_QUERIES[case]; its message, then in step."""
+    q_of_rank = BAD_QUERIES[case][0]
+    params = N.init_biencoder(REALM, 0, torch.float64)
+    index = N.build_index(params, randint(1, 11, 6, 3), None, REALM, mesh)
+    return value_errors_then_in_step([lambda: N.search(q_of_rank(mesh.dp_rank), index, 2, REALM, mesh)], mesh,
+                                     dims=("dp",))
+
+
+BAD_QUERIES = {  # e = 8
+    "[e]": (lambda r: rand(0, 8), ["queries", "[m, 8]", "(8,)"]),
+    "[m, e + 1]": (lambda r: rand(0, 2, 9), ["queries", "[m, 8]", "(2, 9)"]),
+    "[m, e, 1]": (lambda r: rand(0, 2, 8, 1), ["(2, 8, 1)"]),
+    "int": (lambda r: randint(0, 3, 2, 8), ["queries", "int64"]),
+    "replica 1 only, [e]": (lambda r: rand(0, 8) if r == 1 else rand(0, 2, 8), ["queries", "dp ranks [1]"]),
+    "uneven m": (lambda r: rand(0, 1 + r % 2, 8), ["uneven query batches", "[1, 2, 1, 2]"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_QUERIES)
+def test_search_refuses_queries_of_a_wrong_rank_or_width_on_every_replica(pool, case):
+    """Once an IndexError or a matmul error on the replica with the bad queries, and the others left waiting."""
+    for rank, (message, in_step) in enumerate(pool.run(search_case, case)):
+        assert in_step == 4.0, f"rank {rank}: out of step"
+        assert message is not None and all(f in message for f in BAD_QUERIES[case][1]), f"rank {rank}: {message!r}"
