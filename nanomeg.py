@@ -34,7 +34,7 @@ import re
 import zlib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +171,7 @@ class GPTConfig:
     moe_capacity: float | None = None  # None: dropless; c: each expert takes <= ceil(c·s·k/E) choices per sequence
     moe_aux_loss: float = 0.01  # weight of the load-balancing loss E·Σ_i f_i·P_i (Switch)
     moe_z_loss: float = 0.0  # weight of the router z-loss mean(logsumexp(logits)²) (ST-MoE)
+    context_parallel: ClassVar[bool] = True  # ring attention over the causal stack: GPT's; BERT's and T5's: False
 
     def __post_init__(self):
         check_fields(self)
@@ -227,9 +228,11 @@ class GPTConfig:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def check_mesh(self, mesh: Mesh) -> None:
-        """ValueError naming the sizes if this model cannot be split over mesh.tp.
+        """ValueError naming the sizes if this model cannot be split over mesh.
         With more tp ranks than kv heads, each kv head is replicated over
-        tp/kv_heads ranks (`parallel.HeadGroups`), so one must divide the other."""
+        tp/kv_heads ranks (`parallel.HeadGroups`), so one must divide the other.
+        cp > 1: GPT only (`context_parallel`), learned or rotary, no experts.
+        Every model's entry points call it first, before any collective."""
         t = mesh.tp
         for name, n in (("heads", self.heads), ("ffn", self.ffn_hidden), ("padded vocab", self.padded_vocab)):
             if n % t:
@@ -239,6 +242,9 @@ class GPTConfig:
         if self.num_kv_heads % t and t % self.num_kv_heads:
             raise ValueError(f"tp={t} and kv_heads={self.num_kv_heads}: one must divide the other (tp > kv_heads "
                              "replicates each kv head over tp/kv_heads ranks)")
+        if mesh.cp > 1 and not self.context_parallel:  # every entry point of every model passes here
+            raise ValueError(f"cp={mesh.cp}: context parallelism is built for GPT, not {type(self).__name__} "
+                             "(run it with cp=1)")
         if mesh.cp > 1:
             cannot = {k: getattr(self, k) for k, ok in (("position", ("learned", "rope")), ("experts", (0,)))
                       if getattr(self, k) not in ok}
@@ -1616,6 +1622,7 @@ class BertConfig(GPTConfig):
     binary_head: bool = True
     task: str = "pretrain"
     num_classes: int = 2
+    context_parallel: ClassVar[bool] = False  # BERT, and the retrievers built on it
 
     def __post_init__(self):
         super().__post_init__()
@@ -2018,6 +2025,7 @@ class T5Config(GPTConfig):
 
     max_seq: int = 512
     decoder_layers: int | None = None  # None: = layers
+    context_parallel: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -2121,6 +2129,7 @@ def t5_decode(params, dec_ids, memory: Memory, cfg: T5Config, mesh: Mesh, *, mas
     the encoder-decoder mask) -> vocab-parallel logits [b, s_d, V/t]: the
     shared embedding, the causal decoder stack with cross-attention, its
     final norm, the output layer. caches / pos_offset: incremental decoding."""
+    cfg.check_mesh(mesh)
     if not isinstance(memory, Memory) or not isinstance(memory.x, torch.Tensor):
         raise ValueError(f"the decoder needs the encoder's output: memory must be a Memory(x=[b, s_e, h], ...), "
                          f"got {type(memory).__name__}")
@@ -2861,8 +2870,6 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     if model == "gpt":
         cfg.check_seq(s, mesh)
     if mesh.cp > 1:
-        if model != "gpt":
-            raise ValueError(f"cp={mesh.cp}: context parallelism is built for GPT, not {model}")
         P.check_cp_seq(s, mesh)
     shape = (b // m, s // mesh.cp // (mesh.tp if cfg.sequence_parallel else 1), cfg.hidden)
     dtype = next(iter(params.values())).dtype

@@ -799,3 +799,55 @@ def test_search_refuses_queries_of_a_wrong_rank_or_width_on_every_replica(pool, 
     for rank, (message, in_step) in enumerate(pool.run(search_case, case)):
         assert in_step == 4.0, f"rank {rank}: out of step"
         assert message is not None and all(f in message for f in BAD_QUERIES[case][1]), f"rank {rank}: {message!r}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 11. cp > 1: every entry point of a model that context parallelism does not build refuses it
+# ---------------------------------------------------------------------------------------------------
+
+_CP_MESHES = {}
+
+
+def cp2_mesh():
+    """This worker's cp = 2 mesh (dp fills the world), built once: every rank builds it in the same task."""
+    if "cp2" not in _CP_MESHES:
+        _CP_MESHES["cp2"] = P.Mesh.build(cp=2)
+    return _CP_MESHES["cp2"]
+
+
+def cp_entry_points_case(_pool_mesh):
+    mesh, ids = cp2_mesh(), randint(0, 11, 2, 4)  # 4 tokens: 2·cp chunks, so only the model can be refused
+    bert, t5, realm = N.init_bert(BERT, 0), N.init_t5(T5, 0), N.init_realm(REALM, 0)
+    classify, choice = replace(BERT, task="classify"), replace(BERT, task="multiple_choice")
+    index = N.build_index(realm, ids, None, REALM, SERIAL)
+    batch = dict(query_ids=ids, query_mask=torch.ones_like(ids), targets=ids, target_mask=torch.ones_like(ids))
+    cases = [
+        lambda: N.bert_pretrain(bert, ids, BERT, mesh),
+        lambda: N.bert_loss(bert, ids, BERT, mesh, mlm_targets=ids, mlm_mask=None, nsp_labels=torch.tensor([0, 1])),
+        lambda: N.bert_classify(N.init_bert(classify, 0), ids, classify, mesh),
+        lambda: N.bert_multiple_choice(N.init_bert(choice, 0), ids[None], choice, mesh),
+        lambda: N.t5_logits(t5, ids, ids, T5, mesh),
+        lambda: N.t5_loss(t5, ids, ids, ids, T5, mesh),
+        lambda: N.t5_decode(t5, ids, N.Memory(torch.zeros(2, 4, 8)), T5, mesh),
+        lambda: N.t5_generate(t5, ids, T5, mesh, 2),
+        lambda: N.embed_text(realm, ids, REALM, mesh, tower="query"),
+        lambda: N.biencoder_loss(realm, dict(query_ids=ids, context_ids=ids), REALM, mesh),
+        lambda: N.build_index(realm, ids, None, REALM, mesh),
+        lambda: N.realm_loss(realm, batch, index, (ids, torch.ones_like(ids)), REALM, mesh),
+        lambda: N.pipeline_step("bert", bert, dict(ids=ids, mlm_targets=ids, nsp_labels=torch.tensor([0, 1])), BERT,
+                                mesh),
+        # GPT does run under cp; targets [b, s/cp] must not pass for this rank's chunks of [b, s]
+        lambda: N.gpt_loss(N.init_gpt(TINY, 0), ids, ids[:, :2], TINY, mesh),
+    ]
+    return value_errors_then_in_step(cases, mesh, dims=("cp", "dpcp"))
+
+
+def test_every_entry_point_of_bert_t5_and_the_retrievers_refuses_cp_on_every_rank(pool):
+    """Once bert_classify under cp ran, and its logits were 2.1 away from the serial ones."""
+    names = ["BertConfig"] * 4 + ["T5Config"] * 4 + ["RealmConfig"] * 4 + ["BertConfig"]
+    for rank, messages in enumerate(pool.run(cp_entry_points_case)):
+        assert messages[-2:] == [2.0, 4.0], f"rank {rank}: out of step"
+        for i, name in enumerate(names):
+            assert messages[i] is not None and "cp=2" in messages[i] and name in messages[i], \
+                f"rank {rank}, case {i}: {messages[i]!r}"
+        assert "targets" in messages[len(names)] and "(2, 2)" in messages[len(names)], messages[len(names)]
