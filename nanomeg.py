@@ -258,10 +258,17 @@ class GPTConfig:
                              "experts/ep whole experts")
 
     def check_seq(self, s: int, mesh: Mesh, pos_offset: int = 0) -> None:
+        """ValueError unless a whole sequence of s tokens (after pos_offset)
+        fits max_seq and cuts as the mesh needs: into 2·cp equal chunks under
+        context parallel, each rank's s/cp tokens over tp under sequence parallel."""
         if pos_offset + s > self.max_seq:
             raise ValueError(f"sequence of {pos_offset + s} tokens is longer than max_seq={self.max_seq}")
-        if self.sequence_parallel and s % mesh.tp:
-            raise ValueError(f"sequence parallel needs seq % tp == 0, got seq={s}, tp={mesh.tp}")
+        if mesh.cp > 1:
+            P.check_cp_seq(s, mesh)
+        if self.sequence_parallel and s // mesh.cp % mesh.tp:
+            raise ValueError(f"sequence parallel needs seq % tp == 0, got seq={s}, tp={mesh.tp}" if mesh.cp == 1 else
+                             f"sequence parallel under cp needs each cp rank's seq/cp tokens divisible by tp, got "
+                             f"seq={s}, cp={mesh.cp}, tp={mesh.tp}")
 
 
 
@@ -520,7 +527,7 @@ def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, 
     are replicated and added to this rank's sequence chunk. Post-norm models
     normalise the sum (BERT's embedding LayerNorm); then dropout."""
     check_id_tensor(ids, (None, None), "ids")  # the range: by the vocab-parallel lookup
-    cfg.check_seq(ids.shape[1], mesh, pos_offset)
+    cfg.check_seq(ids.shape[1] * mesh.cp, mesh, pos_offset)  # under cp, ids are this rank's two chunks
     check_token_types(token_types, ids, cfg)
     x = P.vocab_parallel_embedding(ids, params["embed.word"], mesh,
                                    sequence_parallel=cfg.sequence_parallel, vocab_size=cfg.vocab_size)
@@ -1102,11 +1109,7 @@ def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=Fals
     if mesh.cp > 1:
         if caches is not None or pos_offset:
             raise ValueError(f"cp={mesh.cp}: generation with a KV cache runs without context parallelism")
-        P.check_cp_seq(ids.shape[1], mesh)
-        cfg.check_seq(ids.shape[1], replace(mesh, cp=1))
-        if cfg.sequence_parallel and ids.shape[1] // mesh.cp % mesh.tp:
-            raise ValueError(f"sequence parallel under cp needs each cp rank's seq/cp tokens divisible by tp, got "
-                             f"seq={ids.shape[1]}, cp={mesh.cp}, tp={mesh.tp}")
+        cfg.check_seq(ids.shape[1], mesh)
         ids = P.cp_split(ids, mesh)
     x = embed(params, ids, cfg, mesh, seed=seed, training=training, pos_offset=pos_offset)
     x = run_layers(params, x, cfg, mesh, seed=seed, training=training, caches=caches, pos_offset=pos_offset,
@@ -2831,10 +2834,38 @@ def stage_forward(model: str, params, x, micro: dict, cfg: GPTConfig, mesh: Mesh
         loss = lm_loss(lm_logits(params, x, cfg, mesh), micro["targets"], cfg, mesh, micro.get("loss_mask"))
         return dict(loss=loss * micro["share"])
     out = bert_pretrain_losses(*bert_heads(params, final_norm(params, x, cfg, mesh), cfg, mesh), cfg, mesh,
-                               mlm_targets=micro["mlm_targets"], mlm_mask=micro["mlm_mask"],
+                               mlm_targets=micro["mlm_targets"], mlm_mask=micro.get("mlm_mask"),
                                nsp_labels=micro.get("nsp_labels"))
     out = {k: val * (micro["share"] if k == "mlm" else micro["rows"]) for k, val in out.items() if k != "loss"}
     return dict(loss=out["mlm"] + out.get("nsp", 0.0), **out)
+
+
+PIPELINE_INPUTS = dict(gpt=("ids", "targets", "loss_mask"),
+                       bert=("ids", "mlm_targets", "mlm_mask", "nsp_labels", "token_types", "attention_mask"))
+
+
+def check_pipeline_batch(model: str, inputs: dict, cfg: GPTConfig, mesh: Mesh) -> None:
+    """ValueError, alike on every pipeline rank before anything is sent, unless
+    inputs is a batch the stages can run: only the model's keys
+    (`PIPELINE_INPUTS`), ids [b, s] in the vocabulary with s fitting max_seq
+    and the mesh (`check_seq`), the targets [b, s] and every other entry as
+    the serial model checks it. Each stage reads only part of the batch (the
+    first embeds the ids, the last reads the targets), so a check left to the
+    stage that reads it would stop that stage and leave its peers waiting."""
+    if not isinstance(inputs, dict) or "ids" not in inputs:
+        raise ValueError(f"inputs must be a dict of tensors with 'ids', got {type(inputs).__name__}")
+    unknown = sorted(set(inputs) - set(PIPELINE_INPUTS[model]))
+    if unknown:
+        raise ValueError(f"inputs {unknown} are not read by the {model} pipeline (it reads {PIPELINE_INPUTS[model]})")
+    ids, (targets, mask) = inputs["ids"], PIPELINE_INPUTS[model][1:3]
+    check_id_tensor(ids, (None, None), "ids", cfg.vocab_size, "token id")
+    cfg.check_seq(ids.shape[1], mesh)
+    check_id_tensor(inputs.get(targets), tuple(ids.shape), targets, cfg.vocab_size, "target id")
+    check_loss_mask(inputs.get(mask), inputs[targets])
+    if model == "bert":
+        check_nsp_labels(inputs.get("nsp_labels"), ids.shape[0], cfg)
+        check_token_types(inputs.get("token_types"), ids, cfg)
+        bert_attention_mask(inputs.get("attention_mask"), ids)
 
 
 def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, *, schedule: str = "1f1b",
@@ -2862,15 +2893,12 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     m = microbatches
     stages = stages_of(cfg, mesh, v)
     chunks = {c: {n: p for n, p in params.items() if owned_by(n, st, cfg)} for c, st in stages.items()}
+    check_pipeline_batch(model, inputs, cfg, mesh)
     micros = split_microbatches(inputs, m, "loss_mask" if model == "gpt" else "mlm_mask")
     actions = P.schedule_for(schedule, mesh.pp, m, v)[mesh.pp_rank]
     if not training:
         actions = [a for a in actions if a.kind == "F"]
     b, s = inputs["ids"].shape
-    if model == "gpt":
-        cfg.check_seq(s, mesh)
-    if mesh.cp > 1:
-        P.check_cp_seq(s, mesh)
     shape = (b // m, s // mesh.cp // (mesh.tp if cfg.sequence_parallel else 1), cfg.hidden)
     dtype = next(iter(params.values())).dtype
 

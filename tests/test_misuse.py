@@ -851,3 +851,59 @@ def test_every_entry_point_of_bert_t5_and_the_retrievers_refuses_cp_on_every_ran
             assert messages[i] is not None and "cp=2" in messages[i] and name in messages[i], \
                 f"rank {rank}, case {i}: {messages[i]!r}"
         assert "targets" in messages[len(names)] and "(2, 2)" in messages[len(names)], messages[len(names)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 12. pipeline_step: a bad batch is refused on every stage before anything is sent
+# ---------------------------------------------------------------------------------------------------
+
+PIPE_GPT = replace(TINY, layers=2)
+PIPE_BERT = replace(BERT, layers=2)
+IDS4 = randint(3, 11, 2, 4)
+GOOD = dict(gpt=dict(ids=IDS4, targets=IDS4, loss_mask=torch.ones(2, 4)),
+            bert=dict(ids=IDS4, token_types=torch.zeros_like(IDS4), attention_mask=torch.ones_like(IDS4),
+                      mlm_targets=IDS4, mlm_mask=torch.ones(2, 4), nsp_labels=torch.tensor([0, 1])))
+TOO_BIG = torch.tensor([[1, 2, 3, 11], [1, 2, 3, 4]])  # 11: one past the vocabulary
+BAD_BATCHES = [  # (model, entries replaced in the good batch, fragments of the message)
+    ("gpt", dict(ids=TOO_BIG), ["token id 11 out of range [0, 11)"]),
+    ("gpt", dict(ids=randint(3, 11, 2, 10), targets=randint(3, 11, 2, 10), loss_mask=None), ["10", "max_seq=8"]),
+    ("gpt", dict(ids=IDS4.short()), ["ids", "int16"]),
+    ("gpt", dict(targets=TOO_BIG), ["target id 11 out of range [0, 11)"]),
+    ("gpt", dict(targets=IDS4[:, :1]), ["targets", "(2, 1)"]),
+    ("gpt", dict(loss_mask=torch.ones(2, 1)), ["loss_mask", "(2, 1)"]),
+    ("gpt", dict(loss_mask=-torch.ones(2, 4)), ["loss_mask", ">= 0"]),
+    ("gpt", dict(loss_msk=torch.ones(2, 4)), ["loss_msk"]),
+    ("bert", dict(ids=randint(3, 11, 2, 10), token_types=None, attention_mask=None, mlm_targets=randint(3, 11, 2, 10),
+                  mlm_mask=None), ["10", "max_seq=8"]),
+    ("bert", dict(ids=TOO_BIG), ["token id 11 out of range [0, 11)"]),
+    ("bert", dict(token_types=torch.full((2, 4), 2)), ["token type id 2"]),
+    ("bert", dict(attention_mask=torch.full((2, 4), 2)), ["attention_mask", "2"]),
+    ("bert", dict(mlm_targets=TOO_BIG), ["target id 11 out of range [0, 11)"]),
+    ("bert", dict(mlm_mask=torch.ones(2, 1)), ["loss_mask", "(2, 1)"]),
+    ("bert", dict(nsp_labels=torch.tensor([[0], [1]])), ["nsp_labels", "(2, 1)"]),
+    ("bert", dict(nsp_labels=None), ["nsp_labels", "NoneType"]),
+    ("bert", dict(nsp_labels=torch.tensor([0, 2])), ["next-sentence label 2"]),
+]
+
+
+def pipeline_batches_case(mesh):
+    """Every bad batch at pp = 2 (messages), then a good GPT and BERT step: in step over pp and dp."""
+    params = {}
+    for model, cfg, init in (("gpt", PIPE_GPT, N.init_gpt), ("bert", PIPE_BERT, N.init_bert)):
+        params[model] = {k: t.requires_grad_(True) for k, t in N.stage_params(init(cfg, 0), cfg, mesh).items()}
+    step = lambda model, batch: N.pipeline_step(model, params[model], batch, PIPE_GPT if model == "gpt" else PIPE_BERT,
+                                                mesh, microbatches=2)
+    cases = [lambda m=model, c=changes: step(m, {k: v for k, v in (GOOD[m] | c).items() if v is not None})
+             for model, changes, _ in BAD_BATCHES]
+    messages = value_errors_then_in_step(cases, mesh, dims=("pp", "dp"))
+    return messages + [bool(step(m, GOOD[m])["loss"].isfinite()) for m in ("gpt", "bert")]
+
+
+def test_pipeline_step_refuses_a_bad_batch_on_every_stage_before_any_transfer(pool):
+    """Once the first stage raised (an id out of range, a BERT batch longer than max_seq) while the last stage
+    waited forever in its receive; or the last raised (targets, masks, labels) and the first waited."""
+    for rank, messages in enumerate(pool.run(pipeline_batches_case, pp=2)):
+        assert messages[len(BAD_BATCHES):] == [2.0, 2.0, True, True], f"rank {rank}: {messages[len(BAD_BATCHES):]}"
+        for (model, changes, fragments), message in zip(BAD_BATCHES, messages):
+            assert message is not None and all(f in message for f in fragments), \
+                f"rank {rank}, {model} {sorted(changes)}: {message!r}"
