@@ -242,10 +242,10 @@ class GPTConfig:
         if self.num_kv_heads % t and t % self.num_kv_heads:
             raise ValueError(f"tp={t} and kv_heads={self.num_kv_heads}: one must divide the other (tp > kv_heads "
                              "replicates each kv head over tp/kv_heads ranks)")
-        if mesh.cp > 1 and not self.context_parallel:  # every entry point of every model passes here
-            raise ValueError(f"cp={mesh.cp}: context parallelism is built for GPT, not {type(self).__name__} "
-                             "(run it with cp=1)")
         if mesh.cp > 1:
+            if not self.context_parallel:
+                raise ValueError(f"cp={mesh.cp}: context parallelism is built for GPT, not {type(self).__name__} "
+                                 "(run it with cp=1)")
             cannot = {k: getattr(self, k) for k, ok in (("position", ("learned", "rope")), ("experts", (0,)))
                       if getattr(self, k) not in ok}
             if cannot:

@@ -10,7 +10,12 @@ any collective), or computed right:
 5. generate() checks its arguments on every rank before any collective;
 6. GPT-2 import/export: keys, shapes, paths, untied heads and one rank's shards;
 7. tensor parallel over more ranks than kv heads (each kv head replicated) equals the serial model;
-8. clip_grad_norm refuses a nan max_norm.
+8. clip_grad_norm refuses a nan max_norm;
+9. an attention mask is checked the same on the core and the SDPA path;
+10. ids, labels and gold indices: an int64 (or int32) tensor of exactly the shape;
+11. generate at a tiny temperature samples the argmax; search checks its queries on every replica;
+12. BERT, T5 and the retrievers refuse cp > 1 in every entry point, on every rank;
+13. pipeline_step checks the whole batch on every stage before anything is sent.
 """
 
 import dataclasses
@@ -686,7 +691,7 @@ def test_attention_mask_is_checked_on_both_paths(attention, mask, mask_kind, fra
 
 
 # ---------------------------------------------------------------------------------------------------
-# 9. ids, labels and gold indices: an int64 (or int32) tensor of exactly the shape, or a ValueError
+# 10. ids, labels and gold indices: an int64 (or int32) tensor of exactly the shape, or a ValueError
 # ---------------------------------------------------------------------------------------------------
 
 BERT = N.BertConfig(vocab_size=11, vocab_multiple=4, max_seq=8, layers=1, hidden=8, heads=2)
@@ -762,7 +767,7 @@ def test_int32_ids_and_labels_still_work_like_int64():
 
 
 # ---------------------------------------------------------------------------------------------------
-# 10. generate at a tiny temperature; search with queries of a wrong rank or width
+# 11. generate at a tiny temperature; search with queries of a wrong rank or width
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -802,7 +807,7 @@ def test_search_refuses_queries_of_a_wrong_rank_or_width_on_every_replica(pool, 
 
 
 # ---------------------------------------------------------------------------------------------------
-# 11. cp > 1: every entry point of a model that context parallelism does not build refuses it
+# 12. cp > 1: every entry point of a model that context parallelism does not build refuses it
 # ---------------------------------------------------------------------------------------------------
 
 _CP_MESHES = {}
@@ -854,7 +859,7 @@ def test_every_entry_point_of_bert_t5_and_the_retrievers_refuses_cp_on_every_ran
 
 
 # ---------------------------------------------------------------------------------------------------
-# 12. pipeline_step: a bad batch is refused on every stage before anything is sent
+# 13. pipeline_step: a bad batch is refused on every stage before anything is sent
 # ---------------------------------------------------------------------------------------------------
 
 PIPE_GPT = replace(TINY, layers=2)
