@@ -34,7 +34,7 @@ import re
 import zlib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,20 @@ def _has_type(value, kind: str) -> bool:
 def shape_of(x) -> tuple | str:
     """For error messages: x's shape, or its type's name when x is no tensor."""
     return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_id_tensor(x, shape: tuple, name: str, high: int | None = None, what: str = "id") -> None:
+    """ValueError naming `name` unless x is an int64 (or int32) tensor of
+    exactly `shape` (None: any size in that dim), with every value (a `what`)
+    in [0, high) when high is given. Exactly: ids, labels or gold indices
+    that only broadcast to the shape ([m, 1] for [m]) would score wrong pairs."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in P.ID_DTYPES or x.dim() != len(shape) or \
+            any(n is not None and n != got for n, got in zip(shape, x.shape)):
+        want = ", ".join("*" if n is None else str(n) for n in shape)
+        got = f"{shape_of(x)} {getattr(x, 'dtype', '')}".rstrip()
+        raise ValueError(f"{name} must be an int64 (or int32) tensor of shape [{want}], got {got}")
+    if high is not None:
+        P.check_ids(x, high, what)
 
 
 def check_fields(cfg) -> None:
@@ -158,6 +172,7 @@ class GPTConfig:
     moe_capacity: float | None = None  # None: dropless; c: each expert takes <= ceil(c·s·k/E) choices per sequence
     moe_aux_loss: float = 0.01  # weight of the load-balancing loss E·Σ_i f_i·P_i (Switch)
     moe_z_loss: float = 0.0  # weight of the router z-loss mean(logsumexp(logits)²) (ST-MoE)
+    context_parallel: ClassVar[bool] = True  # ring attention over the causal stack: GPT's; BERT's and T5's: False
 
     def __post_init__(self):
         check_fields(self)
@@ -219,9 +234,11 @@ class GPTConfig:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def check_mesh(self, mesh: Mesh) -> None:
-        """ValueError naming the sizes if this model cannot be split over mesh.tp.
+        """ValueError naming the sizes if this model cannot be split over mesh.
         With more tp ranks than kv heads, each kv head is replicated over
-        tp/kv_heads ranks (`parallel.HeadGroups`), so one must divide the other."""
+        tp/kv_heads ranks (`parallel.HeadGroups`), so one must divide the other.
+        cp > 1: GPT only (`context_parallel`), learned or rotary, no experts.
+        Every model's entry points call it first, before any collective."""
         t = mesh.tp
         for name, n in (("heads", self.heads), ("ffn", self.ffn_hidden), ("padded vocab", self.padded_vocab)):
             if n % t:
@@ -232,6 +249,9 @@ class GPTConfig:
             raise ValueError(f"tp={t} and kv_heads={self.num_kv_heads}: one must divide the other (tp > kv_heads "
                              "replicates each kv head over tp/kv_heads ranks)")
         if mesh.cp > 1:
+            if not self.context_parallel:
+                raise ValueError(f"cp={mesh.cp}: context parallelism is built for GPT, not {type(self).__name__} "
+                                 "(run it with cp=1)")
             cannot = {k: getattr(self, k) for k, ok in (("position", ("learned", "rope")), ("experts", (0,)))
                       if getattr(self, k) not in ok}
             if cannot:
@@ -244,10 +264,17 @@ class GPTConfig:
                              "experts/ep whole experts")
 
     def check_seq(self, s: int, mesh: Mesh, pos_offset: int = 0) -> None:
+        """ValueError unless a whole sequence of s tokens (after pos_offset)
+        fits max_seq and cuts as the mesh needs: into 2·cp equal chunks under
+        context parallel, each rank's s/cp tokens over tp under sequence parallel."""
         if pos_offset + s > self.max_seq:
             raise ValueError(f"sequence of {pos_offset + s} tokens is longer than max_seq={self.max_seq}")
-        if self.sequence_parallel and s % mesh.tp:
-            raise ValueError(f"sequence parallel needs seq % tp == 0, got seq={s}, tp={mesh.tp}")
+        if mesh.cp > 1:
+            P.check_cp_seq(s, mesh)
+        if self.sequence_parallel and s // mesh.cp % mesh.tp:
+            raise ValueError(f"sequence parallel needs seq % tp == 0, got seq={s}, tp={mesh.tp}" if mesh.cp == 1 else
+                             f"sequence parallel under cp needs each cp rank's seq/cp tokens divisible by tp, got "
+                             f"seq={s}, cp={mesh.cp}, tp={mesh.tp}")
 
 
 
@@ -505,7 +532,8 @@ def embed(params, ids, cfg: GPTConfig, mesh: Mesh, *, token_types=None, seed=0, 
     learned positions and token types [b, s] (BERT's segments; default all 0)
     are replicated and added to this rank's sequence chunk. Post-norm models
     normalise the sum (BERT's embedding LayerNorm); then dropout."""
-    cfg.check_seq(ids.shape[1], mesh, pos_offset)
+    check_id_tensor(ids, (None, None), "ids")  # the range: by the vocab-parallel lookup
+    cfg.check_seq(ids.shape[1] * mesh.cp, mesh, pos_offset)  # under cp, ids are this rank's two chunks
     check_token_types(token_types, ids, cfg)
     x = P.vocab_parallel_embedding(ids, params["embed.word"], mesh,
                                    sequence_parallel=cfg.sequence_parallel, vocab_size=cfg.vocab_size)
@@ -1084,14 +1112,11 @@ def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=Fals
     ids [b, s], keeps its two chunks (`parallel.cp_split`) and returns their
     logits [b, s/cp, V/t], at the positions `parallel.cp_positions` names."""
     cfg.check_mesh(mesh)
+    check_id_tensor(ids, (None, None), "ids")
     if mesh.cp > 1:
         if caches is not None or pos_offset:
             raise ValueError(f"cp={mesh.cp}: generation with a KV cache runs without context parallelism")
-        P.check_cp_seq(ids.shape[1], mesh)
-        cfg.check_seq(ids.shape[1], replace(mesh, cp=1))
-        if cfg.sequence_parallel and ids.shape[1] // mesh.cp % mesh.tp:
-            raise ValueError(f"sequence parallel under cp needs each cp rank's seq/cp tokens divisible by tp, got "
-                             f"seq={ids.shape[1]}, cp={mesh.cp}, tp={mesh.tp}")
+        cfg.check_seq(ids.shape[1], mesh)
         ids = P.cp_split(ids, mesh)
     x = embed(params, ids, cfg, mesh, seed=seed, training=training, pos_offset=pos_offset)
     x = run_layers(params, x, cfg, mesh, seed=seed, training=training, caches=caches, pos_offset=pos_offset,
@@ -1140,6 +1165,8 @@ def gpt_loss(params, ids, targets, cfg: GPTConfig, mesh: Mesh, *, loss_mask=None
     reaches the router through `_AuxLossGrad`, so loss.backward() gives the
     gradient of the returned number (at unit scale: a scaled loss would
     not scale the auxiliary part). moe: a `MoE` to read the layers' stats."""
+    check_id_tensor(ids, (None, None), "ids")
+    check_id_tensor(targets, tuple(ids.shape), "targets")
     moe = MoE() if moe is None and cfg.experts else moe
     loss = lm_loss(gpt_logits(params, ids, cfg, mesh, seed=seed, training=training, moe=moe), targets, cfg, mesh,
                    loss_mask)
@@ -1194,11 +1221,14 @@ def generate(params, prompt_ids, cfg: GPTConfig, mesh: Mesh, max_new_tokens: int
 def next_token(local_logits, cfg: GPTConfig, mesh: Mesh, temperature: float, top_k, gen):
     """local_logits [b, V/t] (the last position, vocab-parallel) -> ids [b].
     ALL-GATHERS the logits over tp (b·V elements) so every rank draws the
-    same token with the same generator; temperature 0 is greedy."""
-    logits = P.gather_from_tp(local_logits, mesh).float()[:, : cfg.vocab_size]  # [b, V]
+    same token with the same generator; temperature 0 is greedy. Sampling
+    shifts the logits to max 0, then divides in float64 (where no positive
+    temperature rounds to 0): logits in [-inf, 0] with the max at 0, so
+    however small the temperature (1e-300), the softmax has no nan."""
+    logits = P.gather_from_tp(local_logits, mesh).double()[:, : cfg.vocab_size]  # [b, V]
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -1206,16 +1236,14 @@ def next_token(local_logits, cfg: GPTConfig, mesh: Mesh, temperature: float, top
 
 
 def check_generate_args(prompt_ids, cfg: GPTConfig, max_new_tokens, temperature, top_k, seed) -> None:
-    """ValueError naming the value unless: prompt_ids is an integer tensor
-    [b >= 1, s0 >= 1]; max_new_tokens an int >= 0 with s0 + max_new_tokens <=
+    """ValueError naming the value unless: prompt_ids is an int64 (or int32)
+    tensor [b >= 1, s0 >= 1]; max_new_tokens an int >= 0 with s0 + max_new_tokens <=
     max_seq; temperature a finite number >= 0; top_k None or an int >= 1; seed
     an int in [0, 2**63). (Token ids are range-checked by the embedding.)"""
     is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
-    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or 0 in prompt_ids.shape:
-        raise ValueError(f"prompt_ids must be a [batch, tokens] tensor with at least one token, "
-                         f"got {shape_of(prompt_ids)}")
-    if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
-        raise ValueError(f"prompt_ids must be an integer tensor, got dtype {prompt_ids.dtype}")
+    check_id_tensor(prompt_ids, (None, None), "prompt_ids")
+    if 0 in prompt_ids.shape:
+        raise ValueError(f"prompt_ids must hold at least one token, got {shape_of(prompt_ids)}")
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if prompt_ids.shape[1] + max_new_tokens > cfg.max_seq:
@@ -1657,6 +1685,7 @@ class BertConfig(GPTConfig):
     binary_head: bool = True
     task: str = "pretrain"
     num_classes: int = 2
+    context_parallel: ClassVar[bool] = False  # BERT, and the retrievers built on it
 
     def __post_init__(self):
         super().__post_init__()
@@ -1812,20 +1841,22 @@ def bert_loss_and_metrics(params, ids, cfg: BertConfig, mesh: Mesh, *, mlm_targe
 def bert_pretrain_losses(mlm_logits, nsp_logits, cfg: BertConfig, mesh: Mesh, *, mlm_targets, mlm_mask,
                          nsp_labels=None) -> dict:
     """The heads' logits -> dict(loss, mlm[, nsp, nsp_acc]) (see `bert_loss_and_metrics`)."""
+    check_nsp_labels(nsp_labels, mlm_logits.shape[0], cfg)
     mlm = lm_loss(mlm_logits, mlm_targets, cfg, mesh, loss_mask=mlm_mask)
     if nsp_logits is None:
-        if nsp_labels is not None:
-            raise ValueError("nsp_labels given, but the model has no next-sentence head (binary_head=False)")
         return dict(loss=mlm, mlm=mlm)
-    b = mlm_targets.shape[0]
-    if nsp_labels is None or nsp_labels.shape != (b,):
-        raise ValueError(f"nsp_labels must be [b] = ({b},) with the binary head, got "
-                         f"{None if nsp_labels is None else tuple(nsp_labels.shape)}")
-    P.check_ids(nsp_labels, 2, "next-sentence label")
     nsp = F.cross_entropy(nsp_logits.float() if nsp_logits.dtype in (torch.float16, torch.bfloat16) else nsp_logits,
-                          nsp_labels)
+                          nsp_labels.long())
     nsp_acc = (nsp_logits.detach().argmax(-1) == nsp_labels).float().mean()
     return dict(loss=mlm + nsp, mlm=mlm, nsp=nsp, nsp_acc=nsp_acc)
+
+
+def check_nsp_labels(nsp_labels, b: int, cfg: BertConfig) -> None:
+    """ValueError unless nsp_labels is [b] of 0/1 with the binary head, None without it."""
+    if not cfg.binary_head and nsp_labels is not None:
+        raise ValueError("nsp_labels given, but the model has no next-sentence head (binary_head=False)")
+    if cfg.binary_head:
+        check_id_tensor(nsp_labels, (b,), "nsp_labels", 2, "next-sentence label")
 
 
 def bert_classify(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None, seed=0,
@@ -2074,6 +2105,7 @@ class T5Config(GPTConfig):
 
     max_seq: int = 512
     decoder_layers: int | None = None  # None: = layers
+    context_parallel: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -2177,6 +2209,7 @@ def t5_decode(params, dec_ids, memory: Memory, cfg: T5Config, mesh: Mesh, *, mas
     the encoder-decoder mask) -> vocab-parallel logits [b, s_d, V/t]: the
     shared embedding, the causal decoder stack with cross-attention, its
     final norm, the output layer. caches / pos_offset: incremental decoding."""
+    cfg.check_mesh(mesh)
     if not isinstance(memory, Memory) or not isinstance(memory.x, torch.Tensor):
         raise ValueError(f"the decoder needs the encoder's output: memory must be a Memory(x=[b, s_e, h], ...), "
                          f"got {type(memory).__name__}")
@@ -2195,9 +2228,8 @@ def t5_logits(params, enc_ids, dec_ids, cfg: T5Config, mesh: Mesh, *, enc_paddin
               masks=None, seed=0, training=False):
     """enc_ids [b, s_e], dec_ids [b, s_d] -> vocab-parallel logits [b, s_d, V/t].
     Masks from the padding of both sides, or Megatron's three (`t5_masks`)."""
-    for name, ids in (("enc_ids", enc_ids), ("dec_ids", dec_ids)):
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or 0 in ids.shape:
-            raise ValueError(f"{name} must be a [batch, tokens] tensor, got {shape_of(ids)}")
+    check_id_tensor(enc_ids, (None, None), "enc_ids")
+    check_id_tensor(dec_ids, (None, None), "dec_ids")
     if enc_ids.shape[0] != dec_ids.shape[0]:
         raise ValueError(f"enc_ids batch {enc_ids.shape[0]} != dec_ids batch {dec_ids.shape[0]}")
     enc_mask, dec_mask, enc_dec_mask = t5_masks(enc_ids, dec_ids, enc_padding=enc_padding, dec_padding=dec_padding,
@@ -2229,9 +2261,7 @@ def t5_generate(params, enc_ids, cfg: T5Config, mesh: Mesh, max_new_tokens: int,
     Greedy (temperature 0), temperature and top-k, the same on every tp
     rank (`next_token`). With eos_id, a sequence that has emitted it goes
     on with pad_id (default start_id), as HF's generate pads."""
-    if not isinstance(enc_ids, torch.Tensor) or enc_ids.dim() != 2 or 0 in enc_ids.shape or \
-            enc_ids.is_floating_point() or enc_ids.dtype == torch.bool:
-        raise ValueError(f"enc_ids must be an integer [batch, tokens] tensor, got {shape_of(enc_ids)}")
+    check_id_tensor(enc_ids, (None, None), "enc_ids")
     b = enc_ids.shape[0]
     for name, value in (("start_id", start_id), ("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
@@ -2583,18 +2613,34 @@ def search(q, index: Index, k: int, cfg: BiEncoderConfig, mesh: Mesh):
     against its own blocks, and `parallel.top_k_over_dp` merges the
     candidates (one all-gather of dp·m·k scores and ids per replica); each
     replica keeps its own m rows. No gradient. Every replica needs the same m."""
-    sizes = P.sizes_over_dp(q.shape[0], mesh, q.device)
-    if len(set(sizes)) > 1:
-        raise ValueError(f"uneven query batches across data-parallel ranks: {sizes}; every replica needs the same")
+    check_queries(q, index, mesh)
     every = P.all_gather(q.detach(), mesh, "dp", 0)  # [dp·m, e]
     scores, ids = P.top_k_over_dp(retrieval_scores(every, index.vectors, cfg), index.ids, k, mesh)
     m = q.shape[0]
     return scores[mesh.dp_rank * m: (mesh.dp_rank + 1) * m], ids[mesh.dp_rank * m: (mesh.dp_rank + 1) * m]
 
 
+def check_queries(q, index: Index, mesh: Mesh) -> None:
+    """ValueError, on every replica alike, unless each replica's q is a float
+    [m, e] with the index's e and every replica has the same m: the shapes go
+    round first (one all-gather of 2 numbers), so one bad replica stops all."""
+    e = index.vectors.shape[1]
+    ok = isinstance(q, torch.Tensor) and q.is_floating_point() and q.dim() == 2 and q.shape[1] == e
+    every = P.sizes_over_dp((ok, q.shape[0] if ok else 0), mesh, index.vectors.device)  # [(ok, m)] per replica
+    bad = [r for r, (fine, _) in enumerate(every) if not fine]
+    if bad:
+        here = "" if ok else f", here {shape_of(q)} {getattr(q, 'dtype', '')}".rstrip()
+        raise ValueError(f"queries must be float [m, {e}] (the index's width), not on dp ranks {bad}{here}")
+    if len({m for _, m in every}) > 1:
+        raise ValueError(f"uneven query batches across data-parallel ranks: {[m for _, m in every]}; every replica "
+                         "needs the same")
+
+
 def retrieval_accuracy(found_ids, gold_ids, ks=(1, 5, 20)) -> dict[str, float]:
     """found_ids [m, k] (best first), gold_ids [m] -> {"acc@k": fraction of
     queries whose gold block is among the first k}, for each k <= found."""
+    check_id_tensor(found_ids, (None, None), "found_ids")
+    check_id_tensor(gold_ids, (found_ids.shape[0],), "gold_ids")
     hit = found_ids == gold_ids[:, None]
     return {f"acc@{k}": hit[:, :k].any(-1).float().mean().item() for k in ks if k <= found_ids.shape[1]}
 
@@ -2652,6 +2698,12 @@ def realm_loss(params, batch: dict, index: Index, corpus: tuple, cfg: RealmConfi
     -> dict(loss, retrieval_acc: the gold block among the k, when gold is given)."""
     blocks, block_mask = corpus
     x, k = batch["query_ids"], cfg.top_k
+    check_id_tensor(x, (None, None), "query_ids")
+    check_id_tensor(batch["targets"], tuple(x.shape), "targets")
+    chosen = real_tokens(batch["target_mask"], x, "target_mask")
+    if batch.get("gold") is not None:
+        check_id_tensor(batch["gold"], (x.shape[0],), "gold")
+    check_id_tensor(blocks, (None, None), "corpus blocks")
     q = embed_text(params, x, cfg, mesh, tower="query", attention_mask=batch["query_mask"], seed=seed,
                    training=training)  # [b, e]
     _, top = search(q, index, k, cfg, mesh)  # [b, k] global block ids
@@ -2664,7 +2716,7 @@ def realm_loss(params, batch: dict, index: Index, corpus: tuple, cfg: RealmConfi
     mask = pair(batch["query_mask"], block_mask[top])
     types = pair(torch.zeros_like(x), torch.ones_like(blocks[top]))
     targets = pair(batch["targets"], torch.zeros_like(blocks[top]))
-    chosen = pair(batch["target_mask"].to(q.dtype), torch.zeros(blocks[top].shape, dtype=q.dtype, device=x.device))
+    chosen = pair(chosen.to(q.dtype), torch.zeros(blocks[top].shape, dtype=q.dtype, device=x.device))
     reader = substack(params, "reader.")
     logits, _ = bert_pretrain(reader, ids, reader_config(cfg), mesh, token_types=types, attention_mask=mask,
                               seed=seed, training=training, stream_prefix="reader.")
@@ -2858,10 +2910,38 @@ def stage_forward(model: str, params, x, micro: dict, cfg: GPTConfig, mesh: Mesh
         loss = lm_loss(lm_logits(params, x, cfg, mesh), micro["targets"], cfg, mesh, micro.get("loss_mask"))
         return dict(loss=loss * micro["share"])
     out = bert_pretrain_losses(*bert_heads(params, final_norm(params, x, cfg, mesh), cfg, mesh), cfg, mesh,
-                               mlm_targets=micro["mlm_targets"], mlm_mask=micro["mlm_mask"],
+                               mlm_targets=micro["mlm_targets"], mlm_mask=micro.get("mlm_mask"),
                                nsp_labels=micro.get("nsp_labels"))
     out = {k: val * (micro["share"] if k == "mlm" else micro["rows"]) for k, val in out.items() if k != "loss"}
     return dict(loss=out["mlm"] + out.get("nsp", 0.0), **out)
+
+
+PIPELINE_INPUTS = dict(gpt=("ids", "targets", "loss_mask"),
+                       bert=("ids", "mlm_targets", "mlm_mask", "nsp_labels", "token_types", "attention_mask"))
+
+
+def check_pipeline_batch(model: str, inputs: dict, cfg: GPTConfig, mesh: Mesh) -> None:
+    """ValueError, alike on every pipeline rank before anything is sent, unless
+    inputs is a batch the stages can run: only the model's keys
+    (`PIPELINE_INPUTS`), ids [b, s] in the vocabulary with s fitting max_seq
+    and the mesh (`check_seq`), the targets [b, s] and every other entry as
+    the serial model checks it. Each stage reads only part of the batch (the
+    first embeds the ids, the last reads the targets), so a check left to the
+    stage that reads it would stop that stage and leave its peers waiting."""
+    if not isinstance(inputs, dict) or "ids" not in inputs:
+        raise ValueError(f"inputs must be a dict of tensors with 'ids', got {type(inputs).__name__}")
+    unknown = sorted(set(inputs) - set(PIPELINE_INPUTS[model]))
+    if unknown:
+        raise ValueError(f"inputs {unknown} are not read by the {model} pipeline (it reads {PIPELINE_INPUTS[model]})")
+    ids, (targets, mask) = inputs["ids"], PIPELINE_INPUTS[model][1:3]
+    check_id_tensor(ids, (None, None), "ids", cfg.vocab_size, "token id")
+    cfg.check_seq(ids.shape[1], mesh)
+    check_id_tensor(inputs.get(targets), tuple(ids.shape), targets, cfg.vocab_size, "target id")
+    check_loss_mask(inputs.get(mask), inputs[targets])
+    if model == "bert":
+        check_nsp_labels(inputs.get("nsp_labels"), ids.shape[0], cfg)
+        check_token_types(inputs.get("token_types"), ids, cfg)
+        bert_attention_mask(inputs.get("attention_mask"), ids)
 
 
 def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, *, schedule: str = "1f1b",
@@ -2889,15 +2969,10 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     m = microbatches
     stages = stages_of(cfg, mesh, v)
     chunks = {c: {n: p for n, p in params.items() if owned_by(n, st, cfg)} for c, st in stages.items()}
+    check_pipeline_batch(model, inputs, cfg, mesh)
     micros = split_microbatches(inputs, m, "loss_mask" if model == "gpt" else "mlm_mask")
     schedules, plans = P.checked_schedule(schedule, mesh.pp, m, v, forward_only=not training)
     b, s = inputs["ids"].shape
-    if model == "gpt":
-        cfg.check_seq(s, mesh)
-    if mesh.cp > 1:
-        if model != "gpt":
-            raise ValueError(f"cp={mesh.cp}: context parallelism is built for GPT, not {model}")
-        P.check_cp_seq(s, mesh)
     shape = (b // m, s // mesh.cp // (mesh.tp if cfg.sequence_parallel else 1), cfg.hidden)
     dtype = next(iter(params.values())).dtype
 

@@ -740,10 +740,13 @@ def real_vocab_columns(vocab_local: int, vocab_size: int, mesh: Mesh, device=Non
     return torch.arange(start, end, device=device) < vocab_size
 
 
+ID_DTYPES = (torch.int64, torch.int32)  # the index dtypes torch's embedding and gather take
+
+
 def check_ids(ids: torch.Tensor, vocab_size: int, what: str = "token id") -> None:
-    """ValueError if any id is negative or >= vocab_size (checked on every rank)."""
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"{what}s must be an integer tensor, got dtype {ids.dtype}")
+    """ValueError unless ids is int64 or int32 with every id in [0, vocab_size) (checked on every rank)."""
+    if ids.dtype not in ID_DTYPES:
+        raise ValueError(f"{what}s must be an int64 (or int32) tensor, got dtype {ids.dtype}")
     if ids.numel() == 0:
         return
     lo, hi = int(ids.min()), int(ids.max())

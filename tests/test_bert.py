@@ -711,7 +711,7 @@ BAD_BERT_INPUT = [
     r"tie_embeddings=False",
     re.escape("task='classify', got 'pretrain'"),
     re.escape("task='pretrain', got 'GPTConfig'"),
-    r"nsp_labels must be \[b\] = \(1,\).*got None",
+    r"nsp_labels must be .* of shape \[1\], got NoneType",
     r"next-sentence label 2 out of range \[0, 2\)",
     r"token id 10 out of range \[0, 10\)",
     re.escape("embed.word has shape (6, 8), the full parameter is (12, 8)"),

@@ -10,7 +10,12 @@ any collective), or computed right:
 5. generate() checks its arguments on every rank before any collective;
 6. GPT-2 import/export: keys, shapes, paths, untied heads and one rank's shards;
 7. tensor parallel over more ranks than kv heads (each kv head replicated) equals the serial model;
-8. clip_grad_norm refuses a nan max_norm.
+8. clip_grad_norm refuses a nan max_norm;
+9. an attention mask is checked the same on the core and the SDPA path;
+10. ids, labels and gold indices: an int64 (or int32) tensor of exactly the shape;
+11. generate at a tiny temperature samples the argmax; search checks its queries on every replica;
+12. BERT, T5 and the retrievers refuse cp > 1 in every entry point, on every rank;
+13. pipeline_step checks the whole batch on every stage before anything is sent.
 """
 
 import dataclasses
@@ -684,3 +689,227 @@ def test_attention_mask_is_checked_on_both_paths(attention, mask, mask_kind, fra
     x = embed(params, randint(0, 10, 2, 4), cfg, SERIAL)
     with pytest.raises(ValueError, match=fragment):
         run_layers(params, x, cfg, SERIAL, mask_kind=mask_kind, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. ids, labels and gold indices: an int64 (or int32) tensor of exactly the shape, or a ValueError
+# ---------------------------------------------------------------------------------------------------
+
+BERT = N.BertConfig(vocab_size=11, vocab_multiple=4, max_seq=8, layers=1, hidden=8, heads=2)
+T5 = N.T5Config(vocab_size=11, vocab_multiple=4, max_seq=8, layers=1, hidden=8, heads=2)
+REALM = N.RealmConfig(vocab_size=11, vocab_multiple=4, max_seq=8, layers=1, hidden=8, heads=2, top_k=2)
+IDS = randint(0, 11, B, S)  # [2, 3]
+
+
+def test_retrieval_accuracy_refuses_gold_ids_that_only_broadcast():
+    """Gold ids [m, 1] once scored every query against every gold id (0.333 here, where the answer is 0.667)."""
+    found = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    assert N.retrieval_accuracy(found, torch.tensor([0, 2, 9])) == pytest.approx({"acc@1": 2 / 3})
+    raises_naming(lambda: N.retrieval_accuracy(found, torch.tensor([[0], [2], [9]])), "gold_ids", "[3]", "(3, 1)")
+    raises_naming(lambda: N.retrieval_accuracy(found, torch.tensor([0.0, 2.0, 9.0])), "gold_ids", "float32")
+    raises_naming(lambda: N.retrieval_accuracy(found[0], torch.tensor([0])), "found_ids", "(2,)")
+
+
+def realm_case(**changes):
+    """realm_loss on a tiny corpus with one entry of the batch replaced."""
+    params = N.init_realm(REALM, 0, torch.float64)
+    blocks, block_mask = randint(1, 11, 4, 3), torch.ones(4, 3, dtype=torch.int64)
+    index = N.build_index(params, blocks, block_mask, REALM, SERIAL)
+    batch = dict(query_ids=IDS, query_mask=torch.ones(B, S, dtype=torch.int64), targets=randint(2, 11, B, S),
+                 target_mask=torch.ones(B, S, dtype=torch.int64), gold=torch.tensor([0, 3])) | changes
+    return lambda: N.realm_loss(params, batch, index, (blocks, block_mask), REALM, SERIAL)
+
+
+def bert_case(cfg=BERT, **kw):
+    params = N.init_bert(cfg, 0, torch.float64)
+    return lambda: N.bert_loss(params, kw.pop("ids", IDS), cfg, SERIAL, **dict(mlm_targets=IDS, mlm_mask=None,
+                                                                                nsp_labels=torch.tensor([0, 1])) | kw)
+
+
+BAD_IDS = {  # each once a broadcast, an IndexError or a dtype error deep inside torch, or a silent wrong number
+    "gpt ids [s]": (lambda: N.gpt_logits(N.init_gpt(TINY, 0), IDS[0], TINY, SERIAL), ["ids", "(3,)"]),
+    "gpt ids [b, s, 1]": (lambda: N.gpt_logits(N.init_gpt(TINY, 0), IDS[..., None], TINY, SERIAL),
+                          ["ids", "(2, 3, 1)"]),
+    "gpt ids uint8": (lambda: N.gpt_logits(N.init_gpt(TINY, 0), IDS.to(torch.uint8), TINY, SERIAL), ["uint8"]),
+    "gpt ids int16": (lambda: N.gpt_logits(N.init_gpt(TINY, 0), IDS.short(), TINY, SERIAL), ["int16"]),
+    "gpt targets int16": (lambda: N.gpt_loss(N.init_gpt(TINY, 0), IDS, IDS.short(), TINY, SERIAL),
+                          ["targets", "int16"]),
+    "gpt targets [b, 1]": (lambda: N.gpt_loss(N.init_gpt(TINY, 0), IDS, IDS[:, :1], TINY, SERIAL),
+                           ["targets", "[2, 3]", "(2, 1)"]),
+    "generate uint8": (lambda: N.generate(N.init_gpt(TINY, 0), IDS.to(torch.uint8), TINY, SERIAL, 1),
+                       ["prompt_ids", "uint8"]),
+    "bert nsp_labels [b, 1]": (bert_case(nsp_labels=torch.tensor([[0], [1]])), ["nsp_labels", "[2]", "(2, 1)"]),
+    "bert nsp_labels int16": (bert_case(nsp_labels=torch.tensor([0, 1]).short()), ["nsp_labels", "int16"]),
+    "bert ids uint8": (bert_case(ids=IDS.to(torch.uint8)), ["ids", "uint8"]),
+    "t5 dec_ids [s]": (lambda: N.t5_logits(N.init_t5(T5, 0), IDS, IDS[0], T5, SERIAL), ["dec_ids", "(3,)"]),
+    "t5_generate int16": (lambda: N.t5_generate(N.init_t5(T5, 0), IDS.short(), T5, SERIAL, 1), ["enc_ids", "int16"]),
+    "embed_text [b, s, 1]": (lambda: N.embed_text(N.init_biencoder(REALM, 0), IDS[..., None], REALM, SERIAL,
+                                                  tower="query"), ["ids", "(2, 3, 1)"]),
+    "build_index uint8": (lambda: N.build_index(N.init_biencoder(REALM, 0), IDS.to(torch.uint8), None, REALM, SERIAL),
+                          ["uint8"]),
+    "realm gold [b, 1]": (realm_case(gold=torch.tensor([[0], [3]])), ["gold", "[2]", "(2, 1)"]),
+    "realm targets [b, 1]": (realm_case(targets=IDS[:, :1]), ["targets", "[2, 3]", "(2, 1)"]),
+    "realm target_mask [b, 1]": (realm_case(target_mask=torch.ones(B, 1, dtype=torch.int64)),
+                                 ["target_mask", "(2, 1)"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IDS)
+def test_ids_labels_and_gold_of_a_wrong_shape_or_dtype_are_refused_naming_them(case):
+    call, fragments = BAD_IDS[case]
+    raises_naming(call, *fragments)
+
+
+def test_int32_ids_and_labels_still_work_like_int64():
+    params = N.init_bert(BERT, 0, torch.float64)
+    loss = lambda cast: N.bert_loss(params, cast(IDS), BERT, SERIAL, mlm_targets=cast(IDS), mlm_mask=None,
+                                    nsp_labels=cast(torch.tensor([0, 1])))
+    assert_close(loss(torch.Tensor.int), loss(torch.Tensor.long), "int32 vs int64")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 11. generate at a tiny temperature; search with queries of a wrong rank or width
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_generate_at_a_tiny_temperature_samples_the_greedy_tokens(temperature):
+    """Once a nan softmax and a RuntimeError in torch.multinomial: the logits were divided in float32."""
+    params = N.init_gpt(GEN, 0)
+    greedy = N.generate(params, PROMPT, GEN, SERIAL, 4, temperature=0)
+    assert torch.equal(N.generate(params, PROMPT, GEN, SERIAL, 4, temperature=temperature, seed=3), greedy)
+
+
+def search_case(mesh, case):
+    """search over a 6-block index with this rank's queries of BAD_QUERIES[case]; its message, then in step."""
+    q_of_rank = BAD_QUERIES[case][0]
+    params = N.init_biencoder(REALM, 0, torch.float64)
+    index = N.build_index(params, randint(1, 11, 6, 3), None, REALM, mesh)
+    return value_errors_then_in_step([lambda: N.search(q_of_rank(mesh.dp_rank), index, 2, REALM, mesh)], mesh,
+                                     dims=("dp",))
+
+
+BAD_QUERIES = {  # e = 8
+    "[e]": (lambda r: rand(0, 8), ["queries", "[m, 8]", "(8,)"]),
+    "[m, e + 1]": (lambda r: rand(0, 2, 9), ["queries", "[m, 8]", "(2, 9)"]),
+    "[m, e, 1]": (lambda r: rand(0, 2, 8, 1), ["(2, 8, 1)"]),
+    "int": (lambda r: randint(0, 3, 2, 8), ["queries", "int64"]),
+    "replica 1 only, [e]": (lambda r: rand(0, 8) if r == 1 else rand(0, 2, 8), ["queries", "dp ranks [1]"]),
+    "uneven m": (lambda r: rand(0, 1 + r % 2, 8), ["uneven query batches", "[1, 2, 1, 2]"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_QUERIES)
+def test_search_refuses_queries_of_a_wrong_rank_or_width_on_every_replica(pool, case):
+    """Once an IndexError or a matmul error on the replica with the bad queries, and the others left waiting."""
+    for rank, (message, in_step) in enumerate(pool.run(search_case, case)):
+        assert in_step == 4.0, f"rank {rank}: out of step"
+        assert message is not None and all(f in message for f in BAD_QUERIES[case][1]), f"rank {rank}: {message!r}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 12. cp > 1: every entry point of a model that context parallelism does not build refuses it
+# ---------------------------------------------------------------------------------------------------
+
+_CP_MESHES = {}
+
+
+def cp2_mesh():
+    """This worker's cp = 2 mesh (dp fills the world), built once: every rank builds it in the same task."""
+    if "cp2" not in _CP_MESHES:
+        _CP_MESHES["cp2"] = P.Mesh.build(cp=2)
+    return _CP_MESHES["cp2"]
+
+
+def cp_entry_points_case(_pool_mesh):
+    mesh, ids = cp2_mesh(), randint(0, 11, 2, 4)  # 4 tokens: 2·cp chunks, so only the model can be refused
+    bert, t5, realm = N.init_bert(BERT, 0), N.init_t5(T5, 0), N.init_realm(REALM, 0)
+    classify, choice = replace(BERT, task="classify"), replace(BERT, task="multiple_choice")
+    index = N.build_index(realm, ids, None, REALM, SERIAL)
+    batch = dict(query_ids=ids, query_mask=torch.ones_like(ids), targets=ids, target_mask=torch.ones_like(ids))
+    cases = [
+        lambda: N.bert_pretrain(bert, ids, BERT, mesh),
+        lambda: N.bert_loss(bert, ids, BERT, mesh, mlm_targets=ids, mlm_mask=None, nsp_labels=torch.tensor([0, 1])),
+        lambda: N.bert_classify(N.init_bert(classify, 0), ids, classify, mesh),
+        lambda: N.bert_multiple_choice(N.init_bert(choice, 0), ids[None], choice, mesh),
+        lambda: N.t5_logits(t5, ids, ids, T5, mesh),
+        lambda: N.t5_loss(t5, ids, ids, ids, T5, mesh),
+        lambda: N.t5_decode(t5, ids, N.Memory(torch.zeros(2, 4, 8)), T5, mesh),
+        lambda: N.t5_generate(t5, ids, T5, mesh, 2),
+        lambda: N.embed_text(realm, ids, REALM, mesh, tower="query"),
+        lambda: N.biencoder_loss(realm, dict(query_ids=ids, context_ids=ids), REALM, mesh),
+        lambda: N.build_index(realm, ids, None, REALM, mesh),
+        lambda: N.realm_loss(realm, batch, index, (ids, torch.ones_like(ids)), REALM, mesh),
+        lambda: N.pipeline_step("bert", bert, dict(ids=ids, mlm_targets=ids, nsp_labels=torch.tensor([0, 1])), BERT,
+                                mesh),
+        # GPT does run under cp; targets [b, s/cp] must not pass for this rank's chunks of [b, s]
+        lambda: N.gpt_loss(N.init_gpt(TINY, 0), ids, ids[:, :2], TINY, mesh),
+    ]
+    return value_errors_then_in_step(cases, mesh, dims=("cp", "dpcp"))
+
+
+def test_every_entry_point_of_bert_t5_and_the_retrievers_refuses_cp_on_every_rank(pool):
+    """Once bert_classify under cp ran, and its logits were 2.1 away from the serial ones."""
+    names = ["BertConfig"] * 4 + ["T5Config"] * 4 + ["RealmConfig"] * 4 + ["BertConfig"]
+    for rank, messages in enumerate(pool.run(cp_entry_points_case)):
+        assert messages[-2:] == [2.0, 4.0], f"rank {rank}: out of step"
+        for i, name in enumerate(names):
+            assert messages[i] is not None and "cp=2" in messages[i] and name in messages[i], \
+                f"rank {rank}, case {i}: {messages[i]!r}"
+        assert "targets" in messages[len(names)] and "(2, 2)" in messages[len(names)], messages[len(names)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 13. pipeline_step: a bad batch is refused on every stage before anything is sent
+# ---------------------------------------------------------------------------------------------------
+
+PIPE_GPT = replace(TINY, layers=2)
+PIPE_BERT = replace(BERT, layers=2)
+IDS4 = randint(3, 11, 2, 4)
+GOOD = dict(gpt=dict(ids=IDS4, targets=IDS4, loss_mask=torch.ones(2, 4)),
+            bert=dict(ids=IDS4, token_types=torch.zeros_like(IDS4), attention_mask=torch.ones_like(IDS4),
+                      mlm_targets=IDS4, mlm_mask=torch.ones(2, 4), nsp_labels=torch.tensor([0, 1])))
+TOO_BIG = torch.tensor([[1, 2, 3, 11], [1, 2, 3, 4]])  # 11: one past the vocabulary
+BAD_BATCHES = [  # (model, entries replaced in the good batch, fragments of the message)
+    ("gpt", dict(ids=TOO_BIG), ["token id 11 out of range [0, 11)"]),
+    ("gpt", dict(ids=randint(3, 11, 2, 10), targets=randint(3, 11, 2, 10), loss_mask=None), ["10", "max_seq=8"]),
+    ("gpt", dict(ids=IDS4.short()), ["ids", "int16"]),
+    ("gpt", dict(targets=TOO_BIG), ["target id 11 out of range [0, 11)"]),
+    ("gpt", dict(targets=IDS4[:, :1]), ["targets", "(2, 1)"]),
+    ("gpt", dict(loss_mask=torch.ones(2, 1)), ["loss_mask", "(2, 1)"]),
+    ("gpt", dict(loss_mask=-torch.ones(2, 4)), ["loss_mask", ">= 0"]),
+    ("gpt", dict(loss_msk=torch.ones(2, 4)), ["loss_msk"]),
+    ("bert", dict(ids=randint(3, 11, 2, 10), token_types=None, attention_mask=None, mlm_targets=randint(3, 11, 2, 10),
+                  mlm_mask=None), ["10", "max_seq=8"]),
+    ("bert", dict(ids=TOO_BIG), ["token id 11 out of range [0, 11)"]),
+    ("bert", dict(token_types=torch.full((2, 4), 2)), ["token type id 2"]),
+    ("bert", dict(attention_mask=torch.full((2, 4), 2)), ["attention_mask", "2"]),
+    ("bert", dict(mlm_targets=TOO_BIG), ["target id 11 out of range [0, 11)"]),
+    ("bert", dict(mlm_mask=torch.ones(2, 1)), ["loss_mask", "(2, 1)"]),
+    ("bert", dict(nsp_labels=torch.tensor([[0], [1]])), ["nsp_labels", "(2, 1)"]),
+    ("bert", dict(nsp_labels=None), ["nsp_labels", "NoneType"]),
+    ("bert", dict(nsp_labels=torch.tensor([0, 2])), ["next-sentence label 2"]),
+]
+
+
+def pipeline_batches_case(mesh):
+    """Every bad batch at pp = 2 (messages), then a good GPT and BERT step: in step over pp and dp."""
+    params = {}
+    for model, cfg, init in (("gpt", PIPE_GPT, N.init_gpt), ("bert", PIPE_BERT, N.init_bert)):
+        params[model] = {k: t.requires_grad_(True) for k, t in N.stage_params(init(cfg, 0), cfg, mesh).items()}
+    step = lambda model, batch: N.pipeline_step(model, params[model], batch, PIPE_GPT if model == "gpt" else PIPE_BERT,
+                                                mesh, microbatches=2)
+    cases = [lambda m=model, c=changes: step(m, {k: v for k, v in (GOOD[m] | c).items() if v is not None})
+             for model, changes, _ in BAD_BATCHES]
+    messages = value_errors_then_in_step(cases, mesh, dims=("pp", "dp"))
+    return messages + [bool(step(m, GOOD[m])["loss"].isfinite()) for m in ("gpt", "bert")]
+
+
+def test_pipeline_step_refuses_a_bad_batch_on_every_stage_before_any_transfer(pool):
+    """Once the first stage raised (an id out of range, a BERT batch longer than max_seq) while the last stage
+    waited forever in its receive; or the last raised (targets, masks, labels) and the first waited."""
+    for rank, messages in enumerate(pool.run(pipeline_batches_case, pp=2)):
+        assert messages[len(BAD_BATCHES):] == [2.0, 2.0, True, True], f"rank {rank}: {messages[len(BAD_BATCHES):]}"
+        for (model, changes, fragments), message in zip(BAD_BATCHES, messages):
+            assert message is not None and all(f in message for f in fragments), \
+                f"rank {rank}, {model} {sorted(changes)}: {message!r}"
