@@ -2980,8 +2980,9 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
         return stage_forward(model, chunks[c], x, micros[i], cfg, replace(mesh, micro=i, micros=m), stages[c],
                              seed=seed, training=training, moe=moe)
 
-    totals = P.run_schedule(schedules[mesh.pp_rank], plans[mesh.pp_rank], forward, mesh, v=v, shape=shape, dtype=dtype, device=inputs["ids"].device,
-                            params_of=lambda c: chunks[c].values(), forward_only=not training, clock=clock)
+    totals = P.run_schedule(schedules[mesh.pp_rank], plans[mesh.pp_rank], forward, mesh, v=v, shape=shape,
+                            dtype=dtype, device=inputs["ids"].device, params_of=lambda c: chunks[c].values(),
+                            forward_only=not training, clock=clock)
     keys = ("loss",) if model == "gpt" else ("loss", "mlm", "nsp", "nsp_acc") if cfg.binary_head else ("loss", "mlm")
     out = P.pipeline_totals(totals, keys, mesh, device=inputs["ids"].device)
     if cfg.experts and training:
