@@ -1701,8 +1701,8 @@ def run_schedule(actions: list[Action], plan: list, forward, mesh: Mesh, *, v: i
                 x.requires_grad_(True)
             y = forward(a.chunk, a.micro, x)
             if send is not None and (tuple(y.shape) != tuple(shape) or y.dtype != dtype):
-                raise ValueError(f"stage {a.chunk * p + mesh.pp_rank} made {tuple(y.shape)} {y.dtype}, but the stages exchange "
-                                 f"{tuple(shape)} {dtype}")
+                raise ValueError(f"stage {a.chunk * p + mesh.pp_rank} made {tuple(y.shape)} {y.dtype}, but the "
+                                 f"stages exchange {tuple(shape)} {dtype}")
             if send is None:  # the last virtual stage: y holds the losses
                 for k, val in y.items():
                     totals[k] = totals.get(k, 0.0) + val.detach()
