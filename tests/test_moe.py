@@ -571,6 +571,15 @@ def test_training_steps_equal_serial_adamw(pool, tp, ep, zero, bucket_mb):
 # ---------------------------------------------------------------------------------------------------
 
 
+def check_pipeline_results(results, loss, lm, params, what):
+    """Every rank's loss and LM loss are the serial ones; the ranks' gradients, merged, are the serial params'."""
+    for rank, r in enumerate(results):
+        assert_close(r["loss"], loss.detach(), f"{what}: loss on rank {rank}")
+        assert_close(r["lm"], lm, f"{what}: lm loss on rank {rank}")
+    assert_close(merged([r["grads"] for r in results], what), {k: v.grad for k, v in params.items()},
+                 f"{what}: gradients")
+
+
 def pipeline_task(mesh, cfg, full, ids, tg, m, seed, loss_mask=None):
     specs = N.gpt_specs(cfg)
     local = P.shard(full, specs, mesh)
@@ -602,12 +611,7 @@ def test_pipeline_step_equals_serial(pool, tp, ep):
     lm = N.lm_loss(N.gpt_logits(full, ids, replace(cfg, sequence_parallel=False), SERIAL, seed=4, training=True),
                    tg, cfg, SERIAL)
     results = pool.run(pipeline_task, cfg, full, ids, tg, m, 4, tp=tp, pp=2, ep=ep)
-    what = f"pp=2 tp={tp} ep={ep}"
-    for rank, r in enumerate(results):
-        assert_close(r["loss"], loss.detach(), f"{what}: loss on rank {rank}")
-        assert_close(r["lm"], lm, f"{what}: lm loss on rank {rank}")
-    assert_close(merged([r["grads"] for r in results], what), {k: v.grad for k, v in params.items()},
-                 f"{what}: gradients")
+    check_pipeline_results(results, loss, lm, params, f"pp=2 tp={tp} ep={ep}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -715,9 +719,4 @@ def test_pipeline_step_with_a_loss_mask_equals_serial(pool, case):
     lm = N.lm_loss(N.gpt_logits(full, ids, serial, SERIAL, seed=seed, training=True), tg, serial, SERIAL, weights)
     assert not torch.allclose(loss, lm), "the aux losses add nothing: the case cannot see their scale"
     results = pool.run(pipeline_task, cfg, full, ids, tg, m, seed, mask, tp=tp, pp=2, ep=ep)
-    what = f"{case}"
-    for rank, r in enumerate(results):
-        assert_close(r["loss"], loss.detach(), f"{what}: loss on rank {rank}")
-        assert_close(r["lm"], lm, f"{what}: lm loss on rank {rank}")
-    assert_close(merged([r["grads"] for r in results], what), {k: v.grad for k, v in params.items()},
-                 f"{what}: gradients")
+    check_pipeline_results(results, loss, lm, params, f"{case}")
