@@ -1597,9 +1597,9 @@ def check_p2p_plans(plans: list[list[list[list[Post]]]]) -> None:
         sends, recvs = sent.get((a, b), []), received.get((a, b), [])
         for k in range(max(len(sends), len(recvs))):
             if k >= len(sends) or k >= len(recvs) or sends[k][0] != recvs[k][0]:
-                got = lambda side: side[k][0] if k < len(side) else "nothing"
-                raise ValueError(f"pipeline ranks {a} -> {b}: transfer {k} is sent as {got(sends)} but received as "
-                                 f"{got(recvs)}: matched by order, the two ends would trade the wrong tensors")
+                sent_k, received_k = (side[k][0] if k < len(side) else "nothing" for side in (sends, recvs))
+                raise ValueError(f"pipeline ranks {a} -> {b}: transfer {k} is sent as {sent_k} but received as "
+                                 f"{received_k}: matched by order, the two ends would trade the wrong tensors")
             partner[a, sends[k][1], "send", sends[k][0]] = recvs[k][1]
             partner[b, recvs[k][1], "recv", recvs[k][0]] = sends[k][1]
     at, moved, progressed = [0] * len(flat), set(), True

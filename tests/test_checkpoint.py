@@ -1328,7 +1328,7 @@ def test_load_pieces_refuses_overlapping_pieces_that_leave_a_hole(tmp_path, case
         P.load_pieces(tmp_path / "ck", wanted, index)
         assert torch.equal(local, full)
         return
-    with pytest.raises(ValueError, match=re.escape(f"does not hold all of 'w' (4, 6)")) as e:
+    with pytest.raises(ValueError, match=re.escape("does not hold all of 'w' (4, 6)")) as e:
         P.load_pieces(tmp_path / "ck", wanted, index)
     assert hole in str(e.value), str(e.value)
     assert local.isnan().all()  # nothing was read

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from common import (BETAS, CLIP, LR, SERIAL, STEPS, TOL, WEIGHT_DECAY, adamw, assert_close, jittered, merged, rand,
+from common import (BETAS, CLIP, LR, SERIAL, STEPS, WEIGHT_DECAY, adamw, assert_close, jittered, merged, rand,
                     randint, serial_gpt_training)
 from harness import value_errors_then_in_step
 from hypothesis import example, given, settings
