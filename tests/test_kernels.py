@@ -355,9 +355,11 @@ def test_norm_weight_gradients_over_row_groups_match_torch(op, rows, h, programs
     """The backward's weight gradients are summed per group of rows (a partial row per program), then over
     the groups: every way of splitting the rows gives torch's dx, dw and db (F.layer_norm / F.rms_norm,
     autograd in float64 on the same inputs)."""
+    row_groups = kernels._row_groups
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "CPU_ROW_GROUPS", programs)
-        groups, per_group = kernels._row_groups(rows, torch.device("cpu"))
+        mp.setattr(kernels, "CPU_ROW_GROUPS", programs)  # and the CPU's split on a GPU too, not the SM count's:
+        mp.setattr(kernels, "_row_groups", lambda n_rows, device, per_sm=1: row_groups(n_rows, torch.device("cpu")))
+        groups, per_group = kernels._row_groups(rows, DEVICE)
         assert [min(per_group, rows - g * per_group) for g in range(groups)] == split
         g = torch.Generator().manual_seed(rows * h)
         x, dy = (torch.randn(rows, h, generator=g) * 2 + 0.5).to(dtype), torch.randn(rows, h, generator=g).to(dtype)
