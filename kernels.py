@@ -59,8 +59,9 @@ except ImportError:  # e.g. macOS or Windows: only the references can run.
 SOFTMAX_BLOCK = 8192  # longest softmax row (sk) held in registers; longer rows use the looped kernels
 NORM_BLOCK = 8192  # longest LayerNorm/RMSNorm row (hidden size) held in registers
 GELU_BLOCK_M, GELU_BLOCK_N = 16, 256  # bias-GeLU tile: rows x columns per program
-GROUPS_PER_SM = 4  # weight-gradient stage 1: programs per streaming multiprocessor on CUDA
-CPU_ROW_GROUPS = 3  # ... and the number of programs under the CPU interpreter
+GROUPS_PER_SM = 4  # bias-GeLU weight-gradient stage 1: row groups per streaming multiprocessor on CUDA
+NORM_BWD_WARPS_PER_SM = 32  # norm backward: the warps an SM holds at once (see _norm_bwd_warps)
+CPU_ROW_GROUPS = 3  # weight-gradient stage 1: the number of row groups under the CPU interpreter
 COLUMN_SUM_BLOCK_G, COLUMN_SUM_BLOCK_N = 64, 32  # weight-gradient stage 2: groups x columns per tile
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -177,11 +178,21 @@ def _num_warps(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-def _row_groups(n_rows: int, device: torch.device) -> tuple[int, int]:
-    """Stage 1 of a weight-gradient reduction splits the rows into contiguous groups, one program each.
+def _norm_bwd_warps(block: int, element_size: int) -> int:
+    """Warps per program of the norm backward: one 16-byte vector of a row per thread (8 elements of bf16,
+    4 of fp32), which keeps the kernel near 64 registers a thread (ptxas for sm_90: 40-64 at n = 1024..8192,
+    bf16 and fp32), so that an SM's 65536 registers hold NORM_BWD_WARPS_PER_SM = 32 warps of it. (16
+    elements per thread, as the forward's _num_warps gives, took 80-113 registers in bf16: at n = 4096,
+    the SM then held 2 programs of 8 warps, 16 warps in all.)"""
+    return max(1, min(32, block * element_size // (32 * 16)))
+
+
+def _row_groups(n_rows: int, device: torch.device, per_sm: int = GROUPS_PER_SM) -> tuple[int, int]:
+    """Stage 1 of a weight-gradient reduction splits the rows into contiguous groups, one program each,
+    `per_sm` programs per streaming multiprocessor (CPU_ROW_GROUPS in all under the interpreter).
     Returns (groups, rows_per_group); every group holds at least one row."""
     if device.type == "cuda":
-        target = GROUPS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = CPU_ROW_GROUPS
     rows_per_group = -(-n_rows // max(1, min(n_rows, target)))
@@ -552,32 +563,60 @@ def _norm_dx_terms(X, W, DY, MEAN, RSTD, row, cols, n, IS_RMS: tl.constexpr, ZER
 
 
 @triton.jit
+def _load_norm_row(X, DY, MEAN, RSTD, row, row_end, cols, n, IS_RMS: tl.constexpr):
+    """(x, dy, mean, rstd) of row `row`: x and dy in their storage dtype, mean 0 for RMSNorm. A row at
+    or past row_end loads nothing (zeros): the prefetch after a group's last row."""
+    ok = row < row_end
+    width = tl.where(ok, n, 0)  # (not `(cols < n) & ok`: the interpreter makes that mask int32 and refuses it)
+    x = tl.load(X + row * n + cols, mask=cols < width, other=0.0)
+    dy = tl.load(DY + row * n + cols, mask=cols < width, other=0.0)
+    mean = 0.0
+    if not IS_RMS:
+        mean = tl.load(MEAN + row, mask=ok, other=0.0)
+    return x, dy, mean, tl.load(RSTD + row, mask=ok, other=0.0)
+
+
+@triton.jit
 def _norm_bwd_kernel(X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART, n_rows, n, rows_per_group,
                      IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO_CENTERED: tl.constexpr,
                      BLOCK: tl.constexpr):
-    """One program per group of rows_per_group rows of x: [rows, n]; each row in one block (n <= BLOCK).
-    With xhat = (x - mean) * rstd and g = dy * w:
+    """One program per group of rows_per_group consecutive rows of x: [rows, n], each row in one block
+    (n <= BLOCK); _row_groups makes as many groups as the GPU holds at once. With xhat = (x - mean) * rstd
+    and g = dy * w:
         dx = rstd * (g - xhat * mean(g * xhat) - mean(g))      (RMSNorm: no mean(g) term)
-    and the group's sums of dw = dy * xhat and db = dy are kept in registers and written once, as row
-    `group` of DW_PART, DB_PART: [groups, n] (stage 1; _column_sum_kernel is stage 2: no atomics).
-    Traffic: reads x and dy once, writes dx once, plus groups * n floats of partial sums. Unfused
-    autograd re-reads the saved tensors op by op and reduces dw, db in separate passes over dy."""
+    Weight gradients, stage 1: the group's sums of dw = dy * xhat and db = dy stay in registers and are
+    written once, as row `group` of DW_PART, DB_PART: [groups, n] fp32; _column_sum_kernel adds those rows
+    (stage 2). No atomics, no locks, and the sum does not depend on scheduling.
+    Latency: row r + 1 is loaded (prefetched) before row r's two reductions, which wait on barriers, so that
+    its bytes are in flight while row r is computed, and each program always has a row on its way from memory.
+    Traffic per row: reads x and dy once, writes dx once (6 bytes an element in bf16), 8 bytes of mean, rstd;
+    w is re-read from L1 (holding it in registers would cost ~30 registers a thread and halve the programs an
+    SM holds). Per program, its partial rows once: 4n bytes each for dw and db, written here and read by
+    stage 2, a few % of the activations' bytes with one group per resident program.
+    Unfused autograd re-reads the saved tensors op by op and reduces dw, db in passes of their own."""
     group = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
+    in_row = cols < n
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     db = tl.zeros([BLOCK], dtype=tl.float32)
     row_start = group.to(tl.int64) * rows_per_group
-    for row in range(row_start, tl.minimum(row_start + rows_per_group, n_rows)):
-        xhat, dy, g, rstd = _norm_dx_terms(X, W, DY, MEAN, RSTD, row, cols, n, IS_RMS, ZERO_CENTERED)
+    row_end = tl.minimum(row_start + rows_per_group, n_rows)
+    next_row = _load_norm_row(X, DY, MEAN, RSTD, row_start, row_end, cols, n, IS_RMS)
+    for row in range(row_start, row_end):
+        x, dy, mean, rstd = next_row
+        next_row = _load_norm_row(X, DY, MEAN, RSTD, row + 1, row_end, cols, n, IS_RMS)
+        dy = dy.to(tl.float32)
+        xhat = tl.where(in_row, (x.to(tl.float32) - mean) * rstd, 0.0)
+        g = dy * _load_gamma(W, cols, in_row, ZERO_CENTERED)
         dx = g - xhat * (tl.sum(g * xhat, axis=0) / n)
         if not IS_RMS:
             dx -= tl.sum(g, axis=0) / n
-        tl.store(DX + row * n + cols, (dx * rstd).to(DX.dtype.element_ty), mask=cols < n)
+        tl.store(DX + row * n + cols, (dx * rstd).to(DX.dtype.element_ty), mask=in_row)
         dw += dy * xhat
         db += dy
-    tl.store(DW_PART + group * n + cols, dw, mask=cols < n)
+    tl.store(DW_PART + group * n + cols, dw, mask=in_row)
     if HAS_BIAS:
-        tl.store(DB_PART + group * n + cols, db, mask=cols < n)
+        tl.store(DB_PART + group * n + cols, db, mask=in_row)
 
 
 @triton.jit
@@ -670,14 +709,16 @@ def _norm_bwd(dy, x, weight, bias, mean, rstd, zero_centered, is_rms):
     n = x.shape[-1]
     x2, dy2, weight = x.contiguous().view(-1, n), dy.contiguous().view(-1, n), weight.contiguous()
     dx = _empty(x2.shape, x.dtype, x.device)
-    groups, rows_per_group = _row_groups(x2.shape[0], x.device)
+    block = min(triton.next_power_of_2(n), NORM_BLOCK)
+    warps = _norm_bwd_warps(block, x.element_size())
+    # One wave: as many row groups as the GPU holds programs at once, each streaming its rows.
+    groups, rows_per_group = _row_groups(x2.shape[0], x.device, per_sm=max(1, NORM_BWD_WARPS_PER_SM // warps))
     dw_part = _empty((groups, n), torch.float32, x.device)
     db_part = dw_part if bias is None else _empty((groups, n), torch.float32, x.device)
-    block = min(triton.next_power_of_2(n), NORM_BLOCK)
     kernel = _norm_bwd_kernel if n <= block else _norm_bwd_looped_kernel
     kernel[(groups,)](x2, weight, dy2, dx, rstd if mean is None else mean, rstd, dw_part, db_part,
                       x2.shape[0], n, rows_per_group, IS_RMS=is_rms, HAS_BIAS=bias is not None,
-                      ZERO_CENTERED=zero_centered, BLOCK=block, num_warps=_num_warps(block))
+                      ZERO_CENTERED=zero_centered, BLOCK=block, num_warps=warps)
     db = None if bias is None else _column_sum(db_part, bias.dtype)
     return dx.view(x.shape), _column_sum(dw_part, weight.dtype), db
 

@@ -27,7 +27,7 @@ PEAK=${PEAK_FLOPS:-989e12}  # H100 / H200 SXM dense bf16 (the spec sheet's 1979 
 
 want 1 && echo "== 1. kernel tests on the GPU (compiled, no interpreter)" && \
 NANOMEG_TEST_DEVICE=cuda NANOMEG_PROFILE=dev timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-    -k "triton_matches or every_variant or real_block or fully_masked or inf_and_nan or poisoned" 2>&1 \
+    -k "triton_matches or every_variant or real_block or fully_masked or inf_and_nan or poisoned or row_groups" 2>&1 \
     | tee "$OUT_DIR/kernel_tests.log" | tail -15
 
 want 2 && echo "== 2. kernel benchmark" && \

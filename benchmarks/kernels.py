@@ -11,9 +11,11 @@ triton.testing.do_bench (the median of many runs) and reported
 The peers run the same inputs: "torch eager" is the plain PyTorch a model would write (the fp32 masked
 softmax as Megatron's unfused path, F.layer_norm, F.rms_norm, F.gelu(x + b)), "torch.compile" is that same
 function compiled by Inductor. The column "max |Δ| vs eager" checks that each implementation agrees
-with eager: the output y for the forward, the gradient dx for the forward + backward.
+with eager: the output y for the forward, the gradient dx for the forward + backward; "dw, db rel Δ" is
+the largest difference of a parameter gradient (weight, bias) from eager's, relative to eager's largest.
 
-Run: python benchmarks/kernels.py [--quick]   (--quick: smaller shapes, for a smoke run)
+Run: python benchmarks/kernels.py [--quick] [--only NAME ...]   (--quick: smaller shapes, for a smoke run;
+--only norm: the cases whose op name contains "norm", i.e. LayerNorm and RMSNorm forward and backward)
 """
 
 import argparse
@@ -135,36 +137,49 @@ def max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def max_rel_diff(grads, eager_grads) -> float:
+    """max over the parameter gradients (weight, bias) of max |Δ| / max |eager's|; NaN when there are none."""
+    return max((max_diff(g, e) / e.float().abs().max().item() for g, e in zip(grads, eager_grads)), default=math.nan)
+
+
 def measure(inputs, impls, fwd_bytes, bwd_bytes):
-    """Rows (impl, pass, ms, GB/s, max |Δ| vs eager) for the forward and the forward + backward passes."""
+    """Rows (impl, pass, ms, GB/s, max |Δ| vs eager, parameter grads' relative Δ) for the forward and the
+    forward + backward passes."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     dy = torch.randn_like(inputs[0])
 
     def forward_backward(fn):
         fn(*leaves).backward(dy)
 
-    def dx_of(fn):
-        leaves[0].grad = None
+    def grads_of(fn):
+        for t in leaves:
+            t.grad = None
         forward_backward(fn)
-        return leaves[0].grad
+        return [t.grad for t in leaves]
 
-    eager_y, eager_dx = impls["torch eager"](*inputs).detach(), dx_of(impls["torch eager"])
+    eager_y, eager_grads = impls["torch eager"](*inputs).detach(), grads_of(impls["torch eager"])
     rows = []
     for name, fn in impls.items():
         with torch.no_grad():
             err = max_diff(fn(*inputs), eager_y)
             ms = time_ms(lambda fn=fn: fn(*inputs))
-        rows.append((name, "forward", ms, fwd_bytes / ms / 1e6, err))
-        err = max_diff(dx_of(fn), eager_dx)
+        rows.append((name, "forward", ms, fwd_bytes / ms / 1e6, err, math.nan))
+        grads = grads_of(fn)
+        err, param_err = max_diff(grads[0], eager_grads[0]), max_rel_diff(grads[1:], eager_grads[1:])
         ms = time_ms(lambda fn=fn: forward_backward(fn), grad_to_none=leaves)
-        rows.append((name, "fwd+bwd", ms, (fwd_bytes + bwd_bytes) / ms / 1e6, err))
+        rows.append((name, "fwd+bwd", ms, (fwd_bytes + bwd_bytes) / ms / 1e6, err, param_err))
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke run")
+    parser.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                        help="only the ops whose name contains one of these (e.g. norm, softmax, gelu)")
     args = parser.parse_args()
+    chosen = [c for c in cases(args.quick) if not args.only or any(name in c[0] for name in args.only)]
+    if not chosen:
+        parser.error(f"--only {' '.join(args.only)} matches none of: {', '.join(sorted({c[0] for c in cases(False)}))}")
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured.")
         return 0
@@ -172,10 +187,11 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {DTYPE}")
     print(f"device-to-device copy (y.copy_(x), 1 GiB): {copy_gbs:.0f} GB/s\n")
     header = f"{'op':<16} {'shape':<20} {'pass':<8} {'implementation':<15} {'ms':>8} {'GB/s':>7} {'of copy':>8}"
-    print(f"{header} {'max |Δ| vs eager':>17}\n{'-' * (len(header) + 18)}")
-    for op, shape, make in cases(args.quick):
-        for impl, pass_, ms, gbs, err in measure(*make()):
-            print(f"{op:<16} {shape:<20} {pass_:<8} {impl:<15} {ms:8.3f} {gbs:7.0f} {gbs / copy_gbs:8.0%} {err:17.2e}")
+    print(f"{header} {'max |Δ| vs eager':>17} {'dw, db rel Δ':>13}\n{'-' * (len(header) + 32)}")
+    for op, shape, make in chosen:
+        for impl, pass_, ms, gbs, err, param_err in measure(*make()):
+            print(f"{op:<16} {shape:<20} {pass_:<8} {impl:<15} {ms:8.3f} {gbs:7.0f} {gbs / copy_gbs:8.0%} {err:17.2e} "
+                  f"{param_err:13.2e}")
         torch.cuda.empty_cache()
     print("\nGB/s = the bytes each pass must move at the least (see each case's docstring) / median time.")
     return 0

@@ -343,6 +343,39 @@ def test_norm_references_match_torch(c):
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("rows, h, programs, split, dtype", [
+    (7, 13, 3, [3, 3, 1], torch.bfloat16),  # rows not a multiple of the group; h not a power of two
+    (8, 16, 3, [3, 3, 2], torch.float32),  # h = BLOCK exactly
+    (1, 13, 3, [1], torch.float16),  # a single row: one program
+    (3, 10, 8, [1, 1, 1], torch.float32),  # more programs asked for than rows: one row each
+    (10, 40, 4, [3, 3, 3, 1], torch.bfloat16),  # h > BLOCK: the looped kernel's partial rows
+])
+def test_norm_weight_gradients_over_row_groups_match_torch(op, rows, h, programs, split, dtype):
+    """The backward's weight gradients are summed per group of rows (a partial row per program), then over
+    the groups: every way of splitting the rows gives torch's dx, dw and db (F.layer_norm / F.rms_norm,
+    autograd in float64 on the same inputs)."""
+    row_groups = kernels._row_groups
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "CPU_ROW_GROUPS", programs)  # and the CPU's split on a GPU too, not the SM count's:
+        mp.setattr(kernels, "_row_groups", lambda n_rows, device, per_sm=1: row_groups(n_rows, torch.device("cpu")))
+        groups, per_group = kernels._row_groups(rows, DEVICE)
+        assert [min(per_group, rows - g * per_group) for g in range(groups)] == split
+        g = torch.Generator().manual_seed(rows * h)
+        x, dy = (torch.randn(rows, h, generator=g) * 2 + 0.5).to(dtype), torch.randn(rows, h, generator=g).to(dtype)
+        params = [torch.randn(h, generator=g).to(dtype) for _ in range(2 if op == "layer_norm" else 1)]
+        y, grads = forward_backward(getattr(kernels, op), [x, *params], dy, triton=True)
+    leaves = [t.double().requires_grad_() for t in (x, *params)]
+    if op == "layer_norm":
+        expected = F.layer_norm(leaves[0], (h,), *leaves[1:], eps=1e-5)
+    else:
+        expected = F.rms_norm(leaves[0], (h,), leaves[1], eps=1e-5)
+    expected_grads = torch.autograd.grad(expected, leaves, dy.double())
+    assert_close(y, expected.to(dtype), dtype)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close(grad, expected_grad.to(dtype), dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # bias-GeLU
 # ----------------------------------------------------------------------------------------------------
