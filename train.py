@@ -132,7 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "positions sits at the unigram entropy (~3.1 nats) for hundreds of steps")
     ap.add_argument("--attention", choices=N.CHOICES["attention"], default="core")
     ap.add_argument("--seed", type=int, default=1234, help="in [0, 2**31)")
-    ap.add_argument("--bf16", action="store_true", help="bf16 parameters, gradients and activations; the optimizer keeps an fp32 main copy and fp32 moments")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 parameters, gradients and activations; the optimizer keeps an fp32 main copy")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=4)
