@@ -1805,7 +1805,8 @@ class GradBuckets:
     microbatch), the bucket's collective is launched asynchronously:
     * zero=False: an all-reduce of the bucket (its numel elements over dp);
     * zero=True (ZeRO-1): a reduce-scatter; rank d keeps the d-th 1/dp slice
-      of the bucket, the one its optimizer shard updates.
+      of the bucket, the one its optimizer shard updates (its "shard"; with
+      zero=False the shard is the whole bucket).
     `finish()` (before the optimizer) launches what the backward did not
     complete, waits, and divides by dp: the gradients are then the mean over
     the replicas. `tied` names (a tied embedding held by the first and last
@@ -1853,7 +1854,7 @@ class GradBuckets:
         """A flat buffer holding names' gradients, reduced over mesh dim `dim` (dp, or edp for experts),
         padded to a multiple of its size (reduce-scatter needs equal slices)."""
         sizes = [self.params[n].numel() for n in names]
-        n_ranks, rank = self.mesh.size(dim), self.mesh.rank(dim)
+        n_ranks, rank = (self.mesh.size(dim), self.mesh.rank(dim)) if self.zero else (1, 0)  # all-reduce: all is ours
         total = -(-sum(sizes) // n_ranks) * n_ranks
         first = self.params[names[0]]
         buf = torch.zeros(total, dtype=first.dtype, device=first.device)
@@ -1972,13 +1973,17 @@ class ZeroAdamW:
     `decay(name, p)` says which tensors get weight decay (train.py: matrices
     only); where they, and the elements the norm counts, lie in the slices is
     kept as ranges (`_my_ranges`), not masks. `state_bytes()` measures it.
+
+    Over `GradBuckets(zero=False)` (all-reduced: every dp rank holds the
+    whole buckets) the same class is plain AdamW with an fp32 main copy, for
+    bf16 parameters without ZeRO (train.py --bf16, Megatron's
+    Float16OptimizerWithFloat16Params): each rank's "slice" is the whole
+    bucket, the norm is `clip_grad_norm`'s and nothing is all-gathered.
     """
 
     def __init__(self, params: dict, buckets: GradBuckets, specs: dict, mesh: Mesh, *, lr: float,
                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, decay=None, skip=()):
-        if not buckets.zero:
-            raise ValueError("ZeroAdamW needs GradBuckets(zero=True): the gradients must be reduce-scattered")
-        self.params, self.buckets, self.mesh = params, buckets, mesh
+        self.params, self.buckets, self.mesh, self.specs, self.skip = params, buckets, mesh, specs, skip
         self.lr, self.betas, self.eps, self.weight_decay, self.steps = lr, betas, eps, weight_decay, 0
         decay = decay or (lambda name, p: p.dim() >= 2)
         self.state, self.decayed, self.counted = [], [], []  # per bucket: tensors; slices of the slice
@@ -2011,6 +2016,8 @@ class ZeroAdamW:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The global grad norm from the slices (one all-reduce of 1 element
         over dp, tp and pp each); scale the slices to max_norm (0: no clipping)."""
+        if not self.buckets.zero:  # whole buckets: p.grad are views into them
+            return clip_grad_norm(self.params, self.specs, self.mesh, max_norm, skip=self.skip)
         check_max_norm(max_norm)  # before the collectives: every rank refuses alike
         sq = torch.zeros((), dtype=torch.float64, device=self.buckets.buckets[0]["buf"].device)
         for ranges, b in zip(self.counted, self.buckets.buckets):
@@ -2043,7 +2050,9 @@ class ZeroAdamW:
             s["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (s["exp_avg_sq"].sqrt() / math.sqrt(c2)).add_(self.eps)
             s["main"].addcdiv_(s["exp_avg"], denom, value=-lr / c1)
-            full = all_gather(s["main"].to(b["buf"].dtype), self.mesh, b["dim"], 0, phase="optimizer")
+            full = s["main"].to(b["buf"].dtype)
+            if self.buckets.zero:
+                full = all_gather(full, self.mesh, b["dim"], 0, phase="optimizer")
             for name, off, size in zip(b["names"], b["offsets"], b["sizes"]):
                 self.params[name].copy_(full[off: off + size].view_as(self.params[name]))
 
@@ -2052,21 +2061,36 @@ class ZeroAdamW:
         dp rank: each bucket's moment slices all-gathered over dp (2 x its
         numel elements). For a checkpoint, as Megatron's distributed optimizer
         gathers its state to dp rank 0 (the "dp_zero" format)."""
+        return {name: (a, sq) for name, (a, sq) in self._gather(("exp_avg", "exp_avg_sq")).items()}
+
+    def gather_main(self) -> dict:
+        """{name: its main (fp32) copy}, whole on every dp rank (all-gathered as gather_state):
+        what a checkpoint saves as the parameters when they are bf16."""
+        return {name: t for name, (t,) in self._gather(("main",)).items()}
+
+    def _gather(self, keys) -> dict:
+        """{name: (state[k] for k in keys)}, each the parameter's shape, whole (all-gathered over dp with ZeRO)."""
         out = {}
         for s, b in zip(self.state, self.buckets.buckets):
-            moments = [all_gather(s[k], self.mesh, b["dim"], 0, phase="checkpoint") for k in ("exp_avg", "exp_avg_sq")]
+            whole = [all_gather(s[k], self.mesh, b["dim"], 0, phase="checkpoint") if self.buckets.zero else s[k]
+                     for k in keys]
             for name, off, size in zip(b["names"], b["offsets"], b["sizes"]):
                 shape = self.params[name].shape
-                out[name] = tuple(m[off: off + size].view(shape).clone() for m in moments)
+                out[name] = tuple(m[off: off + size].view(shape).clone() for m in whole)
         return out
 
     @torch.no_grad()
-    def load_state(self, moments: dict, steps: int) -> None:
+    def load_state(self, moments: dict, steps: int, main: dict | None = None) -> None:
         """Set the step count and, from {name: (exp_avg, exp_avg_sq)} whole
-        per parameter, this rank's slices; the main copy from the parameters."""
+        per parameter, this rank's slices; the main copy from `main` ({name:
+        whole tensor}, then copied into the parameters too), else from the parameters."""
         self.steps = steps
+        source = main or {name: p.detach() for name, p in self.params.items()}
         for s, b in zip(self.state, self.buckets.buckets):
-            s["main"].copy_(self._my_slice(b, lambda name: self.params[name].detach(), s["main"].dtype))
+            s["main"].copy_(self._my_slice(b, lambda name: source[name], s["main"].dtype))
+            if main:
+                for name in b["names"]:
+                    self.params[name].copy_(main[name])
             for i, k in enumerate(("exp_avg", "exp_avg_sq")):
                 s[k].copy_(self._my_slice(b, lambda name, i=i: moments[name][i], s[k].dtype))
 

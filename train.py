@@ -132,7 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "positions sits at the unigram entropy (~3.1 nats) for hundreds of steps")
     ap.add_argument("--attention", choices=N.CHOICES["attention"], default="core")
     ap.add_argument("--seed", type=int, default=1234, help="in [0, 2**31)")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast; master weights stay fp32")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 parameters, gradients and activations; the optimizer keeps an fp32 main copy")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=4)
@@ -1089,8 +1090,11 @@ class Optimizer:
     reduced over data parallel while the backward runs (`P.GradBuckets`,
     --bucket-mb), the tied embedding's two pipeline copies summed, the
     global norm clipped (--grad-clip) and, with --zero 1, the optimizer state
-    sharded over data parallel (`P.ZeroAdamW`). inner: another torch
-    optimizer over the same params instead of AdamW (tests use SGD)."""
+    sharded over data parallel (`P.ZeroAdamW`). bf16 parameters (--bf16)
+    without ZeRO take the same `P.ZeroAdamW` over the all-reduced buckets:
+    AdamW on an fp32 main copy with fp32 moments, written back in bf16.
+    inner: another torch optimizer over the same params instead of AdamW
+    (tests use SGD)."""
 
     def __init__(self, params: dict, args, mesh: P.Mesh | None = None, specs: dict | None = None, cfg=None,
                  inner=None):
@@ -1099,12 +1103,13 @@ class Optimizer:
         tied = N.tied_copies(cfg, mesh) if cfg is not None else ()
         self.skip = N.norm_skip(cfg, mesh) if cfg is not None else ()
         self.zero = args.zero == 1
+        self.main = self.zero or (inner is None and any(p.dtype == torch.bfloat16 for p in params.values()))
         accumulations = args.microbatches if args.model in N.PIPELINE_MODELS else 1
         experts = [n for n in params if isinstance(self.specs[n], P.Experts)]  # reduced over edp only
         self.buckets = P.GradBuckets(params, mesh, bucket_mb=args.bucket_mb, zero=self.zero,
                                      accumulations=accumulations, tied=tied, experts=experts)
         decay = lambda name, p: p.dim() >= 2
-        if self.zero:
+        if self.main:  # the optimizer keeps a main copy: ZeRO-1 (sharded) or bf16 parameters (whole)
             self.opt = P.ZeroAdamW(params, self.buckets, self.specs, mesh, lr=args.lr, betas=(0.9, 0.95),
                                    weight_decay=args.weight_decay, decay=decay, skip=self.skip)
         else:
@@ -1121,7 +1126,7 @@ class Optimizer:
         """After the backward: finish the dp reductions, clip, step at lr,
         zero the buckets. -> the global grad norm before clipping."""
         self.buckets.finish()
-        if self.zero:
+        if self.main:
             norm = self.opt.clip_grad_norm(max_norm)
             self.opt.step(lr)
         else:
@@ -1135,31 +1140,43 @@ class Optimizer:
     @property
     def steps(self) -> int:
         """Optimizer steps taken (AdamW's bias correction counts them)."""
-        if self.zero:
+        if self.main:
             return self.opt.steps
         return max((int(s["step"]) for s in self.opt.state.values() if "step" in s), default=0)
 
     def moments(self) -> dict:
         """{name: (exp_avg, exp_avg_sq)}, each the shape of the parameter's
         shard (zeros before the first step). ZeRO-1 gathers them over dp."""
-        if self.zero:
+        if self.main:
             return self.opt.gather_state()
         zeros = lambda p: torch.zeros_like(p, memory_format=torch.contiguous_format)
         return {n: (self.opt.state[p]["exp_avg"], self.opt.state[p]["exp_avg_sq"]) if p in self.opt.state
                 else (zeros(p), zeros(p)) for n, p in self.params.items()}
 
-    def load_state(self, moments: dict, steps: int) -> None:
-        """AdamW's state from {name: (exp_avg, exp_avg_sq)} and the step count."""
-        if self.zero:
-            return self.opt.load_state(moments, steps)
+    def main_params(self) -> dict:
+        """{name: the parameter's truth}, each the shape of its shard: the
+        optimizer's fp32 main copy for bf16 parameters, else the parameters."""
+        if any(p.dtype == torch.bfloat16 for p in self.params.values()):
+            return self.opt.gather_main()
+        return self.params
+
+    def load_state(self, moments: dict, steps: int, main: dict | None = None) -> None:
+        """AdamW's state from {name: (exp_avg, exp_avg_sq)} and the step count;
+        `main` ({name: tensor}): the main copy, also copied into the parameters."""
+        if self.main:
+            return self.opt.load_state(moments, steps, main)
+        if main is not None:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(main[n])
         for n, p in self.params.items():
             if steps:
                 self.opt.state[p] = dict(step=torch.tensor(float(steps)), exp_avg=moments[n][0].clone(),
                                          exp_avg_sq=moments[n][1].clone())
 
     def state_bytes(self) -> int:
-        """AdamW's state on this rank: the two moments (ZeRO-1: measured from storage, with the fp32 main copy)."""
-        if self.zero:
+        """AdamW's state on this rank: the two moments (with a main copy: measured from storage, it included)."""
+        if self.main:
             return self.opt.state_bytes()
         return sum(s[k].numel() * s[k].element_size() for s in self.opt.state.values()
                    for k in ("exp_avg", "exp_avg_sq") if k in s)
@@ -1473,7 +1490,7 @@ def save_checkpoint(root: str, step: int, params, opt, cfg, mesh: P.Mesh, specs,
         if tmp.exists():  # a save of this step that was killed
             shutil.rmtree(tmp)
     barrier()
-    tensors = checkpoint_tensors(params, opt.moments(), cfg, mesh, specs)
+    tensors = checkpoint_tensors(opt.main_params(), opt.moments(), cfg, mesh, specs)  # fp32 under --bf16 too
     index = P.save_pieces(tmp, tensors, mesh)
     indexes = gather_to_rank0(index)
     if rank == 0:
@@ -1629,16 +1646,20 @@ def read_meta(path: Path, cfg, args) -> dict:
 
 def load_checkpoint(path: Path, meta: dict, params, opt, cfg, mesh: P.Mesh, specs) -> int:
     """Fill this rank's parameters and optimizer state from the checkpoint,
-    whatever layout saved it; return its step."""
-    moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
-    tensors = checkpoint_tensors(params, moments, cfg, mesh, specs)
+    whatever layout saved it; return its step. Checkpoints hold fp32 (the
+    main copy under --bf16): bf16 parameters are read into fp32 tensors,
+    which become the optimizer's main copy, and then cast."""
+    wide = lambda p: torch.zeros_like(p, dtype=torch.float32 if p.dtype == torch.bfloat16 else p.dtype)
+    main = {n: wide(p) for n, p in params.items()}
+    moments = {n: (wide(p), wide(p)) for n, p in params.items()}
+    tensors = checkpoint_tensors(main, moments, cfg, mesh, specs)
     if meta["optimizer_steps"] == 0:
         tensors = {k: v for k, v in tensors.items() if k.startswith("param/")}
     try:
         P.load_pieces(path, tensors, meta["index"])
     except ValueError as e:  # the library says what is wrong in one line
         raise UsageError(f"--load {path}: {str(e)[:500]}") from None
-    opt.load_state(moments, meta["optimizer_steps"])
+    opt.load_state(moments, meta["optimizer_steps"], main)
     return meta["step"]
 
 
@@ -1807,8 +1828,11 @@ def stop_requested(stop: dict, device) -> bool:
 
 def rank_params(task, cfg, mesh: P.Mesh, specs: dict, args) -> dict:
     """This rank's parameters: the full init (the same on every rank), cut
-    to its tp shards and, for a pipelined model, to its pipeline stage's names."""
+    to its tp shards and, for a pipelined model, to its pipeline stage's names;
+    bf16 under --bf16 (the one place that decides the parameters' dtype)."""
     full = task.init(cfg, args.seed) if args.init_hf is None else hf_params(args, cfg)
+    if args.bf16:
+        full = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in full.items()}
     local = P.shard(full, specs, mesh)
     return N.stage_params(local, cfg, mesh, args.virtual_stages) if args.model in N.PIPELINE_MODELS else local
 
@@ -2037,6 +2061,7 @@ def train(args) -> int:
                 + ("" if args.save else " (no --save: nothing saved)"))
             return 0
 
+    params = opt.main_params()  # under --bf16 the fp32 main copy: what --export-hf writes and the demos run
     if mesh.pp > 1:  # the held-out demos below run the whole model: every rank takes every stage's tensors
         params = gather_stages(params, task, cfg, mesh, specs, args, device)
         mesh = P.Mesh(tp=mesh.tp, dp=mesh.dp, tp_rank=mesh.tp_rank, dp_rank=mesh.dp_rank, ep=mesh.ep,

@@ -11,7 +11,8 @@ the parameter dict's tensors and anything computed from parameters alone (a bf16
 weight, w.t()). The layer input is an activation, as in the formula (the previous layer's output).
 For recompute none / selective / full, with and without sequence parallel, at tp 1, 2 and 4 (the ranks
 run for real: t gloo processes, each measures its own layer; rank 0's figure is printed, all ranks'
-must agree), in fp32 and under torch.autocast(cpu, bf16) as train.py --bf16 runs.
+must agree), in fp32 and in bf16 as train.py --bf16 runs: bf16 parameters and layer input (the residual
+stream is bf16), under torch.autocast(bf16).
 
 Against: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
 bytes per layer with 16-bit activations and 1-byte dropout masks (a = heads, t = tp):
@@ -151,12 +152,13 @@ def measure(cfg: N.GPTConfig, mesh: P.Mesh, s: int, b: int, bf16: bool, detail: 
             device: str = "cpu") -> dict:
     """Bytes layer 0 saves for backward on this rank: {'bytes', 'params' (left out), 'rows' (with detail)}."""
     full = N.init_gpt(replace(cfg, layers=1), seed=0)
-    params = {k: v.to(device).requires_grad_(True) for k, v in P.shard(full, N.gpt_specs(cfg), mesh).items()
+    dtype = torch.bfloat16 if bf16 else torch.float32  # --bf16: bf16 parameters (train.rank_params), bf16 stream
+    params = {k: v.to(device, dtype).requires_grad_(True) for k, v in P.shard(full, N.gpt_specs(cfg), mesh).items()
               if k.startswith("layers.")}
     param_storages = {p.untyped_storage().data_ptr() for p in params.values()}
     s_local = s // mesh.tp if cfg.sequence_parallel else s
     x0 = torch.randn(b, s_local, cfg.hidden, generator=torch.Generator().manual_seed(mesh.tp_rank))
-    x0 = x0.to(device).requires_grad_(True)
+    x0 = x0.to(device, dtype).requires_grad_(True)
     x = x0.clone()  # the layer input: an activation with a history, as the previous layer's output
     packed, owner = [], {None: None}
 
@@ -268,10 +270,8 @@ def differences(s, b, h, a, ffn, t, sp, recompute, elem, triton) -> list[tuple[s
     att, gelu = a * s * s * b / t, s * b * ffn / t  # [b, a/t, s, s] and [b, s, ffn/t]
     body, core, ref = recompute != "full", recompute == "none", not triton
     return [
-        ("the residual stream is fp32 under autocast: the layer input is kept at 4 B, not 2 (once with full "
-         "recompute, as the two LayerNorm inputs otherwise)", (4 - elem) * whole * (2 if body else 1)),
         ("LayerNorm, CPU reference: keeps x - mean and the normalised value (2 fp32 [b, s, h]) where the "
-         "formula keeps its input (1): +1 fp32 [b, s, h] per LayerNorm", 2 * 4 * whole * (body and ref)),
+         "formula keeps its input (1 of elem B), per LayerNorm", 2 * (8 - elem) * whole * (body and ref)),
         ("LayerNorm statistics, not in the formula: rstd [b, s] fp32 (reference) or mean and rstd (Triton), "
          "per LayerNorm", 2 * (2 if triton else 1) * 4 * tokens * body),
         ("softmax output, CPU reference: kept in fp32 (the fp32 compute dtype), not in the scores' dtype",
@@ -324,7 +324,8 @@ def main():
           f"{cfg.activation} MLP; torch {torch.__version__}, {torch.get_num_threads()} threads; kernels: the CPU "
           "references (rows marked triton: the Triton kernels)")
     print("formula: Korthikanti et al. 2022 with 1-byte dropout masks and 2-byte (bf16) or 4-byte (fp32) "
-          "activations; bf16 = torch.autocast(bf16) as train.py --bf16", flush=True)
+          "activations; bf16 = bf16 parameters and residual stream under torch.autocast(bf16), as train.py --bf16",
+          flush=True)
     runs = []  # (tp, triton, {key: (rank 0's result, [bytes per rank])})
     for tp in args.tp:
         if tp == 1:
@@ -381,9 +382,10 @@ Verdicts (what is needed, what could go):
     1 B an element, the formula's (it was x * mask.to(x.dtype) * scale: a float mask, 4 B in fp32; fixed
     2026-11-25). A custom autograd.Function could keep nothing and re-hash the counter-based mask in
     backward (0 B, at the cost of the hash).
-  * fp32 residual stream under autocast: the embedding and the residual adds stay fp32 with fp32 master
-    weights, so the LayerNorm inputs (and the full-recompute layer input) are 4 B. A choice, not waste:
-    Megatron's bf16 model keeps them in bf16 unless --fp32-residual-connection.
+  * the residual stream is bf16 under --bf16 (bf16 parameters, fp32 main copy in the optimizer, as
+    Megatron's bf16 model without --fp32-residual-connection): the full-recompute layer input is 2 B, the
+    formula exactly. (Until 2026-12-03 the parameters stayed fp32 under autocast, the stream was fp32, and
+    full recompute kept 2x the formula.)
   * LayerNorm, CPU reference: written out (x - mean, * rstd, * w) so autograd keeps x - mean and the
     normalised value; the Triton kernel keeps x, mean and rstd, which is the formula's. Avoidable on CPU
     with F.layer_norm (keeps x, mean, rstd) or a small autograd.Function; the reference is written out to

@@ -451,6 +451,29 @@ def test_resume_is_bit_exact_with_dropout_and_microbatches(base, tmp_path):
     assert step_losses(plain.out)[2] != step_losses(straight.out)[2]
 
 
+def test_bf16_saves_the_fp32_main_copy_and_resumes_bit_exact(base, tmp_path):
+    """--bf16: a checkpoint holds the optimizer's fp32 main copy as the parameters (the bf16 parameters are its
+    rounding; saving them would lose what the updates added below bf16's resolution), so 4 steps straight and
+    2 + --load + 2 print the same losses and save bitwise the same fp32 tensors; the checkpoint, fp32 as any
+    other, loads into a run without --bf16 as well."""
+    argv = [*base, "--bf16"]
+    straight = main(*argv, "--steps", 4, "--save", tmp_path / "straight")
+    half = main(*argv, "--steps", 2, "--save", tmp_path / "half")
+    resumed = main(*argv, "--steps", 4, "--load", tmp_path / "half", "--save", tmp_path / "resumed")
+    for r in (straight, half, resumed):
+        assert r.code == 0, r.err
+    assert step_losses(half.out) | step_losses(resumed.out) == step_losses(straight.out)
+    _, want = read_checkpoint(tmp_path / "straight" / "step-00000004")
+    _, got = read_checkpoint(tmp_path / "resumed" / "step-00000004")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert want[k].dtype == torch.float32 and torch.equal(got[k], want[k]), k
+    params = [t for k, t in want.items() if k.startswith("param/")]
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in params)  # the main copy, not bf16 values
+    fp32 = main(*base, "--steps", 4, "--load", tmp_path / "half")
+    assert fp32.code == 0 and "(step 2;" in fp32.out, fp32.err
+
+
 # ---------------------------------------------------------------------------------------------------
 # 4. Resharding: float64 on the worker pool, against the serial run
 # ---------------------------------------------------------------------------------------------------

@@ -726,9 +726,6 @@ BAD_INPUTS = {
     "bucket_mb nan": (lambda: P.GradBuckets(one_param(), SERIAL, bucket_mb=float("nan")), "got nan"),
     "accumulations = 0": (lambda: P.GradBuckets(one_param(), SERIAL, accumulations=0),
                           "accumulations must be an integer >= 1, got 0"),
-    "ZeroAdamW without zero buckets": (
-        lambda: (lambda ps: P.ZeroAdamW(ps, P.GradBuckets(ps, SERIAL, zero=False), dict(w=None), SERIAL, lr=LR))(
-            one_param()), "ZeroAdamW needs GradBuckets(zero=True)"),
 }
 
 
