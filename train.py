@@ -31,6 +31,7 @@ raise `UsageError`, and so does the argument parser itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import socket
 import stat
 import sys
 import sysconfig
+import tempfile
 import time
 import traceback
 from dataclasses import replace
@@ -54,7 +56,13 @@ import parallel as P
 
 
 class UsageError(Exception):
-    """Bad input from the command line: one line on stderr, exit code 2."""
+    """Bad input from the command line: one line on stderr, exit code 2.
+    Said by rank 0 (every rank raises the same), or by every rank that
+    raises it when `every_rank` (what only this rank could see)."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1915,6 +1923,39 @@ def bubble_note(clock: dict, mesh: P.Mesh) -> str:
     return f" | bubble {frac.item():.0%} measured"
 
 
+@contextlib.contextmanager
+def held_stderr():
+    """Hold what is written to file descriptor 2 (C++ logs too) while the
+    block runs: written out after it if it succeeds, dropped if it raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+
+
+def join(timeout: timedelta) -> tuple[int, int]:
+    """P.init_distributed, with a rendezvous that fails (nobody at
+    MASTER_ADDR:MASTER_PORT, or not every rank there) within the timeout
+    said in one line by each rank that sees it. -> (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return P.init_distributed(timeout)
+    try:
+        with held_stderr():  # torch's C++ store logs each retry with a stack of frames: say one line instead
+            return P.init_distributed(timeout)
+    except (RuntimeError, TimeoutError) as e:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise UsageError(f"rank {os.environ.get('RANK', '?')} could not join the {os.environ.get('WORLD_SIZE')} ranks "
+                         f"at {where} within --timeout {timeout.total_seconds():g} s: "
+                         f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", every_rank=True) from None
+
+
 def train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
@@ -1934,7 +1975,7 @@ def train(args) -> int:
         train_data, eval_data = tokenize(args, train_data), tokenize(args, eval_data)
 
     timeout = timedelta(seconds=args.timeout)  # nccl and one GPU per rank when CUDA is there, else gloo on CPU
-    rank, world = P.init_distributed(timeout)
+    rank, world = join(timeout)
     torch.manual_seed(args.seed)
     mesh = P.Mesh.build(tp=tp, pp=args.pp, ep=args.ep, cp=args.cp, timeout=timeout)
     P.locate(mesh)  # a failure or a hang names this rank's place (P.report)
@@ -2089,7 +2130,7 @@ def main(argv=None) -> int:
     try:
         return train(parse_args(argv))
     except UsageError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0 or e.every_rank:
             print(f"error: {e}", file=sys.stderr)
         else:  # every rank stops; let rank 0 be the first, so torchrun's
             time.sleep(2)  # first signal to the others never cuts its message

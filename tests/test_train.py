@@ -187,6 +187,21 @@ def test_a_tp_group_across_nodes_is_refused_before_any_process_group(text_file, 
         out.stderr
 
 
+@pytest.mark.parametrize("rank, words", [(1, "DistNetworkError"), (0, "DistStoreError: Timed out")])
+def test_a_rendezvous_nobody_answers_is_one_line_after_the_timeout(text_file, rank, words):
+    """MASTER_ADDR:MASTER_PORT where nobody listens (rank 1), or where the other rank never comes (rank 0, which
+    hosts the store): after --timeout (and torch's retries) each rank says one line and exits 2, instead of
+    torch's retry logs with their C++ stacks."""
+    port = free_port()
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", text_file, *TINY, "--timeout", "2"],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-3000:]
+    assert out.stderr.startswith(f"error: rank {rank} could not join the 2 ranks at 127.0.0.1:{port} within --timeout "
+                                 "2 s: ") and words in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("tp, cp, per_node", [(1, 4, 2), (2, 2, 2), (2, 2, 8), (8, 1, 8)])
 def test_tp_inside_a_node_and_cp_inside_or_across_nodes_pass(tp, cp, per_node):
     P.check_nodes(tp, cp, 16, per_node)  # tp divides the node; tp·cp divides it or is a multiple of it
