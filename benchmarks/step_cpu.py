@@ -1,6 +1,6 @@
 """Forward+backward step time of a small GPT on CPU: nanomeg beside two peers, several shapes.
 
-    python benchmarks/step_cpu.py [--shapes 6x384x256x8x256,4x256x256x8x8192,4x256x128x4x50257]
+    python benchmarks/step_cpu.py [--shapes 6x384x128x8x256,4x256x256x8x8192,4x256x128x4x50257]
                                   [--steps 7] [--threads N] [--core]
 
 Each shape is layers x hidden x seq x batch x vocab (heads = hidden / 64). At
@@ -19,6 +19,10 @@ layer over nanomeg's padded vocabulary (cfg.padded_vocab: the peers' tables
 have those rows too; nanomeg masks them to -inf, the peers let them take a
 share of the softmax), the mean next-token cross-entropy over every position.
 `--core` adds nanomeg's core attention (the [b, n, s, s] scores path).
+
+On a GPU (benchmarks/gpu.sh): `--device cuda --bf16` (autocast, as train.py),
+`--compile` adds torch.compile'd twins of all three, and `--peak-flops F`
+adds each one's MFU (nanomeg.gpt_flops per step / F).
 """
 
 import argparse
@@ -80,20 +84,28 @@ class NanoGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
 
-def nanomeg_step(cfg, ids, targets):
-    params = {k: v.requires_grad_(True) for k, v in N.init_gpt(cfg, 0).items()}
+def nanomeg_step(cfg, ids, targets, args, compiled=False):
+    params = {k: v.to(args.device).requires_grad_(True) for k, v in N.init_gpt(cfg, 0).items()}
     mesh = P.Mesh.serial()
+    loss = torch.compile(N.gpt_loss) if compiled else N.gpt_loss
 
     def step():
-        N.gpt_loss(params, ids, targets, cfg, mesh).backward()
+        with torch.autocast(args.device, torch.bfloat16, enabled=args.bf16):
+            out = loss(params, ids, targets, cfg, mesh)
+        out.backward()
         for p in params.values():
             p.grad = None
     return step
 
 
-def module_step(model, loss):
+def module_step(model, loss, args, compiled=False):
+    model = model.to(args.device)
+    run = torch.compile(model) if compiled else model
+
     def step():
-        loss(model).backward()
+        with torch.autocast(args.device, torch.bfloat16, enabled=args.bf16):
+            out = loss(run)
+        out.backward()
         model.zero_grad(set_to_none=True)
     return step
 
@@ -110,57 +122,67 @@ def hf_model(cfg):
 def measure(steps: dict, n: int) -> dict:
     """{name: step} -> {name: median seconds}: one warm-up each, then n rounds of one step each, in turn."""
     times = {name: [] for name in steps}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for step in steps.values():
-        step()
+        step()  # compiled ones compile here
     for _ in range(n):
         for name, step in steps.items():
+            sync()
             t0 = time.perf_counter()
             step()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run_shape(layers, hidden, seq, batch, vocab, args) -> dict:
+def run_shape(layers, hidden, seq, batch, vocab, args) -> tuple[N.GPTConfig, dict]:
     cfg = N.GPTConfig(vocab_size=vocab, max_seq=seq, layers=layers, hidden=hidden, heads=hidden // 64,
                       activation="gelu_tanh", attention="sdpa")
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-    targets = torch.randint(0, vocab, (batch, seq), generator=gen)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(args.device)
+    targets = torch.randint(0, vocab, (batch, seq), generator=gen).to(args.device)
     torch.manual_seed(0)
-    steps = {"nanomeg": nanomeg_step(cfg, ids, targets)}
-    if args.core:
-        steps["nanomeg core"] = nanomeg_step(N.GPTConfig(**{**cfg.__dict__, "attention": "core"}), ids, targets)
-    nano = NanoGPT(cfg.padded_vocab, seq, layers, hidden, cfg.heads)
-    steps["nanogpt"] = module_step(nano, lambda m: m(ids, targets))
-    try:
-        # labels=ids: it shifts them inside (pads the labels, ignores the last position's logits)
-        steps["hf"] = module_step(hf_model(cfg), lambda m: m(ids, labels=ids).loss)
-    except ImportError:
-        print("(transformers is not installed: no hf peer; pip install transformers)")
-    return measure(steps, args.steps)
+    steps = {}
+    for compiled in (False, True) if args.compile else (False,):
+        tag = " compiled" if compiled else ""
+        steps["nanomeg" + tag] = nanomeg_step(cfg, ids, targets, args, compiled)
+        if args.core:
+            steps["nanomeg core" + tag] = nanomeg_step(N.GPTConfig(**{**cfg.__dict__, "attention": "core"}), ids,
+                                                       targets, args, compiled)
+        if compiled or not args.compile:  # with --compile: the peers compiled only (their best)
+            nano = NanoGPT(cfg.padded_vocab, seq, layers, hidden, cfg.heads)
+            steps["nanogpt" + tag] = module_step(nano, lambda m: m(ids, targets), args, compiled)
+            try:  # labels=ids: it shifts them inside (pads the labels, ignores the last position's logits)
+                steps["hf" + tag] = module_step(hf_model(cfg), lambda m: m(ids, labels=ids).loss, args, compiled)
+            except ImportError:
+                print("(transformers is not installed: no hf peer; pip install transformers)")
+    return cfg, measure(steps, args.steps)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="6x384x256x8x256,4x256x256x8x8192,4x256x128x4x50257",
+    ap.add_argument("--shapes", default="6x384x128x8x256,4x256x256x8x8192,4x256x128x4x50257",
                     help="comma-separated layers x hidden x seq x batch x vocab")
     ap.add_argument("--steps", type=int, default=7, help="timed steps per implementation and shape (median)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--core", action="store_true", help="also nanomeg's core attention path")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as train.py --bf16)")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd twins (the peers: compiled only)")
+    ap.add_argument("--peak-flops", type=float, help="the chip's dense peak FLOP/s: print MFU")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, float32, median of {args.steps} alternating steps")
-    header = None
+    print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, {'bf16' if args.bf16 else 'float32'}, "
+          f"median of {args.steps} alternating steps")
     for shape in args.shapes.split(","):
         layers, hidden, seq, batch, vocab = map(int, shape.split("x"))
-        med = run_shape(layers, hidden, seq, batch, vocab, args)
-        peers = [k for k in med if not k.startswith("nanomeg")]
-        if header is None:
-            header = f"{'layers x hidden x seq x batch x vocab':38s}" + "".join(f"{k + ' ms':>16s}" for k in med) + \
-                "".join(f"{'nanomeg/' + k:>16s}" for k in peers)
-            print(header)
-        print(f"{shape:38s}" + "".join(f"{t * 1e3:16.1f}" for t in med.values()) +
-              "".join(f"{med['nanomeg'] / med[k]:16.3f}" for k in peers), flush=True)
+        cfg, med = run_shape(layers, hidden, seq, batch, vocab, args)
+        me = min((k for k in med if k.startswith("nanomeg") and "core" not in k), key=med.get)  # nanomeg's best
+        print(f"{shape} (heads {cfg.heads}, padded vocab {cfg.padded_vocab}):")
+        for name, sec in med.items():
+            mfu = f"  MFU {N.gpt_flops(cfg, batch, seq) / sec / args.peak_flops:6.1%}" if args.peak_flops else ""
+            ratio = f"  {me}/{name} {med[me] / sec:.3f}" if not name.startswith("nanomeg") else ""
+            print(f"  {name:22s} {sec * 1e3:10.1f} ms {batch * seq / sec:12,.0f} tokens/s{mfu}{ratio}", flush=True)
 
 
 if __name__ == "__main__":
