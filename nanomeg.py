@@ -702,8 +702,9 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
     q_per_group = cfg.heads // mesh.tp // local_kv_groups  # query heads per local kv head
     qkv = rearrange(qkv, "b s (kv_group rows_per_group d) -> b kv_group rows_per_group s d",
                     kv_group=local_kv_groups, rows_per_group=q_per_group + 2, d=cfg.head_dim)
-    q = rearrange(qkv[:, :, :q_per_group], "b kv_group q s d -> b (kv_group q) s d")  # [b, n/t, s, d]
-    k, v = qkv[:, :, q_per_group], qkv[:, :, q_per_group + 1]  # [b, g/t, s, d]
+    q, k, v = qkv.split([q_per_group, 1, 1], dim=2)  # one split: its backward is one cat, not three scatters
+    q = rearrange(q, "b kv_group q s d -> b (kv_group q) s d")  # [b, n/t, s, d]
+    k, v = k.squeeze(2), v.squeeze(2)  # [b, g/t, s, d]
     if cfg.position == "rope":  # under cp this rank's two chunks (see parallel.cp_positions)
         positions = torch.arange(pos_offset, pos_offset + q.shape[2], device=x.device) if mesh.cp == 1 else \
             P.cp_positions(q.shape[2] * mesh.cp, mesh, device=x.device)
