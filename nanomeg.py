@@ -702,8 +702,9 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
     q_per_group = cfg.heads // mesh.tp // local_kv_groups  # query heads per local kv head
     qkv = rearrange(qkv, "b s (kv_group rows_per_group d) -> b kv_group rows_per_group s d",
                     kv_group=local_kv_groups, rows_per_group=q_per_group + 2, d=cfg.head_dim)
-    q = rearrange(qkv[:, :, :q_per_group], "b kv_group q s d -> b (kv_group q) s d")  # [b, n/t, s, d]
-    k, v = qkv[:, :, q_per_group], qkv[:, :, q_per_group + 1]  # [b, g/t, s, d]
+    q, k, v = qkv.split([q_per_group, 1, 1], dim=2)  # one split: its backward is one cat, not three scatters
+    q = rearrange(q, "b kv_group q s d -> b (kv_group q) s d")  # [b, n/t, s, d]
+    k, v = k.squeeze(2), v.squeeze(2)  # [b, g/t, s, d]
     if cfg.position == "rope":  # under cp this rank's two chunks (see parallel.cp_positions)
         positions = torch.arange(pos_offset, pos_offset + q.shape[2], device=x.device) if mesh.cp == 1 else \
             P.cp_positions(q.shape[2] * mesh.cp, mesh, device=x.device)
@@ -1092,17 +1093,20 @@ def output_layer(params, x, cfg: GPTConfig, mesh: Mesh):
     if cfg.scale_output:
         x = x * cfg.hidden ** -0.5
     weight = params["embed.word"] if cfg.tie_embeddings else params["head.weight"]
-    logits = P.column_parallel_linear(x, weight, params.get("lm_head.bias"), mesh,
-                                      sequence_parallel=cfg.sequence_parallel)
-    return mask_padded_vocab(logits, cfg.vocab_size, mesh)
+    return P.column_parallel_linear(x, weight, padded_vocab_bias(params.get("lm_head.bias"), weight, cfg, mesh),
+                                    mesh, sequence_parallel=cfg.sequence_parallel)
 
 
-def mask_padded_vocab(logits, vocab_size: int, mesh: Mesh):
-    """logits [..., V/t] with the padded vocabulary columns set to -inf (no gradient flows there)."""
-    if P.vocab_range(logits.shape[-1], mesh)[1] <= vocab_size:
-        return logits  # this rank holds no padding
-    real = P.real_vocab_columns(logits.shape[-1], vocab_size, mesh, logits.device)
-    return logits.masked_fill(~real, float("-inf"))
+def padded_vocab_bias(bias, weight, cfg: GPTConfig, mesh: Mesh):
+    """The output layer's bias [V/t] (or None) with -inf on this rank's padded
+    vocabulary columns (ids >= cfg.vocab_size), for weight [V/t, h]: added in
+    the output matmul itself (one addmm, no pass over the logits), so those
+    logits are -inf, and their softmax, hence their gradient, is 0."""
+    if P.vocab_range(weight.shape[0], mesh)[1] <= cfg.vocab_size:
+        return bias  # this rank holds no padding
+    real = P.real_vocab_columns(weight.shape[0], cfg.vocab_size, mesh, weight.device)
+    pad = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device).masked_fill(~real, float("-inf"))
+    return pad if bias is None else bias + pad
 
 
 def gpt_logits(params, ids, cfg: GPTConfig, mesh: Mesh, *, seed=0, training=False, caches=None, pos_offset=0,
@@ -1791,9 +1795,9 @@ def bert_lm_logits(params, x, cfg: BertConfig, mesh: Mesh):
     y = F.linear(x, allreduce_grad_if_sp(params["lm_head.dense.weight"], cfg, mesh))
     y = kernels.bias_gelu(y, allreduce_grad_if_sp(params["lm_head.dense.bias"], cfg, mesh), approximate=gelu)
     y = norm(params, "lm_head.norm", y, cfg, mesh)
-    logits = P.column_parallel_linear(y, params["embed.word"], params["lm_head.bias"], mesh,
-                                      sequence_parallel=cfg.sequence_parallel)
-    return mask_padded_vocab(logits, cfg.vocab_size, mesh)
+    return P.column_parallel_linear(y, params["embed.word"],
+                                    padded_vocab_bias(params["lm_head.bias"], params["embed.word"], cfg, mesh),
+                                    mesh, sequence_parallel=cfg.sequence_parallel)
 
 
 def bert_pretrain(params, ids, cfg: BertConfig, mesh: Mesh, *, token_types=None, attention_mask=None, seed=0,
@@ -2946,7 +2950,7 @@ def check_pipeline_batch(model: str, inputs: dict, cfg: GPTConfig, mesh: Mesh) -
 
 def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, *, schedule: str = "1f1b",
                   v: int = 1, microbatches: int = 1, seed: int = 0, training: bool = True, clock=None,
-                  moe=None) -> dict:
+                  moe=None, stage_fn=stage_forward) -> dict:
     """One step of GPT or BERT on this rank: params is the rank's
     `stage_params` (tp-sharded), inputs the replica's batch (every pipeline
     rank reads the same batch; only the first and last stages use it). The
@@ -2959,7 +2963,8 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     "nsp_acc"} for BERT with its next-sentence head. clock: see `run_schedule`.
     With MoE layers, training: "loss" adds the weighted auxiliary losses
     of every stage's layers (summed over pp), and "lm" is the LM loss alone;
-    moe: a `MoE` that collects this rank's layers' stats."""
+    moe: a `MoE` that collects this rank's layers' stats. stage_fn:
+    `stage_forward`, or a compiled twin of it (train.py's --compile)."""
     if model not in PIPELINE_MODELS:
         raise ValueError(f"model {model!r} does not pipeline: pipeline stages exist for {PIPELINE_MODELS}")
     if model == "bert":
@@ -2977,8 +2982,8 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     dtype = next(iter(params.values())).dtype
 
     def forward(c, i, x):
-        return stage_forward(model, chunks[c], x, micros[i], cfg, replace(mesh, micro=i, micros=m), stages[c],
-                             seed=seed, training=training, moe=moe)
+        return stage_fn(model, chunks[c], x, micros[i], cfg, replace(mesh, micro=i, micros=m), stages[c],
+                        seed=seed, training=training, moe=moe)
 
     totals = P.run_schedule(schedules[mesh.pp_rank], plans[mesh.pp_rank], forward, mesh, v=v, shape=shape,
                             dtype=dtype, device=inputs["ids"].device, params_of=lambda c: chunks[c].values(),

@@ -749,8 +749,9 @@ def check_ids(ids: torch.Tensor, vocab_size: int, what: str = "token id") -> Non
         raise ValueError(f"{what}s must be an int64 (or int32) tensor, got dtype {ids.dtype}")
     if ids.numel() == 0:
         return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
+    lo, hi = torch.aminmax(ids)  # one pass over ids, one look at the result (a GPU syncs once)
+    if bool((lo < 0) | (hi >= vocab_size)):
+        lo, hi = int(lo), int(hi)
         bad = lo if lo < 0 else hi
         raise ValueError(f"{what} {bad} out of range [0, {vocab_size})")
 
@@ -766,6 +767,8 @@ def vocab_parallel_embedding(ids, weight, mesh, *, sequence_parallel=False, voca
     """
     vocab_local = weight.shape[0]
     check_ids(ids, vocab_size if vocab_size is not None else vocab_local * mesh.tp)
+    if mesh.tp == 1:  # one rank holds every row
+        return torch.nn.functional.embedding(ids, weight)
     start, end = vocab_range(vocab_local, mesh)
     outside = (ids < start) | (ids >= end)
     local = torch.nn.functional.embedding((ids - start).masked_fill(outside, 0), weight)
@@ -793,35 +796,37 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, mesh, vocab_size, label_smoothing):
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         start, end = vocab_range(logits.shape[-1], mesh)
-        real = real_vocab_columns(logits.shape[-1], vocab_size, mesh, logits.device)  # [V/t]: padding never counts
-        logits = logits.masked_fill(~real, float("-inf"))
-        m = all_reduce(logits.max(dim=-1).values, mesh, "tp", op=dist.ReduceOp.MAX)
-        shifted = logits - m.unsqueeze(-1)  # [b, s, V/t], <= 0
+        real = min(max(vocab_size - start, 0), end - start)  # this rank's real columns: a prefix of its V/t
+        m = logits[..., :real].max(dim=-1).values if real else logits.new_full(logits.shape[:-1], float("-inf"))
+        m = all_reduce(m, mesh, "tp", op=dist.ReduceOp.MAX)
+        shifted = logits - m.unsqueeze(-1)  # [b, s, V/t], <= 0 on the real columns
+        shifted[..., real:] = float("-inf")  # the padding never counts: exp(-inf) = 0
         mine = (targets >= start) & (targets < end)
         local_t = (targets - start).masked_fill(~mine, 0)
         z_target = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
         z_target = all_reduce(z_target, mesh, "tp")
-        exp = shifted.exp()  # padded columns: exp(-inf) = 0
+        if label_smoothing > 0:
+            sum_shifted = all_reduce(shifted[..., :real].sum(dim=-1), mesh, "tp")
+        exp = shifted.exp_()  # in place: shifted is not needed after this
         sum_exp = all_reduce(exp.sum(dim=-1), mesh, "tp")
         loss = sum_exp.log() - z_target
         if label_smoothing > 0:
-            sum_shifted = all_reduce(shifted.masked_fill(~real, 0.0).sum(dim=-1), mesh, "tp")
             mean_logprob = sum_shifted / vocab_size - sum_exp.log()
             loss = (1.0 - label_smoothing) * loss - label_smoothing * mean_logprob
-        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local_t, mine, real)
-        ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab_size
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_t, mine)  # the softmax, in exp's memory
+        ctx.label_smoothing, ctx.vocab_size, ctx.real = label_smoothing, vocab_size, real
         return loss
 
     @staticmethod
     @first_order_only
     def backward(ctx, g):
-        softmax, local_t, mine, real = ctx.saved_tensors
-        eps = ctx.label_smoothing
-        grad = softmax.clone()  # [b, s, V/t]
-        grad.scatter_add_(-1, local_t.unsqueeze(-1), -(1.0 - eps) * mine.unsqueeze(-1).to(grad.dtype))
+        softmax, local_t, mine = ctx.saved_tensors
+        eps, g = ctx.label_smoothing, g.unsqueeze(-1)  # g: [b, s, 1]
+        grad = softmax * g  # [b, s, V/t], a new tensor: the saved softmax stays intact for another backward
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -(1.0 - eps) * mine.unsqueeze(-1).to(grad.dtype) * g)
         if eps > 0:
-            grad -= (eps / ctx.vocab_size) * real.to(grad.dtype)
-        return grad * g.unsqueeze(-1), None, None, None, None
+            grad[..., :ctx.real] -= (eps / ctx.vocab_size) * g
+        return grad, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits, targets, mesh, *, label_smoothing=0.0, vocab_size=None):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -142,6 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1234, help="in [0, 2**31)")
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 parameters, gradients and activations; the optimizer keeps an fp32 main copy")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile each pipeline stage's forward in training (and, through it, its backward); "
+                         "GPT and BERT; schedule, transfers, optimizer and evaluation stay eager")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=4)
@@ -975,6 +979,9 @@ def check_pipeline_args(args) -> None:
     """UsageError unless --pp, --virtual-stages, --microbatches, --schedule fit
     the model, its layers and the batch. Needs no world size (--show-schedule runs alone)."""
     pp, v, m = args.pp, args.virtual_stages, args.microbatches
+    if args.compile and args.model not in N.PIPELINE_MODELS:
+        raise UsageError(f"--compile compiles a pipeline stage's forward (--model {' / '.join(N.PIPELINE_MODELS)}); "
+                         f"--model {args.model} runs eager")
     if (pp > 1 or m > 1) and args.model not in N.PIPELINE_MODELS:
         used = "--pp" if pp > 1 else "--microbatches"
         raise UsageError(f"{used} {pp if pp > 1 else m}: --model {args.model} does not pipeline (pipeline stages "
@@ -1122,9 +1129,10 @@ class Optimizer:
                                    weight_decay=args.weight_decay, decay=decay, skip=self.skip)
         else:
             groups = [[p for n, p in params.items() if decay(n, p)], [p for n, p in params.items() if not decay(n, p)]]
+            cuda = all(p.is_cuda for p in params.values())  # fused: one kernel for all tensors (CUDA only)
             self.opt = inner or torch.optim.AdamW([{"params": groups[0], "weight_decay": args.weight_decay},
                                                    {"params": groups[1], "weight_decay": 0.0}],
-                                                  lr=args.lr, betas=(0.9, 0.95))
+                                                  lr=args.lr, betas=(0.9, 0.95), fused=True if cuda else None)
 
     @property
     def param_groups(self) -> list:
@@ -1212,7 +1220,7 @@ def train_step(params, opt: Optimizer, inputs, task, cfg, mesh, specs, args, ste
         if args.model in N.PIPELINE_MODELS:
             metrics = N.pipeline_step(args.model, params, inputs, cfg, mesh, schedule=args.schedule,
                                       v=args.virtual_stages, microbatches=args.microbatches, seed=args.seed + step,
-                                      clock=clock, moe=moe)
+                                      clock=clock, moe=moe, stage_fn=stage_fn(args))
         else:
             metrics = task.loss(params, inputs, cfg, mesh, seed=args.seed + step, training=True)
             metrics["loss"].backward()
@@ -1224,6 +1232,30 @@ def train_step(params, opt: Optimizer, inputs, task, cfg, mesh, specs, args, ste
             load, dropped, choices = load + t.load.cpu(), dropped + float(t.dropped), choices + t.choices
         metrics["moe"] = torch.cat([load, torch.tensor([dropped, choices], dtype=torch.float64)]).to(grad_norm.device)
     return metrics, grad_norm  # metrics["moe"]: [load per expert..., dropped, choices], read by moe_summary
+
+
+COMPILE_BACKEND = "inductor"  # tests set "aot_eager": the same captured graphs and backward, no C++ build
+
+
+@functools.cache
+def compiled_stage_forward():
+    """torch.compile of `N.stage_forward`, made once per process (its graphs are cached per shape and config)."""
+    return torch.compile(N.stage_forward, backend=COMPILE_BACKEND)
+
+
+def stage_fn(args):
+    """What a training step runs per stage and microbatch: N.stage_forward, or its compiled twin (--compile)."""
+    return compiled_stage_forward() if args.compile else N.stage_forward
+
+
+def check_compile(device: torch.device) -> None:
+    """UsageError unless torch.compile runs on device (on CPU it needs a C++ compiler): a tiny function
+    is compiled and run once, so a missing toolchain is one line now, not a traceback at step 1."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.zeros(2, device=device))
+    except Exception as e:  # torch raises a variety of backend errors: say the first line of the one it raised
+        raise UsageError(f"--compile: torch.compile cannot run on {device.type} here ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:200]}); run without --compile") from None
 
 
 def logged_metrics(metrics: dict, mesh: P.Mesh) -> dict[str, float]:
@@ -1967,6 +1999,8 @@ def train(args) -> int:
         return 0
     cfg, tp = check_args(args, world)
     check_memory(cfg, args, tp, device)
+    if args.compile:
+        check_compile(device)
     texts, source = load_corpus(args.data)
     train_data, eval_data = split_corpus(texts, args.seq)
     if args.model in ("biencoder", "realm"):

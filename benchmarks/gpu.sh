@@ -10,7 +10,11 @@
 #    and MFU against the chip's dense bf16 peak, with the Triton kernels (core attention: the fused softmax),
 #    with the plain-PyTorch references (NANOMEG_TRITON=0), and with SDPA (flash) attention;
 # 4. benchmarks/moe.py on the GPU: dense against MoE at equal active parameters; and train.py's MoE GPT
-#    (8 experts, top-2) at the shape of 3., its tokens/s and MFU (active FLOPs).
+#    (8 experts, top-2) at the shape of 3., its tokens/s and MFU (active FLOPs);
+# 5. GPT-2 small (12 layers, hidden 768, vocab 50257, seq 1024, batch 16) in bf16, SDPA attention:
+#    benchmarks/step_cpu.py --device cuda: nanomeg eager and compiled beside a nanoGPT-layout nn.Module and
+#    transformers' GPT2LMHeadModel (sdpa), both compiled, alternating steps in one process, with MFU; then
+#    train.py at GPT-2 small's shape (bytes) with and without --compile, its tokens/s and MFU.
 # Each part has its own time limit, so one slow part cannot eat the others; logs go to OUT_DIR.
 # PARTS="1 4" runs only those parts (default: all).
 set -u
@@ -18,7 +22,7 @@ OUT_DIR=${1:-gpu-logs}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-PARTS=${PARTS:-1 2 3 4}
+PARTS=${PARTS:-1 2 3 4 5}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 nvidia-smi -L
@@ -48,4 +52,15 @@ if want 4; then
     timeout 150 python3 benchmarks/moe.py --device cuda 2>&1 | tee "$OUT_DIR/moe.log"
     timeout 90 python3 train.py $common --attention core --experts 8 --topk 2 2>&1 | tee "$OUT_DIR/train_moe.log" \
         | grep -E "^(model|experts|MFU|step|eval)"
+fi
+
+if want 5; then
+    echo "== 5. GPT-2 small, bf16, seq 1024, SDPA: nanomeg eager / compiled beside nanoGPT and GPT2LMHeadModel compiled"
+    timeout 300 python3 benchmarks/step_cpu.py --device cuda --bf16 --compile --shapes 12x768x1024x16x50257 \
+        --steps 10 --peak-flops "$PEAK" 2>&1 | tee "$OUT_DIR/step_gpt2_small.log"
+    for flag in "" "--compile"; do
+        echo "-- train.py --attention sdpa $flag"
+        timeout 150 python3 train.py $common --attention sdpa $flag 2>&1 \
+            | tee "$OUT_DIR/train_sdpa${flag:+_compile}.log" | grep -E "^(model|MFU|step|eval|error)"
+    done
 fi

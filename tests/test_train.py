@@ -603,6 +603,44 @@ def test_train_step_applies_grad_clip(clip):
         torch.testing.assert_close(p.detach(), before[name] - lr * scale * g, rtol=1e-6, atol=1e-12, msg=name)
 
 
+def test_compile_trains_to_the_eager_losses(monkeypatch):
+    """--compile (torch.compile of the stage forward, and so its backward): three float32 AdamW steps of
+    the one-layer GPT give the eager run's losses to 1e-6, and the step really ran compiled. Inductor
+    compiles the probe (check_compile); the step uses the aot_eager backend, the same dynamo graphs and
+    AOTAutograd backward without inductor's C++ build, which takes minutes on CI's CPUs."""
+    try:
+        train.check_compile(CPU)
+    except train.UsageError as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
+    train.compiled_stage_forward.cache_clear()
+    ids = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))
+    batch = dict(ids=ids[:, :-1], targets=ids[:, 1:])
+    losses = {}
+    for flags in ((), ("--compile",)):
+        cfg, params = tiny_model()
+        args = args_of("--lr", "1e-2", "--warmup", "0", "--steps", "3", *flags)
+        opt = train.make_optimizer(params, args, specs=N.gpt_specs(cfg), cfg=cfg)
+        losses[flags] = [train.train_step(params, opt, batch, train.GPTTask, cfg, P.Mesh.serial(), N.gpt_specs(cfg),
+                                          args, step)[0]["loss"].item() for step in (1, 2, 3)]
+    assert train.compiled_stage_forward.cache_info().currsize == 1  # the compiled twin was made and used
+    train.compiled_stage_forward.cache_clear()  # not to leave an aot_eager twin to later tests
+    assert losses[()][2] < losses[()][0]  # it learns: the comparison is between steps that move
+    assert losses[("--compile",)] == pytest.approx(losses[()], abs=1e-6, rel=0)
+
+
+def test_compile_is_refused_for_a_model_that_does_not_pipeline_or_where_torch_compile_cannot_run(monkeypatch):
+    with pytest.raises(train.UsageError, match="--compile compiles a pipeline stage's forward"):
+        train.check_pipeline_args(args_of("--model", "t5", "--compile"))
+
+    def no_compiler(fn, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.raises(train.UsageError, match=r"^--compile: torch.compile cannot run on cpu here \(RuntimeError: "
+                                               r"InvalidCxxCompiler: No working C\+\+ compiler found\); run without"):
+        train.check_compile(CPU)
+
+
 def test_batch_seed_one_stream_per_data_parallel_replica_shared_by_its_tensor_parallel_ranks():
     args = args_of("--seed", "1234")
     data = torch.arange(10_000, dtype=torch.int64) % 251
