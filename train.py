@@ -1252,7 +1252,7 @@ def check_compile(device: torch.device) -> None:
     """UsageError unless torch.compile runs on device (on CPU it needs a C++ compiler): a tiny function
     is compiled and run once, so a missing toolchain is one line now, not a traceback at step 1."""
     try:
-        torch.compile(lambda x: x * 2 + 1)(torch.zeros(2, device=device))
+        torch.compile(lambda x: x * 2 + 1, backend=COMPILE_BACKEND)(torch.zeros(2, device=device))
     except Exception as e:  # torch raises a variety of backend errors: say the first line of the one it raised
         raise UsageError(f"--compile: torch.compile cannot run on {device.type} here ({type(e).__name__}: "
                          f"{(str(e).strip().splitlines() or [''])[0][:200]}); run without --compile") from None

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=10, derandomize=True, print_blob=True, **_common)
+settings.register_profile("ci", max_examples=8, derandomize=True, print_blob=True, **_common)
 settings.register_profile("dev", max_examples=50, **_common)
 settings.register_profile("deep", max_examples=500, **_common)
 settings.load_profile(os.environ.get("NANOMEG_PROFILE", "ci"))

@@ -143,7 +143,7 @@ def free_port() -> int:
 def test_two_torchrun_nodes_on_this_machine_learn_what_one_process_learns(text_file):
     """Two `torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d` launches started together stand for two
     machines of 2 ranks each: tp 2 inside each node, pp 2 across them. They print the one-process run's eval
-    losses; --show-layout over the same two nodes says which node and local rank holds each global rank."""
+    losses."""
     common = ["--data", text_file, *PIPE, "--sample-tokens", "0"]
     port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -165,11 +165,6 @@ def test_two_torchrun_nodes_on_this_machine_learn_what_one_process_learns(text_f
     assert want.returncode == 0, want.stderr[-3000:]
     got = nodes("--microbatches", "2")
     assert len(eval_losses(want.stdout)) == 3 and eval_losses(got) == eval_losses(want.stdout), (got, want.stdout)
-    layout = rank_blocks(nodes("--show-layout"))
-    assert sorted(layout) == [0, 1, 2, 3]
-    for rank, block in layout.items():  # ranks node by node: local rank = rank % 2, tp rank = rank % 2
-        assert block.startswith(f"tp rank {rank % 2} of 2, dp rank 0 of 1, pp rank {rank // 2} of 2; host "
-                                f"{socket.gethostname()}, local rank {rank % 2}\n"), block
 
 
 @pytest.mark.parametrize("argv, world, per_node, words", [
@@ -209,7 +204,7 @@ def test_tp_inside_a_node_and_cp_inside_or_across_nodes_pass(tp, cp, per_node):
 
 HANG = ["--layers", "4", "--hidden", "32", "--heads", "2", "--seq", "32", "--batch", "4", "--steps", "6",
         "--log-every", "3", "--eval-every", "3", "--eval-batches", "1", "--sample-tokens", "0", "--pp", "2", "--tp", "1",
-        "--microbatches", "4", "--timeout", "5"]
+        "--microbatches", "4", "--timeout", "3"]
 
 
 def rank_lines(stderr: str) -> dict[int, str]:
@@ -222,7 +217,7 @@ def rank_lines(stderr: str) -> dict[int, str]:
 @pytest.mark.parametrize("fault", ["raise", "sleep"])
 def test_a_rank_that_raises_or_stalls_mid_pipeline_step_ends_the_job_and_every_rank_says_where(text_file, fault):
     """NANOMEG_FAULT plants a fault on rank 1 (the last stage) at step 3, before its action 2 (F of microbatch 1),
-    while rank 0 waits in that action's transfer: the job exits non-zero within --timeout 5 plus a few seconds of
+    while rank 0 waits in that action's transfer: the job exits non-zero within --timeout 3 plus a few seconds of
     the fault, and each rank says one line naming its coordinates, step, action and what it waits in."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOMEG_FAULT": f"{fault}:1:3:2"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(ROOT / "train.py"),
@@ -235,10 +230,10 @@ def test_a_rank_that_raises_or_stalls_mid_pipeline_step_ends_the_job_and_every_r
     assert "recv from rank 1" in lines[0] and "eval loss at step 0" in out.stdout and "step 3" not in out.stdout
     if fault == "raise":
         assert lines[1].endswith("RuntimeError: the fault planted by NANOMEG_FAULT=raise:1:3:2"), lines[1]
-    else:  # both waited about --timeout (5 s): the stalled rank and the one waiting for it
+    else:  # both waited about --timeout (3 s): the stalled rank and the one waiting for it
         assert "waiting" in lines[1] and "a stall planted by NANOMEG_FAULT=sleep:1:3:2" in lines[1], lines[1]
         for line in lines.values():
-            assert 4 <= int(re.search(r"waiting (\d+) s", line)[1]) <= 8, line
+            assert 2 <= int(re.search(r"waiting (\d+) s", line)[1]) <= 6, line
 
 
 MOE = ["--experts", "4", "--topk", "2", "--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "32", "--batch",
@@ -605,14 +600,14 @@ def test_train_step_applies_grad_clip(clip):
 
 def test_compile_trains_to_the_eager_losses(monkeypatch):
     """--compile (torch.compile of the stage forward, and so its backward): three float32 AdamW steps of
-    the one-layer GPT give the eager run's losses to 1e-6, and the step really ran compiled. Inductor
-    compiles the probe (check_compile); the step uses the aot_eager backend, the same dynamo graphs and
-    AOTAutograd backward without inductor's C++ build, which takes minutes on CI's CPUs."""
+    the one-layer GPT give the eager run's losses to 1e-6, and the step really ran compiled. The probe
+    (check_compile) and the step use the aot_eager backend: the same dynamo graphs and AOTAutograd backward
+    without inductor's C++ build, which takes minutes on CI's CPUs."""
+    monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
     try:
         train.check_compile(CPU)
     except train.UsageError as e:
         pytest.skip(str(e))
-    monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
     train.compiled_stage_forward.cache_clear()
     ids = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))
     batch = dict(ids=ids[:, :-1], targets=ids[:, 1:])
