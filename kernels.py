@@ -95,6 +95,12 @@ def _triton_switch() -> bool | None:
     )
 
 
+def fuses_bias(x: torch.Tensor) -> bool:
+    """True when a bias handed to `bias_gelu` for x is added inside its Triton kernel (one pass with the
+    GeLU); False on the reference path, where a caller does better to add it in the matmul before."""
+    return _use_triton(x)
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     """True when `x` should go to the Triton kernels (see the module docstring for the rules)."""
     forced = _triton_switch()

@@ -8,7 +8,7 @@ flat parameter dict. Read top to bottom:
    name, the dim split over tensor-parallel ranks.
 3. Layers: norm, rotary and the relative bias, embedding, attention (core
    and SDPA), cross-attention, MLP,
-   bias-dropout-add, the transformer block.
+   dropout-add, the transformer block.
 4. The GPT model: forward to vocab-parallel logits, the loss.
 5. Generation with a KV cache.
 6. GPT-2 weights from / to Hugging Face's GPT2LMHeadModel.
@@ -680,12 +680,12 @@ def attend(q, k, v, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask, bias, seed, 
 
 def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=None, bias=None, seed=0, stream=0,
               training=False, cache=None, pos_offset=0):
-    """Self-attention. x: [b, s(/t), h] -> (out [b, s(/t), h], proj bias or None).
+    """Self-attention. x: [b, s(/t), h] -> out [b, s(/t), h].
 
     qkv is column-parallel: this rank computes whole heads, n/t query and g/t
     kv heads (one replicated kv head when t > g); proj is row-parallel: partial outputs summed over tp (or
-    reduce-scattered along s). The proj bias is returned, not added, for the
-    fused bias-dropout-add. `cache` (a dict, decoding only) keeps k and v.
+    reduce-scattered along s). The proj bias is added once, after the sum
+    (in the matmul itself at tp = 1). `cache` (a dict, decoding only) keeps k and v.
     bias: the relative-position bias [1, n/t, sq, sk] (`position_bias`) or None."""
     split = qkv_split(cfg)  # with tp > kv heads each kv head is replicated: its grad summed over the replicas
     weight, qkv_bias = (P.sync_kv_replica_grad(params.get(f"{prefix}.qkv.{n}"), split, mesh)
@@ -715,9 +715,8 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
         cache["k"], cache["v"] = k, v
     ctx = attend(q, k, v, cfg, mesh, mask_kind=mask_kind, mask=mask, bias=bias, seed=seed, stream=stream,
                  training=training)  # [b, s, n/t·d]
-    out = P.row_parallel_linear(ctx, params[f"{prefix}.proj.weight"], None, mesh,
-                                sequence_parallel=cfg.sequence_parallel)
-    return out, params.get(f"{prefix}.proj.bias")
+    return P.row_parallel_linear(ctx, params[f"{prefix}.proj.weight"], params.get(f"{prefix}.proj.bias"), mesh,
+                                 sequence_parallel=cfg.sequence_parallel)
 
 
 class Memory(NamedTuple):
@@ -734,7 +733,7 @@ def cross_attention(params, prefix, x, memory: Memory, cfg: GPTConfig, mesh: Mes
                     training=False, cache=None):
     """The decoder's attention to the encoder (T5, Megatron's inter-attention).
     x: the decoder stream [b, s_d(/t), h]; memory.x: the encoder's output
-    [b, s_e(/t), h] -> (out [b, s_d(/t), h], proj bias or None).
+    [b, s_e(/t), h] -> out [b, s_d(/t), h].
 
     Queries come from the decoder, keys and values from the encoder, so the
     two sequence lengths differ and nothing is causal. Under tensor parallel:
@@ -762,21 +761,23 @@ def cross_attention(params, prefix, x, memory: Memory, cfg: GPTConfig, mesh: Mes
             cache["cross_k"], cache["cross_v"] = k, v
     ctx = attend(q, k, v, cfg, mesh, mask_kind=memory.mask_kind, mask=memory.mask, bias=None, seed=seed,
                  stream=stream, training=training)  # [b, s_d, n/t·d]
-    out = P.row_parallel_linear(ctx, params[f"{prefix}.proj.weight"], None, mesh, sequence_parallel=sp)
-    return out, params.get(f"{prefix}.proj.bias")
+    return P.row_parallel_linear(ctx, params[f"{prefix}.proj.weight"], params.get(f"{prefix}.proj.bias"), mesh,
+                                 sequence_parallel=sp)
 
 
 def mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh):
-    """x: [b, s(/t), h] -> (out [b, s(/t), h], fc2 bias or None).
+    """x: [b, s(/t), h] -> out [b, s(/t), h].
     fc1 column-parallel ([b, s, ffn/t]: fused bias-GeLU, ReLU, or a gated
     act(gate) * up: SwiGLU with SiLU, GeGLU with tanh-GeLU, T5 v1.1's),
-    fc2 row-parallel."""
-    y = P.column_parallel_linear(x, params[f"{prefix}.fc1.weight"], None, mesh,
+    fc2 row-parallel. fc1's bias joins its matmul (an addmm), unless the
+    Triton bias-GeLU kernel adds it in the pass it makes anyway."""
+    b1 = params.get(f"{prefix}.fc1.bias")
+    late = b1 if kernels.fuses_bias(x) and not cfg.gated and cfg.activation != "relu" else None
+    y = P.column_parallel_linear(x, params[f"{prefix}.fc1.weight"], None if late is not None else b1, mesh,
                                  sequence_parallel=cfg.sequence_parallel)
-    y = activate(y, params.get(f"{prefix}.fc1.bias"), cfg)
-    out = P.row_parallel_linear(y, params[f"{prefix}.fc2.weight"], None, mesh,
-                                sequence_parallel=cfg.sequence_parallel)
-    return out, params.get(f"{prefix}.fc2.bias")
+    y = activate(y, late, cfg)
+    return P.row_parallel_linear(y, params[f"{prefix}.fc2.weight"], params.get(f"{prefix}.fc2.bias"), mesh,
+                                 sequence_parallel=cfg.sequence_parallel)
 
 
 def activate(y, bias, cfg: GPTConfig):
@@ -900,7 +901,7 @@ def route(params, prefix, x, cfg: GPTConfig, mesh: Mesh, shared: bool):
 
 def moe_mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, layer: int, moe: MoE | None = None,
             training: bool = False):
-    """A mixture-of-experts MLP. x: [b, s(/t), h] -> (out [b, s(/t), h], None).
+    """A mixture-of-experts MLP. x: [b, s(/t), h] -> out [b, s(/t), h].
 
     1. Route each tp rank's 1/tp of the sequence (without sequence parallel
        the replicated x is cut first, `scatter_to_sp`): top-k experts and
@@ -964,7 +965,7 @@ def moe_mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, layer: int, moe: M
     weight = cfg.moe_aux_loss * aux + cfg.moe_z_loss * z
     if training and (cfg.moe_aux_loss or cfg.moe_z_loss) and torch.is_grad_enabled():
         y = _AuxLossGrad.apply(y, weight, 1.0 if moe is None else moe.scale)
-    return y, None
+    return y
 
 
 def run_experts(params, prefix, rows, plan, cfg: GPTConfig, mesh: Mesh):
@@ -989,10 +990,10 @@ def run_experts(params, prefix, rows, plan, cfg: GPTConfig, mesh: Mesh):
     return torch.cat(outs)[torch.argsort(order)]
 
 
-def bias_dropout_add(x, bias, residual, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
-    """residual + dropout(x + bias): the end of each residual branch."""
-    if bias is not None:
-        x = x + allreduce_grad_if_sp(bias, cfg, mesh)
+def dropout_add(x, residual, cfg: GPTConfig, mesh: Mesh, *, seed, stream, training):
+    """residual + dropout(x): the end of each residual branch (x's bias is in
+    already: Megatron hands it apart, for a bias-dropout-add fused in one
+    kernel; here the matmul adds it, as an addmm, at no extra pass)."""
     return residual + hidden_dropout(x, cfg.hidden_dropout, cfg, mesh, seed=seed, stream=stream, training=training)
 
 
@@ -1022,14 +1023,11 @@ def transformer_block(params, i, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, ma
         + [("ln2", ffn, "mlp_out")]
     for norm_name, f, stream in sublayers:
         if cfg.norm_order == "post":  # x = norm(x + f(x))
-            out, b = f(x)
-            x = norm(params, f"{pre}.{norm_name}", bias_dropout_add(out, b, x, cfg, mesh, stream=f"{i}.{stream}",
-                                                                    **branch), cfg, mesh)
+            x = norm(params, f"{pre}.{norm_name}", dropout_add(f(x), x, cfg, mesh, stream=f"{i}.{stream}", **branch),
+                     cfg, mesh)
         else:  # x = x + f(norm(x))
             h = norm(params, f"{pre}.{norm_name}", x, cfg, mesh)
-            out, b = f(h)
-            x = bias_dropout_add(out, b, h if cfg.residual_post_norm else x, cfg, mesh, stream=f"{i}.{stream}",
-                                 **branch)
+            x = dropout_add(f(h), h if cfg.residual_post_norm else x, cfg, mesh, stream=f"{i}.{stream}", **branch)
     return x
 
 

@@ -717,6 +717,8 @@ def row_parallel_linear(x, weight, bias, mesh, *, input_is_parallel=True, sequen
     if not input_is_parallel:
         x = scatter_to_tp(x, mesh)
     _check_linear(x, weight, bias, "row_parallel_linear")
+    if mesh.tp == 1:  # nothing to sum: the bias joins the matmul (one addmm, no pass of its own)
+        return torch.nn.functional.linear(x, weight, bias)
     partial = x @ weight.t()  # this rank's share of the sum over h_in
     if sequence_parallel:
         y = reduce_scatter_to_sp(partial, mesh)

@@ -55,7 +55,7 @@ def traffic_worker(rank, world, init, cases, out):
         x = draw(mesh.dp_rank).requires_grad_()
         moe = N.MoE()
         with P.count_comms() as comms:
-            y, _ = N.moe_mlp(params, "layers.0.moe", x, cfg, mesh, layer=0, moe=moe, training=True)
+            y = N.moe_mlp(params, "layers.0.moe", x, cfg, mesh, layer=0, moe=moe, training=True)
             y.sum().backward()
         # exact, from the routing: the dispatch sends this rank's choices of experts on the other ep ranks;
         # the combine sends back the rows the other ep ranks' choices brought to its own experts

@@ -6,7 +6,12 @@
 Each shape is layers x hidden x seq x batch x vocab (heads = hidden / 64). At
 each shape, in one process and with the same threads, three implementations
 take turns, one step each, `--steps` times (after one warm-up step each), so
-that other load on the machine hits them alike; the median is printed:
+that other load on the machine hits them alike. Printed: each one's median
+step, and for each peer the median of the rounds' ratios nanomeg/peer (one
+round: the two steps ran back to back, so a slow spell of the machine hits
+both) with the rounds' quartiles: a ratio whose quartiles straddle 1 is a
+tie on this machine. `--threads 1` gives the steadiest figures on a shared
+machine:
 
   nanomeg   nanomeg.gpt_loss, attention="sdpa", serial mesh (tp = 1), float32
   nanogpt   a plain nn.Module GPT written below in nanoGPT's layout: fused qkv
@@ -120,7 +125,7 @@ def hf_model(cfg):
 
 
 def measure(steps: dict, n: int) -> dict:
-    """{name: step} -> {name: median seconds}: one warm-up each, then n rounds of one step each, in turn."""
+    """{name: step} -> {name: [seconds of each round]}: one warm-up each, then n rounds of one step each, in turn."""
     times = {name: [] for name in steps}
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for step in steps.values():
@@ -132,7 +137,7 @@ def measure(steps: dict, n: int) -> dict:
             step()
             sync()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def run_shape(layers, hidden, seq, batch, vocab, args) -> tuple[N.GPTConfig, dict]:
@@ -176,12 +181,17 @@ def main():
           f"median of {args.steps} alternating steps")
     for shape in args.shapes.split(","):
         layers, hidden, seq, batch, vocab = map(int, shape.split("x"))
-        cfg, med = run_shape(layers, hidden, seq, batch, vocab, args)
+        cfg, times = run_shape(layers, hidden, seq, batch, vocab, args)
+        med = {name: statistics.median(t) for name, t in times.items()}
         me = min((k for k in med if k.startswith("nanomeg") and "core" not in k), key=med.get)  # nanomeg's best
         print(f"{shape} (heads {cfg.heads}, padded vocab {cfg.padded_vocab}):")
         for name, sec in med.items():
             mfu = f"  MFU {N.gpt_flops(cfg, batch, seq) / sec / args.peak_flops:6.1%}" if args.peak_flops else ""
-            ratio = f"  {me}/{name} {med[me] / sec:.3f}" if not name.startswith("nanomeg") else ""
+            ratio = ""
+            if not name.startswith("nanomeg"):  # the median of the rounds' ratios (the two ran back to back:
+                # a slow spell of the machine hits both) and its spread, the rounds' quartiles
+                q = statistics.quantiles([a / b for a, b in zip(times[me], times[name])], n=4)
+                ratio = f"  {me}/{name} {q[1]:.3f} (quartiles {q[0]:.3f}-{q[2]:.3f})"
             print(f"  {name:22s} {sec * 1e3:10.1f} ms {batch * seq / sec:12,.0f} tokens/s{mfu}{ratio}", flush=True)
 
 

@@ -175,8 +175,7 @@ def run_layer(params, x, cfg, dy, mesh=SERIAL):
     params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     x = x.clone().requires_grad_(True)
     moe = N.MoE()
-    y, bias = N.moe_mlp(params, PRE, x, cfg, mesh, layer=0, moe=moe, training=True)
-    assert bias is None
+    y = N.moe_mlp(params, PRE, x, cfg, mesh, layer=0, moe=moe, training=True)
     (y * dy).sum().backward()
     return y.detach(), x.grad, {k: v.grad for k, v in params.items()}, moe.stats
 
@@ -235,7 +234,7 @@ def test_eval_and_no_grad_leave_the_aux_out():
     cfg = MIXTRAL_DROPS.cfg
     params = {k: v.requires_grad_(True) for k, v in layer_params(cfg, 5).items()}
     x, dy = rand(1, 2, 6, cfg.hidden), rand(2, 2, 6, cfg.hidden)
-    y, _ = N.moe_mlp(params, PRE, x, cfg, SERIAL, layer=0, training=False)
+    y = N.moe_mlp(params, PRE, x, cfg, SERIAL, layer=0, training=False)
     (y * dy).sum().backward()
     ref_p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     (ref_moe(ref_weights(ref_p), x, cfg)["y"] * dy).sum().backward()
@@ -302,9 +301,9 @@ def test_drops_do_not_depend_on_the_rows_a_shard_holds(case):
     b = max(b, 2)
     params = layer_params(cfg, seed)
     x = rand(seed + 10, b, s, cfg.hidden)
-    whole = N.moe_mlp(params, PRE, x, cfg, SERIAL, layer=0, moe=(m0 := N.MoE()))[0]
+    whole = N.moe_mlp(params, PRE, x, cfg, SERIAL, layer=0, moe=(m0 := N.MoE()))
     cut = 1 + seed % (b - 1)
-    parts = [N.moe_mlp(params, PRE, x[rows], cfg, SERIAL, layer=0, moe=(m := N.MoE()))[0:1] + (m,)
+    parts = [(N.moe_mlp(params, PRE, x[rows], cfg, SERIAL, layer=0, moe=(m := N.MoE())), m)
              for rows in (slice(0, cut), slice(cut, b))]
     assert_close(torch.cat([p[0] for p in parts]), whole, "shards vs whole")
     assert sum(int(p[1].stats[(0, 0)].dropped) for p in parts) == int(m0.stats[(0, 0)].dropped)
@@ -463,7 +462,7 @@ def layer_task(mesh, cfg, params, x, dy):
         x, dy = (t.chunk(mesh.tp, 1)[mesh.tp_rank] for t in (x, dy))
     x = x.clone().requires_grad_(True)
     with P.count_comms() as records:
-        y, _ = N.moe_mlp(loc, PRE, x, cfg, mesh, layer=0, moe=N.MoE(), training=True)
+        y = N.moe_mlp(loc, PRE, x, cfg, mesh, layer=0, moe=N.MoE(), training=True)
         (y * dy).sum().backward()
     grads = {k: P.all_reduce(v.grad, mesh, "edp" if isinstance(specs[k], P.Experts) else "dp")
              for k, v in loc.items()}
