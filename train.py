@@ -1268,7 +1268,7 @@ def train_step(params, opt: Optimizer, inputs, task, cfg, mesh, specs, args, ste
         for t in moe.totals().values():
             load, dropped, choices = load + t.load.cpu(), dropped + float(t.dropped), choices + t.choices
         metrics["moe"] = torch.cat([load, torch.tensor([dropped, choices], dtype=torch.float64)]).to(grad_norm.device)
-    return metrics, grad_norm  # metrics["moe"]: [load per expert..., dropped, choices], read by moe_summary
+    return metrics, grad_norm  # metrics["moe"]: [load per expert..., dropped, choices], read by moe_stats
 
 
 COMPILE_BACKEND = "inductor"  # tests set "aot_eager": the same captured graphs and backward, no C++ build
