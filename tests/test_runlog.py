@@ -270,3 +270,14 @@ def test_progress_shows_step_loss_tokens_per_second_and_time_left_on_a_tty_only(
     quiet = runlog.Progress(100, True, stream=io.StringIO())  # not a tty: nothing, as before
     quiet.update(50, 2.0)
     assert quiet.stream.getvalue() == ""
+
+
+def test_moe_load_per_expert_is_logged_and_plotted(text_file, tmp_path):
+    log = tmp_path / "moe"
+    assert main("--data", text_file, *TINY, "--steps", 2, "--experts", 4, "--topk", 2, "--log-dir", log) == 0
+    step2 = next(r for r in records(log) if r["kind"] == "train")
+    share = [step2[f"moe/load_expert_{i}"] for i in range(4)]
+    assert abs(sum(share) - 1) < 1e-9 and step2["moe/dropped"] == 0.0  # dropless: each choice lands
+    assert step2["loss/total"] == step2["loss/lm"] + step2["loss/aux"]
+    _, drawn, _ = runlog.plot([str(log)], out=str(tmp_path / "moe.png"))
+    assert drawn["MoE: share of the choices per expert"] == [f"moe: tp=1 pp=1 dp=1 expert {i}" for i in range(4)]
