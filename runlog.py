@@ -15,6 +15,7 @@ is one a test calls. Nothing here joins a process group: train.py gathers what r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -288,6 +289,23 @@ def state_bytes(params: dict, optimizer_bytes: int) -> int:
     """Parameters and their gradients, from their storage (the gradients: their buckets, once each), plus
     the optimizer's state (train.Optimizer.state_bytes, measured from storage too)."""
     return storage_bytes([*params.values(), *(p.grad for p in params.values())]) + optimizer_bytes
+
+
+@contextlib.contextmanager
+def measured_memory(params: dict, optimizer_bytes, device: torch.device):
+    """The peak bytes this rank holds while the block (a training step) runs, measured: on CUDA torch's
+    max_memory_allocated; on CPU `state_bytes` (parameters, gradients, optimizer_bytes() after the block)
+    plus the live peak of what autograd saves for backward (`SavedPeak`, the parameters left out).
+    Yields {"peak": bytes}, filled when the block ends."""
+    out = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        out["peak"] = torch.cuda.max_memory_allocated(device)
+        return
+    with SavedPeak(exclude={p.untyped_storage().data_ptr() for p in params.values()}) as saved:
+        yield out
+    out["peak"] = saved.peak + state_bytes(params, optimizer_bytes())
 
 
 def memory_note(peak_bytes: list[int], planned: int | None = None) -> str:

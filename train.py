@@ -2041,23 +2041,6 @@ def open_log(args, cfg, mesh: P.Mesh, start: int, say) -> runlog.RunLog:
     return log
 
 
-@contextlib.contextmanager
-def measured_memory(params: dict, opt: Optimizer, device):
-    """The peak bytes this rank holds during the block, measured: on CUDA torch's
-    max_memory_allocated; on CPU the parameters, their gradients and the
-    optimizer's state from their storage, plus the peak of what autograd saves
-    for backward (runlog.SavedPeak). Yields {"peak": bytes}, filled at the end."""
-    out = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        yield out
-        out["peak"] = torch.cuda.max_memory_allocated(device)
-        return
-    with runlog.SavedPeak(exclude={p.untyped_storage().data_ptr() for p in params.values()}) as saved:
-        yield out
-    out["peak"] = saved.peak + runlog.state_bytes(params, opt.state_bytes())
-
-
 def trace_schedule(spans: list, step: int, mesh: P.Mesh, args, log) -> None:
     """--trace-step: every rank's actions of this step to rank 0, which writes schedule.json and trace.json."""
     coords = dict(rank=mesh.global_rank(), pp_rank=mesh.pp_rank, tp_rank=mesh.tp_rank, dp_rank=mesh.dp_rank)
@@ -2186,7 +2169,7 @@ def train(args) -> int:
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
         if step == args.trace_step:
             clock["trace"] = []
-        with P.count_comms() as comms, measured_memory(params, opt, device) as memory:
+        with P.count_comms() as comms, runlog.measured_memory(params, opt.state_bytes, device) as memory:
             metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, clock)
         mem_peak = max(mem_peak, memory["peak"])
         if step == args.trace_step:
