@@ -409,10 +409,11 @@ def run_label(folder: str) -> str:
     return f"{Path(folder).resolve().name}: {shown}"
 
 
-def bar(ax, row: int, t0: float, t1: float, kind: str, micro: int) -> None:
-    """One action of a timeline: a bar coloured by its kind, its microbatch written in it."""
+def bar(ax, row: int, t0: float, t1: float, kind: str, micro: int, chunk: int) -> None:
+    """One action of a timeline: a bar coloured by its kind, its microbatch written in it (a prime per
+    later chunk, as --show-schedule writes it)."""
     ax.broken_barh([(t0, t1 - t0)], (row - 0.4, 0.8), color=KIND_COLORS[kind], edgecolor="white")
-    ax.text((t0 + t1) / 2, row, str(micro), ha="center", va="center", fontsize=6, color="white")
+    ax.text((t0 + t1) / 2, row, str(micro) + "'" * chunk, ha="center", va="center", fontsize=6, color="white")
 
 
 def series(records: list[dict], key: str) -> tuple[list, list, list]:
@@ -484,14 +485,14 @@ def plot(folders: list[str], out: str | None = None) -> tuple[Path, dict[str, li
         rows = sorted(record["ranks"], key=lambda r: r["rank"])
         for y, r in enumerate(rows):
             for a in r["actions"]:
-                bar(ax_run, y, a["start"] * 1e3, a["end"] * 1e3, a["kind"], a["micro"])
+                bar(ax_run, y, a["start"] * 1e3, a["end"] * 1e3, a["kind"], a["micro"], a["chunk"])
         ax_run.set_yticks(range(len(rows)), [f"rank {r['rank']}" for r in rows], fontsize=7)
         ax_run.set_xlabel("ms (measured)", fontsize=8)
         title = f"{label}: step {record['step']} as it ran ({record['schedule']})"
         ax_run.set_title(title, fontsize=9)
         for pr, actions in planned_timeline(record).items():
-            for kind, micro, _, t0, t1 in actions:
-                bar(ax_plan, pr, t0, t1, kind, micro)
+            for kind, micro, chunk, t0, t1 in actions:
+                bar(ax_plan, pr, t0, t1, kind, micro, chunk)
         ax_plan.set_yticks(range(record["pp"]), [f"pp {r}" for r in range(record["pp"])], fontsize=7)
         ax_plan.set_xlabel("units (a forward = 1, a backward = 2)", fontsize=8)
         ax_plan.set_title(f"{label}: the plan (simulated; blue F, orange B/I, green W)", fontsize=9)
