@@ -1688,6 +1688,9 @@ def run_schedule(actions: list[Action], plan: list, forward, mesh: Mesh, *, v: i
     forward_only (evaluation, under no_grad): F actions only, nothing kept.
     clock: a dict that gains "wait" (seconds blocked in transfers) and "run"
     (seconds of the whole list): the measured bubble is wait / (run - wait).
+    With a list at clock["trace"], each action appends (kind, micro, chunk,
+    waited from, ran from, ended), time.perf_counter seconds: the transfers
+    posted before it, then the action (runlog.rank_trace reads them).
 
     Per step and stage boundary: m sends of b_micro·s(/t)·h elements forward
     and m back."""
@@ -1698,9 +1701,12 @@ def run_schedule(actions: list[Action], plan: list, forward, mesh: Mesh, *, v: i
     post = lambda groups: [got.update(_exchange(g, outgoing, shape, dtype, device, mesh, stages, clock))
                            for g in groups]
     t_start, step = time.perf_counter(), WHERE["step"]
+    trace = clock.get("trace") if clock is not None else None
     for i, (a, groups) in enumerate(zip(actions, plan)):
         at(step, f"action {i} of {len(actions)} {a.kind}(mb {a.micro}, chunk {a.chunk})")
+        t_post = time.perf_counter()
         post(groups)
+        t_action = time.perf_counter()
         recv, send = _transfers(a, mesh.pp_rank, p, v)
         x = None if recv is None else got.pop(recv.msg)
         if a.kind == "F":
@@ -1731,6 +1737,8 @@ def run_schedule(actions: list[Action], plan: list, forward, mesh: Mesh, *, v: i
         else:  # W
             y, dy = weight_grads.pop((a.micro, a.chunk))
             torch.autograd.backward(y, dy, inputs=list(params_of(a.chunk)))
+        if trace is not None:
+            trace.append((a.kind, a.micro, a.chunk, t_post, t_action, time.perf_counter()))
     at(step, f"action {len(actions)} of {len(actions)} (the last sends)")
     post(plan[-1])
     at(step)

@@ -54,6 +54,7 @@ import torch
 
 import nanomeg as N
 import parallel as P
+import runlog
 
 
 class UsageError(Exception):
@@ -185,12 +186,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--show-layout", action="store_true",
                     help="print every rank's mesh coordinates, parameter shards, memory and the collectives of "
                          "one training step (run on a copy of the parameters), then exit without training")
+    ap.add_argument("--log-dir", metavar="DIR",
+                    help="rank 0 writes DIR/run.json (config, layout, flags, versions), DIR/metrics.jsonl (a record "
+                         "per log step and eval) and TensorBoard events under DIR/tb (with the tensorboard package); "
+                         "--load appends to DIR's log, marking the resume")
+    ap.add_argument("--trace-step", type=int, metavar="N",
+                    help="with --log-dir and --pp > 1: write DIR/schedule.json and DIR/trace.json (Chrome / Perfetto) "
+                         "of step N as it ran, every rank's actions (default: the run's second step)")
+    ap.add_argument("--plot", nargs="+", metavar="DIR",
+                    help="draw the --log-dir folders' curves, overlaid, into the first DIR's run.png, then exit "
+                         "(matplotlib)")
     args = ap.parse_args(argv)
     task = TASKS[args.model]  # the defaults that depend on the model
     args.lr = task.lr if args.lr is None else args.lr
     args.position = task.position if args.position is None else args.position
     args.schedule = args.schedule or ("interleaved" if args.virtual_stages > 1 else "1f1b")
-    args.tokenizer_obj = args.load_path = args.load_meta = None  # filled by check_args
+    args.tokenizer_obj = args.load_path = args.load_meta = args.log_old = args.log = None  # filled by check_args
     if args.model == "realm":
         args.top_k = 4 if args.top_k is None else args.top_k
         args.index_every = 50 if args.index_every is None else args.index_every
@@ -743,7 +754,7 @@ RANGES = {
     "index_every": AT_LEAST_1, "pp": AT_LEAST_1, "virtual_stages": AT_LEAST_1, "microbatches": AT_LEAST_1,
     "bucket_mb": ABOVE_0, "save_every": AT_LEAST_1, "keep_last": AT_LEAST_1,
     "experts": AT_LEAST_0, "topk": AT_LEAST_1, "ep": AT_LEAST_1, "moe_every": AT_LEAST_1, "capacity_factor": ABOVE_0,
-    "aux_loss": AT_LEAST_0, "z_loss": AT_LEAST_0, "cp": AT_LEAST_1,
+    "aux_loss": AT_LEAST_0, "z_loss": AT_LEAST_0, "cp": AT_LEAST_1, "trace_step": AT_LEAST_1,
 }
 MOE_FLAGS = ("topk", "moe_every", "capacity_factor", "aux_loss", "z_loss")  # their GPTConfig fields: MOE_FIELDS
 MOE_FIELDS = dict(topk="moe_topk", moe_every="moe_every", capacity_factor="moe_capacity", aux_loss="moe_aux_loss",
@@ -893,7 +904,33 @@ def check_args(args, world: int) -> tuple[N.GPTConfig, int]:
     args.load_meta = read_meta(args.load_path, cfg, args) if args.load_path else None
     if args.save is not None:
         check_save_folder(args.save, args.load_meta["step"] if args.load_meta else 0, args.load_path)
+    check_log_args(args, cfg)
     return cfg, tp
+
+
+def check_log_args(args, cfg) -> None:
+    """--log-dir: a folder that is or can be made, holding no log or this run's (runlog.check_log_dir;
+    args.log_old: its run.json, when resumed); --trace-step: with --log-dir and --pp > 1, a step this run
+    takes (default: its second, the first without the first step's one-time costs)."""
+    if args.log_dir == "":
+        raise UsageError("--log-dir is an empty path")
+    args.log_old = None
+    if args.log_dir is not None:
+        check_output_folder(args.log_dir, "--log-dir")
+        try:
+            args.log_old = runlog.check_log_dir(args.log_dir, args.model, config_dict(cfg), args.load is not None)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    start = args.load_meta["step"] + 1 if args.load_meta else 1
+    if args.trace_step is not None:
+        if args.log_dir is None or args.pp == 1:
+            raise UsageError(f"--trace-step {args.trace_step} needs --log-dir DIR and --pp > 1 (it traces the "
+                             "pipeline schedule)")
+        if not start <= args.trace_step <= args.steps:
+            raise UsageError(f"--trace-step {args.trace_step} is not a step of this run (steps {start} to "
+                             f"{args.steps})")
+    elif args.log_dir is not None and args.pp > 1 and start <= args.steps:
+        args.trace_step = min(start + 1, args.steps)
 
 
 def check_cp_args(args, tp: int) -> None:
@@ -1231,7 +1268,7 @@ def train_step(params, opt: Optimizer, inputs, task, cfg, mesh, specs, args, ste
         for t in moe.totals().values():
             load, dropped, choices = load + t.load.cpu(), dropped + float(t.dropped), choices + t.choices
         metrics["moe"] = torch.cat([load, torch.tensor([dropped, choices], dtype=torch.float64)]).to(grad_norm.device)
-    return metrics, grad_norm  # metrics["moe"]: [load per expert..., dropped, choices], read by moe_summary
+    return metrics, grad_norm  # metrics["moe"]: [load per expert..., dropped, choices], read by moe_stats
 
 
 COMPILE_BACKEND = "inductor"  # tests set "aot_eager": the same captured graphs and backward, no C++ build
@@ -1271,19 +1308,27 @@ def logged_metrics(metrics: dict, mesh: P.Mesh) -> dict[str, float]:
     return out
 
 
-def moe_summary(stats, mesh: P.Mesh) -> str:
+def moe_stats(stats, mesh: P.Mesh) -> dict | None:
     """The experts' load this step, over every MoE layer, stage and dp rank:
-    ' | experts ▆█▅▇ 24/27/23/26% | dropped 1.2%' (a bar per expert, its
-    share of the choices, the share dropped by capacity), '' without MoE.
+    {"share": each expert's share of the choices, "dropped": the share of the
+    choices dropped by capacity}; None without MoE. Collective over pp and dp.
     stats: this rank's [load per expert..., dropped, choices] (`train_step`)."""
     if stats is None:
-        return ""
+        return None
     stats = P.all_reduce(P.all_reduce(stats.double(), mesh, "pp", phase="log"), mesh, "dp", phase="log")
     load, dropped, choices = stats[:-2], stats[-2].item(), stats[-1].item()
-    share = (load / load.sum().clamp(min=1)).tolist()
+    return dict(share=(load / load.sum().clamp(min=1)).tolist(), dropped=dropped / max(choices, 1))
+
+
+def moe_summary(moe: dict | None) -> str:
+    """moe_stats as the log line says it: ' | experts ▆█▅▇ 24/27/23/26% | dropped 1.2%'
+    (a bar per expert, its share of the choices, the share dropped), '' without MoE."""
+    if moe is None:
+        return ""
+    share = moe["share"]
     bars = "".join("▁▂▃▄▅▆▇█"[min(7, int(8 * x / max(share)))] if max(share) > 0 else "▁" for x in share)
     line = f" | experts {bars} {'/'.join(f'{100 * x:.0f}' for x in share)}%"
-    return line + (f" | dropped {dropped / max(choices, 1):.1%}" if choices and dropped else "")
+    return line + (f" | dropped {moe['dropped']:.1%}" if moe["dropped"] else "")
 
 
 def diverged_message(step: int, loss: float, grad_norm: float, last_finite, args) -> str:
@@ -1450,23 +1495,6 @@ def measure_peak_flops(args, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-class Progress:
-    """A one-line progress bar on rank 0's terminal (nothing when not a tty)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled and sys.stderr.isatty()
-
-    def update(self, step: int, loss: float) -> None:
-        if self.enabled:
-            filled = 30 * step // self.total
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} loss {loss:.3f} ")
-            sys.stderr.flush()
-
-    def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 70 + "\r")
 
 
 # ---------------------------------------------------------------------------
@@ -1932,27 +1960,36 @@ def gather_stages(params: dict, task, cfg, mesh: P.Mesh, specs: dict, args, devi
     return out
 
 
-def comm_per_dim(comms: list[dict]) -> str:
-    """Elements moved in one step, per mesh dim: 'tp 1,234 + pp 567 + dp 89'
-    (pp: the sends only, each transfer once); '0' when nothing moved."""
+def comm_by_dim(comms: list[dict]) -> dict[str, tuple[int, int]]:
+    """Elements and bytes moved in one step, per mesh dim, in MESH_ORDER:
+    {dim: (elements, bytes)} (pp: the sends only, each transfer once)."""
     per = {}
     for c in comms:
         if c["op"] != "recv":
-            per[c["dim"]] = per.get(c["dim"], 0) + c["elements"]
-    return " + ".join(f"{d} {n:,}" for d, n in sorted(per.items(), key=lambda kv: MESH_ORDER.index(kv[0])
-                                                      if kv[0] in MESH_ORDER else 9)) or "0"
+            elements, nbytes = per.get(c["dim"], (0, 0))
+            per[c["dim"]] = (elements + c["elements"], nbytes + c["elements"] * c["dtype"].itemsize)
+    return dict(sorted(per.items(), key=lambda kv: MESH_ORDER.index(kv[0]) if kv[0] in MESH_ORDER else 9))
 
 
-def bubble_note(clock: dict, mesh: P.Mesh) -> str:
-    """' | bubble 23% measured': since the last log line, the largest over
-    pipeline ranks of the time a rank waited for a neighbour over the time
-    it computed (the simulator's idle / busy)."""
+def comm_per_dim(per: dict[str, tuple[int, int]]) -> str:
+    """comm_by_dim as the log line says it: 'tp 1,234 + pp 567 + dp 89'; '0' when nothing moved."""
+    return " + ".join(f"{d} {n:,}" for d, (n, _) in per.items()) or "0"
+
+
+def measured_bubble(clock: dict, mesh: P.Mesh) -> float | None:
+    """Since the last log line, the largest over pipeline ranks of the time a
+    rank waited for a neighbour over the time it computed (the simulator's
+    idle / busy); None without a pipeline. Collective over pp."""
     if mesh.pp == 1 or not clock.get("run"):
-        return ""
+        return None
     wait = clock.get("wait", 0.0)
     frac = torch.tensor([wait / max(clock["run"] - wait, 1e-9)], dtype=torch.float64)  # idle / busy, as simulated
-    frac = P.all_reduce(frac, mesh, "pp", phase="log", op=torch.distributed.ReduceOp.MAX)
-    return f" | bubble {frac.item():.0%} measured"
+    return P.all_reduce(frac, mesh, "pp", phase="log", op=torch.distributed.ReduceOp.MAX).item()
+
+
+def bubble_note(bubble: float | None) -> str:
+    """' | bubble 23% measured', '' without a pipeline."""
+    return "" if bubble is None else f" | bubble {bubble:.0%} measured"
 
 
 @contextlib.contextmanager
@@ -1986,6 +2023,32 @@ def join(timeout: timedelta) -> tuple[int, int]:
         raise UsageError(f"rank {os.environ.get('RANK', '?')} could not join the {os.environ.get('WORLD_SIZE')} ranks "
                          f"at {where} within --timeout {timeout.total_seconds():g} s: "
                          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", every_rank=True) from None
+
+
+def open_log(args, cfg, mesh: P.Mesh, start: int, say) -> runlog.RunLog:
+    """Rank 0's --log-dir: a new log (run.json), or, resumed (args.log_old), a resume record appended."""
+    layout = dict(tp=mesh.tp, cp=mesh.cp, pp=mesh.pp, dp=mesh.dp, ep=mesh.ep, zero=args.zero,
+                  virtual_stages=args.virtual_stages, world=mesh.tp * mesh.cp * mesh.pp * mesh.dp)
+    flags = {k: v for k, v in vars(args).items() if k not in ("tokenizer_obj", "load_meta", "log_old", "log")}
+    info = runlog.run_info(args.model, config_dict(cfg), layout, flags | dict(load_path=str(args.load_path)))
+    resume = None if args.log_old is None else dict(kind="resume", step=start - 1, loaded=str(args.load_path),
+                                                    flags=info["flags"], versions=info["versions"])
+    log = runlog.RunLog(args.log_dir, info, resume)
+    for note in log.notes:
+        say(note)
+    say(f"log: {'appending to' if resume else 'writing'} {args.log_dir}/{runlog.METRICS}"
+        + ("" if log.tb is None else f" and TensorBoard events in {args.log_dir}/{runlog.TB}"))
+    return log
+
+
+def trace_schedule(spans: list, step: int, mesh: P.Mesh, args, log) -> None:
+    """--trace-step: every rank's actions of this step to rank 0, which writes schedule.json and trace.json."""
+    coords = dict(rank=mesh.global_rank(), pp_rank=mesh.pp_rank, tp_rank=mesh.tp_rank, dp_rank=mesh.dp_rank)
+    ranks = gather_to_rank0(runlog.rank_trace(spans, coords))
+    if log:
+        record = runlog.schedule_record(step, args.schedule, mesh.pp, args.virtual_stages, args.microbatches, ranks)
+        paths = runlog.write_schedule(args.log_dir, record)
+        print(f"traced step {step}: {' and '.join(map(str, paths))}")
 
 
 def train(args) -> int:
@@ -2085,24 +2148,33 @@ def train(args) -> int:
     peak = args.peak_flops or measure_peak_flops(args, device)
     say(f"MFU is against {peak / 1e9:,.1f} GFLOP/s per rank ("
         f"{'--peak-flops' if args.peak_flops else 'measured: a matmul on this device, all ranks at once'})")
+    log = args.log = open_log(args, cfg, mesh, start, say) if rank == 0 and args.log_dir else None
+
     def say_eval(step):
         metrics = evaluate(params, eval_data, task, cfg, mesh, args, device)
         if hasattr(task, "index_eval"):  # the bi-encoder: retrieval from an index of held-out blocks
             metrics |= task.index_eval(params, eval_data, cfg, mesh, args, device)[0]
         say(f"eval loss at step {step}: {metrics['loss']:.4f}{metrics_line(metrics, 'eval')}")
+        if log:
+            log.write(runlog.eval_record(step, step * tokens_per_step, metrics))
 
     say_eval(start - 1)
 
-    bar = Progress(args.steps, rank == 0)
+    bar = runlog.Progress(args.steps, rank == 0, start - 1, tokens_per_step)
     clock = {}  # seconds this rank waited for its pipeline neighbours, and ran its schedule
-    t_last, steps_since, last_finite = time.perf_counter(), 0, None
+    t_last, steps_since, last_finite, mem_peak = time.perf_counter(), 0, None, 0
     for step in range(start, args.steps + 1):
         P.at(step)
         refresh(params, train_data, cfg, mesh, args, device, step)
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
-        with P.count_comms() as comms:
+        if step == args.trace_step:
+            clock["trace"] = []
+        with P.count_comms() as comms, runlog.measured_memory(params, opt.state_bytes, device) as memory:
             metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, clock)
-        moe_stats = moe_summary(metrics.pop("moe", None), mesh)
+        mem_peak = max(mem_peak, memory["peak"])
+        if step == args.trace_step:
+            trace_schedule(clock.pop("trace"), step, mesh, args, log)
+        moe = moe_stats(metrics.pop("moe", None), mesh)
         metrics = logged_metrics(metrics, mesh)
         loss_value = metrics["loss"]
         norm_value = grad_norm.item()  # the same on every rank, so every rank stops at the same step
@@ -2117,13 +2189,20 @@ def train(args) -> int:
             dt = (time.perf_counter() - t_last) / steps_since
             t_last, steps_since = time.perf_counter(), 0
             flops = flops_per_step / dt
+            comm, bubble, peaks = comm_by_dim(comms), measured_bubble(clock, mesh), gather_to_rank0(mem_peak)
             bar.clear()
             say(f"step {step:5d} | loss {loss_value:.4f}{metrics_line(metrics, 'log')} | lr {lr_at(step, args):.2e} "
                 f"| grad norm "
                 f"{norm_value:.3f} | {tokens_per_step / dt:,.0f} tok/s | {flops / 1e9:.2f} GFLOP/s | "
-                f"MFU {flops / (world * peak):.1%} | comm {comm_per_dim(comms)} el/step{bubble_note(clock, mesh)}"
-                f"{moe_stats}")
+                f"MFU {flops / (world * peak):.1%} | comm {comm_per_dim(comm)} el/step{bubble_note(bubble)}"
+                f"{moe_summary(moe)}{runlog.memory_note(peaks) if peaks else ''}")
+            if log:
+                log.write(runlog.train_record(
+                    step, step * tokens_per_step, metrics, lr=lr_at(step, args), grad_norm=norm_value,
+                    tokens_per_s=tokens_per_step / dt, flops_per_s=flops, mfu=flops / (world * peak), comm=comm,
+                    bubble=bubble, moe=moe, peak_bytes=peaks))
             clock.clear()
+            mem_peak = 0
         if step % args.eval_every == 0 or step == args.steps:
             bar.clear()
             say_eval(step)
@@ -2160,9 +2239,23 @@ def train(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def plot_runs(folders: list[str]) -> int:
+    """--plot DIR [DIR ...]: the runs' curves overlaid in the first DIR's run.png (runlog.plot)."""
     try:
-        return train(parse_args(argv))
+        path, drawn, notes = runlog.plot(folders)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {path}: {len(drawn)} panels ({'; '.join(drawn)})")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = None
+    try:
+        args = parse_args(argv)
+        return plot_runs(args.plot) if args.plot else train(args)
     except UsageError as e:
         if int(os.environ.get("RANK", "0")) == 0 or e.every_rank:
             print(f"error: {e}", file=sys.stderr)
@@ -2176,6 +2269,8 @@ def main(argv=None) -> int:
         P.report(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
         return 1
     finally:
+        if getattr(args, "log", None) is not None:
+            args.log.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
