@@ -1396,7 +1396,9 @@ def zero_bubble_schedule(p: int, m: int) -> list[list[Action]]:
 
 def simulate(schedules: list[list[Action]], v: int = 1, cost=None) -> dict:
     """Replay per-rank action lists with unit costs (a chunk's costs are 1/v
-    of a stage's) and free communication. An action starts when its rank is
+    of a stage's) and free communication; `cost`: other costs per kind, one
+    dict for every rank or a list of one dict per rank (`cost.py` passes each
+    stage's real forward and backward seconds). An action starts when its rank is
     free and its input is ready: F(i) of a virtual stage after F(i) of the
     previous one; B(i) or I(i) after B(i) / I(i) of the next one (the last
     stage's after its own F); W(i) after its own I(i). -> dict(start, end:
@@ -1404,8 +1406,8 @@ def simulate(schedules: list[list[Action]], v: int = 1, cost=None) -> dict:
     / busy time of a rank, peak in flight per rank: microbatch chunks
     forwarded whose activations the rank still holds (until B, or W)).
     ValueError if the lists deadlock."""
-    cost = cost or UNIT_COST
     p = len(schedules)
+    costs = cost if isinstance(cost, list) else [cost or UNIT_COST] * p
     stage = lambda r, c: c * p + r  # virtual stage of chunk c on rank r
     last = p * v - 1
     done, start, end, free, pos = {}, {}, {}, [0.0] * p, [0] * p
@@ -1426,14 +1428,14 @@ def simulate(schedules: list[list[Action]], v: int = 1, cost=None) -> dict:
             if any(n not in done for n in need):
                 continue
             t0 = max([free[r]] + [done[n] for n in need])
-            t1 = t0 + cost[a.kind] / v
+            t1 = t0 + costs[r][a.kind] / v
             start[r, pos[r]], end[r, pos[r]] = t0, t1
             done[("G" if a.kind in ("B", "I") else a.kind, a.micro, vs)] = t1
             free[r], pos[r], progressed = t1, pos[r] + 1, True
         if not progressed:
             raise ValueError("the schedule deadlocks: every rank waits for an action no rank can run")
     makespan = max(end.values())
-    busy = [sum(cost[a.kind] / v for a in s) for s in schedules]
+    busy = [sum(c[a.kind] / v for a in s) for s, c in zip(schedules, costs)]
     peak = []
     for s in schedules:
         live = high = 0
