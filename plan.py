@@ -1,0 +1,504 @@
+"""plan.py — what rank r of any layout holds, sends and computes, without running it.
+
+The plan calls the functions the real run calls, on a virtual mesh (`parallel.Mesh.of_rank`: sizes and
+coordinates, no process groups) and on shapes only (the meta device): so it answers for rank 1,234 of
+3,072 GPUs in milliseconds, and on the small layouts tests/test_plan.py runs for real it answers what the
+run holds and records, exactly where the quantity is exact. Read top to bottom:
+
+1. The layout: the virtual mesh, the schedule, this rank's stages, layers and parameter shards.
+2. Bytes held: weights, gradient buckets, optimizer state, as the code allocates them.
+3. Activations: Korthikanti et al. 2022's bytes per layer for this code, times the microbatches in flight
+   at the schedule's peak, plus the embedding, the logits and the loss.
+4. Communication: the collectives of one training step, in `parallel.count_comms()` records.
+5. FLOPs: `nanomeg.gpt_flops` cut per stage, recompute as extra forward work.
+6. `rank_plan` and `layout_plans`: the whole picture of one rank, and of every kind of rank.
+
+Units: bytes (B), elements (el), FLOPs. Notation as in parallel.py: b the microbatch rows, s the
+sequence, h hidden, t = tp, n heads, g kv heads, d head dim, f ffn hidden, V padded vocabulary, L layers.
+A virtual mesh must never carry a tensor: every collective would find no group and silently do nothing.
+Nothing here runs one; every figure is a formula over shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+import torch
+
+import nanomeg as N
+import parallel as P
+
+# ---------------------------------------------------------------------------
+# 1. The layout
+# ---------------------------------------------------------------------------
+
+
+def check_layout(cfg: N.GPTConfig, mesh: P.Mesh, v: int, micro_batch: int, seq: int, microbatches: int,
+                 schedule: str) -> None:
+    """ValueError naming the values unless cfg cuts over mesh as the real run needs: heads, ffn, vocab and
+    kv heads over tp (`GPTConfig.check_mesh`), experts over ep (and ep only with experts), layers over
+    pp·v (`parallel.stage_layers`), the sequence over cp (and tp under sequence parallel), the schedule."""
+    for name, n in (("micro_batch", micro_batch), ("seq", seq), ("microbatches", microbatches)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {name}={n!r}")
+    cfg.check_mesh(mesh)
+    cfg.check_seq(seq, mesh)
+    P.stage_layers(cfg.layers, mesh.pp, v)
+    if cfg.experts and mesh.tp > 1 and seq % mesh.tp:
+        raise ValueError(f"mixture-of-experts layers route each tp rank's 1/tp of the sequence: seq={seq} is not "
+                         f"divisible by tp={mesh.tp}")
+    schedules(schedule, mesh.pp, microbatches, v)
+
+
+@functools.lru_cache(maxsize=64)
+def schedules(name: str, pp: int, m: int, v: int) -> tuple:
+    """(action lists, p2p plans, simulation): `parallel.checked_schedule` and `parallel.simulate` of the
+    named schedule, computed once per (name, pp, m, v): every stage of a layout shares them."""
+    actions, plans = P.checked_schedule(name, pp, m, v)
+    return actions, plans, P.simulate(actions, v)
+
+
+def stage_shapes(cfg: N.GPTConfig, mesh: P.Mesh, v: int) -> dict:
+    """{name: full shape} of the parameters this pipeline rank holds (`nanomeg.stage_params` of
+    `nanomeg.gpt_shapes`), in the model's order."""
+    return N.stage_params({k: shape for k, (shape, _) in N.gpt_shapes(cfg).items()}, cfg, mesh, v)
+
+
+def meta_params(shards: list[dict], dtype: torch.dtype) -> dict:
+    """{name: a meta tensor of this rank's local shape}: what `GradBuckets`' rule reads (numel, dtype)."""
+    return {row["name"]: torch.empty(row["local_shape"], dtype=dtype, device="meta") for row in shards}
+
+
+# ---------------------------------------------------------------------------
+# 2. Bytes held: weights, gradients, optimizer state
+# ---------------------------------------------------------------------------
+
+
+def buckets_of(cfg: N.GPTConfig, mesh: P.Mesh, params: dict, specs: dict, *, zero: bool, bucket_mb: float) -> list:
+    """This rank's gradient buckets (`parallel.bucket_layout`, the rule `GradBuckets` allocates by), with
+    train.Optimizer's arguments: the tied embedding's copies (pp > 1), the experts' tensors apart."""
+    experts = [n for n in params if isinstance(specs[n], P.Experts)]
+    return P.bucket_layout(params, mesh, bucket_mb=bucket_mb, zero=zero, tied=N.tied_copies(cfg, mesh),
+                           experts=experts)
+
+
+def state_bytes(buckets: list, mesh: P.Mesh, params: dict, *, zero: bool, main: bool) -> int:
+    """The optimizer state this rank allocates, in B (what `train.Optimizer.state_bytes()` measures).
+    * with a main copy (ZeRO-1, or bf16 weights: `parallel.ZeroAdamW`): per bucket, the fp32 main copy and
+      two fp32 moments of this rank's slice, numel / size(dim) under ZeRO (padding included), else the whole
+      bucket: 3 · 4 B · slice (8 B elements for float64 weights);
+    * else torch's AdamW: two moments per tensor, in its dtype: 2 · elem · numel (its `step` counters, one
+      4-byte scalar per tensor, are not counted, as `state_bytes()` does not count them)."""
+    if main:
+        slice_of = lambda b: b["numel"] // (mesh.size(b["dim"]) if zero else 1)
+        elem = lambda b: 8 if params[b["names"][0]].dtype == torch.float64 else 4
+        return sum(3 * elem(b) * slice_of(b) for b in buckets)
+    return sum(2 * p.numel() * p.element_size() for p in params.values())
+
+
+# ---------------------------------------------------------------------------
+# 3. Activations held for the backward
+# ---------------------------------------------------------------------------
+
+
+def formula_bytes(s, b, h, a, t, sp, recompute, elem) -> float:
+    """Korthikanti et al. 2022, per layer and tp rank, with `elem`-byte activations (2: the paper's 16-bit)
+    and 1-byte dropout masks. Of the paper's 34·s·b·h: (4·elem + 2)·s·b·h stay whole under tensor parallel
+    alone (two LayerNorm inputs, the qkv and fc1 inputs, two masks), 12·elem·s·b·h are split (q, k, v, the
+    proj input, the GeLU and fc2 inputs of 4h); the attention core is (2·elem + 1)·a·s²·b, split."""
+    sbh = s * b * h
+    if recompute == "full":
+        return elem * sbh / (t if sp else 1)
+    whole, split = (4 * elem + 2) * sbh, 12 * elem * sbh
+    core = 0 if recompute == "selective" else (2 * elem + 1) * a * s * s * b
+    return (whole + split + core) / t if sp else whole + (split + core) / t
+
+
+def differences(s, b, h, a, ffn, t, sp, recompute, elem, triton) -> list[tuple[str, float]]:
+    """(what, bytes) by which one layer's storage on one rank differs from formula_bytes (positive: more).
+    elem: the formula's activation bytes (4 for fp32, 2 for bf16). triton: the Triton kernels' path (GPU),
+    else the CPU references. formula_bytes + the sum is what benchmarks/memory.py measures, to the byte
+    (a layer with hidden and attention dropout on)."""
+    whole = s * b * h / (t if sp else 1)  # elements of a [b, s, h] tensor this rank holds whole
+    tokens = s * b / (t if sp else 1)
+    att, gelu = a * s * s * b / t, s * b * ffn / t  # [b, a/t, s, s] and [b, s, ffn/t]
+    body, core, ref = recompute != "full", recompute == "none", not triton
+    return [
+        ("LayerNorm, CPU reference: keeps x - mean and the normalised value (2 fp32 [b, s, h]) where the "
+         "formula keeps its input (1 of elem B), per LayerNorm", 2 * (8 - elem) * whole * (body and ref)),
+        ("LayerNorm statistics, not in the formula: rstd [b, s] fp32 (reference) or mean and rstd (Triton), "
+         "per LayerNorm", 2 * (2 if triton else 1) * 4 * tokens * body),
+        ("softmax output, CPU reference: kept in fp32 (the fp32 compute dtype), not in the scores' dtype",
+         (4 - elem) * att * (core and ref)),
+        ("GeLU input, CPU reference: kept in fp32 (upcast before F.gelu), not in fc1's output dtype",
+         (4 - elem) * gelu * (body and ref)),
+        ("causal mask, CPU reference: the [s, s] bool that masked_fill_ keeps", s * s * (core and ref)),
+    ]
+
+
+def layer_bytes(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int) -> float:
+    """One transformer layer's activations kept for the backward on this rank, in B: Korthikanti's terms
+    for this code (the formula above for a GPT of ffn 4h, MHA, dropout on), generalised:
+      whole [b, s, h] tensors (÷t under sequence parallel): the two LayerNorm inputs, the qkv and fc1
+        inputs (4·elem), and a 1-byte mask per hidden dropout (2 when cfg.hidden_dropout > 0);
+      split over tp: q, k, v as the attention matmuls keep them (3·n·d, kv heads repeated to n), the proj
+        input (n·d), fc1's output (f, 2f gated) and fc2's input (f), each elem B per token;
+      the attention core [b, n/t, s, s]: its softmax output (elem) and, with attention dropout, the mask
+        (1) and the dropped probabilities (elem); none under selective recompute; under cp ring attention
+        keeps no s² term: its output and log-sum-exp instead (fp32, [b, n/t, s/cp, d + 1]);
+      full recompute: the layer input alone (elem·b·s·h, ÷t under sequence parallel).
+    s is this rank's share of the sequence, seq / cp."""
+    t, s = mesh.tp, seq // mesh.cp
+    sp = cfg.sequence_parallel and t > 1
+    tokens = b * s
+    whole = tokens * cfg.hidden / (t if sp else 1)
+    if cfg.recompute == "full":
+        return elem * whole
+    masks = 2 if cfg.hidden_dropout > 0 else 0
+    n, d = cfg.heads // t, cfg.head_dim
+    fc1 = cfg.ffn_hidden * (2 if cfg.gated else 1)
+    split = elem * tokens * (3 * n * d + n * d + (fc1 + cfg.ffn_hidden) / t)
+    if mesh.cp > 1:
+        core = 4 * b * n * s * (d + 1)
+    elif cfg.recompute == "selective":
+        core = 0
+    else:
+        core = b * n * s * s * (elem + (1 + elem if cfg.attention_dropout > 0 else 0))
+    return (4 * elem + masks) * whole + split + core
+
+
+def end_bytes(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int, first: bool, last: bool) -> float:
+    """What a microbatch keeps outside the layers, in B. First stage: the token ids the embedding lookup
+    keeps (int64, 8 B a token; under tp also the out-of-range mask, 1 B) and the embedding dropout's mask
+    (1 B an element). Last stage: the final norm's input (elem·b·s·h, ÷t under sequence parallel), the
+    output layer's input (the same), and the vocab-parallel cross-entropy's softmax [b, s, V/t] in fp32
+    (4 B), its local targets (int64) and their in-range mask (bool)."""
+    t, s = mesh.tp, seq // mesh.cp
+    sp = cfg.sequence_parallel and t > 1
+    tokens = b * s
+    whole = tokens * cfg.hidden / (t if sp else 1)
+    out = 0.0
+    if first:
+        out += 8 * tokens + (tokens if t > 1 else 0) + (whole if cfg.hidden_dropout > 0 else 0)
+    if last:
+        out += 2 * elem * whole + 4 * tokens * cfg.padded_vocab / t + 9 * tokens
+    return out
+
+
+def activation_bytes(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, b: int, seq: int,
+                     elem: int) -> dict:
+    """The activations this rank holds at its peak, in B: walk its action list (a forward adds its chunk's
+    bytes, a backward B or weight-gradient W frees them) and keep the largest sum. A chunk's bytes:
+    layer_bytes × its layers + end_bytes (the first and the last virtual stage)."""
+    per_layer = layer_bytes(cfg, mesh, b, seq, elem)
+    chunk = {c: per_layer * len(st.layers) + end_bytes(cfg, mesh, b, seq, elem, st.first, st.last)
+             for c, st in stages.items()}
+    live = high = 0.0
+    for a in actions:
+        live += {"F": chunk[a.chunk], "B": -chunk[a.chunk], "W": -chunk[a.chunk]}.get(a.kind, 0.0)
+        high = max(high, live)
+    return dict(per_layer=per_layer, layers=sum(len(st.layers) for st in stages.values()), chunk=chunk,
+                total=int(round(high)))
+
+
+# ---------------------------------------------------------------------------
+# 4. Communication of one training step
+# ---------------------------------------------------------------------------
+
+
+def _rec(op: str, dim: str, elements, phase: str, dtype: torch.dtype) -> dict:
+    return dict(op=op, dim=dim, elements=elements, phase=phase, dtype=dtype)
+
+
+def layer_comms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, adtype, pdtype) -> list[dict]:
+    """The collectives of layer i on one microbatch, forward and backward (a full-recompute layer runs its
+    forward twice). adtype: the activations' dtype; pdtype: the parameters'."""
+    t, cp, s = mesh.tp, mesh.cp, seq // mesh.cp
+    sp = cfg.sequence_parallel and t > 1
+    bsh = b * s * cfg.hidden
+    fwd, bwd = [], []
+    norm_params = 2 if cfg.norm == "layernorm" else 1
+    if t > 1:
+        def column():  # column_parallel_linear's input
+            if sp:
+                fwd.append(_rec("all_gather", "tp", bsh, "forward", adtype))
+                bwd.extend([_rec("all_gather", "tp", bsh, "backward", adtype),
+                            _rec("reduce_scatter", "tp", bsh, "backward", adtype)])
+            else:
+                bwd.append(_rec("all_reduce", "tp", bsh, "backward", adtype))
+
+        def row():  # row_parallel_linear's output
+            if sp:
+                fwd.append(_rec("reduce_scatter", "tp", bsh, "forward", adtype))
+                bwd.append(_rec("all_gather", "tp", bsh, "backward", adtype))
+            else:
+                fwd.append(_rec("all_reduce", "tp", bsh, "forward", adtype))
+
+        def replicated(numel):  # a replicated parameter on a sequence-parallel activation
+            if sp:
+                bwd.append(_rec("all_reduce", "tp", numel, "backward", pdtype))
+
+        h, d = cfg.hidden, cfg.head_dim
+        replicated_ln = lambda: [replicated(h) for _ in range(norm_params)]
+        replicated_ln()
+        column()
+        split = N.qkv_split(cfg)
+        if split.replicas(t) > 1:  # kv heads replicated over tp: their gradient summed (_SyncKVReplicaGrad)
+            bwd.append(_rec("all_reduce", "tp", split.groups * 2 * d * h, "backward", pdtype))
+            if cfg.bias:
+                bwd.append(_rec("all_reduce", "tp", split.groups * 2 * d, "backward", pdtype))
+        row()
+        if cfg.bias:
+            replicated(h)  # proj bias
+        replicated_ln()
+        if cfg.is_moe(i):
+            fwd_m, bwd_m = moe_comms(cfg, mesh, b, seq, adtype, pdtype)
+            fwd += fwd_m
+            bwd += bwd_m
+        else:
+            column()
+            row()
+            if cfg.bias:
+                replicated(h)  # fc2 bias
+    elif cfg.is_moe(i):
+        fwd_m, bwd_m = moe_comms(cfg, mesh, b, seq, adtype, pdtype)
+        fwd += fwd_m
+        bwd += bwd_m
+    if cp > 1:  # ring attention: k and v blocks [b, g/t, s/cp, d] in fp32, cp - 1 steps, twice in backward
+        kv = b * max(1, cfg.num_kv_heads // t) * s * cfg.head_dim
+        rdtype = torch.float64 if adtype == torch.float64 else torch.float32
+        fwd += [_rec("send", "cp", kv, "forward", rdtype)] * (2 * (cp - 1))
+        bwd += [_rec("send", "cp", kv, "backward", rdtype)] * (4 * (cp - 1))
+    return fwd * (2 if cfg.recompute == "full" else 1) + bwd
+
+
+def moe_comms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, adtype, pdtype) -> tuple[list, list]:
+    """(forward, backward) collectives of a mixture-of-experts MLP (`nanomeg.moe_mlp`) on one microbatch.
+    ep's all-to-alls move as many rows as the routing sends to other ranks: planned here for uniform
+    routing, k·b·s·(ep - 1)/ep rows of h each way (an expectation, not an integer in general)."""
+    t, s, k, E, h = mesh.tp, seq, cfg.moe_topk, cfg.experts, cfg.hidden
+    sp = cfg.sequence_parallel and t > 1
+    bsh = b * s * h
+    rdtype = torch.float64 if adtype == torch.float64 else torch.float32
+    fwd, bwd = [], []
+    if t > 1:
+        if not sp:
+            bwd.append(_rec("all_gather", "tp", bsh, "backward", adtype))  # scatter_to_sp's backward
+        bwd.append(_rec("all_reduce", "tp", E * h, "backward", pdtype))  # the router, replicated over tp
+        fwd += [_rec("all_reduce", "tp", b * E, "forward", torch.int64),  # choices per expert
+                _rec("all_reduce", "tp", b * E, "forward", rdtype),  # mean router probability
+                _rec("all_reduce", "tp", b, "forward", rdtype)]  # z-loss sums
+        fwd.append(_rec("all_gather", "tp", b * s * k, "forward", rdtype))  # gates
+        bwd.append(_rec("reduce_scatter", "tp", b * s * k, "backward", rdtype))
+        fwd.append(_rec("all_gather", "tp", b * s * k, "forward", torch.int64))  # expert ids
+        if sp:
+            fwd.append(_rec("all_gather", "tp", bsh, "forward", adtype))
+            bwd.append(_rec("reduce_scatter", "tp", bsh, "backward", adtype))
+        else:
+            bwd.append(_rec("all_reduce", "tp", bsh, "backward", adtype))
+    if mesh.ep > 1:
+        ep = mesh.ep
+        fwd.append(_rec("all_to_all", "ep", E // ep * (ep - 1), "forward", torch.int64))  # the counts
+        away = b * s * k * (ep - 1) / ep * h  # uniform routing: rows for experts on other ep ranks
+        fwd += [_rec("all_to_all", "ep", away, "forward", adtype)] * 2  # dispatch, combine
+        bwd += [_rec("all_to_all", "ep", away, "backward", adtype)] * 2
+    if t > 1:
+        if cfg.bias:
+            bwd.append(_rec("all_reduce", "tp", E // mesh.ep * h, "backward", pdtype))  # fc2 bias, replicated
+        if sp:
+            fwd.append(_rec("reduce_scatter", "tp", bsh, "forward", adtype))
+            bwd.append(_rec("all_gather", "tp", bsh, "backward", adtype))
+        else:
+            fwd.append(_rec("all_reduce", "tp", bsh, "forward", adtype))
+    return fwd, bwd
+
+
+def end_comms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, adtype, pdtype, first: bool,
+              last: bool) -> list[dict]:
+    """The collectives of the embedding (first stage) and of the final norm, output layer and loss (last
+    stage) on one microbatch."""
+    t, s = mesh.tp, seq // mesh.cp
+    sp = cfg.sequence_parallel and t > 1
+    bsh, h = b * s * cfg.hidden, cfg.hidden
+    out = []
+    if t == 1:
+        return out
+    if first:
+        if sp:
+            out += [_rec("reduce_scatter", "tp", bsh, "forward", pdtype), _rec("all_gather", "tp", bsh, "backward",
+                                                                               pdtype)]
+            if cfg.position == "learned":
+                out.append(_rec("all_reduce", "tp", s * h, "backward", pdtype))
+        else:
+            out.append(_rec("all_reduce", "tp", bsh, "forward", pdtype))
+    if last:
+        if sp:
+            out += [_rec("all_reduce", "tp", h, "backward", pdtype)] * (2 if cfg.norm == "layernorm" else 1)
+            out += [_rec("all_gather", "tp", bsh, "forward", adtype), _rec("all_gather", "tp", bsh, "backward", adtype),
+                    _rec("reduce_scatter", "tp", bsh, "backward", adtype)]
+        else:
+            out.append(_rec("all_reduce", "tp", bsh, "backward", adtype))
+        ce = 4 if cfg.label_smoothing > 0 else 3
+        rdtype = torch.float64 if adtype == torch.float64 else torch.float32
+        out += [_rec("all_reduce", "tp", b * s, "forward", rdtype)] * ce
+    return out
+
+
+def step_comms(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, p2p: list, buckets: list, *,
+               b: int, seq: int, microbatches: int, zero: bool, main: bool, adtype, pdtype) -> list[dict]:
+    """Every collective of one `train.train_step` on this rank, as `parallel.count_comms()` records them:
+    each forward F and backward B of the action list adds its chunk's layers' and ends' collectives;
+    the pipeline's sends and receives are the rank's `parallel.p2p_plans` posts ([b, s/cp(/t), h] each);
+    then the gradient buckets (one all-reduce, or ZeRO's reduce-scatter, per bucket over dp, dpcp or edp,
+    launched during the backward; the tied embedding's after it, first summed over "embed"), the grad norm
+    (one float64 element over ep, tp and pp, or dp, tp and pp under ZeRO), the loss over pp, and ZeRO's
+    all-gather of the updated parameters per bucket (phase "optimizer")."""
+    per_chunk = {}
+    for c, st in stages.items():
+        recs = [r for i in st.layers for r in layer_comms(cfg, mesh, i, b, seq, adtype, pdtype)]
+        recs += end_comms(cfg, mesh, b, seq, adtype, pdtype, st.first, st.last)
+        per_chunk[c] = recs
+    out = []
+    n_fwd = {c: sum(1 for a in actions if a.kind == "F" and a.chunk == c) for c in stages}
+    for c, recs in per_chunk.items():  # each microbatch through the chunk: its forward and its backward
+        out += [dict(r) for r in recs for _ in range(n_fwd[c])]
+    s_msg = seq // mesh.cp // (mesh.tp if cfg.sequence_parallel and mesh.tp > 1 else 1)
+    for group in p2p:
+        for slot in group:
+            for post in slot:
+                out.append(_rec(post.op, "pp", b * s_msg * cfg.hidden,
+                                "backward" if post.msg.backward else "forward", pdtype))
+    for bucket in buckets:
+        if bucket["tied"]:
+            out.append(_rec("all_reduce", "embed", bucket["numel"], "after backward", pdtype))
+        if mesh.size(bucket["dim"]) > 1:
+            out.append(_rec("reduce_scatter" if zero else "all_reduce", bucket["dim"], bucket["numel"],
+                            "after backward" if bucket["tied"] else "backward", pdtype))
+    dims = ("dpcp" if mesh.cp > 1 else "dp", "tp", "pp") if zero else (("ep",) if mesh.ep > 1 else ()) + ("tp", "pp")
+    out += [_rec("all_reduce", dim, 1, "after backward", torch.float64) for dim in dims if mesh.size(dim) > 1]
+    if mesh.pp > 1:
+        out.append(_rec("all_reduce", "pp", 1, "after backward", torch.float64))  # the loss, from the last stage
+        if cfg.experts:
+            out.append(_rec("all_reduce", "pp", 1, "after backward", torch.float64))  # the MoE aux loss
+    if zero:
+        out += [_rec("all_gather", bucket["dim"], bucket["numel"], "optimizer", pdtype) for bucket in buckets
+                if mesh.size(bucket["dim"]) > 1]
+    return out
+
+
+def per_dim(comms: list[dict]) -> dict:
+    """{(dim, op, phase): (collectives, elements)} summed: the table a reader (or the cost model) wants."""
+    out = {}
+    for c in comms:
+        n, e = out.get((c["dim"], c["op"], c["phase"]), (0, 0))
+        out[c["dim"], c["op"], c["phase"]] = (n + 1, e + c["elements"])
+    return out
+
+
+# ---------------------------------------------------------------------------
+# 5. FLOPs
+# ---------------------------------------------------------------------------
+
+
+def layer_flops(cfg: N.GPTConfig, tokens_b: int, seq: int) -> dict:
+    """Model FLOPs (forward + backward, `nanomeg.gpt_flops`' count) of one dense layer, one MoE layer and
+    the logits, for tokens_b sequences of seq tokens, read off gpt_flops itself as differences:
+    dense = F(2 layers) − F(1 layer) of the dense model, logits = F(1 layer) − dense, moe = F(1 MoE layer)
+    − logits. attention_forward: the two [s, s] matmuls' forward, 4·b·s²·n·d (what selective recompute
+    redoes)."""
+    dense_cfg = replace(cfg, experts=0, layers=1)
+    one = N.gpt_flops(dense_cfg, tokens_b, seq)
+    dense = N.gpt_flops(replace(dense_cfg, layers=2), tokens_b, seq) - one
+    logits = one - dense
+    moe = N.gpt_flops(replace(cfg, layers=1, moe_every=1), tokens_b, seq) - logits if cfg.experts else dense
+    return dict(dense=dense, moe=moe, logits=logits, attention_forward=4 * tokens_b * seq * seq * cfg.heads *
+                cfg.head_dim)
+
+
+def stage_flops(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, b: int, seq: int, microbatches: int) -> dict:
+    """This rank's FLOPs, per microbatch and chunk and per step: the chunk's layers (MoE or dense) and, on
+    the last virtual stage, the logits; forward = 1/3, backward = 2/3 of gpt_flops' count; recompute adds
+    forward work (full: the layers' forward again; selective: the attention core's). Each rank does 1/(t·cp)
+    of its stage's work (tp splits every matmul, cp the tokens, its ring attention the [s, s] work evenly)."""
+    f = layer_flops(cfg, b, seq)
+    share = 1 / (mesh.tp * mesh.cp)
+    chunks = {}
+    for c, st in stages.items():
+        model = sum(f["moe"] if cfg.is_moe(i) else f["dense"] for i in st.layers) + (f["logits"] if st.last else 0)
+        layers_fwd = sum(f["moe"] if cfg.is_moe(i) else f["dense"] for i in st.layers) / 3
+        extra = layers_fwd if cfg.recompute == "full" else \
+            f["attention_forward"] * len(st.layers) if cfg.recompute == "selective" else 0.0
+        chunks[c] = dict(forward=model / 3 * share, backward=2 * model / 3 * share, recompute=extra * share)
+    m = microbatches
+    fwd = m * sum(ch["forward"] for ch in chunks.values())
+    bwd = m * sum(ch["backward"] for ch in chunks.values())
+    rec = m * sum(ch["recompute"] for ch in chunks.values())
+    return dict(per_microbatch=chunks, forward=fwd, backward=bwd, recompute=rec, total=fwd + bwd + rec,
+                model=fwd + bwd)
+
+
+# ---------------------------------------------------------------------------
+# 6. One rank's plan, and every kind of rank
+# ---------------------------------------------------------------------------
+
+
+def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int = 1, cp: int = 1, ep: int = 1,
+              v: int = 1, micro_batch: int, seq: int, microbatches: int, schedule: str = "1f1b", zero: bool = False,
+              bf16: bool = False, bucket_mb: float = 25.0) -> dict:
+    """What global rank `rank` of the layout (tp, pp, dp, cp, ep; v chunks per pipeline rank) holds, sends
+    and computes in one training step of `microbatches` microbatches of micro_batch sequences of seq
+    tokens per data-parallel replica (train.py's --batch = micro_batch · microbatches), as train.py runs
+    it (AdamW; ZeRO-1 with zero; bf16 weights and activations with bf16). Shapes only: no tensor of the
+    model is made. ValueError naming the values for a layout the model cannot take. Returns:
+      mesh: the virtual `parallel.Mesh` (sizes and coordinates of every dim; `mesh.size(d)` per group);
+      stage: the pipeline rank; chunks: {chunk: nanomeg.Stage} (its layers, first / last);
+      shards: `parallel.shard_layout` rows of the parameters it holds (name, local and full shape, slice);
+      params: elements held;
+      buckets: the gradient buckets (`parallel.bucket_layout`: names, dim, tied, numel);
+      bytes: {weights, grads, optimizer, activations, total} in B (see `state_bytes`, `activation_bytes`);
+      activations: {per_layer, layers, chunk: {chunk: B per microbatch}, total, peak_in_flight (microbatch
+        chunks held at once, `parallel.simulate`)};
+      comms: one step's collectives as `parallel.count_comms()` records ({op, dim, elements, phase,
+        dtype}); ep's all-to-all elements are the uniform-routing expectation;
+      flops: {per_microbatch: {chunk: {forward, backward, recompute}}, forward, backward, recompute,
+        total, model} per step on this rank;
+      schedule: {name, actions (this rank's), simulation (unit costs)}."""
+    mesh = P.Mesh.of_rank(rank, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep)
+    check_layout(cfg, mesh, v, micro_batch, seq, microbatches, schedule)
+    actions, p2p, sim = schedules(schedule, pp, microbatches, v)
+    mine = actions[mesh.pp_rank]
+    stages = N.stages_of(cfg, mesh, v)
+    specs = N.gpt_specs(cfg)
+    shards = P.shard_layout(stage_shapes(cfg, mesh, v), specs, mesh)
+    pdtype = torch.bfloat16 if bf16 else torch.float32
+    adtype = pdtype
+    params = meta_params(shards, pdtype)
+    buckets = buckets_of(cfg, mesh, params, specs, zero=zero, bucket_mb=bucket_mb)
+    elem = torch.finfo(pdtype).bits // 8
+    weights = sum(p.numel() for p in params.values()) * elem
+    grads = sum(b["numel"] for b in buckets) * elem
+    optimizer = state_bytes(buckets, mesh, params, zero=zero, main=zero or bf16)
+    acts = activation_bytes(cfg, mesh, stages, mine, micro_batch, seq, elem)
+    acts["peak_in_flight"] = sim["peak_in_flight"][mesh.pp_rank]
+    comms = step_comms(cfg, mesh, stages, mine, p2p[mesh.pp_rank], buckets, b=micro_batch, seq=seq,
+                       microbatches=microbatches, zero=zero, main=zero or bf16, adtype=adtype, pdtype=pdtype)
+    return dict(mesh=mesh, rank=rank, stage=mesh.pp_rank, chunks=stages, shards=shards,
+                params=sum(p.numel() for p in params.values()), buckets=buckets,
+                bytes=dict(weights=weights, grads=grads, optimizer=optimizer, activations=acts["total"],
+                           total=weights + grads + optimizer + acts["total"]),
+                activations=acts, comms=comms, flops=stage_flops(cfg, mesh, stages, micro_batch, seq, microbatches),
+                schedule=dict(name=schedule, actions=mine, simulation=sim))
+
+
+def layout_plans(cfg: N.GPTConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, cp: int = 1, ep: int = 1, **kw) -> list:
+    """One `rank_plan` per kind of rank: every pipeline stage (the first and the last hold the embedding
+    and the head, interleaving gives each rank its own chunks), at tp, cp, dp and ep coordinate 0 (the
+    other coordinates hold the same shapes, buckets and collectives: shards differ only in which slice).
+    Each plan gains `ranks`: how many ranks of the world it stands for (tp·cp·dp)."""
+    plans = []
+    for stage in range(pp):
+        plan = rank_plan(cfg, stage * tp * cp * dp, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, **kw)
+        plan["ranks"] = tp * cp * dp
+        plans.append(plan)
+    return plans
