@@ -55,8 +55,8 @@ class Cluster:
     """One kind of node, repeated. Bandwidths are per GPU and per direction
     (bytes/s): NVLink's data-sheet figure is both directions together, so it
     is halved; InfiniBand is one NIC per GPU, its line rate / 8 bits. alpha:
-    the latency of one ring hop (s), an assumption (NCCL's small-message
-    figures are a few µs), not a data-sheet value."""
+    the latency of one ring step (s): an assumption (NCCL's per-step
+    latencies are a few µs), not a data-sheet value, and not tuned."""
 
     name: str
     gpus_per_node: int
@@ -64,8 +64,8 @@ class Cluster:
     peak: float  # dense bf16 FLOP/s per GPU
     nvlink: float  # bytes/s per GPU, one direction
     ib: float  # bytes/s per GPU (its NIC), one direction
-    alpha_nvlink: float = 3e-6
-    alpha_ib: float = 8e-6
+    alpha_nvlink: float = 2e-6
+    alpha_ib: float = 5e-6
 
     def __post_init__(self):
         for f in fields(self):
@@ -334,16 +334,11 @@ def throughput(step: float, cfg: N.GPTConfig, layout: Layout, c: Cluster, hardwa
 
 def stage_plans(cfg: N.GPTConfig, layout: Layout, rank: int = 0) -> list[dict]:
     """`plan.rank_plan` for every pipeline rank at `rank`'s dp, cp, tp
-    coordinates: computed for the first, the second and the last (the
-    middle ones hold the same shards, send the same, and compute the same:
-    the second's plan on their own mesh coordinates)."""
+    coordinates (stage p: global rank p·(tp·cp·dp) + rank's place in its stage)."""
     import plan as PL  # plan.py: what a rank holds and sends (shapes only)
 
     stage = layout.gpus // layout.pp  # ranks per pipeline stage
-    at = lambda p: p * stage + rank % stage
-    kinds = {p: PL.rank_plan(cfg, at(p), **layout.kwargs()) for p in sorted({0, min(1, layout.pp - 1), layout.pp - 1})}
-    mid = kinds[min(1, layout.pp - 1)]
-    return [kinds.get(p) or dict(mid, mesh=replace(mid["mesh"], pp_rank=p)) for p in range(layout.pp)]
+    return [PL.rank_plan(cfg, p * stage + rank % stage, **layout.kwargs()) for p in range(layout.pp)]
 
 
 def rank_time(cfg: N.GPTConfig, layout: Layout, c: Cluster, rank: int = 0, efficiency: float = EFFICIENCY,
@@ -358,3 +353,149 @@ def rank_time(cfg: N.GPTConfig, layout: Layout, c: Cluster, rank: int = 0, effic
     hardware = layout.gpus // layout.pp * sum(p["flops"]["forward"] + p["flops"]["backward"] + p["flops"]["recompute"]
                                               for p in plans)
     return out | throughput(out["step"], cfg, layout, c, hardware) | dict(plans=plans, stages=stages, rank=rank)
+
+
+# ---------------------------------------------------------------------------
+# 5. The report `train.py --plan` prints: memory per stage, communication
+#    per dim, the schedule's timeline, where the step goes
+# ---------------------------------------------------------------------------
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:,.1f} GiB"
+
+
+def spans(ids: list[int]) -> str:
+    """[0] -> '0', [1, 2, 3] -> '1-3'."""
+    return str(ids[0]) if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
+
+
+def memory_table(plans: list[dict], c: Cluster) -> list[str]:
+    """Bytes per pipeline stage by component (`plan.rank_plan`'s bytes; the
+    activations at the schedule's peak in flight), stages with equal bytes
+    on one row, and whether each fits in the GPU's memory."""
+    keys = ("weights", "grads", "optimizer", "activations", "total")
+    rows = []  # (stage ids, bytes, peak in flight)
+    for p, plan in enumerate(plans):
+        b = tuple(plan["bytes"][k] for k in keys)
+        if rows and rows[-1][1] == b:
+            rows[-1][0].append(p)
+        else:
+            rows.append(([p], b, plan["activations"]["peak_in_flight"]))
+    lines = [f"  {'stage':<7}" + "".join(f"{k:>13}" for k in keys) + f"  {'held':>4}  in {gib(c.memory)}"]
+    for ids, b, flight in rows:
+        fits = "fits" if b[-1] <= c.memory else f"does not fit ({gib(b[-1] - c.memory)} over)"
+        lines.append(f"  {spans(ids):<7}" + "".join(f"{gib(n):>13}" for n in b) + f"  {flight:>4}  {fits}")
+    return lines + ["  (held: the microbatch chunks whose activations a rank holds at its peak, parallel.simulate)"]
+
+
+def sends_table(plans: list[dict]) -> list[str]:
+    """What a rank of each pipeline stage sends in one step, per mesh dim
+    (bytes of its collectives; a transfer counted at its send), stages that
+    send the same on one row."""
+    dims = [d for d in ("tp", "cp", "ep", "edp", "dp", "dpcp", "embed", "pp")
+            if any(r["dim"] == d for p in plans for r in p["comms"])]
+    if not dims:
+        return ["  nothing: every mesh dim is one rank"]
+    rows = []
+    for p, plan in enumerate(plans):
+        sent = tuple(sum(nbytes(r) for r in plan["comms"] if r["dim"] == d and r["op"] != "recv") for d in dims)
+        if rows and rows[-1][1] == sent:
+            rows[-1][0].append(p)
+        else:
+            rows.append(([p], sent))
+    lines = [f"  {'stage':<7}" + "".join(f"{d:>12}" for d in dims)]
+    return lines + [f"  {spans(ids):<7}" + "".join(f"{gib(n) if n else '-':>12}" for n in sent) for ids, sent in rows]
+
+
+def comm_table(plan: dict, st: dict, layout: Layout, c: Cluster) -> list[str]:
+    """One rank's step per mesh dim: collectives, bytes, the link they cross,
+    seconds, and how many of them the step waits for (the rest overlap)."""
+    mesh = plan["mesh"]
+    times = comm_times(plan["comms"], mesh, mesh.global_rank(), c)
+    lines = [f"  {'dim':<6} {'collectives':>11} {'bytes':>12}  {'link':<14} {'seconds':>9}  exposed"]
+    for dim in ("tp", "cp", "ep", "edp", "dp", "dpcp", "embed", "pp"):
+        mine = [r for r in times if r["dim"] == dim and r["op"] != "recv"]
+        if not mine:
+            continue
+        ranks = group_ranks(mesh, dim)
+        name, bw, _ = link(ranks, mesh.global_rank(), c)
+        seconds = sum(r["seconds"] for r in mine)
+        cause = CAUSE_OF[dim]
+        hidden = st["hidden"].get(cause, 0.0) if dim in ("dp", "dpcp", "cp") else 0.0
+        wire = f"{name} {bw / GB:,.0f} GB/s"
+        lines.append(f"  {dim:<6} {len(mine):>11,} {gib(sum(r['bytes'] for r in mine)):>12}  {wire:<14} "
+                     f"{seconds:>8.3f}s  {max(seconds - hidden, 0.0):.3f}s")
+    return lines if len(lines) > 1 else ["  no collectives (one rank)"]
+
+
+def timeline(layout: Layout, widest: int = 16, most: int = 12) -> list[str]:
+    """The schedule's drawing (`parallel.format_schedule`, unit costs) when
+    it stays readable: at most `widest` pipeline ranks; with many
+    microbatches the first `most` are drawn (the steady state repeats)."""
+    p, m, v = layout.pp, layout.microbatches, layout.v
+    if p == 1:
+        return ["  one pipeline stage: no schedule to draw"]
+    if p > widest:
+        return [f"  not drawn: {p} pipeline ranks are too many rows (at most {widest})"]
+    shown = m if m <= most else max(p, most // p * p) if layout.schedule == "interleaved" else most
+    note = "" if shown == m else f" (the first {shown} of {m} microbatches; the steady state repeats)"
+    lines = P.format_schedule(P.schedule_for(layout.schedule, p, shown, v), v).splitlines()
+    if shown != m:  # the drawing's bubble is the drawn microbatches'; say the whole step's too
+        sim = P.simulate(P.schedule_for(layout.schedule, p, m, v), v)
+        lines[-1] += f" (drawn); all {m} microbatches: bubble {sim['bubble']:.3f}"
+    return [f"  {layout.schedule}, unit costs{note}:"] + ["  " + line for line in lines]
+
+
+def time_lines(out: dict, layout: Layout, c: Cluster, efficiency: float = EFFICIENCY) -> list[str]:
+    """The step, its throughput, and its share per cause for the planned rank."""
+    step = out["step"]
+    share = ", ".join(f"{k} {v / step:.1%}" for k, v in out["share"].items() if abs(v) / step >= 0.0005)
+    return [f"  step {step:.3f} s | {out['tokens_per_s']:,.0f} tokens/s | {out['tflops']:.1f} TFLOP/s per GPU "
+            f"(model), MFU {out['mfu']:.1%} | {out['hw_tflops']:.1f} TFLOP/s with recompute",
+            f"  rank {out['rank']}'s step: {share}",
+            f"  (peak {c.peak / 1e12:,.0f} TFLOP/s x matmul efficiency {efficiency}; alpha-beta collectives; "
+            "DESIGN.md, \"The performance model\")"]
+
+
+# ---------------------------------------------------------------------------
+# 6. The search: every layout of a GPU count, ranked by the model
+# ---------------------------------------------------------------------------
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search(cfg: N.GPTConfig, gpus: int, c: Cluster, *, global_batch: int, micro_batch: int, seq: int,
+           schedule: str = "1f1b", zero: int = 0, efficiency: float = EFFICIENCY) -> tuple[list, list]:
+    """Every (tp, pp, dp, ep) of `gpus` (cp 1; tp within a node; ep for a
+    MoE model, dividing dp and the experts), at the given batch: ->
+    (valid, rejected). valid: (step seconds, layout, rank_time) that fit,
+    fastest first; rejected: (step seconds or inf, layout or None, why), the
+    ones that do not fit first (by their step), then those that cannot be cut."""
+    valid, rejected = [], []
+    for tp in [t for t in divisors(gpus) if t <= c.gpus_per_node]:
+        for pp in divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            for ep in [e for e in divisors(dp) if cfg.experts % e == 0] if cfg.experts else [1]:
+                words = f"tp {tp} pp {pp} dp {dp}" + (f" ep {ep}" if ep > 1 else "")
+                if global_batch % (dp * micro_batch):
+                    rejected.append((math.inf, None, f"{words}: global batch {global_batch} is not divisible by dp "
+                                                     f"{dp} x micro batch {micro_batch}"))
+                    continue
+                layout = Layout(tp=tp, pp=pp, dp=dp, ep=ep, micro_batch=micro_batch, seq=seq, schedule=schedule,
+                                microbatches=global_batch // (dp * micro_batch), zero=zero)
+                one = replace(cfg, vocab_multiple=128 * tp, sequence_parallel=cfg.sequence_parallel and tp > 1)
+                try:
+                    out = rank_time(one, layout, c, efficiency=efficiency)
+                except ValueError as e:
+                    rejected.append((math.inf, None, f"{words}: {e}"))
+                    continue
+                most = max(p["bytes"]["total"] for p in out["plans"])
+                if most > c.memory:
+                    rejected.append((out["step"], layout, f"{words}: does not fit, {gib(most)} > {gib(c.memory)}"))
+                else:
+                    valid.append((out["step"], layout, out))
+    key = lambda row: row[0]
+    return sorted(valid, key=key), sorted(rejected, key=key)

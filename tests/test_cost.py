@@ -137,3 +137,64 @@ def test_cluster_overrides_and_refusals():
         C.cluster("v100")
     with pytest.raises(ValueError, match="nvlink must be a finite number > 0, got -1"):
         C.cluster("a100-80gb", nvlink=-1)
+
+
+# --- train.py --plan, in-process -------------------------------------------------------------------------------
+
+DONE_WHEN = "--plan --preset gpt3-175b --gpus 1536 --cluster a100-80gb --tp 8 --pp 8 --global-batch 1536 " \
+            "--micro-batch 1 --recompute full"
+
+
+def test_plan_end_to_end(capsys):
+    import train
+
+    assert train.main(DONE_WHEN.split() + ["--plan-rank", "1234"]) == 0
+    out = capsys.readouterr().out
+    assert "layout: 1,536 GPUs = tp 8 x pp 8 x dp 24; global batch 1,536 = dp 24 x 64 microbatches x 1" in out
+    assert "rank 1234: tp rank 2 of 8, dp rank 10 of 24, pp rank 6 of 8; layers 72-83" in out
+    stages = [line.split()[0] for line in out.split("memory per pipeline stage")[1].splitlines()[2:10]]
+    assert stages == [str(p) for p in range(8)] and out.count(" fits\n") == 8
+    assert "tp           4,609" in out and "nvlink 300 GB/s" in out and "ib 25 GB/s" in out
+    assert "rank 1234's step: compute" in out and "MFU" in out and "tokens/s" in out
+
+
+def test_plan_says_does_not_fit_and_searches(capsys):
+    import train
+
+    argv = "--plan --preset 18.4b --gpus 8 --tp 8 --global-batch 8 --micro-batch 8".split()
+    assert train.main(argv) == 0  # 18.4B on one node at batch 8 without recompute: over 80 GiB, said, not refused
+    assert "does not fit (" in capsys.readouterr().out
+    assert train.main("--plan-search --preset 1.7b --gpus 16 --global-batch 32 --recompute full".split()) == 0
+    out = capsys.readouterr().out
+    best = out.split("the best ten (1f1b):\n")[1].splitlines()
+    steps = [float(line.split()[0]) for line in best if line.startswith("  ") and " s " in line]
+    assert steps == sorted(steps) and len(steps) >= 5 and "tp 1 pp 1 dp 16" in out
+    assert "the best rejected:" in out and "tp 1 pp 16 dp 1:" in out  # 24 layers do not cut into 16 stages
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--gpus 100", "--gpus 100 is not divisible by --tp 8 x --pp 8 = 64"),
+    ("--tp 5 --gpus 1520 --gpus-per-node 10 --global-batch 1520", "--tp 5 does not divide --heads 96"),
+    ("--pp 7 --gpus 1568 --global-batch 1568", "--layers 96 cannot be cut into pp*virtual stages = 7*1 = 7"),
+    ("--schedule interleaved --virtual-stages 2 --global-batch 1560", "interleaved 1F1B needs microbatches % pp"),
+    ("--ep 2", "--ep 2 needs a mixture-of-experts model"),
+    ("--cluster v100", "unknown cluster 'v100': choose a100-80gb, h100-80gb"),
+    ("--nvlink 0", "--nvlink must be a finite number > 0, got 0.0"),
+    ("--ib -5", "--ib must be a finite number > 0, got -5.0"),
+    ("--global-batch 1000", "--global-batch 1000 is not divisible by dp 24 x --micro-batch 1 = 24"),
+    ("--plan-rank 1536", "--plan-rank 1536 is not a rank of --gpus 1536"),
+    ("--preset gpt4", "unknown model preset 'gpt4'"),
+    ("--tp 16 --gpus 1536", "tp"),
+])
+def test_plan_bad_input_is_one_error_line(capsys, extra, message):
+    import train
+
+    argv = DONE_WHEN.split()
+    for flag_, value in zip(extra.split()[::2], extra.split()[1::2]):
+        if flag_ in argv:
+            argv[argv.index(flag_) + 1] = value
+        else:
+            argv += [flag_, value]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
