@@ -370,10 +370,11 @@ def spans(ids: list[int]) -> str:
     return str(ids[0]) if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
 
 
-def memory_table(plans: list[dict], c: Cluster) -> list[str]:
+def memory_table(plans: list[dict], c: Cluster, most: int = 8) -> list[str]:
     """Bytes per pipeline stage by component (`plan.rank_plan`'s bytes; the
     activations at the schedule's peak in flight), stages with equal bytes
-    on one row, and whether each fits in the GPU's memory."""
+    on one row, and whether each fits in the GPU's memory; of more than
+    `most` rows, the first and last most/2."""
     keys = ("weights", "grads", "optimizer", "activations", "total")
     rows = []  # (stage ids, bytes, peak in flight)
     for p, plan in enumerate(plans):
@@ -383,7 +384,12 @@ def memory_table(plans: list[dict], c: Cluster) -> list[str]:
         else:
             rows.append(([p], b, plan["activations"]["peak_in_flight"]))
     lines = [f"  {'stage':<7}" + "".join(f"{k:>13}" for k in keys) + f"  {'held':>4}  in {gib(c.memory)}"]
-    for ids, b, flight in rows:
+    for k, (ids, b, flight) in enumerate(rows):
+        if len(rows) > most and most // 2 <= k < len(rows) - most // 2:  # the middle of a long pipeline
+            if k == most // 2:
+                lines.append(f"  ... stages {ids[0]}-{rows[-most // 2 - 1][0][-1]}: between the rows around them, "
+                             + ("all fit" if all(r[1][-1] <= c.memory for r in rows) else "not all fit"))
+            continue
         fits = "fits" if b[-1] <= c.memory else f"does not fit ({gib(b[-1] - c.memory)} over)"
         lines.append(f"  {spans(ids):<7}" + "".join(f"{gib(n):>13}" for n in b) + f"  {flight:>4}  {fits}")
     return lines + ["  (held: the microbatch chunks whose activations a rank holds at its peak, parallel.simulate)"]
