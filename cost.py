@@ -362,7 +362,13 @@ def rank_time(cfg: N.GPTConfig, layout: Layout, c: Cluster, rank: int = 0, effic
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:,.1f} GiB"
+    """Bytes in the largest binary unit (B, KiB, MiB, GiB, TiB) that keeps the figure >= 1."""
+    k = 0 if n < 1024 else min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024**k:,.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[k]}" if k else f"{n:,.0f} B"
+
+
+def secs(t: float) -> str:
+    return f"{t:.3f} s" if t >= 0.1 or t == 0 else f"{t * 1e3:.3f} ms" if t >= 1e-4 else f"{t * 1e6:.1f} µs"
 
 
 def spans(ids: list[int]) -> str:
@@ -419,7 +425,7 @@ def comm_table(plan: dict, st: dict, layout: Layout, c: Cluster) -> list[str]:
     seconds, and how many of them the step waits for (the rest overlap)."""
     mesh = plan["mesh"]
     times = comm_times(plan["comms"], mesh, mesh.global_rank(), c)
-    lines = [f"  {'dim':<6} {'collectives':>11} {'bytes':>12}  {'link':<14} {'seconds':>9}  exposed"]
+    lines = [f"  {'dim':<6} {'collectives':>11} {'bytes':>12}  {'link':<14} {'time':>10}  exposed"]
     for dim in ("tp", "cp", "ep", "edp", "dp", "dpcp", "embed", "pp"):
         mine = [r for r in times if r["dim"] == dim and r["op"] != "recv"]
         if not mine:
@@ -431,7 +437,7 @@ def comm_table(plan: dict, st: dict, layout: Layout, c: Cluster) -> list[str]:
         hidden = st["hidden"].get(cause, 0.0) if dim in ("dp", "dpcp", "cp") else 0.0
         wire = f"{name} {bw / GB:,.0f} GB/s"
         lines.append(f"  {dim:<6} {len(mine):>11,} {gib(sum(r['bytes'] for r in mine)):>12}  {wire:<14} "
-                     f"{seconds:>8.3f}s  {max(seconds - hidden, 0.0):.3f}s")
+                     f"{secs(seconds):>10}  {secs(max(seconds - hidden, 0.0))}")
     return lines if len(lines) > 1 else ["  no collectives (one rank)"]
 
 
@@ -457,7 +463,7 @@ def time_lines(out: dict, layout: Layout, c: Cluster, efficiency: float = EFFICI
     """The step, its throughput, and its share per cause for the planned rank."""
     step = out["step"]
     share = ", ".join(f"{k} {v / step:.1%}" for k, v in out["share"].items() if abs(v) / step >= 0.0005)
-    return [f"  step {step:.3f} s | {out['tokens_per_s']:,.0f} tokens/s | {out['tflops']:.1f} TFLOP/s per GPU "
+    return [f"  step {secs(step)} | {out['tokens_per_s']:,.0f} tokens/s | {out['tflops']:.1f} TFLOP/s per GPU "
             f"(model), MFU {out['mfu']:.1%} | {out['hw_tflops']:.1f} TFLOP/s with recompute",
             f"  rank {out['rank']}'s step: {share}",
             f"  (peak {c.peak / 1e12:,.0f} TFLOP/s x matmul efficiency {efficiency}; alpha-beta collectives; "

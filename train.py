@@ -1092,7 +1092,7 @@ def plan_report(args) -> str:
     """--plan / --plan-search: the text (cost.py section 5) of the layout's plan, or of the search."""
     cfg, layout, cl, rank = plan_args(args)
     name = args.preset or f"GPT {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads"
-    head = [f"model: {name}, {N.num_params(cfg) / 1e9:,.2f}B parameters; recompute {cfg.recompute}"
+    head = [f"model: {name}, {N.num_params(cfg):,} parameters; recompute {cfg.recompute}"
             + (", sequence parallel" if cfg.sequence_parallel else ""),
             f"cluster: {cl.name}, {layout.gpus // cl.gpus_per_node:,} nodes of {cl.gpus_per_node}, "
             f"{cl.peak / 1e12:,.0f} TFLOP/s, {C.gib(cl.memory)}, NVLink {cl.nvlink / C.GB:,.0f} GB/s, "
@@ -1123,8 +1123,8 @@ def plan_report(args) -> str:
         f"layout: {layout.words()}",
         f"rank {rank}: {where}; layers {layers}",
         *shard_lines(plan["shards"]),
-        f"  memory: weights {C.gib(b['weights'])} + grads {C.gib(b['grads'])} + optimizer {C.gib(b['optimizer'])} + "
-        f"activations {C.gib(b['activations'])} = {C.gib(b['total'])}",
+        f"  memory: weights {b['weights']:,} B (bf16) + grads {b['grads']:,} B + optimizer {b['optimizer']:,} B + "
+        f"activations {b['activations']:,} B = {b['total']:,} B ({C.gib(b['total'])})",
         "memory per pipeline stage (plan.rank_plan):", *C.memory_table(out["plans"], cl),
         "sent per step by a rank of each stage, per mesh dim:", *C.sends_table(out["plans"]),
         f"communication of rank {rank} in one step, per mesh dim:", *C.comm_table(plan, st, layout, cl),
