@@ -125,10 +125,10 @@ def differences(s, b, h, a, ffn, t, sp, recompute, elem, triton) -> list[tuple[s
     att, gelu = a * s * s * b / t, s * b * ffn / t  # [b, a/t, s, s] and [b, s, ffn/t]
     body, core, ref = recompute != "full", recompute == "none", not triton
     return [
-        ("LayerNorm, CPU reference: keeps x - mean and the normalised value (2 fp32 [b, s, h]) where the "
-         "formula keeps its input (1 of elem B), per LayerNorm", 2 * (8 - elem) * whole * (body and ref)),
-        ("LayerNorm statistics, not in the formula: rstd [b, s] fp32 (reference) or mean and rstd (Triton), "
-         "per LayerNorm", 2 * (2 if triton else 1) * 4 * tokens * body),
+        ("LayerNorm off Triton (torch's F.layer_norm on an fp32 copy of x): keeps x in fp32, not in elem B, "
+         "per LayerNorm", 2 * (4 - elem) * whole * (body and ref)),
+        ("LayerNorm statistics, not in the formula: mean and rstd [b, s] fp32, per LayerNorm",
+         2 * 2 * 4 * tokens * body),
         ("softmax output, CPU reference: kept in fp32 (the fp32 compute dtype), not in the scores' dtype",
          (4 - elem) * att * (core and ref)),
         ("GeLU input, CPU reference: kept in fp32 (upcast before F.gelu), not in fc1's output dtype",
@@ -137,69 +137,115 @@ def differences(s, b, h, a, ffn, t, sp, recompute, elem, triton) -> list[tuple[s
     ]
 
 
-def layer_bytes(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int) -> float:
-    """One transformer layer's activations kept for the backward on this rank, in B: Korthikanti's terms
-    for this code (the formula above for a GPT of ffn 4h, MHA, dropout on), generalised:
-      whole [b, s, h] tensors (÷t under sequence parallel): the two LayerNorm inputs, the qkv and fc1
-        inputs (4·elem), and a 1-byte mask per hidden dropout (2 when cfg.hidden_dropout > 0);
-      split over tp: q, k, v as the attention matmuls keep them (3·n·d, kv heads repeated to n), the proj
-        input (n·d), fc1's output (f, 2f gated) and fc2's input (f), each elem B per token;
-      the attention core [b, n/t, s, s]: its softmax output (elem) and, with attention dropout, the mask
-        (1) and the dropped probabilities (elem); none under selective recompute; under cp ring attention
-        keeps no s² term: its output and log-sum-exp instead (fp32, [b, n/t, s/cp, d + 1]);
-      full recompute: the layer input alone (elem·b·s·h, ÷t under sequence parallel).
-    s is this rank's share of the sequence, seq / cp."""
-    t, s = mesh.tp, seq // mesh.cp
+def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: int,
+                triton: bool = True) -> list[tuple[str, float]]:
+    """(what, B) layer i keeps for the backward on this rank, one microbatch of b sequences: Korthikanti's
+    terms for this code (`formula_bytes` for a dense GPT of ffn 4h, MHA, dropout on), generalised, then the
+    kernels' own (`differences`: the Triton kernels' LayerNorm statistics, or the CPU references' extra
+    storage with triton=False). s = seq / cp tokens per sequence here; a "whole" [b, s, h] tensor is split
+    over tp only under sequence parallel.
+      whole, elem B: the two LayerNorm inputs, the qkv and fc1 inputs (4), plus 1 B per hidden dropout mask;
+      split over tp, elem B per token: q, k, v (3·n·d: the attention matmuls keep contiguous copies, the kv
+        heads repeated to n; under selective recompute or cp the fused qkv output, (n + 2g)·d), the proj
+        input (n·d), fc1's output (f, 2f gated) and fc2's input (f);
+      the attention core [b, n/t, s, s]: its softmax output (elem) and, with attention dropout, the mask (1)
+        and the dropped probabilities (elem); none under selective recompute; under cp ring attention keeps
+        no [s, s] tensor but its fp32 output and log-sum-exp, 4·(d + 1) B per token and head;
+      full recompute: the layer input alone (elem · whole).
+    A mixture-of-experts layer's MLP (`nanomeg.moe_mlp`): `moe_terms`, for uniform routing."""
+    t, s, h = mesh.tp, seq // mesh.cp, cfg.hidden
     sp = cfg.sequence_parallel and t > 1
     tokens = b * s
-    whole = tokens * cfg.hidden / (t if sp else 1)
+    whole = tokens * h / (t if sp else 1)
     if cfg.recompute == "full":
-        return elem * whole
-    masks = 2 if cfg.hidden_dropout > 0 else 0
-    n, d = cfg.heads // t, cfg.head_dim
+        return [("the layer input (full recompute keeps nothing else)", elem * whole)]
+    n, d, g = cfg.heads // t, cfg.head_dim, max(1, cfg.num_kv_heads // t)
     fc1 = cfg.ffn_hidden * (2 if cfg.gated else 1)
-    split = elem * tokens * (3 * n * d + n * d + (fc1 + cfg.ffn_hidden) / t)
+    fused = cfg.recompute == "selective" or mesh.cp > 1  # q, k, v kept as views of the qkv output
+    terms = [("two LayerNorm inputs, the qkv and fc1 inputs", 4 * elem * whole),
+             ("hidden dropout masks (1 B)", 2 * whole * (cfg.hidden_dropout > 0)),
+             ("q, k, v" + (" (the qkv output)" if fused else ""), elem * tokens * ((n + 2 * g) * d if fused else
+                                                                                  3 * n * d)),
+             ("the proj input", elem * tokens * n * d)]
+    terms += moe_terms(cfg, mesh, b, seq, elem) if cfg.is_moe(i) else         [("fc1's output (the GeLU input) and fc2's input", elem * tokens * (fc1 + cfg.ffn_hidden) / t)]
     if mesh.cp > 1:
-        core = 4 * b * n * s * (d + 1)
-    elif cfg.recompute == "selective":
-        core = 0
-    else:
-        core = b * n * s * s * (elem + (1 + elem if cfg.attention_dropout > 0 else 0))
-    return (4 * elem + masks) * whole + split + core
+        terms.append(("ring attention's fp32 output and log-sum-exp", 4 * b * n * s * (d + 1)))
+    elif cfg.recompute == "none":
+        terms.append(("the softmax output", elem * b * n * s * s))
+        terms.append(("attention dropout mask (1 B) and dropped probabilities",
+                      (1 + elem) * b * n * s * s * (cfg.attention_dropout > 0)))
+    core_kept = "selective" if mesh.cp > 1 else cfg.recompute  # ring attention keeps no [s, s] tensor
+    return terms + differences(s, b, h, cfg.heads, cfg.ffn_hidden, t, sp, core_kept, elem, triton)
 
 
-def end_bytes(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int, first: bool, last: bool) -> float:
-    """What a microbatch keeps outside the layers, in B. First stage: the token ids the embedding lookup
-    keeps (int64, 8 B a token; under tp also the out-of-range mask, 1 B) and the embedding dropout's mask
-    (1 B an element). Last stage: the final norm's input (elem·b·s·h, ÷t under sequence parallel), the
-    output layer's input (the same), and the vocab-parallel cross-entropy's softmax [b, s, V/t] in fp32
-    (4 B), its local targets (int64) and their in-range mask (bool)."""
+def moe_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int) -> list[tuple[str, float]]:
+    """(what, B) a mixture-of-experts MLP (`nanomeg.moe_mlp`) keeps instead of the dense MLP's fc1 output
+    and fc2 input, dropless, for uniform routing. Every tp rank runs its 1/t of each chosen expert for
+    the whole sequences: m = k·b·s rows ("choices"), each of h in and h out (the rows, the experts'
+    output, and output · gate for the scatter-add back to the tokens) and f(·2)/t, f/t in the expert's
+    MLP; four int64 indices a choice (the gather of the rows, the sort by expert, its inverse, the gate's
+    place) and its fp32 gate; the router, on this rank's 1/t of the tokens: its probabilities and the
+    logits the z-loss reads (E each), the top-k ids (int64) and gates, their sum and the log-sum-exp,
+    fp32, and under tp without sequence parallel its own copy of those tokens' rows (elem·h)."""
+    t, s, k, E, h = mesh.tp, seq // mesh.cp, cfg.moe_topk, cfg.experts, cfg.hidden
+    sp = cfg.sequence_parallel and t > 1
+    m = k * b * s  # choices: rows through the experts
+    routed = b * s / t if t > 1 else b * s  # the tokens this rank routes
+    fc1 = cfg.ffn_hidden * (2 if cfg.gated else 1)
+    return [("experts: the rows in, their outputs and outputs · gates", 3 * elem * m * h),
+            ("experts: fc1's output and fc2's input", elem * m * (fc1 + cfg.ffn_hidden) / t),
+            ("the choices' int64 indices (4) and fp32 gates", (32 + 4) * m),
+            ("the router: probabilities and logits (fp32, E each), top-k ids and gates, their sum, log-sum-exp",
+             (8 * E + 12 * k + 8) * routed + 4 * b * E),
+            ("the router's own copy of its 1/t of the tokens", elem * routed * h * (t > 1 and not sp))]
+
+
+def end_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int, first: bool, last: bool,
+              triton: bool = True) -> list[tuple[str, float]]:
+    """(what, B) a microbatch keeps outside the layers. First stage: the token ids the embedding lookup keeps
+    (int64; under tp the ids shifted into this rank's range, and the out-of-range mask, 1 B) and the
+    embedding dropout's mask (1 B an element). Last stage: the final LayerNorm's input and the output
+    layer's input (elem B each, [b, s, h], ÷t under sequence parallel; the norm's input in fp32 off
+    Triton, as in `differences`) with the norm's fp32 mean and rstd, and the vocab-parallel cross-entropy's softmax
+    [b, s, V/t] in fp32, its local targets (int64) and their in-range mask (bool)."""
     t, s = mesh.tp, seq // mesh.cp
     sp = cfg.sequence_parallel and t > 1
     tokens = b * s
     whole = tokens * cfg.hidden / (t if sp else 1)
-    out = 0.0
+    terms = []
     if first:
-        out += 8 * tokens + (tokens if t > 1 else 0) + (whole if cfg.hidden_dropout > 0 else 0)
+        terms += [("the embedding's token ids (int64)" + (" and out-of-range mask" if t > 1 else ""),
+                   (8 + (t > 1)) * tokens),
+                  ("the embedding dropout's mask", whole * (cfg.hidden_dropout > 0))]
     if last:
-        out += 2 * elem * whole + 4 * tokens * cfg.padded_vocab / t + 9 * tokens
-    return out
+        terms += [("the final LayerNorm's input (fp32 off Triton), mean and rstd",
+                   (elem if triton else 4) * whole + 8 * tokens / (t if sp else 1)),
+                  ("the output layer's input", elem * whole),
+                  ("the cross-entropy's fp32 softmax [b, s, V/t]", 4 * tokens * cfg.padded_vocab / t),
+                  ("the cross-entropy's targets (int64) and in-range mask", 9 * tokens)]
+    return terms
 
 
-def activation_bytes(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, b: int, seq: int,
-                     elem: int) -> dict:
-    """The activations this rank holds at its peak, in B: walk its action list (a forward adds its chunk's
-    bytes, a backward B or weight-gradient W frees them) and keep the largest sum. A chunk's bytes:
-    layer_bytes × its layers + end_bytes (the first and the last virtual stage)."""
-    per_layer = layer_bytes(cfg, mesh, b, seq, elem)
-    chunk = {c: per_layer * len(st.layers) + end_bytes(cfg, mesh, b, seq, elem, st.first, st.last)
-             for c, st in stages.items()}
+def activation_bytes(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, b: int, seq: int, elem: int,
+                     triton: bool = True) -> dict:
+    """The activations this rank holds at its peak, in B: walk its action list (a forward F adds its
+    chunk's bytes for the microbatch, a backward B or weight-gradient W frees them) and keep the largest
+    sum. A chunk's bytes: `layer_terms` of its layers + `end_terms` (the first and the last virtual stage).
+    -> {total, chunk: {chunk: B a microbatch}, terms: {chunk: [(what, B)]}, peak_chunks: {chunk:
+    microbatches held at the peak}}."""
+    terms = {c: [term for i in st.layers for term in layer_terms(cfg, mesh, i, b, seq, elem, triton)] +
+             end_terms(cfg, mesh, b, seq, elem, st.first, st.last, triton) for c, st in stages.items()}
+    chunk = {c: sum(v for _, v in ts) for c, ts in terms.items()}
+    held = dict.fromkeys(stages, 0)
     live = high = 0.0
+    at_peak = dict(held)
     for a in actions:
-        live += {"F": chunk[a.chunk], "B": -chunk[a.chunk], "W": -chunk[a.chunk]}.get(a.kind, 0.0)
-        high = max(high, live)
-    return dict(per_layer=per_layer, layers=sum(len(st.layers) for st in stages.values()), chunk=chunk,
-                total=int(round(high)))
+        step = {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
+        held[a.chunk] += step
+        live += step * chunk[a.chunk]
+        if live > high:
+            high, at_peak = live, dict(held)
+    return dict(total=int(round(high)), chunk=chunk, terms=terms, peak_chunks=at_peak)
 
 
 # ---------------------------------------------------------------------------
@@ -445,7 +491,7 @@ def stage_flops(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, b: int, seq: int, 
 
 def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int = 1, cp: int = 1, ep: int = 1,
               v: int = 1, micro_batch: int, seq: int, microbatches: int, schedule: str = "1f1b", zero: bool = False,
-              bf16: bool = False, bucket_mb: float = 25.0) -> dict:
+              bf16: bool = False, bucket_mb: float = 25.0, triton: bool = True) -> dict:
     """What global rank `rank` of the layout (tp, pp, dp, cp, ep; v chunks per pipeline rank) holds, sends
     and computes in one training step of `microbatches` microbatches of micro_batch sequences of seq
     tokens per data-parallel replica (train.py's --batch = micro_batch · microbatches), as train.py runs
@@ -479,7 +525,7 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
     weights = sum(p.numel() for p in params.values()) * elem
     grads = sum(b["numel"] for b in buckets) * elem
     optimizer = state_bytes(buckets, mesh, params, zero=zero, main=zero or bf16)
-    acts = activation_bytes(cfg, mesh, stages, mine, micro_batch, seq, elem)
+    acts = activation_bytes(cfg, mesh, stages, mine, micro_batch, seq, elem, triton)
     acts["peak_in_flight"] = sim["peak_in_flight"][mesh.pp_rank]
     comms = step_comms(cfg, mesh, stages, mine, p2p[mesh.pp_rank], buckets, b=micro_batch, seq=seq,
                        microbatches=microbatches, zero=zero, main=zero or bf16, adtype=adtype, pdtype=pdtype)
@@ -502,3 +548,47 @@ def layout_plans(cfg: N.GPTConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, cp:
         plan["ranks"] = tp * cp * dp
         plans.append(plan)
     return plans
+
+
+# ---------------------------------------------------------------------------
+# 7. Measured: what a real step keeps for its backward (the plan's check)
+# ---------------------------------------------------------------------------
+
+
+class SavedBytes:
+    """A saved-tensors hook pair that measures the activations a real step keeps: the live and peak bytes
+    of every storage autograd holds for the backward, each storage counted once however many tensors (or
+    views) of it are saved, and none of the parameters' storages (a weight, or its transpose, is not an
+    activation). Use: `with torch.autograd.graph.saved_tensors_hooks(m.pack, m.unpack): step()`, then
+    m.peak (B). A storage leaves the count when the last saved tensor of it is released."""
+
+    def __init__(self, params):
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.refs, self.live, self.peak = {}, 0, 0  # refs: {storage address: saved tensors holding it}
+
+    def pack(self, t):
+        if t.untyped_storage().data_ptr() in self.skip:
+            return t
+        return _Held(t, self)
+
+    @staticmethod
+    def unpack(held):
+        return held.t if isinstance(held, _Held) else held
+
+
+class _Held:
+    """One saved tensor, counted in its `SavedBytes` while autograd holds it."""
+
+    def __init__(self, t, counter: SavedBytes):
+        storage = t.untyped_storage()
+        self.t, self.counter, self.at, self.n = t, counter, storage.data_ptr(), storage.nbytes()
+        if counter.refs.get(self.at, 0) == 0:
+            counter.live += self.n
+            counter.peak = max(counter.peak, counter.live)
+        counter.refs[self.at] = counter.refs.get(self.at, 0) + 1
+
+    def __del__(self):
+        self.counter.refs[self.at] -= 1
+        if self.counter.refs[self.at] == 0:
+            del self.counter.refs[self.at]
+            self.counter.live -= self.n

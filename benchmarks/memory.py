@@ -347,10 +347,9 @@ Verdicts (what is needed, what could go):
     Megatron's bf16 model without --fp32-residual-connection): the full-recompute layer input is 2 B, the
     formula exactly. (Until 2026-12-03 the parameters stayed fp32 under autocast, the stream was fp32, and
     full recompute kept 2x the formula.)
-  * LayerNorm, CPU reference: written out (x - mean, * rstd, * w) so autograd keeps x - mean and the
-    normalised value; the Triton kernel keeps x, mean and rstd, which is the formula's. Avoidable on CPU
-    with F.layer_norm (keeps x, mean, rstd) or a small autograd.Function; the reference is written out to
-    avoid F.layer_norm's ~1e-5 backward noise where dx is exactly 0.
+  * LayerNorm off Triton: torch's F.layer_norm on an fp32 copy of x (since 2026-12, "LayerNorm off Triton
+    through F.layer_norm"; before, the written-out reference kept x - mean and the normalised value) keeps
+    x, mean and rstd like the Triton kernel: the formula's input, in fp32 (bf16 pays 2 B more an element).
   * softmax output and GeLU input in fp32, CPU reference: the reference computes in fp32 and autograd keeps
     its fp32 intermediates; the Triton kernels keep y (softmax) and x (GeLU) in the input's dtype, as the
     formula. Only bf16 on CPU pays it.

@@ -1,0 +1,152 @@
+"""plan.py: the plan of a rank equals what a real training step on that rank holds and records.
+
+1. The virtual mesh: `Mesh.of_rank` is Megatron's rank order (the inverse of `Mesh.global_rank`), and
+   `Mesh.build` gives every rank those coordinates.
+2. Plan against measurement: for a grid of small layouts of world 4 on the session pool (tp, cp, dp, pp,
+   ep, interleaving, microbatches, sequence parallel, ZeRO-1, bf16, tied and untied, a GPT and a MoE GPT),
+   every rank runs one real `train.train_step` (train.py's optimizer, buckets, schedule) under
+   `parallel.count_comms()` and `plan.SavedBytes`, and `plan.rank_plan` of the same rank must give:
+   * the same parameter shapes, gradient buckets (names, dim, padded numel), gradient and optimizer bytes
+     (`Optimizer.state_bytes()`, measured from storage), exactly;
+   * the same collectives, as a multiset of (op, dim, elements, phase, dtype) records, exactly; but for
+     ep's all-to-alls of token rows, whose sizes follow the routing: their number and phases exactly, their
+     elements planned for uniform routing (the counts' all-to-all is exact);
+   * the activation bytes at the schedule's peak within 5%, once the CPU references' known extra storage
+     (`plan.differences`, named in the message) is added: the plan is the Triton kernels' (GPU) figure.
+3. Properties of the plan alone (no processes): every send has its receive, and the whole world's bytes.
+4. Bad input: one ValueError naming the values.
+"""
+
+import collections
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import parallel as P
+import plan
+import train
+
+WORLD = 4
+_MESHES: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The virtual mesh
+# ---------------------------------------------------------------------------------------------------
+
+
+@given(tp=st.integers(1, 4), cp=st.integers(1, 3), dp=st.integers(1, 4), pp=st.integers(1, 3), data=st.data())
+def test_of_rank_is_megatrons_order_and_the_inverse_of_global_rank(tp, cp, dp, pp, data):
+    ep = data.draw(st.sampled_from([e for e in range(1, dp + 1) if dp % e == 0]))
+    world = tp * cp * dp * pp
+    seen = set()
+    for rank in range(world):
+        m = P.Mesh.of_rank(rank, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep)
+        assert m.global_rank() == rank and m.groups == {}
+        assert rank == ((m.pp_rank * dp + m.dp_rank) * cp + m.cp_rank) * tp + m.tp_rank
+        assert m.ep_rank == m.dp_rank % ep
+        seen.add((m.tp_rank, m.cp_rank, m.dp_rank, m.pp_rank))
+    assert len(seen) == world
+
+
+def built_coords(_pool_mesh):
+    m = P.Mesh.build(tp=2)
+    return torch.distributed.get_rank(), m
+
+
+def test_build_takes_its_coordinates_from_of_rank(pool):
+    for rank, m in pool.run(built_coords):
+        assert m == P.Mesh.of_rank(rank, tp=2, dp=2), (rank, m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Plan against measurement
+# ---------------------------------------------------------------------------------------------------
+
+MODEL = ["--layers", "4", "--hidden", "32", "--heads", "4", "--seq", "16", "--max-seq", "16", "--dropout", "0.1",
+         "--sample-tokens", "0", "--bucket-mb", "0.004"]
+
+# (name, flags, tp, cp, pp, ep): world 4 = tp·cp·pp·dp
+LAYOUTS = [
+    ("tp2 pp2 sp, 1f1b m4, tied", ["--sequence-parallel", "--microbatches", "4", "--batch", "8"], 2, 1, 2, 1),
+    ("pp2 dp2 interleaved v2 m4, ZeRO-1, untied", ["--virtual-stages", "2", "--microbatches", "4", "--batch", "8",
+                                                    "--zero", "1", "--untied"], 1, 1, 2, 1),
+    ("tp2 cp2, full recompute, kv heads 1", ["--recompute", "full", "--batch", "2", "--kv-heads", "1"], 2, 2, 1, 1),
+    ("dp4 bf16, selective recompute, afab m2 ", ["--bf16", "--recompute", "selective", "--batch", "4",
+                                                 "--microbatches", "2", "--schedule", "afab"], 1, 1, 1, 1),
+    ("MoE tp2 dp2 ep2, top-2, ZeRO-1", ["--experts", "4", "--topk", "2", "--ep", "2", "--batch", "2",
+                                        "--zero", "1"], 2, 1, 1, 2),
+]
+
+
+def mesh_of(tp, cp, pp, ep) -> P.Mesh:
+    """This worker's mesh of the layout, built once (every rank builds the same layouts in the same order)."""
+    if (tp, cp, pp, ep) not in _MESHES:
+        _MESHES[tp, cp, pp, ep] = P.Mesh.build(tp=tp, cp=cp, pp=pp, ep=ep)
+    return _MESHES[tp, cp, pp, ep]
+
+
+def record(c) -> tuple:
+    return c["op"], c["dim"], c["elements"], c["phase"], str(c["dtype"]).removeprefix("torch.")
+
+
+def real_step(_pool_mesh, argv, layout):
+    """One train.train_step on this rank, as train.py runs it: what it holds, records and keeps."""
+    mesh = mesh_of(*layout)
+    args, cfg = config(argv)
+    task = train.TASKS[args.model]
+    specs = task.specs(cfg)
+    params = {k: v.requires_grad_(True) for k, v in train.rank_params(task, cfg, mesh, specs, args).items()}
+    g = torch.Generator().manual_seed(mesh.dp_rank)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    opt = train.make_optimizer(params, args, mesh, specs, cfg)
+    saved = plan.SavedBytes(params.values())
+    with P.count_comms() as comms, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        train.train_step(params, opt, dict(ids=ids, targets=ids.roll(-1, 1)), task, cfg, mesh, specs, args, step=1)
+    buckets = opt.buckets.buckets
+    return dict(rank=torch.distributed.get_rank(), shapes={k: tuple(p.shape) for k, p in params.items()},
+                buckets=[(b["names"], b["dim"], b["tied"], b["buf"].numel()) for b in buckets],
+                grads=sum(b["buf"].numel() * b["buf"].element_size() for b in buckets),
+                optimizer=opt.state_bytes(), comms=[record(c) for c in comms], activations=saved.peak)
+
+
+def config(argv):
+    """train.py's args and config for argv; "--untied" (not a train.py flag) unties the embedding."""
+    args = train.parse_args([a for a in argv if a != "--untied"])
+    cfg, _ = train.check_args(args, world=WORLD)
+    return args, replace(cfg, tie_embeddings="--untied" not in argv)
+
+
+def planned(argv, tp, cp, pp, ep, rank):
+    """rank_plan of this rank for train.py's flags, with the CPU references' activations (what runs here)."""
+    args, cfg = config(argv)
+    dp = WORLD // (tp * cp * pp)
+    return cfg, args, plan.rank_plan(cfg, rank, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, v=args.virtual_stages,
+                                     micro_batch=args.batch // args.microbatches, seq=args.seq,
+                                     microbatches=args.microbatches, schedule=args.schedule, zero=args.zero == 1,
+                                     bf16=args.bf16, bucket_mb=args.bucket_mb, triton=False)
+
+
+@pytest.mark.parametrize("name, flags, tp, cp, pp, ep", LAYOUTS, ids=[case[0].strip() for case in LAYOUTS])
+def test_the_plan_is_what_a_real_step_holds_and_sends(pool, name, flags, tp, cp, pp, ep):
+    argv = [*MODEL, "--tp", str(tp), "--pp", str(pp), "--cp", str(cp), *flags]
+    for real in pool.run(real_step, argv, (tp, cp, pp, ep)):
+        rank = real["rank"]
+        cfg, args, p = planned(argv, tp, cp, pp, ep, rank)
+        what = f"{name}, rank {rank} ({p['mesh']})"
+        assert {r["name"]: r["local_shape"] for r in p["shards"]} == real["shapes"], what
+        assert [(b["names"], b["dim"], b["tied"], b["numel"]) for b in p["buckets"]] == real["buckets"], what
+        assert (p["bytes"]["grads"], p["bytes"]["optimizer"]) == (real["grads"], real["optimizer"]), what
+        routed = lambda c: c[0] == "all_to_all" and c[4] != "int64"  # ep's token rows: sized by the routing
+        want = collections.Counter(record(c) for c in p["comms"] if not routed(record(c)))
+        got = collections.Counter(c for c in real["comms"] if not routed(c))
+        assert got == want, f"{what}: real - planned {got - want}, planned - real {want - got}"
+        assert collections.Counter(c[3] for c in real["comms"] if routed(c)) == \
+            collections.Counter(c[3] for c in map(record, p["comms"]) if routed(c)), what
+        acts = p["activations"]
+        assert abs(real["activations"] - acts["total"]) <= 0.05 * real["activations"], \
+            (f"{what}: measured {real['activations']:,} B, planned {acts['total']:,} B = microbatches held at the "
+             f"peak {acts['peak_chunks']} x per chunk {acts['terms']}")
