@@ -279,22 +279,23 @@ def stage_seconds(plan: dict, layout: Layout, c: Cluster, efficiency: float = EF
     flops = plan["flops"]
     micro = {cause: {"F": 0.0, "B": 0.0} for cause in CAUSES[:-1]}
     micro["compute"] = {"F": flops["forward"] / m / speed, "B": (flops["backward"] + flops["recompute"]) / m / speed}
-    after, hidden, buckets = dict.fromkeys(CAUSES[1:-1], 0.0), dict.fromkeys(CAUSES[1:-1], 0.0), []
+    after, hidden, buckets = dict.fromkeys(CAUSES[1:-1], 0.0), {}, []
     for r in comm_times(plan["comms"], mesh, mesh.global_rank(), c):
         cause = CAUSE_OF[r["dim"]]
         if cause == "dp" and r["phase"] == "backward":
-            buckets.append(r["seconds"])
+            buckets.append(r)
         elif r["phase"] in ("after backward", "optimizer") or cause == "dp":
             after[cause] += r["seconds"]
         elif cause == "cp" and r["phase"] == "forward":  # the ring passes the block on while it computes
-            hidden[cause] += r["seconds"]
+            hidden["cp"] = hidden.get("cp", 0.0) + r["seconds"]
         else:
             micro[cause]["B" if r["phase"] == "backward" else "F"] += r["seconds"] / m
-    if buckets:  # all but the last bucket run under the last backward, as far as it lasts
-        cover = micro["compute"]["B"]
-        under = sum(buckets[:-1])
-        hidden["dp"] += min(under, cover)
-        after["dp"] += buckets[-1] + max(0.0, under - cover)
+    cover = micro["compute"]["B"]  # all but the last bucket run under the last backward, as far as it lasts
+    for k, r in enumerate(buckets):
+        under = 0.0 if k == len(buckets) - 1 else min(r["seconds"], cover)
+        cover -= under
+        hidden[r["dim"]] = hidden.get(r["dim"], 0.0) + under
+        after["dp"] += r["seconds"] - under
     return dict(micro=micro, after=after, hidden=hidden)
 
 
@@ -433,8 +434,7 @@ def comm_table(plan: dict, st: dict, layout: Layout, c: Cluster) -> list[str]:
         ranks = group_ranks(mesh, dim)
         name, bw, _ = link(ranks, mesh.global_rank(), c)
         seconds = sum(r["seconds"] for r in mine)
-        cause = CAUSE_OF[dim]
-        hidden = st["hidden"].get(cause, 0.0) if dim in ("dp", "dpcp", "cp") else 0.0
+        hidden = st["hidden"].get(dim, 0.0)
         wire = f"{name} {bw / GB:,.0f} GB/s"
         lines.append(f"  {dim:<6} {len(mine):>11,} {gib(sum(r['bytes'] for r in mine)):>12}  {wire:<14} "
                      f"{secs(seconds):>10}  {secs(max(seconds - hidden, 0.0))}")
