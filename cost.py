@@ -481,13 +481,19 @@ def divisors(n: int) -> list[int]:
 
 def search(cfg: N.GPTConfig, gpus: int, c: Cluster, *, global_batch: int, micro_batch: int, seq: int,
            schedule: str = "1f1b", zero: int = 0, efficiency: float = EFFICIENCY) -> tuple[list, list]:
-    """Every (tp, pp, dp, ep) of `gpus` (cp 1; tp within a node; ep for a
+    """Every (tp, pp, dp, ep) of `gpus` (cp 1; tp within a node, as
+    `parallel.check_nodes` asks; ep for a
     MoE model, dividing dp and the experts), at the given batch: ->
     (valid, rejected). valid: (step seconds, layout, rank_time) that fit,
     fastest first; rejected: (step seconds or inf, layout or None, why), the
     ones that do not fit first (by their step), then those that cannot be cut."""
     valid, rejected = [], []
     for tp in [t for t in divisors(gpus) if t <= c.gpus_per_node]:
+        try:
+            P.check_nodes(tp, 1, gpus, int(c.gpus_per_node))  # a tp group must not straddle two nodes
+        except ValueError as e:
+            rejected.append((math.inf, None, f"tp {tp}: {e}"))
+            continue
         for pp in divisors(gpus // tp):
             dp = gpus // (tp * pp)
             for ep in [e for e in divisors(dp) if cfg.experts % e == 0] if cfg.experts else [1]:
