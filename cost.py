@@ -201,12 +201,15 @@ def collective_time(op: str, nbytes: float, n: int, bw: float, alpha: float) -> 
 
 
 def comm_times(comms: list[dict], mesh: P.Mesh, rank: int, c: Cluster) -> list[dict]:
-    """Each record with its link and seconds added (group size from the mesh)."""
+    """Each record with its link and seconds added (group size from the mesh;
+    a pipeline send goes to the next stage, or in the backward to the previous)."""
     out = []
     for r in comms:
         if r["phase"] == "log":
             continue
         ranks = group_ranks(mesh, r["dim"])
+        if r["dim"] == "pp" and r["phase"] == "backward":  # a gradient goes to the previous stage
+            ranks = sorted({rank, mesh.pp_peer(-1)})
         name, bw, alpha = link(ranks, rank, c)
         n = 2 if r["dim"] == "pp" else len(ranks)
         out.append(r | dict(link=name, bytes=nbytes(r), seconds=collective_time(r["op"], nbytes(r), n, bw, alpha)))
@@ -270,7 +273,7 @@ def stage_seconds(plan: dict, layout: Layout, c: Cluster, efficiency: float = EF
     and a backward take on this rank (compute, and each exposed dim);
     "after": {cause: s}: what the step waits for after its last backward
     (the dp buckets not hidden, the embedding's and the norm's all-reduces,
-    ZeRO's all-gather); "hidden": {cause: s}: transfers under compute}.
+    ZeRO's all-gather); "hidden": {mesh dim: s}: transfers under compute}.
     Compute: FLOPs / (peak · efficiency); a backward's includes the
     recomputed forward. The dp buckets launched during the backward hide
     behind the last microbatch's backward, all but the last one launched."""
