@@ -1071,12 +1071,16 @@ def plan_args(args) -> tuple[N.GPTConfig, C.Layout, C.Cluster, int]:
         if args.preset is not None:
             cfg, seq = C.model(args.preset)
         else:
+            moe = {MOE_FIELDS[k]: getattr(args, k) for k in MOE_FLAGS if getattr(args, k) is not None}
+            if moe and not args.experts:
+                raise UsageError(f"{', '.join(flag(k) for k in MOE_FLAGS if getattr(args, k) is not None)} need "
+                                 "--experts E (a mixture-of-experts model)")
             cfg, seq = N.GPTConfig(max_seq=max(1024, args.seq), layers=args.layers, hidden=args.hidden,
                                    heads=args.heads, kv_heads=args.kv_heads, norm=args.norm,
                                    activation=args.activation, position=args.position,
-                                   **({"experts": args.experts} if args.experts else {})), args.seq
+                                   **({"experts": args.experts, **moe} if args.experts else {})), args.seq
         cfg = replace(cfg, recompute=args.recompute, sequence_parallel=args.sequence_parallel and tp > 1,
-                      vocab_multiple=128 * tp)
+                      vocab_multiple=128 * tp, attention=args.attention)
         layout = C.Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, v=args.virtual_stages, micro_batch=mb, microbatches=m,
                           seq=seq, schedule=args.schedule, zero=args.zero)
         import plan as PL
