@@ -162,12 +162,15 @@ def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: 
     n, d, g = cfg.heads // t, cfg.head_dim, max(1, cfg.num_kv_heads // t)
     fc1 = cfg.ffn_hidden * (2 if cfg.gated else 1)
     fused = cfg.recompute == "selective" or mesh.cp > 1  # q, k, v kept as views of the qkv output
+    shared_out = mesh.cp > 1 and elem >= 4  # ring attention's output, not cast, is the proj input's storage
     terms = [("two LayerNorm inputs, the qkv and fc1 inputs", 4 * elem * whole),
              ("hidden dropout masks (1 B)", 2 * whole * (cfg.hidden_dropout > 0)),
              ("q, k, v" + (" (the qkv output)" if fused else ""), elem * tokens * ((n + 2 * g) * d if fused else
                                                                                   3 * n * d)),
-             ("the proj input", elem * tokens * n * d)]
-    terms += moe_terms(cfg, mesh, b, seq, elem) if cfg.is_moe(i) else         [("fc1's output (the GeLU input) and fc2's input", elem * tokens * (fc1 + cfg.ffn_hidden) / t)]
+             ("the proj input" + (" (ring attention's fp32 output itself)" if shared_out else ""),
+              0 if shared_out else elem * tokens * n * d)]
+    mlp = [("fc1's output (the GeLU input) and fc2's input", elem * tokens * (fc1 + cfg.ffn_hidden) / t)]
+    terms += moe_terms(cfg, mesh, b, seq, elem) if cfg.is_moe(i) else mlp
     if mesh.cp > 1:
         terms.append(("ring attention's fp32 output and log-sum-exp", 4 * b * n * s * (d + 1)))
     elif cfg.recompute == "none":
@@ -216,6 +219,8 @@ def end_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int, first
     if first:
         terms += [("the embedding's token ids (int64)" + (" and out-of-range mask" if t > 1 else ""),
                    (8 + (t > 1)) * tokens),
+                  ("the positions of this cp rank's tokens (int64), for the position table", 8 * s *
+                   (mesh.cp > 1 and cfg.position == "learned")),
                   ("the embedding dropout's mask", whole * (cfg.hidden_dropout > 0))]
     if last:
         terms += [("the final LayerNorm's input (fp32 off Triton), mean and rstd",
@@ -253,183 +258,199 @@ def activation_bytes(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list
 # ---------------------------------------------------------------------------
 
 
-def _rec(op: str, dim: str, elements, phase: str, dtype: torch.dtype) -> dict:
-    return dict(op=op, dim=dim, elements=elements, phase=phase, dtype=dtype)
+class Comms:
+    """The collectives of one piece of the model (a layer, the embedding, the head) on one microbatch, as
+    `parallel.count_comms()` records them, in three lists: `forward`; `act`, the backward collectives of
+    activation gradients (they lie on the path to the stage's input, and to its weights); `param`, those of
+    parameter gradients alone (a replicated weight's gradient summed over tp). The split matters to
+    zero-bubble, whose I pass redoes the first kind only, and to full recompute, which redoes `forward`."""
 
+    def __init__(self, adtype: torch.dtype, pdtype: torch.dtype):
+        self.adtype, self.pdtype = adtype, pdtype  # the activations' and the parameters' dtype
+        self.forward, self.act, self.param = [], [], []
 
-def layer_comms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, adtype, pdtype) -> list[dict]:
-    """The collectives of layer i on one microbatch, forward and backward (a full-recompute layer runs its
-    forward twice). adtype: the activations' dtype; pdtype: the parameters'."""
-    t, cp, s = mesh.tp, mesh.cp, seq // mesh.cp
-    sp = cfg.sequence_parallel and t > 1
-    bsh = b * s * cfg.hidden
-    fwd, bwd = [], []
-    norm_params = 2 if cfg.norm == "layernorm" else 1
-    if t > 1:
-        def column():  # column_parallel_linear's input
-            if sp:
-                fwd.append(_rec("all_gather", "tp", bsh, "forward", adtype))
-                bwd.extend([_rec("all_gather", "tp", bsh, "backward", adtype),
-                            _rec("reduce_scatter", "tp", bsh, "backward", adtype)])
-            else:
-                bwd.append(_rec("all_reduce", "tp", bsh, "backward", adtype))
+    def fwd(self, op: str, dim: str, elements, dtype=None) -> None:
+        self.forward.append(dict(op=op, dim=dim, elements=elements, phase="forward", dtype=dtype or self.adtype))
 
-        def row():  # row_parallel_linear's output
-            if sp:
-                fwd.append(_rec("reduce_scatter", "tp", bsh, "forward", adtype))
-                bwd.append(_rec("all_gather", "tp", bsh, "backward", adtype))
-            else:
-                fwd.append(_rec("all_reduce", "tp", bsh, "forward", adtype))
+    def bwd(self, op: str, dim: str, elements, dtype=None) -> None:
+        self.act.append(dict(op=op, dim=dim, elements=elements, phase="backward", dtype=dtype or self.adtype))
 
-        def replicated(numel):  # a replicated parameter on a sequence-parallel activation
-            if sp:
-                bwd.append(_rec("all_reduce", "tp", numel, "backward", pdtype))
+    def grad(self, numel: int) -> None:
+        """A replicated parameter's gradient, all-reduced over tp in the backward."""
+        self.param.append(dict(op="all_reduce", dim="tp", elements=numel, phase="backward", dtype=self.pdtype))
 
-        h, d = cfg.hidden, cfg.head_dim
-        replicated_ln = lambda: [replicated(h) for _ in range(norm_params)]
-        replicated_ln()
-        column()
-        split = N.qkv_split(cfg)
-        if split.replicas(t) > 1:  # kv heads replicated over tp: their gradient summed (_SyncKVReplicaGrad)
-            bwd.append(_rec("all_reduce", "tp", split.groups * 2 * d * h, "backward", pdtype))
-            if cfg.bias:
-                bwd.append(_rec("all_reduce", "tp", split.groups * 2 * d, "backward", pdtype))
-        row()
-        if cfg.bias:
-            replicated(h)  # proj bias
-        replicated_ln()
-        if cfg.is_moe(i):
-            fwd_m, bwd_m = moe_comms(cfg, mesh, b, seq, adtype, pdtype)
-            fwd += fwd_m
-            bwd += bwd_m
+    def column(self, bsh: int, sp: bool) -> None:
+        """A column-parallel linear's input [b, s, h]: copy_to_tp (backward all-reduce), or under sequence
+        parallel _SequenceGatherLinear (forward all-gather; backward all-gather again and reduce-scatter)."""
+        if sp:
+            self.fwd("all_gather", "tp", bsh)
+            self.bwd("all_gather", "tp", bsh)
+            self.bwd("reduce_scatter", "tp", bsh)
         else:
-            column()
-            row()
-            if cfg.bias:
-                replicated(h)  # fc2 bias
-    elif cfg.is_moe(i):
-        fwd_m, bwd_m = moe_comms(cfg, mesh, b, seq, adtype, pdtype)
-        fwd += fwd_m
-        bwd += bwd_m
-    if cp > 1:  # ring attention: k and v blocks [b, g/t, s/cp, d] in fp32, cp - 1 steps, twice in backward
-        kv = b * max(1, cfg.num_kv_heads // t) * s * cfg.head_dim
-        rdtype = torch.float64 if adtype == torch.float64 else torch.float32
-        fwd += [_rec("send", "cp", kv, "forward", rdtype)] * (2 * (cp - 1))
-        bwd += [_rec("send", "cp", kv, "backward", rdtype)] * (4 * (cp - 1))
-    return fwd * (2 if cfg.recompute == "full" else 1) + bwd
+            self.bwd("all_reduce", "tp", bsh)
+
+    def row(self, bsh: int, sp: bool) -> None:
+        """A row-parallel linear's output [b, s, h]: forward all-reduce, or under sequence parallel a
+        reduce-scatter (and its backward all-gather)."""
+        if sp:
+            self.fwd("reduce_scatter", "tp", bsh)
+            self.bwd("all_gather", "tp", bsh)
+        else:
+            self.fwd("all_reduce", "tp", bsh)
 
 
-def moe_comms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, adtype, pdtype) -> tuple[list, list]:
-    """(forward, backward) collectives of a mixture-of-experts MLP (`nanomeg.moe_mlp`) on one microbatch.
-    ep's all-to-alls move as many rows as the routing sends to other ranks: planned here for uniform
-    routing, k·b·s·(ep - 1)/ep rows of h each way (an expectation, not an integer in general)."""
-    t, s, k, E, h = mesh.tp, seq, cfg.moe_topk, cfg.experts, cfg.hidden
+def fp32_or_wider(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the softmaxes, the router and ring attention compute in: fp32, or float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layer_comms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, c: Comms) -> None:
+    """Add layer i's collectives on one microbatch to c. Under tp, per layer: the qkv and fc1 inputs
+    (`Comms.column`), the proj and fc2 outputs (`Comms.row`); under sequence parallel the replicated norm
+    weights and biases, the proj and fc2 biases sum their gradients over tp (h each); kv heads replicated
+    over tp (t > g) sum their gradient rows, g·2d·h (+ g·2d bias). Under cp, ring attention sends the k and
+    v blocks [b, g/t, s/cp, d] (fp32) cp − 1 times forward, with their running dk, dv twice that backward."""
+    t, cp, s, h, d = mesh.tp, mesh.cp, seq // mesh.cp, cfg.hidden, cfg.head_dim
     sp = cfg.sequence_parallel and t > 1
     bsh = b * s * h
-    rdtype = torch.float64 if adtype == torch.float64 else torch.float32
-    fwd, bwd = [], []
+    norm = lambda: [c.grad(h) for _ in range(2 if cfg.norm == "layernorm" else 1)] if sp else None
+    if t > 1:
+        norm()
+        c.column(bsh, sp)
+        split = N.qkv_split(cfg)
+        if split.replicas(t) > 1:  # _SyncKVReplicaGrad: one all-reduce of every group's slot over tp
+            c.grad(split.groups * 2 * d * h)
+            if cfg.bias:
+                c.grad(split.groups * 2 * d)
+        c.row(bsh, sp)
+        if cfg.bias and sp:
+            c.grad(h)  # proj bias
+        norm()
+    if cfg.is_moe(i):
+        moe_comms(cfg, mesh, b, seq, c)
+    elif t > 1:
+        c.column(bsh, sp)
+        c.row(bsh, sp)
+        if cfg.bias and sp:
+            c.grad(h)  # fc2 bias
+    if cp > 1:
+        kv = b * max(1, cfg.num_kv_heads // t) * s * d
+        for _ in range(2 * (cp - 1)):
+            c.fwd("send", "cp", kv, fp32_or_wider(c.adtype))
+        for _ in range(4 * (cp - 1)):
+            c.bwd("send", "cp", kv, fp32_or_wider(c.adtype))
+
+
+def moe_comms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, c: Comms) -> None:
+    """Add a mixture-of-experts MLP's collectives (`nanomeg.moe_mlp`) on one microbatch to c. Under tp:
+    each rank routes 1/t of the tokens (without sequence parallel they are split off: an all-gather in the
+    backward), the router's gradient summed (E·h), three forward all-reduces for the aux and z losses (the
+    choices per expert b·E int64, the mean probabilities b·E and the z sums b, fp32), the gates all-gathered
+    (b·s·k fp32; reduce-scattered back) and the expert ids (b·s·k int64), the whole sequences for the
+    experts (copy_to_tp, or gather_from_sp: a forward all-gather and a backward reduce-scatter of b·s·h),
+    the output summed as a row-parallel one (fc2's bias, replicated:
+    E/ep·h). Under ep: the counts' all-to-all (E/ep·(ep − 1) int64), and the rows' dispatch and combine,
+    forward and backward: as many elements as the routing sends to other ranks, planned for uniform routing
+    (k·b·s·(ep − 1)/ep rows of h, an expectation: not an integer in general)."""
+    t, s, k, E, h = mesh.tp, seq, cfg.moe_topk, cfg.experts, cfg.hidden
+    sp = cfg.sequence_parallel and t > 1
+    bsh, wide = b * s * h, fp32_or_wider(c.adtype)
     if t > 1:
         if not sp:
-            bwd.append(_rec("all_gather", "tp", bsh, "backward", adtype))  # scatter_to_sp's backward
-        bwd.append(_rec("all_reduce", "tp", E * h, "backward", pdtype))  # the router, replicated over tp
-        fwd += [_rec("all_reduce", "tp", b * E, "forward", torch.int64),  # choices per expert
-                _rec("all_reduce", "tp", b * E, "forward", rdtype),  # mean router probability
-                _rec("all_reduce", "tp", b, "forward", rdtype)]  # z-loss sums
-        fwd.append(_rec("all_gather", "tp", b * s * k, "forward", rdtype))  # gates
-        bwd.append(_rec("reduce_scatter", "tp", b * s * k, "backward", rdtype))
-        fwd.append(_rec("all_gather", "tp", b * s * k, "forward", torch.int64))  # expert ids
-        if sp:
-            fwd.append(_rec("all_gather", "tp", bsh, "forward", adtype))
-            bwd.append(_rec("reduce_scatter", "tp", bsh, "backward", adtype))
+            c.bwd("all_gather", "tp", bsh)  # scatter_to_sp's backward
+        c.grad(E * h)  # the router, replicated over tp
+        c.fwd("all_reduce", "tp", b * E, torch.int64)
+        c.fwd("all_reduce", "tp", b * E, wide)
+        c.fwd("all_reduce", "tp", b, wide)
+        c.fwd("all_gather", "tp", b * s * k, wide)  # the gates ...
+        c.bwd("reduce_scatter", "tp", b * s * k, wide)
+        c.fwd("all_gather", "tp", b * s * k, torch.int64)  # ... and the expert ids
+        if sp:  # the whole sequences for the experts: gather_from_sp, or copy_to_tp
+            c.fwd("all_gather", "tp", bsh)
+            c.bwd("reduce_scatter", "tp", bsh)
         else:
-            bwd.append(_rec("all_reduce", "tp", bsh, "backward", adtype))
+            c.bwd("all_reduce", "tp", bsh)
     if mesh.ep > 1:
         ep = mesh.ep
-        fwd.append(_rec("all_to_all", "ep", E // ep * (ep - 1), "forward", torch.int64))  # the counts
-        away = b * s * k * (ep - 1) / ep * h  # uniform routing: rows for experts on other ep ranks
-        fwd += [_rec("all_to_all", "ep", away, "forward", adtype)] * 2  # dispatch, combine
-        bwd += [_rec("all_to_all", "ep", away, "backward", adtype)] * 2
+        c.fwd("all_to_all", "ep", E // ep * (ep - 1), torch.int64)
+        away = k * b * s * (ep - 1) / ep * h
+        for _ in range(2):  # dispatch, combine
+            c.fwd("all_to_all", "ep", away)
+            c.bwd("all_to_all", "ep", away)
     if t > 1:
         if cfg.bias:
-            bwd.append(_rec("all_reduce", "tp", E // mesh.ep * h, "backward", pdtype))  # fc2 bias, replicated
-        if sp:
-            fwd.append(_rec("reduce_scatter", "tp", bsh, "forward", adtype))
-            bwd.append(_rec("all_gather", "tp", bsh, "backward", adtype))
-        else:
-            fwd.append(_rec("all_reduce", "tp", bsh, "forward", adtype))
-    return fwd, bwd
+            c.grad(E // mesh.ep * h)  # fc2 bias, replicated over tp
+        c.row(bsh, sp)
 
 
-def end_comms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, adtype, pdtype, first: bool,
-              last: bool) -> list[dict]:
-    """The collectives of the embedding (first stage) and of the final norm, output layer and loss (last
-    stage) on one microbatch."""
-    t, s = mesh.tp, seq // mesh.cp
+def end_comms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, first: bool, last: bool, c: Comms) -> None:
+    """Add the embedding's (first stage) and the head's (last stage) collectives on one microbatch to c.
+    Under tp: the vocab-parallel lookup's partial rows summed (a forward all-reduce, or under sequence
+    parallel a reduce-scatter whose backward all-gathers; the position rows' gradient summed, s·h); the
+    final norm's gradients (sequence parallel), the output layer's input (`Comms.column`) and the
+    cross-entropy's three forward all-reduces of b·s in fp32 (four with label smoothing)."""
+    t, s, h = mesh.tp, seq // mesh.cp, cfg.hidden
     sp = cfg.sequence_parallel and t > 1
-    bsh, h = b * s * cfg.hidden, cfg.hidden
-    out = []
+    bsh = b * s * h
     if t == 1:
-        return out
+        return
     if first:
         if sp:
-            out += [_rec("reduce_scatter", "tp", bsh, "forward", pdtype), _rec("all_gather", "tp", bsh, "backward",
-                                                                               pdtype)]
+            c.fwd("reduce_scatter", "tp", bsh, c.pdtype)
+            c.param.append(dict(op="all_gather", dim="tp", elements=bsh, phase="backward", dtype=c.pdtype))
             if cfg.position == "learned":
-                out.append(_rec("all_reduce", "tp", s * h, "backward", pdtype))
+                c.grad(s * h)
         else:
-            out.append(_rec("all_reduce", "tp", bsh, "forward", pdtype))
+            c.fwd("all_reduce", "tp", bsh, c.pdtype)
     if last:
         if sp:
-            out += [_rec("all_reduce", "tp", h, "backward", pdtype)] * (2 if cfg.norm == "layernorm" else 1)
-            out += [_rec("all_gather", "tp", bsh, "forward", adtype), _rec("all_gather", "tp", bsh, "backward", adtype),
-                    _rec("reduce_scatter", "tp", bsh, "backward", adtype)]
-        else:
-            out.append(_rec("all_reduce", "tp", bsh, "backward", adtype))
-        ce = 4 if cfg.label_smoothing > 0 else 3
-        rdtype = torch.float64 if adtype == torch.float64 else torch.float32
-        out += [_rec("all_reduce", "tp", b * s, "forward", rdtype)] * ce
-    return out
+            for _ in range(2 if cfg.norm == "layernorm" else 1):
+                c.grad(h)
+        c.column(bsh, sp)
+        for _ in range(4 if cfg.label_smoothing > 0 else 3):
+            c.fwd("all_reduce", "tp", b * s, fp32_or_wider(c.adtype))
 
 
 def step_comms(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, p2p: list, buckets: list, *,
-               b: int, seq: int, microbatches: int, zero: bool, main: bool, adtype, pdtype) -> list[dict]:
+               b: int, seq: int, zero: bool, schedule: str, adtype, pdtype) -> list[dict]:
     """Every collective of one `train.train_step` on this rank, as `parallel.count_comms()` records them:
-    each forward F and backward B of the action list adds its chunk's layers' and ends' collectives;
-    the pipeline's sends and receives are the rank's `parallel.p2p_plans` posts ([b, s/cp(/t), h] each);
-    then the gradient buckets (one all-reduce, or ZeRO's reduce-scatter, per bucket over dp, dpcp or edp,
-    launched during the backward; the tied embedding's after it, first summed over "embed"), the grad norm
-    (one float64 element over ep, tp and pp, or dp, tp and pp under ZeRO), the loss over pp, and ZeRO's
-    all-gather of the updated parameters per bucket (phase "optimizer")."""
-    per_chunk = {}
-    for c, st in stages.items():
-        recs = [r for i in st.layers for r in layer_comms(cfg, mesh, i, b, seq, adtype, pdtype)]
-        recs += end_comms(cfg, mesh, b, seq, adtype, pdtype, st.first, st.last)
-        per_chunk[c] = recs
+    * each microbatch through each of its chunks (one forward F in the action list): the chunk's layers'
+      and ends' `Comms`, the forward twice under full recompute (the backward redoes it), and under
+      zero-bubble the activation gradients' twice on all but the first virtual stage (W walks the graph
+      from the output again, autograd cannot stop halfway: `parallel.run_schedule`);
+    * the pipeline's sends and receives: this rank's `parallel.p2p_plans` posts, [b, s/cp(/t), h] each;
+    * the gradient buckets: an all-reduce, or ZeRO's reduce-scatter, of each bucket's padded numel over
+      its dim (dp, dpcp, edp), launched during the backward; the tied embedding's after it, first summed
+      over "embed"; none over a dim of size 1;
+    * the grad norm: one float64 element over ep (experts' squares), tp and pp, or under ZeRO over
+      dp (dpcp), tp and pp; the loss (and the MoE aux loss) from the last stage over pp;
+    * ZeRO: each bucket's updated slices all-gathered (phase "optimizer")."""
     out = []
-    n_fwd = {c: sum(1 for a in actions if a.kind == "F" and a.chunk == c) for c in stages}
-    for c, recs in per_chunk.items():  # each microbatch through the chunk: its forward and its backward
-        out += [dict(r) for r in recs for _ in range(n_fwd[c])]
+    for chunk, st in stages.items():
+        layers, ends = Comms(adtype, pdtype), Comms(adtype, pdtype)
+        for i in st.layers:
+            layer_comms(cfg, mesh, i, b, seq, layers)
+        end_comms(cfg, mesh, b, seq, st.first, st.last, ends)
+        again = 2 if schedule == "zb" and not st.first else 1  # ... its I pass, then W
+        one = layers.forward * (2 if cfg.recompute == "full" else 1) + ends.forward + \
+            (layers.act + ends.act) * again + layers.param + ends.param
+        out += [dict(r) for a in actions if a.kind == "F" and a.chunk == chunk for r in one]
     s_msg = seq // mesh.cp // (mesh.tp if cfg.sequence_parallel and mesh.tp > 1 else 1)
-    for group in p2p:
-        for slot in group:
-            for post in slot:
-                out.append(_rec(post.op, "pp", b * s_msg * cfg.hidden,
-                                "backward" if post.msg.backward else "forward", pdtype))
+    out += [dict(op=post.op, dim="pp", elements=b * s_msg * cfg.hidden, phase="backward" if post.msg.backward
+                 else "forward", dtype=pdtype) for group in p2p for slot in group for post in slot]
+    after = lambda dim, n=1, op="all_reduce", dtype=torch.float64: dict(op=op, dim=dim, elements=n,
+                                                                        phase="after backward", dtype=dtype)
     for bucket in buckets:
         if bucket["tied"]:
-            out.append(_rec("all_reduce", "embed", bucket["numel"], "after backward", pdtype))
+            out.append(after("embed", bucket["numel"], dtype=pdtype))
         if mesh.size(bucket["dim"]) > 1:
-            out.append(_rec("reduce_scatter" if zero else "all_reduce", bucket["dim"], bucket["numel"],
-                            "after backward" if bucket["tied"] else "backward", pdtype))
-    dims = ("dpcp" if mesh.cp > 1 else "dp", "tp", "pp") if zero else (("ep",) if mesh.ep > 1 else ()) + ("tp", "pp")
-    out += [_rec("all_reduce", dim, 1, "after backward", torch.float64) for dim in dims if mesh.size(dim) > 1]
-    if mesh.pp > 1:
-        out.append(_rec("all_reduce", "pp", 1, "after backward", torch.float64))  # the loss, from the last stage
-        if cfg.experts:
-            out.append(_rec("all_reduce", "pp", 1, "after backward", torch.float64))  # the MoE aux loss
-    if zero:
-        out += [_rec("all_gather", bucket["dim"], bucket["numel"], "optimizer", pdtype) for bucket in buckets
-                if mesh.size(bucket["dim"]) > 1]
+            out.append(after(bucket["dim"], bucket["numel"], "reduce_scatter" if zero else "all_reduce", pdtype) |
+                       ({} if bucket["tied"] else dict(phase="backward")))
+    norm = ("dpcp" if mesh.cp > 1 else "dp", "tp", "pp") if zero else ("ep", "tp", "pp")
+    out += [after(dim) for dim in norm if mesh.size(dim) > 1]
+    out += [after("pp") for _ in range(2 if cfg.experts else 1) if mesh.pp > 1]  # the loss; the aux loss
+    out += [dict(op="all_gather", dim=b["dim"], elements=b["numel"], phase="optimizer", dtype=pdtype)
+            for b in buckets if zero and mesh.size(b["dim"]) > 1]
     return out
 
 
@@ -527,8 +548,8 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
     optimizer = state_bytes(buckets, mesh, params, zero=zero, main=zero or bf16)
     acts = activation_bytes(cfg, mesh, stages, mine, micro_batch, seq, elem, triton)
     acts["peak_in_flight"] = sim["peak_in_flight"][mesh.pp_rank]
-    comms = step_comms(cfg, mesh, stages, mine, p2p[mesh.pp_rank], buckets, b=micro_batch, seq=seq,
-                       microbatches=microbatches, zero=zero, main=zero or bf16, adtype=adtype, pdtype=pdtype)
+    comms = step_comms(cfg, mesh, stages, mine, p2p[mesh.pp_rank], buckets, b=micro_batch, seq=seq, zero=zero,
+                       schedule=schedule, adtype=adtype, pdtype=pdtype)
     return dict(mesh=mesh, rank=rank, stage=mesh.pp_rank, chunks=stages, shards=shards,
                 params=sum(p.numel() for p in params.values()), buckets=buckets,
                 bytes=dict(weights=weights, grads=grads, optimizer=optimizer, activations=acts["total"],

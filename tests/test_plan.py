@@ -33,6 +33,13 @@ WORLD = 4
 _MESHES: dict = {}
 
 
+def mesh_of(tp, cp, pp, ep) -> P.Mesh:
+    """This worker's mesh of the layout, built once (every rank builds the same layouts in the same order)."""
+    if (tp, cp, pp, ep) not in _MESHES:
+        _MESHES[tp, cp, pp, ep] = P.Mesh.build(tp=tp, cp=cp, pp=pp, ep=ep)
+    return _MESHES[tp, cp, pp, ep]
+
+
 # ---------------------------------------------------------------------------------------------------
 # 1. The virtual mesh
 # ---------------------------------------------------------------------------------------------------
@@ -52,14 +59,15 @@ def test_of_rank_is_megatrons_order_and_the_inverse_of_global_rank(tp, cp, dp, p
     assert len(seen) == world
 
 
-def built_coords(_pool_mesh):
-    m = P.Mesh.build(tp=2)
-    return torch.distributed.get_rank(), m
+def built_coords(_pool_mesh, layout):
+    """(torch's rank, the sizes and coordinates Mesh.build gave this rank: its groups left behind)."""
+    return torch.distributed.get_rank(), replace(mesh_of(*layout), groups={})
 
 
-def test_build_takes_its_coordinates_from_of_rank(pool):
-    for rank, m in pool.run(built_coords):
-        assert m == P.Mesh.of_rank(rank, tp=2, dp=2), (rank, m)
+@pytest.mark.parametrize("tp, cp, pp, ep", [(2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2)])
+def test_build_takes_its_coordinates_from_of_rank(pool, tp, cp, pp, ep):
+    for rank, m in pool.run(built_coords, (tp, cp, pp, ep)):
+        assert m == P.Mesh.of_rank(rank, tp=tp, cp=cp, pp=pp, dp=WORLD // (tp * cp * pp), ep=ep), (rank, m)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,14 +87,12 @@ LAYOUTS = [
                                                  "--microbatches", "2", "--schedule", "afab"], 1, 1, 1, 1),
     ("MoE tp2 dp2 ep2, top-2, ZeRO-1", ["--experts", "4", "--topk", "2", "--ep", "2", "--batch", "2",
                                         "--zero", "1"], 2, 1, 1, 2),
+    ("MoE every 2nd layer, tp2 sp dp2", ["--experts", "4", "--moe-every", "2", "--batch", "2",
+                                         "--sequence-parallel"], 2, 1, 1, 1),
+    ("tp2 pp2 zero-bubble m2", ["--microbatches", "2", "--batch", "4", "--schedule", "zb"], 2, 1, 2, 1),
+    ("cp2 pp2 interleaved v2 m2, bf16", ["--virtual-stages", "2", "--microbatches", "2", "--batch", "2", "--bf16"],
+     1, 2, 2, 1),
 ]
-
-
-def mesh_of(tp, cp, pp, ep) -> P.Mesh:
-    """This worker's mesh of the layout, built once (every rank builds the same layouts in the same order)."""
-    if (tp, cp, pp, ep) not in _MESHES:
-        _MESHES[tp, cp, pp, ep] = P.Mesh.build(tp=tp, cp=cp, pp=pp, ep=ep)
-    return _MESHES[tp, cp, pp, ep]
 
 
 def record(c) -> tuple:
