@@ -59,6 +59,12 @@ def schedules(name: str, pp: int, m: int, v: int) -> tuple:
     return actions, plans, P.simulate(actions, v)
 
 
+@functools.lru_cache(maxsize=16)
+def model_specs(cfg: N.GPTConfig) -> dict:
+    """`nanomeg.gpt_specs(cfg)`, computed once per config: every rank of a layout shares them."""
+    return N.gpt_specs(cfg)
+
+
 def stage_shapes(cfg: N.GPTConfig, mesh: P.Mesh, v: int) -> dict:
     """{name: full shape} of the parameters this pipeline rank holds (`nanomeg.stage_params` of
     `nanomeg.gpt_shapes`), in the model's order."""
@@ -455,11 +461,12 @@ def step_comms(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, p2p:
 
 
 def per_dim(comms: list[dict]) -> dict:
-    """{(dim, op, phase): (collectives, elements)} summed: the table a reader (or the cost model) wants."""
+    """{(dim, op, phase): (collectives, elements, bytes)} summed over the records (bytes: elements × the
+    dtype's size): the table a reader, or a cost model, wants."""
     out = {}
     for c in comms:
-        n, e = out.get((c["dim"], c["op"], c["phase"]), (0, 0))
-        out[c["dim"], c["op"], c["phase"]] = (n + 1, e + c["elements"])
+        n, e, nbytes = out.get((c["dim"], c["op"], c["phase"]), (0, 0, 0))
+        out[c["dim"], c["op"], c["phase"]] = (n + 1, e + c["elements"], nbytes + c["elements"] * c["dtype"].itemsize)
     return out
 
 
@@ -514,32 +521,36 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
               v: int = 1, micro_batch: int, seq: int, microbatches: int, schedule: str = "1f1b", zero: bool = False,
               bf16: bool = False, bucket_mb: float = 25.0, triton: bool = True) -> dict:
     """What global rank `rank` of the layout (tp, pp, dp, cp, ep; v chunks per pipeline rank) holds, sends
-    and computes in one training step of `microbatches` microbatches of micro_batch sequences of seq
-    tokens per data-parallel replica (train.py's --batch = micro_batch · microbatches), as train.py runs
-    it (AdamW; ZeRO-1 with zero; bf16 weights and activations with bf16). Shapes only: no tensor of the
-    model is made. ValueError naming the values for a layout the model cannot take. Returns:
-      mesh: the virtual `parallel.Mesh` (sizes and coordinates of every dim; `mesh.size(d)` per group);
-      stage: the pipeline rank; chunks: {chunk: nanomeg.Stage} (its layers, first / last);
+    and computes in one training step of `microbatches` microbatches of micro_batch sequences of seq tokens
+    per data-parallel replica (train.py's --batch = micro_batch · microbatches), as train.py runs a GPT
+    (AdamW, buckets of bucket_mb MB; ZeRO-1 with zero; bf16 weights and activations with bf16, the
+    optimizer's fp32 main copy). cfg as train.py makes it (its vocab_multiple, 128·tp, pads the vocabulary).
+    triton: the activations the Triton kernels keep (a GPU), or the CPU references' (False). Shapes only:
+    no tensor of the model is made. ValueError naming the values for a layout the model cannot take.
+    Returns (B: bytes; el: elements; per step unless said):
+      mesh: the virtual `parallel.Mesh` (every dim's size and this rank's coordinate; mesh.size(d) for a
+        group: "dpcp", "edp", "embed"); rank; stage: the pipeline rank; chunks: {chunk: nanomeg.Stage};
       shards: `parallel.shard_layout` rows of the parameters it holds (name, local and full shape, slice);
-      params: elements held;
-      buckets: the gradient buckets (`parallel.bucket_layout`: names, dim, tied, numel);
-      bytes: {weights, grads, optimizer, activations, total} in B (see `state_bytes`, `activation_bytes`);
-      activations: {per_layer, layers, chunk: {chunk: B per microbatch}, total, peak_in_flight (microbatch
-        chunks held at once, `parallel.simulate`)};
-      comms: one step's collectives as `parallel.count_comms()` records ({op, dim, elements, phase,
-        dtype}); ep's all-to-all elements are the uniform-routing expectation;
-      flops: {per_microbatch: {chunk: {forward, backward, recompute}}, forward, backward, recompute,
-        total, model} per step on this rank;
-      schedule: {name, actions (this rank's), simulation (unit costs)}."""
+      params: el held; buckets: its gradient buckets (`parallel.bucket_layout`: names, dim, tied, numel);
+      bytes: {weights, grads (the buckets' padded buffers), optimizer (`state_bytes`), activations (at the
+        peak), total};
+      activations: {total: B at the peak, chunk: {chunk: B one microbatch keeps}, terms: {chunk: [(what,
+        B)]}, peak_chunks: {chunk: microbatches held at the peak}, peak_in_flight: microbatch chunks held
+        at the peak (`parallel.simulate`)};
+      comms: the step's collectives as `parallel.count_comms()` records {op, dim, elements, phase, dtype}
+        (`step_comms`; ep's token all-to-alls: their uniform-routing expectation); `per_dim` sums them;
+      flops: {per_microbatch: {chunk: {forward, backward, recompute}}, forward, backward, recompute, total,
+        model} on this rank (`stage_flops`);
+      schedule: {name, actions: this rank's action list, simulation: `parallel.simulate` at unit costs}."""
     mesh = P.Mesh.of_rank(rank, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep)
     check_layout(cfg, mesh, v, micro_batch, seq, microbatches, schedule)
     actions, p2p, sim = schedules(schedule, pp, microbatches, v)
     mine = actions[mesh.pp_rank]
     stages = N.stages_of(cfg, mesh, v)
-    specs = N.gpt_specs(cfg)
+    specs = model_specs(cfg)
     shards = P.shard_layout(stage_shapes(cfg, mesh, v), specs, mesh)
     pdtype = torch.bfloat16 if bf16 else torch.float32
-    adtype = pdtype
+    adtype = pdtype  # train.py: the activations in the weights' dtype (bf16 weights under --bf16: no casts)
     params = meta_params(shards, pdtype)
     buckets = buckets_of(cfg, mesh, params, specs, zero=zero, bucket_mb=bucket_mb)
     elem = torch.finfo(pdtype).bits // 8

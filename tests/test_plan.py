@@ -25,6 +25,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import nanomeg as N
 import parallel as P
 import plan
 import train
@@ -156,3 +157,81 @@ def test_the_plan_is_what_a_real_step_holds_and_sends(pool, name, flags, tp, cp,
         assert abs(real["activations"] - acts["total"]) <= 0.05 * real["activations"], \
             (f"{what}: measured {real['activations']:,} B, planned {acts['total']:,} B = microbatches held at the "
              f"peak {acts['peak_chunks']} x per chunk {acts['terms']}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Properties of the plan alone (no processes)
+# ---------------------------------------------------------------------------------------------------
+
+SMALL = N.GPTConfig(vocab_size=300, max_seq=32, layers=4, hidden=32, heads=4, vocab_multiple=64)
+
+
+@st.composite
+def layouts(draw):
+    """A layout of at most 16 ranks for SMALL (or its MoE twin): sizes, schedule, microbatches, flags."""
+    tp, pp, dp = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2]))
+    moe = draw(st.booleans())
+    cp = 1 if moe else draw(st.sampled_from([1, 2]))
+    ep = draw(st.sampled_from([e for e in (1, 2) if dp % e == 0])) if moe else 1
+    v = draw(st.sampled_from([1, 2])) if pp > 1 and pp * 2 <= SMALL.layers else 1
+    schedule = "interleaved" if v > 1 else draw(st.sampled_from(["afab", "1f1b", "zb"]))
+    m = draw(st.sampled_from([pp, 2 * pp])) if v > 1 else draw(st.integers(1, 4))
+    cfg = replace(SMALL, experts=4 * moe, moe_topk=1 + moe, sequence_parallel=draw(st.booleans()) and tp > 1,
+                  tie_embeddings=draw(st.booleans()), recompute=draw(st.sampled_from(["none", "selective", "full"])))
+    return cfg, dict(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, v=v, schedule=schedule, microbatches=m, micro_batch=2,
+                     seq=16, zero=draw(st.booleans()), bf16=draw(st.booleans()))
+
+
+def multiset(comms) -> collections.Counter:
+    return collections.Counter(record(c) for c in comms)
+
+
+@given(layouts())
+def test_every_rank_is_one_of_the_kinds_layout_plans_lists_and_the_world_computes_gpt_flops(drawn):
+    """layout_plans' claim: the plan of any rank is its pipeline stage's kind (the bytes, the collectives, the
+    FLOPs and the local shapes), so 3,072 ranks are a few pictures; and the world's FLOPs per step add up to
+    `gpt_flops` of the global batch; the pipeline's sends and receives pair up, stage by stage."""
+    cfg, layout = drawn
+    kinds = plan.layout_plans(cfg, **layout)
+    world = layout["tp"] * layout["cp"] * layout["dp"] * layout["pp"]
+    assert len(kinds) == layout["pp"] and sum(k["ranks"] for k in kinds) == world
+    for rank in range(world):
+        p = plan.rank_plan(cfg, rank, **layout)
+        kind = kinds[p["stage"]]
+        assert p["bytes"] == kind["bytes"] and p["flops"] == kind["flops"], rank
+        assert multiset(p["comms"]) == multiset(kind["comms"]), rank
+        assert [r["local_shape"] for r in p["shards"]] == [r["local_shape"] for r in kind["shards"]], rank
+    model = sum(k["flops"]["model"] * k["ranks"] for k in kinds)
+    batch = layout["micro_batch"] * layout["microbatches"] * layout["dp"]
+    assert model == pytest.approx(N.gpt_flops(cfg, batch, layout["seq"]), rel=1e-9)
+    sent = lambda k, op, phase: sum(c["elements"] for c in k["comms"] if (c["dim"], c["op"], c["phase"]) ==
+                                    ("pp", op, phase))
+    for phase in ("forward", "backward"):
+        assert sum(sent(k, "send", phase) for k in kinds) == sum(sent(k, "recv", phase) for k in kinds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Bad input
+# ---------------------------------------------------------------------------------------------------
+
+BAD = {
+    "a rank outside the world": (dict(rank=8, tp=2, pp=2), ["rank 8", "2*1*1*2 = 4"]),
+    "a negative rank": (dict(rank=-1), ["rank -1"]),
+    "heads that tp does not divide": (dict(tp=3), ["tp=3", "heads=4"]),
+    "layers that pp x v do not divide": (dict(pp=3), ["layers=4", "pp*virtual stages = 3*1"]),
+    "ep without experts": (dict(dp=2, ep=2), ["ep=2", "experts=0"]),
+    "ep that does not divide dp": (dict(dp=2, ep=3), ["ep=3", "dp=2"]),
+    "interleaving whose microbatches do not fill the pipeline": (
+        dict(pp=2, v=2, schedule="interleaved", microbatches=3), ["microbatches=3", "pp=2"]),
+    "a sequence cp cannot cut": (dict(cp=3), ["seq=16", "cp=3"]),
+    "no microbatch": (dict(microbatches=0), ["microbatches=0"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_layouts_are_one_value_error_naming_the_values(case):
+    kw, words = BAD[case]
+    kw = dict(dict(rank=0, micro_batch=2, seq=16, microbatches=2), **kw)
+    with pytest.raises(ValueError) as e:
+        plan.rank_plan(SMALL, kw.pop("rank"), **kw)
+    assert all(w in str(e.value) for w in words), (case, str(e.value))
