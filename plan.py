@@ -184,7 +184,16 @@ def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: 
         terms.append(("attention dropout mask (1 B) and dropped probabilities",
                       (1 + elem) * b * n * s * s * (cfg.attention_dropout > 0)))
     core_kept = "selective" if mesh.cp > 1 else cfg.recompute  # ring attention keeps no [s, s] tensor
+    terms.append(("the two LayerNorms' weights (and biases) cast to fp32, off Triton, for 16-bit weights",
+                  2 * norm_copies(cfg, elem, triton)))
     return terms + differences(s, b, h, cfg.heads, cfg.ffn_hidden, t, sp, core_kept, elem, triton)
+
+
+def norm_copies(cfg: N.GPTConfig, elem: int, triton: bool) -> int:
+    """B a LayerNorm keeps off Triton with 16-bit weights: F.layer_norm runs on fp32 copies of its weight
+    and bias (4·h B each), made at every call (not counted by benchmarks/memory.py, which leaves out what is
+    computed from parameters alone; they are held all the same)."""
+    return 0 if triton or elem >= 4 else 4 * cfg.hidden * (2 if cfg.norm == "layernorm" else 1)
 
 
 def moe_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int) -> list[tuple[str, float]]:
@@ -194,8 +203,11 @@ def moe_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int) -> li
     output, and output · gate for the scatter-add back to the tokens) and f(·2)/t, f/t in the expert's
     MLP; four int64 indices a choice (the gather of the rows, the sort by expert, its inverse, the gate's
     place) and its fp32 gate; the router, on this rank's 1/t of the tokens: its probabilities and the
-    logits the z-loss reads (E each), the top-k ids (int64) and gates, their sum and the log-sum-exp,
-    fp32, and under tp without sequence parallel its own copy of those tokens' rows (elem·h)."""
+    logits the z-loss reads (E each), the top-k ids (int64), the log-sum-exp and, when the gates are
+    renormalised (k > 1), the gates and their sum, fp32, the aux loss's [b, E], and under tp without
+    sequence parallel its own copy of those tokens' rows (elem·h). Exact for the routing's expected row
+    counts; with ep the rows a rank receives follow the routing (within a few % at these sizes), and a
+    capacity factor drops rows: the plan is then the dropless upper bound."""
     t, s, k, E, h = mesh.tp, seq // mesh.cp, cfg.moe_topk, cfg.experts, cfg.hidden
     sp = cfg.sequence_parallel and t > 1
     m = k * b * s  # choices: rows through the experts
@@ -204,8 +216,9 @@ def moe_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int) -> li
     return [("experts: the rows in, their outputs and outputs · gates", 3 * elem * m * h),
             ("experts: fc1's output and fc2's input", elem * m * (fc1 + cfg.ffn_hidden) / t),
             ("the choices' int64 indices (4) and fp32 gates", (32 + 4) * m),
-            ("the router: probabilities and logits (fp32, E each), top-k ids and gates, their sum, log-sum-exp",
-             (8 * E + 12 * k + 8) * routed + 4 * b * E),
+            ("the router: probabilities and logits (fp32, E each), top-k ids, log-sum-exp (and the gates and "
+             "their sum, renormalised)", (8 * E + 8 * k + 4 + (4 * k + 4) * cfg.renormalizes_gates) * routed
+             + 4 * b * E),
             ("the router's own copy of its 1/t of the tokens", elem * routed * h * (t > 1 and not sp))]
 
 
@@ -229,8 +242,8 @@ def end_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int, first
                    (mesh.cp > 1 and cfg.position == "learned")),
                   ("the embedding dropout's mask", whole * (cfg.hidden_dropout > 0))]
     if last:
-        terms += [("the final LayerNorm's input (fp32 off Triton), mean and rstd",
-                   (elem if triton else 4) * whole + 8 * tokens / (t if sp else 1)),
+        terms += [("the final LayerNorm's input (fp32 off Triton), mean and rstd (and fp32 weights off Triton)",
+                   (elem if triton else 4) * whole + 8 * tokens / (t if sp else 1) + norm_copies(cfg, elem, triton)),
                   ("the output layer's input", elem * whole),
                   ("the cross-entropy's fp32 softmax [b, s, V/t]", 4 * tokens * cfg.padded_vocab / t),
                   ("the cross-entropy's targets (int64) and in-range mask", 9 * tokens)]

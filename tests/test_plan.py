@@ -11,8 +11,10 @@
    * the same collectives, as a multiset of (op, dim, elements, phase, dtype) records, exactly; but for
      ep's all-to-alls of token rows, whose sizes follow the routing: their number and phases exactly, their
      elements planned for uniform routing (the counts' all-to-all is exact);
-   * the activation bytes at the schedule's peak within 5%, once the CPU references' known extra storage
-     (`plan.differences`, named in the message) is added: the plan is the Triton kernels' (GPU) figure.
+   * the activation bytes at the schedule's peak (`plan.SavedBytes`: every storage autograd keeps, once) to
+     the byte, planned for the CPU references that run here (`rank_plan(triton=False)`; the message names
+     the terms in which a GPU's Triton kernels would differ); under ep within 5%: the rows an ep rank's
+     experts receive follow the routing, planned uniform.
 3. Properties of the plan alone (no processes): every send has its receive, and the whole world's bytes.
 4. Bad input: one ValueError naming the values.
 """
@@ -127,14 +129,15 @@ def config(argv):
     return args, replace(cfg, tie_embeddings="--untied" not in argv)
 
 
-def planned(argv, tp, cp, pp, ep, rank):
-    """rank_plan of this rank for train.py's flags, with the CPU references' activations (what runs here)."""
+def planned(argv, tp, cp, pp, ep, rank, triton=False):
+    """rank_plan of this rank for train.py's flags, with the CPU references' activations (what runs here),
+    or the Triton kernels' (a GPU's)."""
     args, cfg = config(argv)
     dp = WORLD // (tp * cp * pp)
     return cfg, args, plan.rank_plan(cfg, rank, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, v=args.virtual_stages,
                                      micro_batch=args.batch // args.microbatches, seq=args.seq,
                                      microbatches=args.microbatches, schedule=args.schedule, zero=args.zero == 1,
-                                     bf16=args.bf16, bucket_mb=args.bucket_mb, triton=False)
+                                     bf16=args.bf16, bucket_mb=args.bucket_mb, triton=triton)
 
 
 @pytest.mark.parametrize("name, flags, tp, cp, pp, ep", LAYOUTS, ids=[case[0].strip() for case in LAYOUTS])
@@ -153,10 +156,14 @@ def test_the_plan_is_what_a_real_step_holds_and_sends(pool, name, flags, tp, cp,
         assert got == want, f"{what}: real - planned {got - want}, planned - real {want - got}"
         assert collections.Counter(c[3] for c in real["comms"] if routed(c)) == \
             collections.Counter(c[3] for c in map(record, p["comms"]) if routed(c)), what
-        acts = p["activations"]
-        assert abs(real["activations"] - acts["total"]) <= 0.05 * real["activations"], \
+        acts, gpu = p["activations"], planned(argv, tp, cp, pp, ep, rank, triton=True)[2]["activations"]
+        cpu_only = [(what, cpu - g) for c in acts["terms"] for (what, cpu), (_, g) in
+                    zip(acts["terms"][c], gpu["terms"][c]) if cpu != g]  # the CPU references' own storage
+        within = 0.05 if ep > 1 else 0  # the rows an ep rank's experts receive follow the routing
+        assert abs(real["activations"] - acts["total"]) <= within * real["activations"], \
             (f"{what}: measured {real['activations']:,} B, planned {acts['total']:,} B = microbatches held at the "
-             f"peak {acts['peak_chunks']} x per chunk {acts['terms']}")
+             f"peak {acts['peak_chunks']} x per chunk {acts['terms']}; of which the CPU references' terms, "
+             f"per microbatch, not a GPU's: {cpu_only}")
 
 
 # ---------------------------------------------------------------------------------------------------
