@@ -121,42 +121,58 @@ def formula_bytes(s, b, h, a, t, sp, recompute, elem) -> float:
     return (whole + split + core) / t if sp else whole + (split + core) / t
 
 
-def differences(s, b, h, a, ffn, t, sp, recompute, elem, triton) -> list[tuple[str, float]]:
+def differences(s, b, h, a, ffn, t, sp, recompute, elem, triton, norm="layernorm", gelu=True) -> list[tuple]:
     """(what, bytes) by which one layer's storage on one rank differs from formula_bytes (positive: more).
     elem: the formula's activation bytes (4 for fp32, 2 for bf16). triton: the Triton kernels' path (GPU),
-    else the CPU references. formula_bytes + the sum is what benchmarks/memory.py measures, to the byte
-    (a layer with hidden and attention dropout on)."""
+    else the CPU references. norm: the layer's two norms (LayerNorm or RMSNorm); gelu: its MLP runs
+    `kernels.bias_gelu` (ffn: its width on this rank's rows, × k for a MoE layer's choices).
+    recompute: "none" keeps the attention core's [s, s] tensors, "selective" (also ring attention and
+    SDPA: none kept) or "full" (the layer input alone). formula_bytes + the sum is what
+    benchmarks/memory.py measures, to the byte (a LayerNorm GeLU layer with dropout on)."""
     whole = s * b * h / (t if sp else 1)  # elements of a [b, s, h] tensor this rank holds whole
     tokens = s * b / (t if sp else 1)
-    att, gelu = a * s * s * b / t, s * b * ffn / t  # [b, a/t, s, s] and [b, s, ffn/t]
-    body, core, ref = recompute != "full", recompute == "none", not triton
+    att, gelu_in = a * s * s * b / t, s * b * ffn / t * gelu  # [b, a/t, s, s] and [b, s, ffn/t]
+    body, core, ref, rms = recompute != "full", recompute == "none", not triton, norm == "rmsnorm"
     return [
-        ("LayerNorm off Triton (torch's F.layer_norm on an fp32 copy of x): keeps x in fp32, not in elem B, "
-         "per LayerNorm", 2 * (4 - elem) * whole * (body and ref)),
-        ("LayerNorm statistics, not in the formula: mean and rstd [b, s] fp32, per LayerNorm",
-         2 * 2 * 4 * tokens * body),
+        ("norms off Triton (torch's F.layer_norm / F.rms_norm on an fp32 copy of x): keep x in fp32, not in "
+         "elem B, per norm", 2 * (4 - elem) * whole * (body and ref)),
+        ("RMSNorm off Triton: F.rms_norm's autograd also keeps the normalised x (fp32), per norm",
+         2 * 4 * whole * (body and ref and rms)),
+        ("norm statistics, not in the formula: mean and rstd [b, s] fp32 (RMSNorm: rstd), per norm",
+         2 * (1 if rms else 2) * 4 * tokens * body),
         ("softmax output, CPU reference: kept in fp32 (the fp32 compute dtype), not in the scores' dtype",
          (4 - elem) * att * (core and ref)),
         ("GeLU input, CPU reference: kept in fp32 (upcast before F.gelu), not in fc1's output dtype",
-         (4 - elem) * gelu * (body and ref)),
+         (4 - elem) * gelu_in * (body and ref)),
         ("causal mask, CPU reference: the [s, s] bool that masked_fill_ keeps", s * s * (core and ref)),
     ]
+
+
+def mlp_width(cfg: N.GPTConfig) -> int:
+    """Elements a token's row keeps in the MLP beyond its input, over the whole ffn f (÷t on a rank):
+    fused bias-GeLU its input and output (the fc2 input), 2f; ReLU its output alone (it is fc2's input),
+    f; gated (SwiGLU, GeGLU) fc1's output (2f), act(gate) and the product (fc2's input), 4f."""
+    f = cfg.ffn_hidden
+    return 4 * f if cfg.gated else f if cfg.activation == "relu" else 2 * f
 
 
 def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: int,
                 triton: bool = True) -> list[tuple[str, float]]:
     """(what, B) layer i keeps for the backward on this rank, one microbatch of b sequences: Korthikanti's
-    terms for this code (`formula_bytes` for a dense GPT of ffn 4h, MHA, dropout on), generalised, then the
-    kernels' own (`differences`: the Triton kernels' LayerNorm statistics, or the CPU references' extra
-    storage with triton=False). s = seq / cp tokens per sequence here; a "whole" [b, s, h] tensor is split
-    over tp only under sequence parallel.
-      whole, elem B: the two LayerNorm inputs, the qkv and fc1 inputs (4), plus 1 B per hidden dropout mask;
+    terms for this code (`formula_bytes` for a LayerNorm GeLU GPT of ffn 4h, MHA, dropout on), generalised,
+    then the kernels' own (`differences`: norm statistics, or the CPU references' extra storage with
+    triton=False). s = seq / cp tokens per sequence here; a "whole" [b, s, h] tensor is split over tp
+    only under sequence parallel.
+      whole, elem B: the two norm inputs, the qkv and fc1 inputs (4), plus 1 B per hidden dropout mask;
       split over tp, elem B per token: q, k, v (3·n·d: the attention matmuls keep contiguous copies, the kv
-        heads repeated to n; under selective recompute or cp the fused qkv output, (n + 2g)·d), the proj
-        input (n·d), fc1's output (f, 2f gated) and fc2's input (f);
+        heads repeated to n; under selective recompute, cp or SDPA the fused qkv output, (n + 2g)·d, plus
+        the rotated q and k under rope, (n + g)·d), the proj input (n·d; under cp in fp32 or SDPA the
+        attention output itself), the MLP (`mlp_width`);
       the attention core [b, n/t, s, s]: its softmax output (elem) and, with attention dropout, the mask (1)
-        and the dropped probabilities (elem); none under selective recompute; under cp ring attention keeps
-        no [s, s] tensor but its fp32 output and log-sum-exp, 4·(d + 1) B per token and head;
+        and the dropped probabilities (elem); none under selective recompute; ring attention (cp) and SDPA
+        keep none of it but their output and fp32 log-sum-exp, 4 B per token and head (ring: its output
+        in fp32, 4·d more);
+      rope: the cos and sin tables [s, d] of each rotation (q and k), elem B;
       full recompute: the layer input alone (elem · whole).
     A mixture-of-experts layer's MLP (`nanomeg.moe_mlp`): `moe_terms`, for uniform routing."""
     t, s, h = mesh.tp, seq // mesh.cp, cfg.hidden
@@ -166,32 +182,38 @@ def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: 
     if cfg.recompute == "full":
         return [("the layer input (full recompute keeps nothing else)", elem * whole)]
     n, d, g = cfg.heads // t, cfg.head_dim, max(1, cfg.num_kv_heads // t)
-    fc1 = cfg.ffn_hidden * (2 if cfg.gated else 1)
-    fused = cfg.recompute == "selective" or mesh.cp > 1  # q, k, v kept as views of the qkv output
-    shared_out = mesh.cp > 1 and elem >= 4  # ring attention's output, not cast, is the proj input's storage
-    terms = [("two LayerNorm inputs, the qkv and fc1 inputs", 4 * elem * whole),
+    ring, sdpa, rope = mesh.cp > 1, cfg.attention == "sdpa" and mesh.cp == 1, cfg.position == "rope"
+    fused = cfg.recompute == "selective" or ring or sdpa  # q, k, v kept as views of the qkv output
+    shared_out = sdpa or (ring and elem >= 4)  # the attention's output is the proj input's storage
+    qkv = (n + 2 * g) * d + (n + g) * d * rope if fused else 3 * n * d
+    terms = [("two norm inputs, the qkv and fc1 inputs", 4 * elem * whole),
              ("hidden dropout masks (1 B)", 2 * whole * (cfg.hidden_dropout > 0)),
-             ("q, k, v" + (" (the qkv output)" if fused else ""), elem * tokens * ((n + 2 * g) * d if fused else
-                                                                                  3 * n * d)),
-             ("the proj input" + (" (ring attention's fp32 output itself)" if shared_out else ""),
-              0 if shared_out else elem * tokens * n * d)]
-    mlp = [("fc1's output (the GeLU input) and fc2's input", elem * tokens * (fc1 + cfg.ffn_hidden) / t)]
+             ("q, k, v" + (" (the qkv output" + (", rotated q and k)" if rope else ")") if fused else ""),
+              elem * tokens * qkv),
+             ("the proj input" + (" (the attention's output itself)" if shared_out else ""),
+              0 if shared_out and not sdpa else elem * tokens * n * d),
+             ("rope's cos and sin, for q and for k", 4 * elem * s * d * rope)]
+    mlp = [(f"the MLP ({cfg.activation}): fc1's output, the activation's", elem * tokens * mlp_width(cfg) / t)]
     terms += moe_terms(cfg, mesh, b, seq, elem) if cfg.is_moe(i) else mlp
-    if mesh.cp > 1:
+    if ring:
         terms.append(("ring attention's fp32 output and log-sum-exp", 4 * b * n * s * (d + 1)))
+    elif sdpa:
+        terms.append(("SDPA's log-sum-exp (fp32)", 4 * b * n * s))
     elif cfg.recompute == "none":
         terms.append(("the softmax output", elem * b * n * s * s))
         terms.append(("attention dropout mask (1 B) and dropped probabilities",
                       (1 + elem) * b * n * s * s * (cfg.attention_dropout > 0)))
-    core_kept = "selective" if mesh.cp > 1 else cfg.recompute  # ring attention keeps no [s, s] tensor
-    terms.append(("the two LayerNorms' weights (and biases) cast to fp32, off Triton, for 16-bit weights",
+    core_kept = "selective" if ring or sdpa else cfg.recompute  # ring attention and SDPA keep no [s, s] tensor
+    terms.append(("the two norms' weights (and biases) cast to fp32, off Triton, for 16-bit weights",
                   2 * norm_copies(cfg, elem, triton)))
-    return terms + differences(s, b, h, cfg.heads, cfg.ffn_hidden, t, sp, core_kept, elem, triton)
+    ffn = cfg.ffn_hidden * (cfg.moe_topk if cfg.is_moe(i) else 1)  # a MoE layer: k rows a token
+    return terms + differences(s, b, h, cfg.heads, ffn, t, sp, core_kept, elem, triton, cfg.norm,
+                               cfg.activation in ("gelu", "gelu_tanh"))
 
 
 def norm_copies(cfg: N.GPTConfig, elem: int, triton: bool) -> int:
-    """B a LayerNorm keeps off Triton with 16-bit weights: F.layer_norm runs on fp32 copies of its weight
-    and bias (4·h B each), made at every call (not counted by benchmarks/memory.py, which leaves out what is
+    """B a norm keeps off Triton with 16-bit weights: torch's norm runs on fp32 copies of its weight (and
+    bias), 4·h B each, made at every call (not counted by benchmarks/memory.py, which leaves out what is
     computed from parameters alone; they are held all the same)."""
     return 0 if triton or elem >= 4 else 4 * cfg.hidden * (2 if cfg.norm == "layernorm" else 1)
 
@@ -200,35 +222,38 @@ def moe_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int) -> li
     """(what, B) a mixture-of-experts MLP (`nanomeg.moe_mlp`) keeps instead of the dense MLP's fc1 output
     and fc2 input, dropless, for uniform routing. Every tp rank runs its 1/t of each chosen expert for
     the whole sequences: m = k·b·s rows ("choices"), each of h in and h out (the rows, the experts'
-    output, and output · gate for the scatter-add back to the tokens) and f(·2)/t, f/t in the expert's
+    output, and output · gate for the scatter-add back to the tokens) and `mlp_width`/t in the expert's
     MLP; four int64 indices a choice (the gather of the rows, the sort by expert, its inverse, the gate's
-    place) and its fp32 gate; the router, on this rank's 1/t of the tokens: its probabilities and the
-    logits the z-loss reads (E each), the top-k ids (int64), the log-sum-exp and, when the gates are
-    renormalised (k > 1), the gates and their sum, fp32, the aux loss's [b, E], and under tp without
-    sequence parallel its own copy of those tokens' rows (elem·h). Exact for the routing's expected row
-    counts; with ep the rows a rank receives follow the routing (within a few % at these sizes), and a
-    capacity factor drops rows: the plan is then the dropless upper bound."""
+    place) and its gate; the router, on this rank's 1/t of the tokens: its probabilities and the logits
+    the z-loss reads (E each), the top-k ids (int64), the log-sum-exp and, when the gates are
+    renormalised (k > 1), the gates and their sum, fp32, the aux loss's [b, E]; it reads its tokens (and,
+    for 16-bit weights, its weight) in fp32, a copy that replaces the dense MLP's input among the kept
+    tensors (under tp without sequence parallel its own 1/t of them: the layer's input is not kept).
+    Exact for the routing's expected row counts; with ep the rows a rank receives follow the routing
+    (within a few % at these sizes), and a capacity factor drops rows: the plan is then the dropless
+    upper bound."""
     t, s, k, E, h = mesh.tp, seq // mesh.cp, cfg.moe_topk, cfg.experts, cfg.hidden
     sp = cfg.sequence_parallel and t > 1
     m = k * b * s  # choices: rows through the experts
     routed = b * s / t if t > 1 else b * s  # the tokens this rank routes
-    fc1 = cfg.ffn_hidden * (2 if cfg.gated else 1)
     return [("experts: the rows in, their outputs and outputs · gates", 3 * elem * m * h),
-            ("experts: fc1's output and fc2's input", elem * m * (fc1 + cfg.ffn_hidden) / t),
-            ("the choices' int64 indices (4) and fp32 gates", (32 + 4) * m),
+            ("experts: their MLPs (`mlp_width`)", elem * m * mlp_width(cfg) / t),
+            ("the choices' int64 indices (4) and gates", (32 + elem) * m),
             ("the router: probabilities and logits (fp32, E each), top-k ids, log-sum-exp (and the gates and "
              "their sum, renormalised)", (8 * E + 8 * k + 4 + (4 * k + 4) * cfg.renormalizes_gates) * routed
              + 4 * b * E),
-            ("the router's own copy of its 1/t of the tokens", elem * routed * h * (t > 1 and not sp))]
+            ("the router's input, its 1/t of the tokens in fp32 (16-bit weights: and its weight), in place of the "
+             "dense MLP's input", max(elem, 4) * routed * h - elem * b * s * h / (t if sp else 1)
+             + 4 * E * h * (elem < 4))]
 
 
 def end_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int, first: bool, last: bool,
               triton: bool = True) -> list[tuple[str, float]]:
     """(what, B) a microbatch keeps outside the layers. First stage: the token ids the embedding lookup keeps
     (int64; under tp the ids shifted into this rank's range, and the out-of-range mask, 1 B) and the
-    embedding dropout's mask (1 B an element). Last stage: the final LayerNorm's input and the output
-    layer's input (elem B each, [b, s, h], ÷t under sequence parallel; the norm's input in fp32 off
-    Triton, as in `differences`) with the norm's fp32 mean and rstd, and the vocab-parallel cross-entropy's softmax
+    embedding dropout's mask (1 B an element). Last stage: the final norm's input and the output layer's
+    input (elem B each, [b, s, h], ÷t under sequence parallel; the norm as in `differences`) with the
+    norm's fp32 statistics, and the vocab-parallel cross-entropy's softmax
     [b, s, V/t] in fp32, its local targets (int64) and their in-range mask (bool)."""
     t, s = mesh.tp, seq // mesh.cp
     sp = cfg.sequence_parallel and t > 1
@@ -242,8 +267,10 @@ def end_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int, first
                    (mesh.cp > 1 and cfg.position == "learned")),
                   ("the embedding dropout's mask", whole * (cfg.hidden_dropout > 0))]
     if last:
-        terms += [("the final LayerNorm's input (fp32 off Triton), mean and rstd (and fp32 weights off Triton)",
-                   (elem if triton else 4) * whole + 8 * tokens / (t if sp else 1) + norm_copies(cfg, elem, triton)),
+        rms = cfg.norm == "rmsnorm"
+        terms += [("the final norm's input (fp32 off Triton) and statistics (off Triton: fp32 weights; RMSNorm's "
+                   "normalised x)", (elem if triton else 4) * whole + (4 if rms else 8) * tokens / (t if sp else 1)
+                   + norm_copies(cfg, elem, triton) + 4 * whole * (rms and not triton)),
                   ("the output layer's input", elem * whole),
                   ("the cross-entropy's fp32 softmax [b, s, V/t]", 4 * tokens * cfg.padded_vocab / t),
                   ("the cross-entropy's targets (int64) and in-range mask", 9 * tokens)]

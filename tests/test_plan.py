@@ -95,6 +95,11 @@ LAYOUTS = [
     ("tp2 pp2 zero-bubble m2", ["--microbatches", "2", "--batch", "4", "--schedule", "zb"], 2, 1, 2, 1),
     ("cp2 pp2 interleaved v2 m2, bf16", ["--virtual-stages", "2", "--microbatches", "2", "--batch", "2", "--bf16"],
      1, 2, 2, 1),
+    ("Llama-like: RMSNorm, SwiGLU, rope, GQA, bf16, tp2 sp pp2", ["--norm", "rmsnorm", "--activation", "swiglu",
+                                                                 "--position", "rope", "--kv-heads", "2", "--bf16",
+                                                                 "--sequence-parallel", "--batch", "2"], 2, 1, 2, 1),
+    ("SDPA, rope, no dropout, tp2 dp2, 1f1b m2", ["--attention", "sdpa", "--position", "rope", "--dropout", "0",
+                                                  "--microbatches", "2", "--batch", "4"], 2, 1, 1, 1),
 ]
 
 
@@ -242,3 +247,17 @@ def test_bad_layouts_are_one_value_error_naming_the_values(case):
     with pytest.raises(ValueError) as e:
         plan.rank_plan(SMALL, kw.pop("rank"), **kw)
     assert all(w in str(e.value) for w in words), (case, str(e.value))
+
+
+@given(tp=st.sampled_from([1, 2, 4]), sp=st.booleans(), recompute=st.sampled_from(["none", "selective", "full"]),
+       elem=st.sampled_from([2, 4]), b=st.integers(1, 3), s=st.sampled_from([8, 16, 32]))
+def test_layer_terms_are_korthikantis_formula_for_the_papers_gpt(tp, sp, recompute, elem, b, s):
+    """For the GPT of Korthikanti et al. (LayerNorm, GeLU MLP of 4h, MHA, dropout on, the core attention)
+    the generalised terms a layer keeps on a GPU are `formula_bytes` plus the LayerNorm statistics (mean and
+    rstd, fp32), which the paper leaves out: the plan's terms are the paper's, written for this code."""
+    cfg = replace(SMALL, hidden_dropout=0.1, attention_dropout=0.1, recompute=recompute, sequence_parallel=sp)
+    mesh = P.Mesh.of_rank(0, tp=tp)
+    got = sum(v for _, v in plan.layer_terms(cfg, mesh, 0, b, s, elem, triton=True))
+    stats = 2 * 2 * 4 * b * s / (tp if sp and tp > 1 else 1) * (recompute != "full")
+    assert got == pytest.approx(plan.formula_bytes(s, b, cfg.hidden, cfg.heads, tp, sp and tp > 1, recompute, elem)
+                                + stats, rel=1e-12)
