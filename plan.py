@@ -7,11 +7,20 @@ run holds and records, exactly where the quantity is exact. Read top to bottom:
 
 1. The layout: the virtual mesh, the schedule, this rank's stages, layers and parameter shards.
 2. Bytes held: weights, gradient buckets, optimizer state, as the code allocates them.
-3. Activations: Korthikanti et al. 2022's bytes per layer for this code, times the microbatches in flight
-   at the schedule's peak, plus the embedding, the logits and the loss.
+3. Activations: Korthikanti et al. 2022's bytes per layer written for this code, summed over the
+   microbatches each chunk holds at the schedule's peak, plus the embedding's and the head's and loss's.
 4. Communication: the collectives of one training step, in `parallel.count_comms()` records.
 5. FLOPs: `nanomeg.gpt_flops` cut per stage, recompute as extra forward work.
 6. `rank_plan` and `layout_plans`: the whole picture of one rank, and of every kind of rank.
+7. `SavedBytes`: the measurement the activations are checked against (tests/test_plan.py, benchmarks).
+
+What is exact (tests/test_plan.py compares a real step rank by rank): the shapes, buckets, gradient and
+optimizer bytes, every collective (but the elements of ep's token all-to-alls, which follow the routing:
+planned for uniform routing), and the activations autograd keeps, to the byte for the kernels that ran
+(the CPU references; the Triton kernels' figure differs by the named terms of `differences`). Not
+counted as activations: what autograd does not keep (the pipeline's send and receive buffers, a stage's
+output held by the executor until its backward, the logits before the loss, gradients in flight, a
+full-recompute layer's recomputed tensors during its backward).
 
 Units: bytes (B), elements (el), FLOPs. Notation as in parallel.py: b the microbatch rows, s the
 sequence, h hidden, t = tp, n heads, g kv heads, d head dim, f ffn hidden, V padded vocabulary, L layers.

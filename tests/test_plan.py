@@ -2,8 +2,9 @@
 
 1. The virtual mesh: `Mesh.of_rank` is Megatron's rank order (the inverse of `Mesh.global_rank`), and
    `Mesh.build` gives every rank those coordinates.
-2. Plan against measurement: for a grid of small layouts of world 4 on the session pool (tp, cp, dp, pp,
-   ep, interleaving, microbatches, sequence parallel, ZeRO-1, bf16, tied and untied, a GPT and a MoE GPT),
+2. Plan against measurement: for a grid of ten small layouts of world 4 on the session pool (tp, cp, dp,
+   pp, ep, the four schedules, interleaving, microbatches, sequence parallel, ZeRO-1, bf16, recompute,
+   tied and untied, MQA and GQA, LayerNorm GeLU and RMSNorm SwiGLU rope, SDPA, a GPT and MoE GPTs),
    every rank runs one real `train.train_step` (train.py's optimizer, buckets, schedule) under
    `parallel.count_comms()` and `plan.SavedBytes`, and `plan.rank_plan` of the same rank must give:
    * the same parameter shapes, gradient buckets (names, dim, padded numel), gradient and optimizer bytes
@@ -15,7 +16,9 @@
      the byte, planned for the CPU references that run here (`rank_plan(triton=False)`; the message names
      the terms in which a GPU's Triton kernels would differ); under ep within 5%: the rows an ep rank's
      experts receive follow the routing, planned uniform.
-3. Properties of the plan alone (no processes): every send has its receive, and the whole world's bytes.
+3. Properties of the plan alone (no processes): every rank of a stage is the kind `layout_plans` lists, the
+   world's FLOPs are `gpt_flops` of the global batch, every pipeline send has its receive; and the terms a
+   layer keeps are Korthikanti's formula for the paper's GPT.
 4. Bad input: one ValueError naming the values.
 """
 
