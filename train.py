@@ -196,10 +196,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     plan.add_argument("--plan-rank", type=int, help="the rank --plan pictures (default 0: the first stage's)")
     plan.add_argument("--preset", help=f"a model: {', '.join(C.MODELS)} (its shape and --seq replace --layers, "
                                        "--hidden, --heads, ...)")
-    plan.add_argument("--gpus", type=int, help="GPUs of the job (default tp x cp x pp: dp 1)")
+    plan.add_argument("--gpus", type=int, help="GPUs of the job (default tp x cp x pp x ep: dp = ep)")
     plan.add_argument("--cluster", default="a100-80gb", help=f"the nodes: {', '.join(C.CLUSTERS)}")
     plan.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the cluster's, 8)")
-    plan.add_argument("--gpu-memory", type=float, help="GB of memory per GPU, GiB (default: the cluster's)")
+    plan.add_argument("--gpu-memory", type=float, help="memory per GPU in GiB (default: the cluster's, 80)")
     plan.add_argument("--nvlink", type=float, help="GB/s per GPU and direction inside a node (default: the cluster's)")
     plan.add_argument("--ib", type=float, help="GB/s per GPU and direction between nodes (default: the cluster's)")
     plan.add_argument("--global-batch", type=int,
