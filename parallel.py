@@ -59,7 +59,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, NamedTuple
 
@@ -127,6 +127,27 @@ class Mesh:
         return Mesh()
 
     @staticmethod
+    def of_rank(rank: int, *, tp: int = 1, pp: int = 1, dp: int = 1, cp: int = 1, ep: int = 1) -> Mesh:
+        """The sizes and coordinates of global rank `rank` in a world of
+        tp·cp·dp·pp ranks, and no process groups: a virtual mesh, for
+        planning (plan.py) and for `build`. Megatron's order, tp fastest:
+        rank = ((pp_rank·dp + dp_rank)·cp + cp_rank)·tp + tp_rank, and
+        ep_rank = dp_rank % ep (ep is carved out of dp). ValueError naming the
+        values for a bad size or a rank outside the world. A virtual mesh
+        must never carry tensors through a collective: with no groups every
+        collective would be a silent no-op (`group` is None)."""
+        world = tp * cp * dp * pp if all(isinstance(n, int) for n in (tp, cp, dp, pp)) else 0
+        check_cp(cp)
+        check_mesh_sizes(tp, pp, dp, world, cp)
+        check_ep(ep, dp)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+            raise ValueError(f"rank {rank!r} is outside the world of tp*cp*dp*pp = {tp}*{cp}*{dp}*{pp} = {world} "
+                             f"ranks (0 to {world - 1})")
+        dp_rank = (rank // (tp * cp)) % dp
+        return Mesh(tp=tp, pp=pp, dp=dp, tp_rank=rank % tp, dp_rank=dp_rank, pp_rank=rank // (tp * cp * dp),
+                    cp=cp, cp_rank=(rank // tp) % cp, ep=ep, ep_rank=dp_rank % ep)
+
+    @staticmethod
     def build(tp: int = 1, pp: int = 1, dp: int | None = None, device_type: str | None = None,
               ep: int = 1, cp: int = 1, timeout: timedelta | None = None) -> Mesh:
         """Build the mesh over the already-initialised default process group.
@@ -161,9 +182,7 @@ class Mesh:
         dm = init_device_mesh(device_type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIMS, backend_override=options)
         groups = {d: dm.get_group(d) for d, n in zip(MESH_DIMS, (pp, dp, cp, tp)) if n > 1}
         rank = dist.get_rank()
-        dp_rank = (rank // (tp * cp)) % dp
-        mesh = Mesh(tp=tp, pp=pp, dp=dp, tp_rank=rank % tp, dp_rank=dp_rank, pp_rank=rank // (tp * cp * dp),
-                    cp=cp, cp_rank=(rank // tp) % cp, ep=ep, ep_rank=dp_rank % ep, groups=groups)
+        mesh = replace(Mesh.of_rank(rank, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep), groups=groups)
         at = lambda p, d, t: (p * dp + d) * cp * tp + t  # global rank of (pp, dp, tp) coordinates (cp = 1 with ep)
         if cp > 1 and dp > 1:  # the dp x cp ranks of one (pp, tp) coordinate: they average the gradients
             for p in range(pp):
@@ -1398,7 +1417,9 @@ def zero_bubble_schedule(p: int, m: int) -> list[list[Action]]:
 
 def simulate(schedules: list[list[Action]], v: int = 1, cost=None) -> dict:
     """Replay per-rank action lists with unit costs (a chunk's costs are 1/v
-    of a stage's) and free communication. An action starts when its rank is
+    of a stage's) and free communication; `cost`: other costs per kind, one
+    dict for every rank or a list of one dict per rank (`cost.py` passes each
+    stage's real forward and backward seconds). An action starts when its rank is
     free and its input is ready: F(i) of a virtual stage after F(i) of the
     previous one; B(i) or I(i) after B(i) / I(i) of the next one (the last
     stage's after its own F); W(i) after its own I(i). -> dict(start, end:
@@ -1406,8 +1427,8 @@ def simulate(schedules: list[list[Action]], v: int = 1, cost=None) -> dict:
     / busy time of a rank, peak in flight per rank: microbatch chunks
     forwarded whose activations the rank still holds (until B, or W)).
     ValueError if the lists deadlock."""
-    cost = cost or UNIT_COST
     p = len(schedules)
+    costs = cost if isinstance(cost, list) else [cost or UNIT_COST] * p
     stage = lambda r, c: c * p + r  # virtual stage of chunk c on rank r
     last = p * v - 1
     done, start, end, free, pos = {}, {}, {}, [0.0] * p, [0] * p
@@ -1428,14 +1449,14 @@ def simulate(schedules: list[list[Action]], v: int = 1, cost=None) -> dict:
             if any(n not in done for n in need):
                 continue
             t0 = max([free[r]] + [done[n] for n in need])
-            t1 = t0 + cost[a.kind] / v
+            t1 = t0 + costs[r][a.kind] / v
             start[r, pos[r]], end[r, pos[r]] = t0, t1
             done[("G" if a.kind in ("B", "I") else a.kind, a.micro, vs)] = t1
             free[r], pos[r], progressed = t1, pos[r] + 1, True
         if not progressed:
             raise ValueError("the schedule deadlocks: every rank waits for an action no rank can run")
     makespan = max(end.values())
-    busy = [sum(cost[a.kind] / v for a in s) for s in schedules]
+    busy = [sum(c[a.kind] / v for a in s) for s, c in zip(schedules, costs)]
     peak = []
     for s in schedules:
         live = high = 0
@@ -1803,6 +1824,42 @@ def counted_numel(name: str, p: torch.Tensor, spec, mesh: Mesh, skip=()) -> int:
     return (spec.counted(p, mesh) if isinstance(spec, (HeadGroups, Experts)) else p).numel()
 
 
+def bucket_layout(params: dict, mesh: Mesh, *, bucket_mb: float = 25.0, zero: bool = False, tied=(),
+                  experts=()) -> list[dict]:
+    """Which gradients share a bucket, and over which dim it is reduced:
+    `GradBuckets`' rule, from the tensors' numel, element size and dtype
+    alone (params may live on the meta device: plan.py plans with them).
+    -> [{names, dim, tied, numel}] in launch order: parameters in reverse
+    (the backward's order), a new bucket when the next tensor would pass
+    bucket_mb MB or changes dtype; the dense gradients' buckets (over "dp",
+    "dpcp" under cp), then the experts' (over "edp" when ep > 1), then the
+    tied embedding's own (pp > 1). numel: padded to a multiple of the dim's
+    size under ZeRO (`padded_numel`), the buffer `GradBuckets` allocates."""
+    tied = [n for n in tied if n in params and mesh.pp > 1]  # the first and last stage's copies of one tensor
+    limit, dense = bucket_mb * 2**20, "dpcp" if mesh.cp > 1 else "dp"  # context-parallel ranks average grads too
+    nbytes = lambda n: params[n].numel() * params[n].element_size()
+    groups = []  # (names, dim, tied)
+    for dim in ("dp", "edp"):  # the dense gradients' buckets, then the experts'
+        names = [n for n in reversed(list(params)) if n not in tied and (n in experts) == (dim == "edp")]
+        current, size = [], 0
+        for n in names:
+            if current and (size + nbytes(n) > limit or params[n].dtype != params[current[0]].dtype):
+                groups.append((current, dim if mesh.ep > 1 else dense, False))
+                current, size = [], 0
+            current.append(n)
+            size += nbytes(n)
+        groups += [(current, dim if mesh.ep > 1 else dense, False)] if current else []
+    groups += [(tied, dense, True)] if tied else []
+    return [dict(names=names, dim=dim, tied=is_tied,
+                 numel=padded_numel(sum(params[n].numel() for n in names), mesh.size(dim) if zero else 1))
+            for names, dim, is_tied in groups]
+
+
+def padded_numel(numel: int, ranks: int) -> int:
+    """numel rounded up to a multiple of ranks: a bucket's buffer, cut into equal ZeRO slices."""
+    return -(-numel // ranks) * ranks
+
+
 class GradBuckets:
     """Every gradient of this rank lives in a flat bucket; a bucket is reduced
     over dp as soon as its last gradient is in, while the backward goes on.
@@ -1843,23 +1900,10 @@ class GradBuckets:
             raise ValueError(f"accumulations must be an integer >= 1, got {accumulations!r}")
         self.mesh, self.zero, self.accumulations = mesh, zero, accumulations
         self.params = params
-        tied = [n for n in tied if n in params and mesh.group("embed") is not None]
-        limit = bucket_mb * 2**20
-        self.buckets, self.views = [], {}  # views: {name: p.grad's place in its bucket}
-        for dim in ("dp", "edp"):  # the dense gradients' buckets, then the experts'
-            names = [n for n in reversed(list(params)) if n not in tied and (n in experts) == (dim == "edp")]
-            groups, current, nbytes = [], [], 0
-            for n in names:
-                if current and (nbytes + params[n].numel() * params[n].element_size() > limit
-                                or params[n].dtype != params[current[0]].dtype):
-                    groups.append(current)
-                    current, nbytes = [], 0
-                current.append(n)
-                nbytes += params[n].numel() * params[n].element_size()
-            groups += [current] if current else []
-            dense = "dpcp" if mesh.cp > 1 else "dp"  # context-parallel ranks average their gradients too
-            self.buckets += [self._bucket(g, tied=False, dim=dim if mesh.ep > 1 else dense) for g in groups]
-        self.buckets += [self._bucket(tied, tied=True, dim="dpcp" if mesh.cp > 1 else "dp")] if tied else []
+        self.views = {}  # {name: p.grad's place in its bucket}
+        self.buckets = [self._bucket(b["names"], tied=b["tied"], dim=b["dim"])
+                        for b in bucket_layout(params, mesh, bucket_mb=bucket_mb, zero=zero, tied=tied,
+                                               experts=experts)]
         self.bucket_of = {n: b for b in self.buckets for n in b["names"]}
         self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params.values()]
         self.name_of = {id(p): n for n, p in params.items()}
@@ -1867,10 +1911,10 @@ class GradBuckets:
 
     def _bucket(self, names: list, tied: bool, dim: str) -> dict:
         """A flat buffer holding names' gradients, reduced over mesh dim `dim` (dp, or edp for experts),
-        padded to a multiple of its size (reduce-scatter needs equal slices)."""
+        padded to a multiple of its size (reduce-scatter needs equal slices: `padded_numel`)."""
         sizes = [self.params[n].numel() for n in names]
         n_ranks, rank = (self.mesh.size(dim), self.mesh.rank(dim)) if self.zero else (1, 0)  # all-reduce: all is ours
-        total = -(-sum(sizes) // n_ranks) * n_ranks
+        total = padded_numel(sum(sizes), n_ranks)
         first = self.params[names[0]]
         buf = torch.zeros(total, dtype=first.dtype, device=first.device)
         offsets = [sum(sizes[:i]) for i in range(len(names))]

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+import cost as C
 import nanomeg as N
 import parallel as P
 import runlog
@@ -196,6 +197,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--plot", nargs="+", metavar="DIR",
                     help="draw the --log-dir folders' curves, overlaid, into the first DIR's run.png, then exit "
                          "(matplotlib)")
+    plan = ap.add_argument_group("--plan: a layout at scale, planned without processes (cost.py, plan.py)")
+    plan.add_argument("--plan", action="store_true",
+                      help="print what one rank of the layout holds, sends and waits for on the cluster, each "
+                           "stage's memory, the schedule and the predicted step time, then exit (bf16, no processes)")
+    plan.add_argument("--plan-search", action="store_true",
+                      help="rank every layout of --gpus by predicted step time: the best ten and why the best "
+                           "rejected ones fail")
+    plan.add_argument("--plan-rank", type=int, help="the rank --plan pictures (default 0: the first stage's)")
+    plan.add_argument("--preset", help=f"a model: {', '.join(C.MODELS)} (its shape and --seq replace --layers, "
+                                       "--hidden, --heads, ...)")
+    plan.add_argument("--gpus", type=int, help="GPUs of the job (default tp x cp x pp x ep: dp = ep)")
+    plan.add_argument("--cluster", default="a100-80gb", help=f"the nodes: {', '.join(C.CLUSTERS)}")
+    plan.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the cluster's, 8)")
+    plan.add_argument("--gpu-memory", type=float, help="memory per GPU in GiB (default: the cluster's, 80)")
+    plan.add_argument("--nvlink", type=float, help="GB/s per GPU and direction inside a node (default: the cluster's)")
+    plan.add_argument("--ib", type=float, help="GB/s per GPU and direction between nodes (default: the cluster's)")
+    plan.add_argument("--global-batch", type=int,
+                      help="sequences per step over all replicas (default dp x --micro-batch x --microbatches)")
+    plan.add_argument("--micro-batch", type=int, default=1, help="sequences per microbatch (default 1)")
     args = ap.parse_args(argv)
     task = TASKS[args.model]  # the defaults that depend on the model
     args.lr = task.lr if args.lr is None else args.lr
@@ -755,6 +775,8 @@ RANGES = {
     "bucket_mb": ABOVE_0, "save_every": AT_LEAST_1, "keep_last": AT_LEAST_1,
     "experts": AT_LEAST_0, "topk": AT_LEAST_1, "ep": AT_LEAST_1, "moe_every": AT_LEAST_1, "capacity_factor": ABOVE_0,
     "aux_loss": AT_LEAST_0, "z_loss": AT_LEAST_0, "cp": AT_LEAST_1, "trace_step": AT_LEAST_1,
+    "plan_rank": AT_LEAST_0, "gpus": AT_LEAST_1, "gpus_per_node": AT_LEAST_1, "gpu_memory": ABOVE_0,
+    "nvlink": ABOVE_0, "ib": ABOVE_0, "global_batch": AT_LEAST_1, "micro_batch": AT_LEAST_1,
 }
 MOE_FLAGS = ("topk", "moe_every", "capacity_factor", "aux_loss", "z_loss")  # their GPTConfig fields: MOE_FIELDS
 MOE_FIELDS = dict(topk="moe_topk", moe_every="moe_every", capacity_factor="moe_capacity", aux_loss="moe_aux_loss",
@@ -1053,6 +1075,102 @@ def show_schedule(args) -> str:
             " (digits: a microbatch's forward; letters: its backward, two columns (zb: its input-gradient pass, "
             "one); w: a weight-gradient pass; ': a later chunk; . idle)\n" +
             P.format_schedule(P.schedule_for(args.schedule, p, m, v), v) + f"\nformula: {text} = {value:.3f}")
+
+
+def plan_args(args) -> tuple[N.GPTConfig, C.Layout, C.Cluster, int]:
+    """--plan's flags as (model config, layout, cluster, rank), or a UsageError naming the values: the
+    GPU count cut by tp x cp x pp (dp fills the rest), the global batch by dp x --micro-batch, the model by
+    the layout (`plan.check_layout`), the cluster's values > 0."""
+    check_ranges(args)
+    if args.model != "gpt":
+        raise UsageError(f"--plan plans --model gpt, not {args.model}")
+    try:
+        cl = C.cluster(args.cluster, gpus_per_node=args.gpus_per_node, nvlink=args.nvlink and args.nvlink * C.GB,
+                       ib=args.ib and args.ib * C.GB, memory=args.gpu_memory and args.gpu_memory * C.GIB,
+                       peak=args.peak_flops)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    tp, pp, cp, ep = args.tp or 1, args.pp, args.cp, args.ep
+    gpus = args.gpus or tp * cp * pp * ep
+    if gpus % (tp * cp * pp):
+        what = " x ".join(f"--{k} {v}" for k, v in (("tp", tp), ("cp", cp), ("pp", pp)) if v > 1 or k == "tp")
+        raise UsageError(f"--gpus {gpus} is not divisible by {what} = {tp * cp * pp}")
+    dp = gpus // (tp * cp * pp)
+    mb = args.micro_batch
+    if args.global_batch is not None and args.global_batch % (dp * mb):
+        raise UsageError(f"--global-batch {args.global_batch} is not divisible by dp {dp} x --micro-batch {mb} = "
+                         f"{dp * mb}")
+    m = args.global_batch // (dp * mb) if args.global_batch is not None else args.microbatches
+    if args.plan_rank is not None and args.plan_rank >= gpus:
+        raise UsageError(f"--plan-rank {args.plan_rank} is not a rank of --gpus {gpus}")
+    try:
+        P.check_nodes(tp, cp, gpus, int(cl.gpus_per_node))
+        if args.preset is not None:
+            cfg, seq = C.model(args.preset)
+        else:
+            moe = {MOE_FIELDS[k]: getattr(args, k) for k in MOE_FLAGS if getattr(args, k) is not None}
+            if moe and not args.experts:
+                raise UsageError(f"{', '.join(flag(k) for k in MOE_FLAGS if getattr(args, k) is not None)} need "
+                                 "--experts E (a mixture-of-experts model)")
+            cfg, seq = N.GPTConfig(max_seq=max(1024, args.seq), layers=args.layers, hidden=args.hidden,
+                                   heads=args.heads, kv_heads=args.kv_heads, norm=args.norm,
+                                   activation=args.activation, position=args.position,
+                                   **({"experts": args.experts, **moe} if args.experts else {})), args.seq
+        cfg = replace(cfg, recompute=args.recompute, sequence_parallel=args.sequence_parallel and tp > 1,
+                      vocab_multiple=128 * tp, attention=args.attention)
+        layout = C.Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, v=args.virtual_stages, micro_batch=mb, microbatches=m,
+                          seq=seq, schedule=args.schedule, zero=args.zero)
+        import plan as PL
+
+        PL.check_layout(cfg, P.Mesh.of_rank(0, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep), layout.v, mb, seq, m,
+                        layout.schedule)
+    except ValueError as e:
+        raise UsageError(in_flags(str(e))) from None
+    return cfg, layout, cl, args.plan_rank or 0
+
+
+def plan_report(args) -> str:
+    """--plan / --plan-search: the text (cost.py section 5) of the layout's plan, or of the search."""
+    cfg, layout, cl, rank = plan_args(args)
+    name = args.preset or f"GPT {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads"
+    head = [f"model: {name}, {N.num_params(cfg):,} parameters; recompute {cfg.recompute}"
+            + (", sequence parallel" if cfg.sequence_parallel else ""),
+            f"cluster: {cl.name}, {layout.gpus // cl.gpus_per_node:,} nodes of {cl.gpus_per_node}, "
+            f"{cl.peak / 1e12:,.0f} TFLOP/s, {C.gib(cl.memory)}, NVLink {cl.nvlink / C.GB:,.0f} GB/s, "
+            f"InfiniBand {cl.ib / C.GB:,.0f} GB/s per GPU and direction"]
+    if args.plan_search:
+        valid, rejected = C.search(cfg, layout.gpus, cl, global_batch=layout.global_batch,
+                                   micro_batch=layout.micro_batch, seq=layout.seq, schedule="1f1b", zero=layout.zero)
+        lines = head + [f"layouts of {layout.gpus:,} GPUs at global batch {layout.global_batch:,}: {len(valid)} fit, "
+                        f"{len(rejected)} rejected; the best ten (1f1b):"]
+        for step, lay, out in valid[:10]:
+            lines.append(f"  {step:9.3f} s  {out['mfu']:6.1%} MFU  tp {lay.tp} pp {lay.pp} dp {lay.dp}"
+                         + (f" ep {lay.ep}" if lay.ep > 1 else "") + f", {lay.microbatches} microbatches")
+        lines.append("the best rejected:")
+        lines += [f"  {'' if math.isinf(step) else f'{step:9.3f} s  '}{why}" for step, _, why in rejected[:10]]
+        return "\n".join(lines)
+    out = C.rank_time(cfg, layout, cl, rank)
+    plan = out["plans"][out["rank"] // (layout.gpus // layout.pp)]
+    if plan["mesh"].global_rank() != rank:
+        import plan as PL
+
+        plan = PL.rank_plan(cfg, rank, **layout.kwargs())
+    mesh, st = plan["mesh"], out["stages"][plan["stage"]]
+    where = ", ".join(f"{d} rank {mesh.rank(d)} of {mesh.size(d)}" for d in ("tp", "cp", "dp", "ep", "pp")
+                      if mesh.size(d) > 1 or d in ("tp", "dp", "pp"))
+    layers = ", ".join(f"{ch.layers[0]}-{ch.layers[-1]}" for ch in plan["chunks"].values())
+    b = plan["bytes"]
+    return "\n".join(head + [
+        f"layout: {layout.words()}",
+        f"rank {rank}: {where}; layers {layers}",
+        *shard_lines(plan["shards"]),
+        f"  memory: weights {b['weights']:,} B (bf16) + grads {b['grads']:,} B + optimizer {b['optimizer']:,} B + "
+        f"activations {b['activations']:,} B = {b['total']:,} B ({C.gib(b['total'])})",
+        "memory per pipeline stage (plan.rank_plan):", *C.memory_table(out["plans"], cl),
+        "sent per step by a rank of each stage, per mesh dim:", *C.sends_table(out["plans"]),
+        f"communication of rank {rank} in one step, per mesh dim:", *C.comm_table(plan, st, layout, cl),
+        "schedule:", *C.timeline(layout),
+        "time (cost.py):", *C.time_lines(out, layout, cl)])
 
 
 def memory_needed(cfg: N.GPTConfig, args, tp: int, device: torch.device) -> tuple[float, float]:
@@ -2055,6 +2173,9 @@ def train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    if args.plan or args.plan_search:  # a plan: no model, no processes
+        print(plan_report(args))
+        return 0
     if args.show_schedule:  # a simulation: no model, no processes
         check_ranges(args)
         check_pipeline_args(args)

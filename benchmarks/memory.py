@@ -58,27 +58,14 @@ import torch.multiprocessing as mp  # noqa: E402
 
 import nanomeg as N  # noqa: E402
 import parallel as P  # noqa: E402
+from plan import differences, formula_bytes  # noqa: E402
 
 RECOMPUTE = ("none", "selective", "full")
 OURS = tuple(os.path.join(os.path.abspath(ROOT), f) for f in ("nanomeg.py", "parallel.py", "kernels.py"))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The formula
-# ----------------------------------------------------------------------------------------------------
-
-
-def formula_bytes(s, b, h, a, t, sp, recompute, elem) -> float:
-    """Korthikanti et al. 2022, per layer and tp rank, with `elem`-byte activations (2: the paper's 16-bit)
-    and 1-byte dropout masks. Of the paper's 34·s·b·h: (4·elem + 2)·s·b·h stay whole under tensor parallel
-    alone (two LayerNorm inputs, the qkv and fc1 inputs, two masks), 12·elem·s·b·h are split (q, k, v, the
-    proj input, the GeLU and fc2 inputs of 4h); the attention core is (2·elem + 1)·a·s²·b, split."""
-    sbh = s * b * h
-    if recompute == "full":
-        return elem * sbh / (t if sp else 1)
-    whole, split = (4 * elem + 2) * sbh, 12 * elem * sbh
-    core = 0 if recompute == "selective" else (2 * elem + 1) * a * s * s * b
-    return (whole + split + core) / t if sp else whole + (split + core) / t
+# The formula (`formula_bytes`) and where this code's storage differs from it (`differences`) live in plan.py,
+# the library's planner, which plans every layout's activations with them.
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,32 +244,6 @@ def run_ranks(tp: int, args, env=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Where the storage differs from the formula
-# ----------------------------------------------------------------------------------------------------
-
-
-def differences(s, b, h, a, ffn, t, sp, recompute, elem, triton) -> list[tuple[str, float]]:
-    """(what, bytes) by which one layer's storage on one rank differs from formula_bytes (positive: more).
-    elem: the formula's activation bytes (4 for fp32, 2 for bf16). triton: the Triton kernels' path (GPU),
-    else the CPU references. formula_bytes + the sum is what measure() finds, to the byte."""
-    whole = s * b * h / (t if sp else 1)  # elements of a [b, s, h] tensor this rank holds whole
-    tokens = s * b / (t if sp else 1)
-    att, gelu = a * s * s * b / t, s * b * ffn / t  # [b, a/t, s, s] and [b, s, ffn/t]
-    body, core, ref = recompute != "full", recompute == "none", not triton
-    return [
-        ("LayerNorm, CPU reference: keeps x - mean and the normalised value (2 fp32 [b, s, h]) where the "
-         "formula keeps its input (1 of elem B), per LayerNorm", 2 * (8 - elem) * whole * (body and ref)),
-        ("LayerNorm statistics, not in the formula: rstd [b, s] fp32 (reference) or mean and rstd (Triton), "
-         "per LayerNorm", 2 * (2 if triton else 1) * 4 * tokens * body),
-        ("softmax output, CPU reference: kept in fp32 (the fp32 compute dtype), not in the scores' dtype",
-         (4 - elem) * att * (core and ref)),
-        ("GeLU input, CPU reference: kept in fp32 (upcast before F.gelu), not in fc1's output dtype",
-         (4 - elem) * gelu * (body and ref)),
-        ("causal mask, CPU reference: the [s, s] bool that masked_fill_ keeps", s * s * (core and ref)),
-    ]
-
-
-# ----------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------
 
@@ -386,10 +347,9 @@ Verdicts (what is needed, what could go):
     Megatron's bf16 model without --fp32-residual-connection): the full-recompute layer input is 2 B, the
     formula exactly. (Until 2026-12-03 the parameters stayed fp32 under autocast, the stream was fp32, and
     full recompute kept 2x the formula.)
-  * LayerNorm, CPU reference: written out (x - mean, * rstd, * w) so autograd keeps x - mean and the
-    normalised value; the Triton kernel keeps x, mean and rstd, which is the formula's. Avoidable on CPU
-    with F.layer_norm (keeps x, mean, rstd) or a small autograd.Function; the reference is written out to
-    avoid F.layer_norm's ~1e-5 backward noise where dx is exactly 0.
+  * LayerNorm off Triton: torch's F.layer_norm on an fp32 copy of x (since 2026-12, "LayerNorm off Triton
+    through F.layer_norm"; before, the written-out reference kept x - mean and the normalised value) keeps
+    x, mean and rstd like the Triton kernel: the formula's input, in fp32 (bf16 pays 2 B more an element).
   * softmax output and GeLU input in fp32, CPU reference: the reference computes in fp32 and autograd keeps
     its fp32 intermediates; the Triton kernels keep y (softmax) and x (GeLU) in the input's dtype, as the
     formula. Only bf16 on CPU pays it.

@@ -18,7 +18,8 @@ chunk. This part is a model of the schedules, not a timing.
 
 then runs the real executor (`parallel.run_schedule` through `nanomeg.pipeline_step`) on 4 gloo
 processes and measures, per pipeline rank, the peak bytes of activations saved for backward (a
-saved-tensors hook counts every tensor autograd keeps that is not a parameter, until it is freed),
+saved-tensors hook, `plan.SavedBytes`, counts every storage autograd keeps that is not a parameter's,
+once, until it is freed),
 printed in units of one microbatch's activations on that stage beside what the schedule promises
 (AFAB m; 1F1B and ZB-H1 p - rank; interleaved from the simulator); and ZeRO-1's optimizer state
 per rank at dp = 1, 2, 4, measured from storage (`ZeroAdamW.state_bytes()`: every tensor it holds, each
@@ -34,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import parallel as P  # noqa: E402
+from plan import SavedBytes  # noqa: E402
 
 
 def rows(pp, microbatches, virtual):
@@ -47,33 +49,6 @@ def rows(pp, microbatches, virtual):
             for name, schedules, v, formula in cases:
                 sim = P.simulate(schedules, v)
                 yield p, m, name, sim["bubble"], formula, sim["peak_in_flight"][0]
-
-
-class SavedBytes:
-    """A saved-tensors hook: live and peak bytes of the non-parameter tensors autograd keeps for backward."""
-
-    def __init__(self, params):
-        self.skip = {p.data_ptr() for p in params}
-        self.live = self.peak = 0
-
-    def pack(self, t):
-        if t.data_ptr() in self.skip:
-            return t
-        return _Held(t, self)
-
-    @staticmethod
-    def unpack(held):
-        return held if hasattr(held, "shape") else held.t
-
-
-class _Held:
-    def __init__(self, t, counter):
-        self.t, self.counter, self.n = t, counter, t.numel() * t.element_size()
-        counter.live += self.n
-        counter.peak = max(counter.peak, counter.live)
-
-    def __del__(self):
-        self.counter.live -= self.n
 
 
 def _measure_rank(rank, world, init_file, results):
