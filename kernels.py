@@ -95,9 +95,9 @@ def _triton_switch() -> bool | None:
     )
 
 
-def fuses_bias(x: torch.Tensor) -> bool:
-    """True when a bias handed to `bias_gelu` for x is added inside its Triton kernel (one pass with the
-    GeLU); False on the reference path, where a caller does better to add it in the matmul before."""
+def uses_triton(x: torch.Tensor) -> bool:
+    """True when the kernels below send x to Triton (then `bias_gelu` adds a bias inside its one pass,
+    and the norms keep only their input); False on the plain-PyTorch references."""
     return _use_triton(x)
 
 

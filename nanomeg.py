@@ -772,7 +772,7 @@ def mlp(params, prefix, x, cfg: GPTConfig, mesh: Mesh):
     fc2 row-parallel. fc1's bias joins its matmul (an addmm), unless the
     Triton bias-GeLU kernel adds it in the pass it makes anyway."""
     b1 = params.get(f"{prefix}.fc1.bias")
-    late = b1 if kernels.fuses_bias(x) and not cfg.gated and cfg.activation != "relu" else None
+    late = b1 if kernels.uses_triton(x) and not cfg.gated and cfg.activation != "relu" else None
     y = P.column_parallel_linear(x, params[f"{prefix}.fc1.weight"], None if late is not None else b1, mesh,
                                  sequence_parallel=cfg.sequence_parallel)
     y = activate(y, late, cfg)

@@ -142,11 +142,12 @@ def cut_partial_line(path: Path) -> str | None:
 
 def train_record(step: int, tokens: int, metrics: dict[str, float], *, lr: float, grad_norm: float,
                  tokens_per_s: float, flops_per_s: float, mfu: float, comm: dict[str, tuple[int, int]],
-                 bubble: float | None, moe: dict | None, peak_bytes: list[int]) -> dict:
+                 bubble: float | None, moe: dict | None, peak_bytes: list[int],
+                 planned_bytes: list[int] | None = None) -> dict:
     """One log step as a flat record. metrics: train.logged_metrics (the loss and the model's own terms:
     lm, aux, z, mlm, nsp, accuracies); comm: {mesh dim: (elements, bytes)} of one step (train.comm_by_dim);
     bubble: the measured idle / busy (pp > 1); moe: train.moe_stats ({"share": per expert, "dropped"});
-    peak_bytes: per rank (`peak_memory`)."""
+    peak_bytes: per rank (`measured_memory`); planned_bytes: per rank, `plan.rank_plan`'s (train.planned_memory)."""
     out = dict(kind="train", step=step, tokens=tokens, **named_metrics(metrics, "loss"))
     out |= {"opt/lr": lr, "opt/grad_norm": grad_norm, "throughput/tokens_per_s": tokens_per_s,
             "throughput/tflops": flops_per_s / 1e12, "throughput/mfu": mfu}
@@ -158,6 +159,7 @@ def train_record(step: int, tokens: int, metrics: dict[str, float], *, lr: float
         out |= {f"moe/load_expert_{i}": x for i, x in enumerate(moe["share"])} | {"moe/dropped": moe["dropped"]}
     out["memory/peak_bytes"] = max(peak_bytes)
     out |= {f"memory/peak_bytes_rank_{r}": b for r, b in enumerate(peak_bytes)}
+    out |= {f"memory/planned_bytes_rank_{r}": b for r, b in enumerate(planned_bytes or ())}
     return out
 
 
@@ -308,13 +310,13 @@ def measured_memory(params: dict, optimizer_bytes, device: torch.device):
     out["peak"] = saved.peak + state_bytes(params, optimizer_bytes())
 
 
-def memory_note(peak_bytes: list[int], planned: int | None = None) -> str:
+def memory_note(peak_bytes: list[int], planned: list[int] | None = None) -> str:
     """' | mem 3.1 MiB' (one rank), ' | mem 3.1/3.0 MiB' (per rank, up to 8; beyond, the largest), and
-    with a plan of the same layout its figure beside: ' | mem 3.1 MiB (planned 2.9)'. planned: the hook
-    for --plan's bytes per rank (not wired yet: train.py passes None)."""
+    with the plan of the same layout (`plan.rank_plan`'s bytes per rank, in rank order) its figures
+    beside: ' | mem 3.1/3.0 MiB (planned 2.9/2.9)'."""
     mib = lambda b: f"{b / 2**20:.1f}"
-    shown = "/".join(map(mib, peak_bytes)) if len(peak_bytes) <= 8 else f"max {mib(max(peak_bytes))}"
-    return f" | mem {shown} MiB" + (f" (planned {mib(planned)})" if planned is not None else "")
+    shown = lambda nbytes: "/".join(map(mib, nbytes)) if len(nbytes) <= 8 else f"max {mib(max(nbytes))}"
+    return f" | mem {shown(peak_bytes)} MiB" + (f" (planned {shown(planned)})" if planned else "")
 
 
 # ---------------------------------------------------------------------------

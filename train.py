@@ -53,8 +53,10 @@ from pathlib import Path
 import torch
 
 import cost as C
+import kernels
 import nanomeg as N
 import parallel as P
+import plan as PL
 import runlog
 
 
@@ -1120,8 +1122,6 @@ def plan_args(args) -> tuple[N.GPTConfig, C.Layout, C.Cluster, int]:
                       vocab_multiple=128 * tp, attention=args.attention)
         layout = C.Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, v=args.virtual_stages, micro_batch=mb, microbatches=m,
                           seq=seq, schedule=args.schedule, zero=args.zero)
-        import plan as PL
-
         PL.check_layout(cfg, P.Mesh.of_rank(0, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep), layout.v, mb, seq, m,
                         layout.schedule)
     except ValueError as e:
@@ -1152,8 +1152,6 @@ def plan_report(args) -> str:
     out = C.rank_time(cfg, layout, cl, rank)
     plan = out["plans"][out["rank"] // (layout.gpus // layout.pp)]
     if plan["mesh"].global_rank() != rank:
-        import plan as PL
-
         plan = PL.rank_plan(cfg, rank, **layout.kwargs())
     mesh, st = plan["mesh"], out["stages"][plan["stage"]]
     where = ", ".join(f"{d} rank {mesh.rank(d)} of {mesh.size(d)}" for d in ("tp", "cp", "dp", "ep", "pp")
@@ -2159,6 +2157,21 @@ def open_log(args, cfg, mesh: P.Mesh, start: int, say) -> runlog.RunLog:
     return log
 
 
+def planned_memory(cfg, mesh: P.Mesh, args, device) -> list[int] | None:
+    """Each rank's bytes at its peak as `plan.rank_plan` plans them for this very run (weights, gradients,
+    optimizer state, the activations of the schedule's peak), in rank order, for the log line beside the
+    measured peak; None where the plan does not cover the run (models other than GPT) or a world of more
+    than 64 ranks (the line then shows the largest measured figure alone)."""
+    world = mesh.tp * mesh.cp * mesh.pp * mesh.dp
+    if args.model != "gpt" or world > 64:
+        return None
+    layout = dict(tp=mesh.tp, pp=mesh.pp, dp=mesh.dp, cp=mesh.cp, ep=mesh.ep, v=args.virtual_stages,
+                  micro_batch=args.batch // args.microbatches, seq=args.seq, microbatches=args.microbatches,
+                  schedule=args.schedule, zero=args.zero, bf16=args.bf16, bucket_mb=args.bucket_mb,
+                  triton=kernels.uses_triton(torch.empty(0, device=device)))
+    return [PL.rank_plan(cfg, r, **layout)["bytes"]["total"] for r in range(world)]
+
+
 def trace_schedule(spans: list, step: int, mesh: P.Mesh, args, log) -> None:
     """--trace-step: every rank's actions of this step to rank 0, which writes schedule.json and trace.json."""
     coords = dict(rank=mesh.global_rank(), pp_rank=mesh.pp_rank, tp_rank=mesh.tp_rank, dp_rank=mesh.dp_rank)
@@ -2270,6 +2283,10 @@ def train(args) -> int:
     say(f"MFU is against {peak / 1e9:,.1f} GFLOP/s per rank ("
         f"{'--peak-flops' if args.peak_flops else 'measured: a matmul on this device, all ranks at once'})")
     log = args.log = open_log(args, cfg, mesh, start, say) if rank == 0 and args.log_dir else None
+    planned = planned_memory(cfg, mesh, args, device) if rank == 0 else None
+    if planned:
+        say(f"memory planned per rank (plan.rank_plan: weights, grads, optimizer state, activations at the peak): "
+            f"{'/'.join(f'{b / 2**20:.1f}' for b in planned)} MiB; each log line ends with the measured peak")
 
     def say_eval(step):
         metrics = evaluate(params, eval_data, task, cfg, mesh, args, device)
@@ -2316,12 +2333,12 @@ def train(args) -> int:
                 f"| grad norm "
                 f"{norm_value:.3f} | {tokens_per_step / dt:,.0f} tok/s | {flops / 1e9:.2f} GFLOP/s | "
                 f"MFU {flops / (world * peak):.1%} | comm {comm_per_dim(comm)} el/step{bubble_note(bubble)}"
-                f"{moe_summary(moe)}{runlog.memory_note(peaks) if peaks else ''}")
+                f"{moe_summary(moe)}{runlog.memory_note(peaks, planned) if peaks else ''}")
             if log:
                 log.write(runlog.train_record(
                     step, step * tokens_per_step, metrics, lr=lr_at(step, args), grad_norm=norm_value,
                     tokens_per_s=tokens_per_step / dt, flops_per_s=flops, mfu=flops / (world * peak), comm=comm,
-                    bubble=bubble, moe=moe, peak_bytes=peaks))
+                    bubble=bubble, moe=moe, peak_bytes=peaks, planned_bytes=planned))
             clock.clear()
             mem_peak = 0
         if step % args.eval_every == 0 or step == args.steps:

@@ -80,6 +80,8 @@ def test_a_log_holds_run_json_and_a_record_per_log_step_and_eval(runs):
     # memory: at least the fp32 weights, their grads and AdamW's two moments, 16 B a parameter
     n = N.num_params(N.GPTConfig(vocab_size=256, max_seq=1024, layers=2, hidden=32, heads=2))
     assert 16 * n < step4["memory/peak_bytes"] < 16 * n + 2**21, (step4["memory/peak_bytes"], n)
+    # the plan of this very run (plan.rank_plan, shapes only) beside the measured peak: within 5%
+    assert abs(step4["memory/planned_bytes_rank_0"] / step4["memory/peak_bytes_rank_0"] - 1) < 0.05, step4
 
 
 def test_tensorboard_holds_the_same_scalars_read_back_with_its_own_reader(runs):
@@ -119,7 +121,9 @@ def test_pp2_traces_the_schedule_as_it_ran_and_learns_what_one_process_learns(ru
     torch.testing.assert_close([r[2] for r in loss(pp2)], [r[2] for r in loss(straight)], rtol=0, atol=1e-5)
     step4 = next(r for r in pp2 if r["step"] == 4)
     assert step4["comm/pp_elements"] > 0 and step4["pipeline/bubble"] >= 0
-    assert step4["memory/peak_bytes_rank_0"] > 0 and step4["memory/peak_bytes_rank_1"] > 0
+    for r in (0, 1):  # each pipeline rank's plan (its stage, the microbatches 1F1B keeps in flight) vs measured
+        assert abs(step4[f"memory/planned_bytes_rank_{r}"] / step4[f"memory/peak_bytes_rank_{r}"] - 1) < 0.05, step4
+    assert "memory planned per rank" in stdout and "(planned " in stdout
     sched = json.loads((tmp / "pp2" / "schedule.json").read_text())
     assert (sched["step"], sched["pp"], sched["microbatches"], sched["schedule"]) == (2, 2, 4, "1f1b")
     plan = P.schedule_for("1f1b", 2, 4)
