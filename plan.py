@@ -271,7 +271,7 @@ def end_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int, first
     terms = []
     if first:
         terms += [("the embedding's token ids (int64)" + (" and out-of-range mask" if t > 1 else ""),
-                   (8 + (t > 1)) * tokens),
+                   (8 + (t > 1)) * tokens * (t > 1 or mesh.cp > 1)),  # else a view of the batch: `activation_bytes`
                   ("the positions of this cp rank's tokens (int64), for the position table", 8 * s *
                    (mesh.cp > 1 and cfg.position == "learned")),
                   ("the embedding dropout's mask", whole * (cfg.hidden_dropout > 0))]
@@ -291,21 +291,24 @@ def activation_bytes(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list
     """The activations this rank holds at its peak, in B: walk its action list (a forward F adds its
     chunk's bytes for the microbatch, a backward B or weight-gradient W frees them) and keep the largest
     sum. A chunk's bytes: `layer_terms` of its layers + `end_terms` (the first and the last virtual stage).
+    One more on the first stage at tp = cp = 1: the lookup keeps its microbatch's ids, a view of the
+    replica's batch [b·m, s] (int64), whose one storage is held while any microbatch is in flight.
     -> {total, chunk: {chunk: B a microbatch}, terms: {chunk: [(what, B)]}, peak_chunks: {chunk:
-    microbatches held at the peak}}."""
+    microbatches held at the peak}, batch_ids: that storage's B (0 if none)}."""
     terms = {c: [term for i in st.layers for term in layer_terms(cfg, mesh, i, b, seq, elem, triton)] +
              end_terms(cfg, mesh, b, seq, elem, st.first, st.last, triton) for c, st in stages.items()}
     chunk = {c: sum(v for _, v in ts) for c, ts in terms.items()}
+    first = next((c for c, st in stages.items() if st.first), None)  # the chunk that embeds, if here
+    m = sum(a.kind == "F" and a.chunk == first for a in actions)
+    batch_ids = 8 * b * m * seq if first is not None and mesh.tp == mesh.cp == 1 else 0
     held = dict.fromkeys(stages, 0)
-    live = high = 0.0
-    at_peak = dict(held)
+    high, at_peak = 0.0, dict(held)
     for a in actions:
-        step = {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
-        held[a.chunk] += step
-        live += step * chunk[a.chunk]
+        held[a.chunk] += {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
+        live = sum(n * chunk[c] for c, n in held.items()) + (batch_ids if first is not None and held[first] else 0)
         if live > high:
             high, at_peak = live, dict(held)
-    return dict(total=int(round(high)), chunk=chunk, terms=terms, peak_chunks=at_peak)
+    return dict(total=int(round(high)), chunk=chunk, terms=terms, peak_chunks=at_peak, batch_ids=batch_ids)
 
 
 # ---------------------------------------------------------------------------
@@ -470,9 +473,10 @@ def step_comms(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, p2p:
                b: int, seq: int, zero: bool, schedule: str, adtype, pdtype) -> list[dict]:
     """Every collective of one `train.train_step` on this rank, as `parallel.count_comms()` records them:
     * each microbatch through each of its chunks (one forward F in the action list): the chunk's layers'
-      and ends' `Comms`, the forward twice under full recompute (the backward redoes it), and under
-      zero-bubble the activation gradients' twice on all but the first virtual stage (W walks the graph
-      from the output again, autograd cannot stop halfway: `parallel.run_schedule`);
+      and ends' `Comms`; every walk of the backward redoes the activation gradients' collectives and,
+      under full recompute, the layers' forward: one walk, but under zero-bubble two on all but the first
+      virtual stage (I to the input, then W from the output again: autograd cannot stop halfway,
+      `parallel.run_schedule`);
     * the pipeline's sends and receives: this rank's `parallel.p2p_plans` posts, [b, s/cp(/t), h] each;
     * the gradient buckets: an all-reduce, or ZeRO's reduce-scatter, of each bucket's padded numel over
       its dim (dp, dpcp, edp), launched during the backward; the tied embedding's after it, first summed
@@ -486,9 +490,9 @@ def step_comms(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, p2p:
         for i in st.layers:
             layer_comms(cfg, mesh, i, b, seq, layers)
         end_comms(cfg, mesh, b, seq, st.first, st.last, ends)
-        again = 2 if schedule == "zb" and not st.first else 1  # ... its I pass, then W
-        one = layers.forward * (2 if cfg.recompute == "full" else 1) + ends.forward + \
-            (layers.act + ends.act) * again + layers.param + ends.param
+        walks = 2 if schedule == "zb" and not st.first else 1  # backward walks: zero-bubble's I, then W
+        one = layers.forward * (1 + walks * (cfg.recompute == "full")) + ends.forward + \
+            (layers.act + ends.act) * walks + layers.param + ends.param
         out += [dict(r) for a in actions if a.kind == "F" and a.chunk == chunk for r in one]
     s_msg = seq // mesh.cp // (mesh.tp if cfg.sequence_parallel and mesh.tp > 1 else 1)
     out += [dict(op=post.op, dim="pp", elements=b * s_msg * cfg.hidden, phase="backward" if post.msg.backward

@@ -2,7 +2,7 @@
 
 1. The virtual mesh: `Mesh.of_rank` is Megatron's rank order (the inverse of `Mesh.global_rank`), and
    `Mesh.build` gives every rank those coordinates.
-2. Plan against measurement: for a grid of ten small layouts of world 4 on the session pool (tp, cp, dp,
+2. Plan against measurement: for a grid of eleven small layouts of world 4 on the session pool (tp, cp, dp,
    pp, ep, the four schedules, interleaving, microbatches, sequence parallel, ZeRO-1, bf16, recompute,
    tied and untied, MQA and GQA, LayerNorm GeLU and RMSNorm SwiGLU rope, SDPA, a GPT and MoE GPTs),
    every rank runs one real `train.train_step` (train.py's optimizer, buckets, schedule) under
@@ -95,7 +95,9 @@ LAYOUTS = [
                                         "--zero", "1"], 2, 1, 1, 2),
     ("MoE every 2nd layer, tp2 sp dp2", ["--experts", "4", "--moe-every", "2", "--batch", "2",
                                          "--sequence-parallel"], 2, 1, 1, 1),
-    ("tp2 pp2 zero-bubble m2", ["--microbatches", "2", "--batch", "4", "--schedule", "zb"], 2, 1, 2, 1),
+    ("tp2 pp2 zero-bubble m2, full recompute", ["--microbatches", "2", "--batch", "4", "--schedule", "zb",
+                                                "--recompute", "full"], 2, 1, 2, 1),
+    ("pp4 1f1b m8, ZeRO-1", ["--microbatches", "8", "--batch", "8", "--zero", "1"], 1, 1, 4, 1),
     ("cp2 pp2 interleaved v2 m2, bf16", ["--virtual-stages", "2", "--microbatches", "2", "--batch", "2", "--bf16"],
      1, 2, 2, 1),
     ("Llama-like: RMSNorm, SwiGLU, rope, GQA, bf16, tp2 sp pp2", ["--norm", "rmsnorm", "--activation", "swiglu",
