@@ -173,10 +173,8 @@ def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: 
     triton=False). s = seq / cp tokens per sequence here; a "whole" [b, s, h] tensor is split over tp
     only under sequence parallel.
       whole, elem B: the two norm inputs, the qkv and fc1 inputs (4), plus 1 B per hidden dropout mask;
-      split over tp, elem B per token: q, k, v (3·n·d: the attention matmuls keep contiguous copies, the kv
-        heads repeated to n; under selective recompute, cp or SDPA the fused qkv output, (n + 2g)·d, plus
-        the rotated q and k under rope, (n + g)·d), the proj input (n·d; under cp in fp32 or SDPA the
-        attention output itself), the MLP (`mlp_width`);
+      split over tp, elem B per token: q, k, v (`qkv_kept`: 3·n·d as copies, or views of the qkv output),
+        the proj input (n·d; under cp in fp32 or SDPA the attention output itself), the MLP (`mlp_width`);
       the attention core [b, n/t, s, s]: its softmax output (elem) and, with attention dropout, the mask (1)
         and the dropped probabilities (elem); none under selective recompute; ring attention (cp) and SDPA
         keep none of it but their output and fp32 log-sum-exp, 4 B per token and head (ring: its output
@@ -193,14 +191,17 @@ def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: 
     n, d, g = cfg.heads // t, cfg.head_dim, max(1, cfg.num_kv_heads // t)
     ring, sdpa, rope = mesh.cp > 1, cfg.attention == "sdpa" and mesh.cp == 1, cfg.position == "rope"
     fused = cfg.recompute == "selective" or ring or sdpa  # q, k, v kept as views of the qkv output
-    shared_out = sdpa or (ring and elem >= 4)  # the attention's output is the proj input's storage
-    qkv = (n + 2 * g) * d + (n + g) * d * rope if fused else 3 * n * d
+    # the attention's output is the proj input's storage: ring attention's fp32 output read as it is, or
+    # SDPA's, laid out [b, s, n, d] (torch's CPU kernel returns [b, n, s, d] for several groups of several
+    # heads: then a copy, n·d more)
+    shared_out = (sdpa and (n == g or g == 1)) or (ring and elem >= 4)
+    qkv = qkv_kept(cfg, n, g, b, fused)
     terms = [("two norm inputs, the qkv and fc1 inputs", 4 * elem * whole),
              ("hidden dropout masks (1 B)", 2 * whole * (cfg.hidden_dropout > 0)),
              ("q, k, v" + (" (the qkv output" + (", rotated q and k)" if rope else ")") if fused else ""),
               elem * tokens * qkv),
              ("the proj input" + (" (the attention's output itself)" if shared_out else ""),
-              0 if shared_out and not sdpa else elem * tokens * n * d),
+              0 if shared_out and not sdpa else elem * tokens * n * d * (1 + (sdpa and not shared_out))),
              ("rope's cos and sin, for q and for k", 4 * elem * s * d * rope)]
     mlp = [(f"the MLP ({cfg.activation}): fc1's output, the activation's", elem * tokens * mlp_width(cfg) / t)]
     terms += moe_terms(cfg, mesh, b, seq, elem) if cfg.is_moe(i) else mlp
@@ -218,6 +219,41 @@ def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: 
     ffn = cfg.ffn_hidden * (cfg.moe_topk if cfg.is_moe(i) else 1)  # a MoE layer: k rows a token
     return terms + differences(s, b, h, cfg.heads, ffn, t, sp, core_kept, elem, triton, cfg.norm,
                                cfg.activation in ("gelu", "gelu_tanh"))
+
+
+def qkv_kept(cfg: N.GPTConfig, n: int, g: int, b: int, fused: bool) -> int:
+    """Elements a token keeps of q, k and v (n query and g kv heads on this rank, d each). Fused (selective
+    recompute, cp, SDPA): q, k, v are kept as views of the qkv output, (n + 2g)·d, and under rope the
+    rotated q and k besides, (n + g)·d (without rope, a q of several groups of several heads is a copy,
+    n·d more). Else the two attention matmuls keep q, k^T and v, each either a
+    tensor of its own or a view of the qkv output (its whole (n + 2g)·d, once):
+      q: rotated (rope), n·d; else a view when the matmul can fold its batch dims (b, n) without a copy
+        (b = 1 or n = 1) and its heads lie one stride apart (one kv group, or MHA); else a copy, n·d;
+      k and v: repeated to n heads (GQA, g > 1), a copy, n·d; one kv head repeated (MQA, g = 1) is an
+        expanded view, which folds only at b = 1 (then k keeps its source: the rotated k, g·d, or the
+        qkv output; v the qkv output), else a copy; without repeat as q (a rotated k is n·d)."""
+    d, rope = cfg.head_dim, cfg.position == "rope"
+    repeated = n // g > 1
+    if fused:  # q of several groups of several heads is a copy: its heads are not one stride apart
+        return (n + 2 * g) * d + (n + g) * d * rope + n * d * (not rope and g > 1 and repeated)
+    fold = b == 1 or n == 1  # a view's batch dims (b, n/t) merge without a copy
+    own, view = 0, False  # elements of tensors of their own; whether the qkv output is kept
+    if rope:
+        own += n * d
+    elif fold and (g == 1 or not repeated):
+        view = True
+    else:
+        own += n * d
+    for is_k in (True, False):
+        if repeated and g > 1:
+            own += n * d
+        elif is_k and rope:
+            own += g * d if repeated and b == 1 else n * d  # rotated k, expanded (MQA) at b = 1, or itself
+        elif fold:
+            view = True
+        else:
+            own += n * d
+    return own + (n + 2 * g) * d * view
 
 
 def norm_copies(cfg: N.GPTConfig, elem: int, triton: bool) -> int:

@@ -15,7 +15,8 @@
    * the activation bytes at the schedule's peak (`plan.SavedBytes`: every storage autograd keeps, once) to
      the byte, planned for the CPU references that run here (`rank_plan(triton=False)`; the message names
      the terms in which a GPU's Triton kernels would differ); under ep within 5%: the rows an ep rank's
-     experts receive follow the routing, planned uniform.
+     experts receive follow the routing, planned uniform. The default (GPU) figure is checked against the
+     Triton kernels themselves, run under the interpreter in one process.
 3. Properties of the plan alone (no processes): every rank of a stage is the kind `layout_plans` lists, the
    world's FLOPs are `gpt_flops` of the global batch, every pipeline send has its receive; and the terms a
    layer keeps are Korthikanti's formula for the paper's GPT.
@@ -266,3 +267,34 @@ def test_layer_terms_are_korthikantis_formula_for_the_papers_gpt(tp, sp, recompu
     stats = 2 * 2 * 4 * b * s / (tp if sp and tp > 1 else 1) * (recompute != "full")
     assert got == pytest.approx(plan.formula_bytes(s, b, cfg.hidden, cfg.heads, tp, sp and tp > 1, recompute, elem)
                                 + stats, rel=1e-12)
+
+
+def one_process_step(argv) -> tuple:
+    """One train.train_step in this process (a mesh of one): (the activations SavedBytes measured, its args and
+    config)."""
+    args, cfg = config(argv)
+    task, mesh = train.TASKS[args.model], P.Mesh.serial()
+    specs = task.specs(cfg)
+    params = {k: v.requires_grad_(True) for k, v in train.rank_params(task, cfg, mesh, specs, args).items()}
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    opt = train.make_optimizer(params, args, mesh, specs, cfg)
+    saved = plan.SavedBytes(params.values())
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        train.train_step(params, opt, dict(ids=ids, targets=ids.roll(-1, 1)), task, cfg, mesh, specs, args, step=1)
+    return saved.peak, args, cfg
+
+
+@pytest.mark.parametrize("flags", [
+    ["--microbatches", "2", "--batch", "4"],
+    ["--norm", "rmsnorm", "--activation", "swiglu", "--position", "rope", "--kv-heads", "2", "--bf16", "--recompute",
+     "selective", "--batch", "1"],
+], ids=["LayerNorm GeLU fp32, 1f1b m2", "RMSNorm SwiGLU rope GQA bf16, selective, b 1"])
+def test_the_triton_figure_is_what_the_triton_kernels_keep(monkeypatch, flags):
+    """rank_plan's default figure is a GPU's: the Triton kernels' storage. Here they run under the Triton
+    interpreter (NANOMEG_TRITON=1, on a CPU, one layer: seconds), and keep to the byte what the plan says."""
+    monkeypatch.setenv("NANOMEG_TRITON", "1")
+    argv = [*MODEL, "--layers", "1", *flags]
+    measured, args, cfg = one_process_step(argv)
+    p = plan.rank_plan(cfg, 0, micro_batch=args.batch // args.microbatches, seq=args.seq,
+                       microbatches=args.microbatches, bf16=args.bf16, bucket_mb=args.bucket_mb)
+    assert measured == p["activations"]["total"], (measured, p["activations"]["terms"])
