@@ -619,7 +619,8 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
     Returns (B: bytes; el: elements; per step unless said):
       mesh: the virtual `parallel.Mesh` (every dim's size and this rank's coordinate; mesh.size(d) for a
         group: "dpcp", "edp", "embed"); rank; stage: the pipeline rank; chunks: {chunk: nanomeg.Stage};
-      shards: `parallel.shard_layout` rows of the parameters it holds (name, local and full shape, slice);
+      shards: `parallel.shard_layout` rows of the parameters it holds (name, local and full shape, slice),
+        with the local elements and bytes;
       params: el held; buckets: its gradient buckets (`parallel.bucket_layout`: names, dim, tied, numel);
       bytes: {weights, grads (the buckets' padded buffers), optimizer (`state_bytes`), activations (at the
         peak), total};
@@ -643,6 +644,8 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
     params = meta_params(shards, pdtype)
     buckets = buckets_of(cfg, mesh, params, specs, zero=zero, bucket_mb=bucket_mb)
     elem = torch.finfo(pdtype).bits // 8
+    shards = [dict(row, elements=params[row["name"]].numel(), bytes=params[row["name"]].numel() * elem)
+              for row in shards]
     weights = sum(p.numel() for p in params.values()) * elem
     grads = sum(b["numel"] for b in buckets) * elem
     optimizer = state_bytes(buckets, mesh, params, zero=zero, main=zero or bf16)
