@@ -10,7 +10,7 @@ run holds and records, exactly where the quantity is exact. Read top to bottom:
 3. Activations: Korthikanti et al. 2022's bytes per layer written for this code, summed over the
    microbatches each chunk holds at the schedule's peak, plus the embedding's and the head's and loss's.
 4. Communication: the collectives of one training step, in `parallel.count_comms()` records.
-5. FLOPs: `nanomeg.gpt_flops` cut per stage, recompute as extra forward work.
+5. FLOPs: `nanomeg.gpt_flops` cut per stage; recompute (and zero-bubble's second walk) as work redone.
 6. `rank_plan` and `layout_plans`: the whole picture of one rank, and of every kind of rank.
 7. `SavedBytes`: the measurement the activations are checked against (tests/test_plan.py, benchmarks).
 
@@ -579,26 +579,30 @@ def layer_flops(cfg: N.GPTConfig, tokens_b: int, seq: int) -> dict:
                 cfg.head_dim)
 
 
-def stage_flops(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, b: int, seq: int, microbatches: int) -> dict:
+def stage_flops(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, b: int, seq: int, microbatches: int,
+                schedule: str = "1f1b") -> dict:
     """This rank's FLOPs, per microbatch and chunk and per step: the chunk's layers (MoE or dense) and, on
-    the last virtual stage, the logits; forward = 1/3, backward = 2/3 of gpt_flops' count; recompute adds
-    forward work (full: the layers' forward again; selective: the attention core's). Each rank does 1/(t·cp)
-    of its stage's work (tp splits every matmul, cp the tokens, its ring attention the [s, s] work evenly)."""
+    the last virtual stage, the logits; forward = 1/3, backward = 2/3 of gpt_flops' count (`model`, what
+    MFU counts). `redone` is the work this code does again, per backward walk of the chunk (one; two under
+    zero-bubble off the first virtual stage, as in `step_comms`): under full recompute the layers' forward;
+    under selective recompute the attention core's forward, 4·b·s²·n·d a layer (the core path only: ring
+    attention and SDPA are not checkpointed); and zero-bubble's W pass, which walks the graph again from
+    the output, redoes the input-gradient half of the backward. Each rank does 1/(t·cp) of its stage's
+    work (tp splits every matmul, cp the tokens, and ring attention the [s, s] work evenly)."""
     f = layer_flops(cfg, b, seq)
     share = 1 / (mesh.tp * mesh.cp)
+    checkpointed = cfg.recompute == "selective" and mesh.cp == 1 and cfg.attention == "core"
     chunks = {}
     for c, st in stages.items():
-        model = sum(f["moe"] if cfg.is_moe(i) else f["dense"] for i in st.layers) + (f["logits"] if st.last else 0)
-        layers_fwd = sum(f["moe"] if cfg.is_moe(i) else f["dense"] for i in st.layers) / 3
-        extra = layers_fwd if cfg.recompute == "full" else \
-            f["attention_forward"] * len(st.layers) if cfg.recompute == "selective" else 0.0
-        chunks[c] = dict(forward=model / 3 * share, backward=2 * model / 3 * share, recompute=extra * share)
-    m = microbatches
-    fwd = m * sum(ch["forward"] for ch in chunks.values())
-    bwd = m * sum(ch["backward"] for ch in chunks.values())
-    rec = m * sum(ch["recompute"] for ch in chunks.values())
-    return dict(per_microbatch=chunks, forward=fwd, backward=bwd, recompute=rec, total=fwd + bwd + rec,
-                model=fwd + bwd)
+        layers = sum(f["moe"] if cfg.is_moe(i) else f["dense"] for i in st.layers)
+        model = layers + (f["logits"] if st.last else 0)
+        walks = 2 if schedule == "zb" and not st.first else 1
+        redo = walks * (layers / 3 if cfg.recompute == "full" else f["attention_forward"] * len(st.layers) *
+                        checkpointed) + (walks - 1) * model / 3  # zero-bubble: W redoes dX, half the backward
+        chunks[c] = dict(forward=model / 3 * share, backward=2 * model / 3 * share, redone=redo * share)
+    per_step = {k: microbatches * sum(ch[k] for ch in chunks.values()) for k in ("forward", "backward", "redone")}
+    return dict(per_microbatch=chunks, **per_step, model=per_step["forward"] + per_step["backward"],
+                total=sum(per_step.values()))
 
 
 # ---------------------------------------------------------------------------
@@ -629,8 +633,9 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
         at the peak (`parallel.simulate`)};
       comms: the step's collectives as `parallel.count_comms()` records {op, dim, elements, phase, dtype}
         (`step_comms`; ep's token all-to-alls: their uniform-routing expectation); `per_dim` sums them;
-      flops: {per_microbatch: {chunk: {forward, backward, recompute}}, forward, backward, recompute, total,
-        model} on this rank (`stage_flops`);
+      flops: {per_microbatch: {chunk: {forward, backward, redone}}, forward, backward, redone (recompute,
+        zero-bubble's second walk), model (forward + backward: what MFU counts), total} on this rank
+        (`stage_flops`);
       schedule: {name, actions: this rank's action list, simulation: `parallel.simulate` at unit costs}."""
     mesh = P.Mesh.of_rank(rank, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep)
     check_layout(cfg, mesh, v, micro_batch, seq, microbatches, schedule)
@@ -657,7 +662,8 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
                 params=sum(p.numel() for p in params.values()), buckets=buckets,
                 bytes=dict(weights=weights, grads=grads, optimizer=optimizer, activations=acts["total"],
                            total=weights + grads + optimizer + acts["total"]),
-                activations=acts, comms=comms, flops=stage_flops(cfg, mesh, stages, micro_batch, seq, microbatches),
+                activations=acts, comms=comms,
+                flops=stage_flops(cfg, mesh, stages, micro_batch, seq, microbatches, schedule),
                 schedule=dict(name=schedule, actions=mine, simulation=sim))
 
 

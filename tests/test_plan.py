@@ -219,6 +219,11 @@ def test_every_rank_is_one_of_the_kinds_layout_plans_lists_and_the_world_compute
         assert p["bytes"] == kind["bytes"] and p["flops"] == kind["flops"], rank
         assert multiset(p["comms"]) == multiset(kind["comms"]), rank
         assert [r["local_shape"] for r in p["shards"]] == [r["local_shape"] for r in kind["shards"]], rank
+    for k in kinds:  # work redone: recompute (selective: the core path's checkpoint), zero-bubble's second walk
+        redo = cfg.recompute == "full" or (cfg.recompute == "selective" and layout["cp"] == 1) or \
+            (layout["schedule"] == "zb" and k["stage"] > 0)
+        flops = k["flops"]
+        assert (flops["redone"] > 0) == redo and flops["total"] == pytest.approx(flops["model"] + flops["redone"])
     model = sum(k["flops"]["model"] * k["ranks"] for k in kinds)
     batch = layout["micro_batch"] * layout["microbatches"] * layout["dp"]
     assert model == pytest.approx(N.gpt_flops(cfg, batch, layout["seq"]), rel=1e-9)
