@@ -583,7 +583,7 @@ def stage_flops(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, b: int, seq: int, 
                 schedule: str = "1f1b") -> dict:
     """This rank's FLOPs, per microbatch and chunk and per step: the chunk's layers (MoE or dense) and, on
     the last virtual stage, the logits; forward = 1/3, backward = 2/3 of gpt_flops' count (`model`, what
-    MFU counts). `redone` is the work this code does again, per backward walk of the chunk (one; two under
+    MFU counts). `recompute` is the work this code does again, per backward walk of the chunk (one; two under
     zero-bubble off the first virtual stage, as in `step_comms`): under full recompute the layers' forward;
     under selective recompute the attention core's forward, 4·b·s²·n·d a layer (the core path only: ring
     attention and SDPA are not checkpointed); and zero-bubble's W pass, which walks the graph again from
@@ -599,8 +599,8 @@ def stage_flops(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, b: int, seq: int, 
         walks = 2 if schedule == "zb" and not st.first else 1
         redo = walks * (layers / 3 if cfg.recompute == "full" else f["attention_forward"] * len(st.layers) *
                         checkpointed) + (walks - 1) * model / 3  # zero-bubble: W redoes dX, half the backward
-        chunks[c] = dict(forward=model / 3 * share, backward=2 * model / 3 * share, redone=redo * share)
-    per_step = {k: microbatches * sum(ch[k] for ch in chunks.values()) for k in ("forward", "backward", "redone")}
+        chunks[c] = dict(forward=model / 3 * share, backward=2 * model / 3 * share, recompute=redo * share)
+    per_step = {k: microbatches * sum(ch[k] for ch in chunks.values()) for k in ("forward", "backward", "recompute")}
     return dict(per_microbatch=chunks, **per_step, model=per_step["forward"] + per_step["backward"],
                 total=sum(per_step.values()))
 
@@ -633,9 +633,9 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
         at the peak (`parallel.simulate`)};
       comms: the step's collectives as `parallel.count_comms()` records {op, dim, elements, phase, dtype}
         (`step_comms`; ep's token all-to-alls: their uniform-routing expectation); `per_dim` sums them;
-      flops: {per_microbatch: {chunk: {forward, backward, redone}}, forward, backward, redone (recompute,
-        zero-bubble's second walk), model (forward + backward: what MFU counts), total} on this rank
-        (`stage_flops`);
+      flops: {per_microbatch: {chunk: {forward, backward, recompute}}, forward, backward, recompute (work
+        redone: recompute, and zero-bubble's second walk), model (forward + backward: what MFU counts),
+        total} on this rank (`stage_flops`);
       schedule: {name, actions: this rank's action list, simulation: `parallel.simulate` at unit costs}."""
     mesh = P.Mesh.of_rank(rank, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep)
     check_layout(cfg, mesh, v, micro_batch, seq, microbatches, schedule)

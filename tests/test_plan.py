@@ -223,7 +223,7 @@ def test_every_rank_is_one_of_the_kinds_layout_plans_lists_and_the_world_compute
         redo = cfg.recompute == "full" or (cfg.recompute == "selective" and layout["cp"] == 1) or \
             (layout["schedule"] == "zb" and k["stage"] > 0)
         flops = k["flops"]
-        assert (flops["redone"] > 0) == redo and flops["total"] == pytest.approx(flops["model"] + flops["redone"])
+        assert (flops["recompute"] > 0) == redo and flops["total"] == pytest.approx(flops["model"] + flops["recompute"])
     model = sum(k["flops"]["model"] * k["ranks"] for k in kinds)
     batch = layout["micro_batch"] * layout["microbatches"] * layout["dp"]
     assert model == pytest.approx(N.gpt_flops(cfg, batch, layout["seq"]), rel=1e-9)
