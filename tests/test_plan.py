@@ -90,7 +90,7 @@ LAYOUTS = [
     ("pp2 dp2 interleaved v2 m4, ZeRO-1, untied", ["--virtual-stages", "2", "--microbatches", "4", "--batch", "8",
                                                     "--zero", "1", "--untied"], 1, 1, 2, 1),
     ("tp2 cp2, full recompute, kv heads 1", ["--recompute", "full", "--batch", "2", "--kv-heads", "1"], 2, 2, 1, 1),
-    ("dp4 bf16, selective recompute, afab m2 ", ["--bf16", "--recompute", "selective", "--batch", "4",
+    ("dp4 bf16, selective recompute, afab m2", ["--bf16", "--recompute", "selective", "--batch", "4",
                                                  "--microbatches", "2", "--schedule", "afab"], 1, 1, 1, 1),
     ("MoE tp2 dp2 ep2, top-2, ZeRO-1", ["--experts", "4", "--topk", "2", "--ep", "2", "--batch", "2",
                                         "--zero", "1"], 2, 1, 1, 2),
@@ -151,7 +151,7 @@ def planned(argv, tp, cp, pp, ep, rank, triton=False):
                                      bf16=args.bf16, bucket_mb=args.bucket_mb, triton=triton)
 
 
-@pytest.mark.parametrize("name, flags, tp, cp, pp, ep", LAYOUTS, ids=[case[0].strip() for case in LAYOUTS])
+@pytest.mark.parametrize("name, flags, tp, cp, pp, ep", LAYOUTS, ids=[case[0] for case in LAYOUTS])
 def test_the_plan_is_what_a_real_step_holds_and_sends(pool, name, flags, tp, cp, pp, ep):
     argv = [*MODEL, "--tp", str(tp), "--pp", str(pp), "--cp", str(cp), *flags]
     for real in pool.run(real_step, argv, (tp, cp, pp, ep)):
@@ -168,7 +168,7 @@ def test_the_plan_is_what_a_real_step_holds_and_sends(pool, name, flags, tp, cp,
         assert collections.Counter(c[3] for c in real["comms"] if routed(c)) == \
             collections.Counter(c[3] for c in map(record, p["comms"]) if routed(c)), what
         acts, gpu = p["activations"], planned(argv, tp, cp, pp, ep, rank, triton=True)[2]["activations"]
-        cpu_only = [(what, cpu - g) for c in acts["terms"] for (what, cpu), (_, g) in
+        cpu_only = [(term, cpu - g) for c in acts["terms"] for (term, cpu), (_, g) in
                     zip(acts["terms"][c], gpu["terms"][c]) if cpu != g]  # the CPU references' own storage
         within = 0.05 if ep > 1 else 0  # the rows an ep rank's experts receive follow the routing
         assert abs(real["activations"] - acts["total"]) <= within * real["activations"], \
