@@ -1901,6 +1901,7 @@ class GradBuckets:
         self.mesh, self.zero, self.accumulations = mesh, zero, accumulations
         self.params = params
         self.views = {}  # {name: p.grad's place in its bucket}
+        tied = tied if mesh.group("embed") is not None else ()  # (a mesh made by hand may have no embed group)
         self.buckets = [self._bucket(b["names"], tied=b["tied"], dim=b["dim"])
                         for b in bucket_layout(params, mesh, bucket_mb=bucket_mb, zero=zero, tied=tied,
                                                experts=experts)]

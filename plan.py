@@ -10,7 +10,7 @@ run holds and records, exactly where the quantity is exact. Read top to bottom:
 3. Activations: Korthikanti et al. 2022's bytes per layer written for this code, summed over the
    microbatches each chunk holds at the schedule's peak, plus the embedding's and the head's and loss's.
 4. Communication: the collectives of one training step, in `parallel.count_comms()` records.
-5. FLOPs: `nanomeg.gpt_flops` cut per stage, recompute as extra forward work.
+5. FLOPs: `nanomeg.gpt_flops` cut per stage; recompute (and zero-bubble's second walk) as work redone.
 6. `rank_plan` and `layout_plans`: the whole picture of one rank, and of every kind of rank.
 7. `SavedBytes`: the measurement the activations are checked against (tests/test_plan.py, benchmarks).
 
@@ -173,10 +173,8 @@ def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: 
     triton=False). s = seq / cp tokens per sequence here; a "whole" [b, s, h] tensor is split over tp
     only under sequence parallel.
       whole, elem B: the two norm inputs, the qkv and fc1 inputs (4), plus 1 B per hidden dropout mask;
-      split over tp, elem B per token: q, k, v (3·n·d: the attention matmuls keep contiguous copies, the kv
-        heads repeated to n; under selective recompute, cp or SDPA the fused qkv output, (n + 2g)·d, plus
-        the rotated q and k under rope, (n + g)·d), the proj input (n·d; under cp in fp32 or SDPA the
-        attention output itself), the MLP (`mlp_width`);
+      split over tp, elem B per token: q, k, v (`qkv_kept`: 3·n·d as copies, or views of the qkv output),
+        the proj input (n·d; under cp in fp32 or SDPA the attention output itself), the MLP (`mlp_width`);
       the attention core [b, n/t, s, s]: its softmax output (elem) and, with attention dropout, the mask (1)
         and the dropped probabilities (elem); none under selective recompute; ring attention (cp) and SDPA
         keep none of it but their output and fp32 log-sum-exp, 4 B per token and head (ring: its output
@@ -193,14 +191,17 @@ def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: 
     n, d, g = cfg.heads // t, cfg.head_dim, max(1, cfg.num_kv_heads // t)
     ring, sdpa, rope = mesh.cp > 1, cfg.attention == "sdpa" and mesh.cp == 1, cfg.position == "rope"
     fused = cfg.recompute == "selective" or ring or sdpa  # q, k, v kept as views of the qkv output
-    shared_out = sdpa or (ring and elem >= 4)  # the attention's output is the proj input's storage
-    qkv = (n + 2 * g) * d + (n + g) * d * rope if fused else 3 * n * d
+    # the attention's output is the proj input's storage: ring attention's fp32 output read as it is, or
+    # SDPA's, laid out [b, s, n, d] (torch's CPU kernel returns [b, n, s, d] for several groups of several
+    # heads: then a copy, n·d more)
+    shared_out = (sdpa and (n == g or g == 1)) or (ring and elem >= 4)
+    qkv = qkv_kept(cfg, n, g, b, fused)
     terms = [("two norm inputs, the qkv and fc1 inputs", 4 * elem * whole),
              ("hidden dropout masks (1 B)", 2 * whole * (cfg.hidden_dropout > 0)),
              ("q, k, v" + (" (the qkv output" + (", rotated q and k)" if rope else ")") if fused else ""),
               elem * tokens * qkv),
              ("the proj input" + (" (the attention's output itself)" if shared_out else ""),
-              0 if shared_out and not sdpa else elem * tokens * n * d),
+              0 if shared_out and not sdpa else elem * tokens * n * d * (1 + (sdpa and not shared_out))),
              ("rope's cos and sin, for q and for k", 4 * elem * s * d * rope)]
     mlp = [(f"the MLP ({cfg.activation}): fc1's output, the activation's", elem * tokens * mlp_width(cfg) / t)]
     terms += moe_terms(cfg, mesh, b, seq, elem) if cfg.is_moe(i) else mlp
@@ -218,6 +219,41 @@ def layer_terms(cfg: N.GPTConfig, mesh: P.Mesh, i: int, b: int, seq: int, elem: 
     ffn = cfg.ffn_hidden * (cfg.moe_topk if cfg.is_moe(i) else 1)  # a MoE layer: k rows a token
     return terms + differences(s, b, h, cfg.heads, ffn, t, sp, core_kept, elem, triton, cfg.norm,
                                cfg.activation in ("gelu", "gelu_tanh"))
+
+
+def qkv_kept(cfg: N.GPTConfig, n: int, g: int, b: int, fused: bool) -> int:
+    """Elements a token keeps of q, k and v (n query and g kv heads on this rank, d each). Fused (selective
+    recompute, cp, SDPA): q, k, v are kept as views of the qkv output, (n + 2g)·d, and under rope the
+    rotated q and k besides, (n + g)·d (without rope, a q of several groups of several heads is a copy,
+    n·d more). Else the two attention matmuls keep q, k^T and v, each either a
+    tensor of its own or a view of the qkv output (its whole (n + 2g)·d, once):
+      q: rotated (rope), n·d; else a view when the matmul can fold its batch dims (b, n) without a copy
+        (b = 1 or n = 1) and its heads lie one stride apart (one kv group, or MHA); else a copy, n·d;
+      k and v: repeated to n heads (GQA, g > 1), a copy, n·d; one kv head repeated (MQA, g = 1) is an
+        expanded view, which folds only at b = 1 (then k keeps its source: the rotated k, g·d, or the
+        qkv output; v the qkv output), else a copy; without repeat as q (a rotated k is n·d)."""
+    d, rope = cfg.head_dim, cfg.position == "rope"
+    repeated = n // g > 1
+    if fused:  # q of several groups of several heads is a copy: its heads are not one stride apart
+        return (n + 2 * g) * d + (n + g) * d * rope + n * d * (not rope and g > 1 and repeated)
+    fold = b == 1 or n == 1  # a view's batch dims (b, n/t) merge without a copy
+    own, view = 0, False  # elements of tensors of their own; whether the qkv output is kept
+    if rope:
+        own += n * d
+    elif fold and (g == 1 or not repeated):
+        view = True
+    else:
+        own += n * d
+    for is_k in (True, False):
+        if repeated and g > 1:
+            own += n * d
+        elif is_k and rope:
+            own += g * d if repeated and b == 1 else n * d  # rotated k, expanded (MQA) at b = 1, or itself
+        elif fold:
+            view = True
+        else:
+            own += n * d
+    return own + (n + 2 * g) * d * view
 
 
 def norm_copies(cfg: N.GPTConfig, elem: int, triton: bool) -> int:
@@ -271,7 +307,7 @@ def end_terms(cfg: N.GPTConfig, mesh: P.Mesh, b: int, seq: int, elem: int, first
     terms = []
     if first:
         terms += [("the embedding's token ids (int64)" + (" and out-of-range mask" if t > 1 else ""),
-                   (8 + (t > 1)) * tokens),
+                   (8 + (t > 1)) * tokens * (t > 1 or mesh.cp > 1)),  # else a view of the batch: `activation_bytes`
                   ("the positions of this cp rank's tokens (int64), for the position table", 8 * s *
                    (mesh.cp > 1 and cfg.position == "learned")),
                   ("the embedding dropout's mask", whole * (cfg.hidden_dropout > 0))]
@@ -291,21 +327,24 @@ def activation_bytes(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list
     """The activations this rank holds at its peak, in B: walk its action list (a forward F adds its
     chunk's bytes for the microbatch, a backward B or weight-gradient W frees them) and keep the largest
     sum. A chunk's bytes: `layer_terms` of its layers + `end_terms` (the first and the last virtual stage).
+    One more on the first stage at tp = cp = 1: the lookup keeps its microbatch's ids, a view of the
+    replica's batch [b·m, s] (int64), whose one storage is held while any microbatch is in flight.
     -> {total, chunk: {chunk: B a microbatch}, terms: {chunk: [(what, B)]}, peak_chunks: {chunk:
-    microbatches held at the peak}}."""
+    microbatches held at the peak}, batch_ids: that storage's B (0 if none)}."""
     terms = {c: [term for i in st.layers for term in layer_terms(cfg, mesh, i, b, seq, elem, triton)] +
              end_terms(cfg, mesh, b, seq, elem, st.first, st.last, triton) for c, st in stages.items()}
     chunk = {c: sum(v for _, v in ts) for c, ts in terms.items()}
+    first = next((c for c, st in stages.items() if st.first), None)  # the chunk that embeds, if here
+    m = sum(a.kind == "F" and a.chunk == first for a in actions)
+    batch_ids = 8 * b * m * seq if first is not None and mesh.tp == mesh.cp == 1 else 0
     held = dict.fromkeys(stages, 0)
-    live = high = 0.0
-    at_peak = dict(held)
+    high, at_peak = 0.0, dict(held)
     for a in actions:
-        step = {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
-        held[a.chunk] += step
-        live += step * chunk[a.chunk]
+        held[a.chunk] += {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
+        live = sum(n * chunk[c] for c, n in held.items()) + (batch_ids if first is not None and held[first] else 0)
         if live > high:
             high, at_peak = live, dict(held)
-    return dict(total=int(round(high)), chunk=chunk, terms=terms, peak_chunks=at_peak)
+    return dict(total=int(round(high)), chunk=chunk, terms=terms, peak_chunks=at_peak, batch_ids=batch_ids)
 
 
 # ---------------------------------------------------------------------------
@@ -470,9 +509,10 @@ def step_comms(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, p2p:
                b: int, seq: int, zero: bool, schedule: str, adtype, pdtype) -> list[dict]:
     """Every collective of one `train.train_step` on this rank, as `parallel.count_comms()` records them:
     * each microbatch through each of its chunks (one forward F in the action list): the chunk's layers'
-      and ends' `Comms`, the forward twice under full recompute (the backward redoes it), and under
-      zero-bubble the activation gradients' twice on all but the first virtual stage (W walks the graph
-      from the output again, autograd cannot stop halfway: `parallel.run_schedule`);
+      and ends' `Comms`; every walk of the backward redoes the activation gradients' collectives and,
+      under full recompute, the layers' forward: one walk, but under zero-bubble two on all but the first
+      virtual stage (I to the input, then W from the output again: autograd cannot stop halfway,
+      `parallel.run_schedule`);
     * the pipeline's sends and receives: this rank's `parallel.p2p_plans` posts, [b, s/cp(/t), h] each;
     * the gradient buckets: an all-reduce, or ZeRO's reduce-scatter, of each bucket's padded numel over
       its dim (dp, dpcp, edp), launched during the backward; the tied embedding's after it, first summed
@@ -486,9 +526,9 @@ def step_comms(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, p2p:
         for i in st.layers:
             layer_comms(cfg, mesh, i, b, seq, layers)
         end_comms(cfg, mesh, b, seq, st.first, st.last, ends)
-        again = 2 if schedule == "zb" and not st.first else 1  # ... its I pass, then W
-        one = layers.forward * (2 if cfg.recompute == "full" else 1) + ends.forward + \
-            (layers.act + ends.act) * again + layers.param + ends.param
+        walks = 2 if schedule == "zb" and not st.first else 1  # backward walks: zero-bubble's I, then W
+        one = layers.forward * (1 + walks * (cfg.recompute == "full")) + ends.forward + \
+            (layers.act + ends.act) * walks + layers.param + ends.param
         out += [dict(r) for a in actions if a.kind == "F" and a.chunk == chunk for r in one]
     s_msg = seq // mesh.cp // (mesh.tp if cfg.sequence_parallel and mesh.tp > 1 else 1)
     out += [dict(op=post.op, dim="pp", elements=b * s_msg * cfg.hidden, phase="backward" if post.msg.backward
@@ -539,26 +579,30 @@ def layer_flops(cfg: N.GPTConfig, tokens_b: int, seq: int) -> dict:
                 cfg.head_dim)
 
 
-def stage_flops(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, b: int, seq: int, microbatches: int) -> dict:
+def stage_flops(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, b: int, seq: int, microbatches: int,
+                schedule: str = "1f1b") -> dict:
     """This rank's FLOPs, per microbatch and chunk and per step: the chunk's layers (MoE or dense) and, on
-    the last virtual stage, the logits; forward = 1/3, backward = 2/3 of gpt_flops' count; recompute adds
-    forward work (full: the layers' forward again; selective: the attention core's). Each rank does 1/(t·cp)
-    of its stage's work (tp splits every matmul, cp the tokens, its ring attention the [s, s] work evenly)."""
+    the last virtual stage, the logits; forward = 1/3, backward = 2/3 of gpt_flops' count (`model`, what
+    MFU counts). `recompute` is the work this code does again, per backward walk of the chunk (one; two under
+    zero-bubble off the first virtual stage, as in `step_comms`): under full recompute the layers' forward;
+    under selective recompute the attention core's forward, 4·b·s²·n·d a layer (the core path only: ring
+    attention and SDPA are not checkpointed); and zero-bubble's W pass, which walks the graph again from
+    the output, redoes the input-gradient half of the backward. Each rank does 1/(t·cp) of its stage's
+    work (tp splits every matmul, cp the tokens, and ring attention the [s, s] work evenly)."""
     f = layer_flops(cfg, b, seq)
     share = 1 / (mesh.tp * mesh.cp)
+    checkpointed = cfg.recompute == "selective" and mesh.cp == 1 and cfg.attention == "core"
     chunks = {}
     for c, st in stages.items():
-        model = sum(f["moe"] if cfg.is_moe(i) else f["dense"] for i in st.layers) + (f["logits"] if st.last else 0)
-        layers_fwd = sum(f["moe"] if cfg.is_moe(i) else f["dense"] for i in st.layers) / 3
-        extra = layers_fwd if cfg.recompute == "full" else \
-            f["attention_forward"] * len(st.layers) if cfg.recompute == "selective" else 0.0
-        chunks[c] = dict(forward=model / 3 * share, backward=2 * model / 3 * share, recompute=extra * share)
-    m = microbatches
-    fwd = m * sum(ch["forward"] for ch in chunks.values())
-    bwd = m * sum(ch["backward"] for ch in chunks.values())
-    rec = m * sum(ch["recompute"] for ch in chunks.values())
-    return dict(per_microbatch=chunks, forward=fwd, backward=bwd, recompute=rec, total=fwd + bwd + rec,
-                model=fwd + bwd)
+        layers = sum(f["moe"] if cfg.is_moe(i) else f["dense"] for i in st.layers)
+        model = layers + (f["logits"] if st.last else 0)
+        walks = 2 if schedule == "zb" and not st.first else 1
+        redo = walks * (layers / 3 if cfg.recompute == "full" else f["attention_forward"] * len(st.layers) *
+                        checkpointed) + (walks - 1) * model / 3  # zero-bubble: W redoes dX, half the backward
+        chunks[c] = dict(forward=model / 3 * share, backward=2 * model / 3 * share, recompute=redo * share)
+    per_step = {k: microbatches * sum(ch[k] for ch in chunks.values()) for k in ("forward", "backward", "recompute")}
+    return dict(per_microbatch=chunks, **per_step, model=per_step["forward"] + per_step["backward"],
+                total=sum(per_step.values()))
 
 
 # ---------------------------------------------------------------------------
@@ -579,7 +623,8 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
     Returns (B: bytes; el: elements; per step unless said):
       mesh: the virtual `parallel.Mesh` (every dim's size and this rank's coordinate; mesh.size(d) for a
         group: "dpcp", "edp", "embed"); rank; stage: the pipeline rank; chunks: {chunk: nanomeg.Stage};
-      shards: `parallel.shard_layout` rows of the parameters it holds (name, local and full shape, slice);
+      shards: `parallel.shard_layout` rows of the parameters it holds (name, local and full shape, slice),
+        with the local elements and bytes;
       params: el held; buckets: its gradient buckets (`parallel.bucket_layout`: names, dim, tied, numel);
       bytes: {weights, grads (the buckets' padded buffers), optimizer (`state_bytes`), activations (at the
         peak), total};
@@ -588,8 +633,9 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
         at the peak (`parallel.simulate`)};
       comms: the step's collectives as `parallel.count_comms()` records {op, dim, elements, phase, dtype}
         (`step_comms`; ep's token all-to-alls: their uniform-routing expectation); `per_dim` sums them;
-      flops: {per_microbatch: {chunk: {forward, backward, recompute}}, forward, backward, recompute, total,
-        model} on this rank (`stage_flops`);
+      flops: {per_microbatch: {chunk: {forward, backward, recompute}}, forward, backward, recompute (work
+        redone: recompute, and zero-bubble's second walk), model (forward + backward: what MFU counts),
+        total} on this rank (`stage_flops`);
       schedule: {name, actions: this rank's action list, simulation: `parallel.simulate` at unit costs}."""
     mesh = P.Mesh.of_rank(rank, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep)
     check_layout(cfg, mesh, v, micro_batch, seq, microbatches, schedule)
@@ -603,6 +649,8 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
     params = meta_params(shards, pdtype)
     buckets = buckets_of(cfg, mesh, params, specs, zero=zero, bucket_mb=bucket_mb)
     elem = torch.finfo(pdtype).bits // 8
+    shards = [dict(row, elements=params[row["name"]].numel(), bytes=params[row["name"]].numel() * elem)
+              for row in shards]
     weights = sum(p.numel() for p in params.values()) * elem
     grads = sum(b["numel"] for b in buckets) * elem
     optimizer = state_bytes(buckets, mesh, params, zero=zero, main=zero or bf16)
@@ -614,7 +662,8 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
                 params=sum(p.numel() for p in params.values()), buckets=buckets,
                 bytes=dict(weights=weights, grads=grads, optimizer=optimizer, activations=acts["total"],
                            total=weights + grads + optimizer + acts["total"]),
-                activations=acts, comms=comms, flops=stage_flops(cfg, mesh, stages, micro_batch, seq, microbatches),
+                activations=acts, comms=comms,
+                flops=stage_flops(cfg, mesh, stages, micro_batch, seq, microbatches, schedule),
                 schedule=dict(name=schedule, actions=mine, simulation=sim))
 
 

@@ -2,7 +2,7 @@
 
 1. The virtual mesh: `Mesh.of_rank` is Megatron's rank order (the inverse of `Mesh.global_rank`), and
    `Mesh.build` gives every rank those coordinates.
-2. Plan against measurement: for a grid of ten small layouts of world 4 on the session pool (tp, cp, dp,
+2. Plan against measurement: for a grid of eleven small layouts of world 4 on the session pool (tp, cp, dp,
    pp, ep, the four schedules, interleaving, microbatches, sequence parallel, ZeRO-1, bf16, recompute,
    tied and untied, MQA and GQA, LayerNorm GeLU and RMSNorm SwiGLU rope, SDPA, a GPT and MoE GPTs),
    every rank runs one real `train.train_step` (train.py's optimizer, buckets, schedule) under
@@ -15,7 +15,8 @@
    * the activation bytes at the schedule's peak (`plan.SavedBytes`: every storage autograd keeps, once) to
      the byte, planned for the CPU references that run here (`rank_plan(triton=False)`; the message names
      the terms in which a GPU's Triton kernels would differ); under ep within 5%: the rows an ep rank's
-     experts receive follow the routing, planned uniform.
+     experts receive follow the routing, planned uniform. The default (GPU) figure is checked against the
+     Triton kernels themselves, run under the interpreter in one process.
 3. Properties of the plan alone (no processes): every rank of a stage is the kind `layout_plans` lists, the
    world's FLOPs are `gpt_flops` of the global batch, every pipeline send has its receive; and the terms a
    layer keeps are Korthikanti's formula for the paper's GPT.
@@ -89,13 +90,15 @@ LAYOUTS = [
     ("pp2 dp2 interleaved v2 m4, ZeRO-1, untied", ["--virtual-stages", "2", "--microbatches", "4", "--batch", "8",
                                                     "--zero", "1", "--untied"], 1, 1, 2, 1),
     ("tp2 cp2, full recompute, kv heads 1", ["--recompute", "full", "--batch", "2", "--kv-heads", "1"], 2, 2, 1, 1),
-    ("dp4 bf16, selective recompute, afab m2 ", ["--bf16", "--recompute", "selective", "--batch", "4",
+    ("dp4 bf16, selective recompute, afab m2", ["--bf16", "--recompute", "selective", "--batch", "4",
                                                  "--microbatches", "2", "--schedule", "afab"], 1, 1, 1, 1),
     ("MoE tp2 dp2 ep2, top-2, ZeRO-1", ["--experts", "4", "--topk", "2", "--ep", "2", "--batch", "2",
                                         "--zero", "1"], 2, 1, 1, 2),
     ("MoE every 2nd layer, tp2 sp dp2", ["--experts", "4", "--moe-every", "2", "--batch", "2",
                                          "--sequence-parallel"], 2, 1, 1, 1),
-    ("tp2 pp2 zero-bubble m2", ["--microbatches", "2", "--batch", "4", "--schedule", "zb"], 2, 1, 2, 1),
+    ("tp2 pp2 zero-bubble m2, full recompute", ["--microbatches", "2", "--batch", "4", "--schedule", "zb",
+                                                "--recompute", "full"], 2, 1, 2, 1),
+    ("pp4 1f1b m8, ZeRO-1", ["--microbatches", "8", "--batch", "8", "--zero", "1"], 1, 1, 4, 1),
     ("cp2 pp2 interleaved v2 m2, bf16", ["--virtual-stages", "2", "--microbatches", "2", "--batch", "2", "--bf16"],
      1, 2, 2, 1),
     ("Llama-like: RMSNorm, SwiGLU, rope, GQA, bf16, tp2 sp pp2", ["--norm", "rmsnorm", "--activation", "swiglu",
@@ -148,7 +151,7 @@ def planned(argv, tp, cp, pp, ep, rank, triton=False):
                                      bf16=args.bf16, bucket_mb=args.bucket_mb, triton=triton)
 
 
-@pytest.mark.parametrize("name, flags, tp, cp, pp, ep", LAYOUTS, ids=[case[0].strip() for case in LAYOUTS])
+@pytest.mark.parametrize("name, flags, tp, cp, pp, ep", LAYOUTS, ids=[case[0] for case in LAYOUTS])
 def test_the_plan_is_what_a_real_step_holds_and_sends(pool, name, flags, tp, cp, pp, ep):
     argv = [*MODEL, "--tp", str(tp), "--pp", str(pp), "--cp", str(cp), *flags]
     for real in pool.run(real_step, argv, (tp, cp, pp, ep)):
@@ -165,7 +168,7 @@ def test_the_plan_is_what_a_real_step_holds_and_sends(pool, name, flags, tp, cp,
         assert collections.Counter(c[3] for c in real["comms"] if routed(c)) == \
             collections.Counter(c[3] for c in map(record, p["comms"]) if routed(c)), what
         acts, gpu = p["activations"], planned(argv, tp, cp, pp, ep, rank, triton=True)[2]["activations"]
-        cpu_only = [(what, cpu - g) for c in acts["terms"] for (what, cpu), (_, g) in
+        cpu_only = [(term, cpu - g) for c in acts["terms"] for (term, cpu), (_, g) in
                     zip(acts["terms"][c], gpu["terms"][c]) if cpu != g]  # the CPU references' own storage
         within = 0.05 if ep > 1 else 0  # the rows an ep rank's experts receive follow the routing
         assert abs(real["activations"] - acts["total"]) <= within * real["activations"], \
@@ -216,6 +219,11 @@ def test_every_rank_is_one_of_the_kinds_layout_plans_lists_and_the_world_compute
         assert p["bytes"] == kind["bytes"] and p["flops"] == kind["flops"], rank
         assert multiset(p["comms"]) == multiset(kind["comms"]), rank
         assert [r["local_shape"] for r in p["shards"]] == [r["local_shape"] for r in kind["shards"]], rank
+    for k in kinds:  # work redone: recompute (selective: the core path's checkpoint), zero-bubble's second walk
+        redo = cfg.recompute == "full" or (cfg.recompute == "selective" and layout["cp"] == 1) or \
+            (layout["schedule"] == "zb" and k["stage"] > 0)
+        flops = k["flops"]
+        assert (flops["recompute"] > 0) == redo and flops["total"] == pytest.approx(flops["model"] + flops["recompute"])
     model = sum(k["flops"]["model"] * k["ranks"] for k in kinds)
     batch = layout["micro_batch"] * layout["microbatches"] * layout["dp"]
     assert model == pytest.approx(N.gpt_flops(cfg, batch, layout["seq"]), rel=1e-9)
@@ -264,3 +272,34 @@ def test_layer_terms_are_korthikantis_formula_for_the_papers_gpt(tp, sp, recompu
     stats = 2 * 2 * 4 * b * s / (tp if sp and tp > 1 else 1) * (recompute != "full")
     assert got == pytest.approx(plan.formula_bytes(s, b, cfg.hidden, cfg.heads, tp, sp and tp > 1, recompute, elem)
                                 + stats, rel=1e-12)
+
+
+def one_process_step(argv) -> tuple:
+    """One train.train_step in this process (a mesh of one): (the activations SavedBytes measured, its args and
+    config)."""
+    args, cfg = config(argv)
+    task, mesh = train.TASKS[args.model], P.Mesh.serial()
+    specs = task.specs(cfg)
+    params = {k: v.requires_grad_(True) for k, v in train.rank_params(task, cfg, mesh, specs, args).items()}
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    opt = train.make_optimizer(params, args, mesh, specs, cfg)
+    saved = plan.SavedBytes(params.values())
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        train.train_step(params, opt, dict(ids=ids, targets=ids.roll(-1, 1)), task, cfg, mesh, specs, args, step=1)
+    return saved.peak, args, cfg
+
+
+@pytest.mark.parametrize("flags", [
+    ["--microbatches", "2", "--batch", "4"],
+    ["--norm", "rmsnorm", "--activation", "swiglu", "--position", "rope", "--kv-heads", "2", "--bf16", "--recompute",
+     "selective", "--batch", "1"],
+], ids=["LayerNorm GeLU fp32, 1f1b m2", "RMSNorm SwiGLU rope GQA bf16, selective, b 1"])
+def test_the_triton_figure_is_what_the_triton_kernels_keep(monkeypatch, flags):
+    """rank_plan's default figure is a GPU's: the Triton kernels' storage. Here they run under the Triton
+    interpreter (NANOMEG_TRITON=1, on a CPU, one layer: seconds), and keep to the byte what the plan says."""
+    monkeypatch.setenv("NANOMEG_TRITON", "1")
+    argv = [*MODEL, "--layers", "1", *flags]
+    measured, args, cfg = one_process_step(argv)
+    p = plan.rank_plan(cfg, 0, micro_batch=args.batch // args.microbatches, seq=args.seq,
+                       microbatches=args.microbatches, bf16=args.bf16, bucket_mb=args.bucket_mb)
+    assert measured == p["activations"]["total"], (measured, p["activations"]["terms"])
