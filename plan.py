@@ -12,7 +12,7 @@ run holds and records, exactly where the quantity is exact. Read top to bottom:
 4. Communication: the collectives of one training step, in `parallel.count_comms()` records.
 5. FLOPs: `nanomeg.gpt_flops` cut per stage; recompute (and zero-bubble's second walk) as work redone.
 6. `rank_plan` and `layout_plans`: the whole picture of one rank, and of every kind of rank.
-7. `SavedBytes`: the measurement the activations are checked against (tests/test_plan.py, benchmarks).
+The measurement the activations are checked against is `runlog.SavedPeak` (tests/test_plan.py).
 
 What is exact (tests/test_plan.py compares a real step rank by rank): the shapes, buckets, gradient and
 optimizer bytes, every collective (but the elements of ep's token all-to-alls, which follow the routing:
@@ -678,47 +678,3 @@ def layout_plans(cfg: N.GPTConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, cp:
         plan["ranks"] = tp * cp * dp
         plans.append(plan)
     return plans
-
-
-# ---------------------------------------------------------------------------
-# 7. Measured: what a real step keeps for its backward (the plan's check)
-# ---------------------------------------------------------------------------
-
-
-class SavedBytes:
-    """A saved-tensors hook pair that measures the activations a real step keeps: the live and peak bytes
-    of every storage autograd holds for the backward, each storage counted once however many tensors (or
-    views) of it are saved, and none of the parameters' storages (a weight, or its transpose, is not an
-    activation). Use: `with torch.autograd.graph.saved_tensors_hooks(m.pack, m.unpack): step()`, then
-    m.peak (B). A storage leaves the count when the last saved tensor of it is released."""
-
-    def __init__(self, params):
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
-        self.refs, self.live, self.peak = {}, 0, 0  # refs: {storage address: saved tensors holding it}
-
-    def pack(self, t):
-        if t.untyped_storage().data_ptr() in self.skip:
-            return t
-        return _Held(t, self)
-
-    @staticmethod
-    def unpack(held):
-        return held.t if isinstance(held, _Held) else held
-
-
-class _Held:
-    """One saved tensor, counted in its `SavedBytes` while autograd holds it."""
-
-    def __init__(self, t, counter: SavedBytes):
-        storage = t.untyped_storage()
-        self.t, self.counter, self.at, self.n = t, counter, storage.data_ptr(), storage.nbytes()
-        if counter.refs.get(self.at, 0) == 0:
-            counter.live += self.n
-            counter.peak = max(counter.peak, counter.live)
-        counter.refs[self.at] = counter.refs.get(self.at, 0) + 1
-
-    def __del__(self):
-        self.counter.refs[self.at] -= 1
-        if self.counter.refs[self.at] == 0:
-            del self.counter.refs[self.at]
-            self.counter.live -= self.n

@@ -243,10 +243,13 @@ class SavedPeak:
     """The peak bytes of the tensors autograd holds for backward while the block runs, counted live:
     a saved tensor's storage (each once, by data_ptr) counts from its pack until autograd drops it (the
     node's backward has run: the `Held` wrapper is collected). Storages in `exclude` (the parameters,
-    counted with the state) are left out. Use: with SavedPeak(exclude) as saved: ...; saved.peak."""
+    counted with the state) are left out. Use: with SavedPeak(params.values()) as saved: ...; saved.peak.
+    What measures the memory in the log line, and what plan.py's activations are checked against
+    (tests/test_plan.py, benchmarks/pipeline.py --measure)."""
 
     def __init__(self, exclude=()):
-        self.exclude, self.refs, self.live, self.peak = set(exclude), {}, 0, 0
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.refs, self.live, self.peak = {}, 0, 0
 
     def __enter__(self):
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor)
@@ -305,7 +308,7 @@ def measured_memory(params: dict, optimizer_bytes, device: torch.device):
         yield out
         out["peak"] = torch.cuda.max_memory_allocated(device)
         return
-    with SavedPeak(exclude={p.untyped_storage().data_ptr() for p in params.values()}) as saved:
+    with SavedPeak(params.values()) as saved:
         yield out
     out["peak"] = saved.peak + state_bytes(params, optimizer_bytes())
 

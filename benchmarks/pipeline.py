@@ -18,7 +18,7 @@ chunk. This part is a model of the schedules, not a timing.
 
 then runs the real executor (`parallel.run_schedule` through `nanomeg.pipeline_step`) on 4 gloo
 processes and measures, per pipeline rank, the peak bytes of activations saved for backward (a
-saved-tensors hook, `plan.SavedBytes`, counts every storage autograd keeps that is not a parameter's,
+saved-tensors hook, `runlog.SavedPeak`, counts every storage autograd keeps that is not a parameter's,
 once, until it is freed),
 printed in units of one microbatch's activations on that stage beside what the schedule promises
 (AFAB m; 1F1B and ZB-H1 p - rank; interleaved from the simulator); and ZeRO-1's optimizer state
@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import parallel as P  # noqa: E402
-from plan import SavedBytes  # noqa: E402
+from runlog import SavedPeak  # noqa: E402
 
 
 def rows(pp, microbatches, virtual):
@@ -67,8 +67,7 @@ def _measure_rank(rank, world, init_file, results):
     out = {}
     for name, v, m in (("afab", 1, 8), ("1f1b", 1, 8), ("zb", 1, 8), ("interleaved", 2, 8), ("1f1b", 1, 1)):
         params = {k: t.clone().requires_grad_() for k, t in N.stage_params(full, cfg, mesh, v).items()}
-        counter = SavedBytes(params.values())
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        with SavedPeak(params.values()) as counter:
             N.pipeline_step("gpt", params, dict(ids=ids, targets=targets), cfg, mesh, schedule=name, v=v,
                             microbatches=m)
         out[name, v, m] = counter.peak

@@ -6,13 +6,13 @@
    pp, ep, the four schedules, interleaving, microbatches, sequence parallel, ZeRO-1, bf16, recompute,
    tied and untied, MQA and GQA, LayerNorm GeLU and RMSNorm SwiGLU rope, SDPA, a GPT and MoE GPTs),
    every rank runs one real `train.train_step` (train.py's optimizer, buckets, schedule) under
-   `parallel.count_comms()` and `plan.SavedBytes`, and `plan.rank_plan` of the same rank must give:
+   `parallel.count_comms()` and `runlog.SavedPeak`, and `plan.rank_plan` of the same rank must give:
    * the same parameter shapes, gradient buckets (names, dim, padded numel), gradient and optimizer bytes
      (`Optimizer.state_bytes()`, measured from storage), exactly;
    * the same collectives, as a multiset of (op, dim, elements, phase, dtype) records, exactly; but for
      ep's all-to-alls of token rows, whose sizes follow the routing: their number and phases exactly, their
      elements planned for uniform routing (the counts' all-to-all is exact);
-   * the activation bytes at the schedule's peak (`plan.SavedBytes`: every storage autograd keeps, once) to
+   * the activation bytes at the schedule's peak (`runlog.SavedPeak`: every storage autograd keeps, once) to
      the byte, planned for the CPU references that run here (`rank_plan(triton=False)`; the message names
      the terms in which a GPU's Triton kernels would differ); under ep within 5%: the rows an ep rank's
      experts receive follow the routing, planned uniform. The default (GPU) figure is checked against the
@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 import nanomeg as N
 import parallel as P
 import plan
+import runlog
 import train
 
 WORLD = 4
@@ -123,8 +124,7 @@ def real_step(_pool_mesh, argv, layout):
     g = torch.Generator().manual_seed(mesh.dp_rank)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
     opt = train.make_optimizer(params, args, mesh, specs, cfg)
-    saved = plan.SavedBytes(params.values())
-    with P.count_comms() as comms, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+    with P.count_comms() as comms, runlog.SavedPeak(params.values()) as saved:
         train.train_step(params, opt, dict(ids=ids, targets=ids.roll(-1, 1)), task, cfg, mesh, specs, args, step=1)
     buckets = opt.buckets.buckets
     return dict(rank=torch.distributed.get_rank(), shapes={k: tuple(p.shape) for k, p in params.items()},
@@ -275,7 +275,7 @@ def test_layer_terms_are_korthikantis_formula_for_the_papers_gpt(tp, sp, recompu
 
 
 def one_process_step(argv) -> tuple:
-    """One train.train_step in this process (a mesh of one): (the activations SavedBytes measured, its args and
+    """One train.train_step in this process (a mesh of one): (the activations SavedPeak measured, its args and
     config)."""
     args, cfg = config(argv)
     task, mesh = train.TASKS[args.model], P.Mesh.serial()
@@ -283,8 +283,7 @@ def one_process_step(argv) -> tuple:
     params = {k: v.requires_grad_(True) for k, v in train.rank_params(task, cfg, mesh, specs, args).items()}
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     opt = train.make_optimizer(params, args, mesh, specs, cfg)
-    saved = plan.SavedBytes(params.values())
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+    with runlog.SavedPeak(params.values()) as saved:
         train.train_step(params, opt, dict(ids=ids, targets=ids.roll(-1, 1)), task, cfg, mesh, specs, args, step=1)
     return saved.peak, args, cfg
 
