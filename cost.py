@@ -466,11 +466,16 @@ def time_lines(out: dict, layout: Layout, c: Cluster, efficiency: float = EFFICI
     """The step, its throughput, and its share per cause for the planned rank."""
     step = out["step"]
     share = ", ".join(f"{k} {v / step:.1%}" for k, v in out["share"].items() if abs(v) / step >= 0.0005)
-    return [f"  step {secs(step)} | {out['tokens_per_s']:,.0f} tokens/s | {out['tflops']:.1f} TFLOP/s per GPU "
-            f"(model), MFU {out['mfu']:.1%} | {out['hw_tflops']:.1f} TFLOP/s with recompute",
+    return [f"  step {secs(step)} | {out['tokens_per_s']:,.0f} tokens/s | {flop_rate(out['tflops'])} per GPU "
+            f"(model), MFU {out['mfu']:.1%} | {flop_rate(out['hw_tflops'])} with recompute",
             f"  rank {out['rank']}'s step: {share}",
-            f"  (peak {c.peak / 1e12:,.0f} TFLOP/s x matmul efficiency {efficiency}; alpha-beta collectives; "
+            f"  (peak {flop_rate(c.peak / 1e12)} x matmul efficiency {efficiency}; alpha-beta collectives; "
             "DESIGN.md, \"The performance model\")"]
+
+
+def flop_rate(tera: float) -> str:
+    """'91.2 TFLOP/s', or '48.1 GFLOP/s' below one TFLOP/s (a CPU's plan)."""
+    return f"{tera:,.1f} TFLOP/s" if tera >= 1 else f"{tera * 1e3:,.1f} GFLOP/s"
 
 
 # ---------------------------------------------------------------------------
