@@ -203,16 +203,17 @@ def collective_time(op: str, nbytes: float, n: int, bw: float, alpha: float) -> 
 def comm_times(comms: list[dict], mesh: P.Mesh, rank: int, c: Cluster) -> list[dict]:
     """Each record with its link and seconds added (group size from the mesh;
     a pipeline send goes to the next stage, or in the backward to the previous)."""
-    out = []
+    out, wires = [], {}  # wires: {(dim, backward pp?): (link name, bw, alpha, n)}, once per group
     for r in comms:
         if r["phase"] == "log":
             continue
-        ranks = group_ranks(mesh, r["dim"])
-        if r["dim"] == "pp" and r["phase"] == "backward":  # a gradient goes to the previous stage
-            ranks = sorted({rank, mesh.pp_peer(-1)})
-        name, bw, alpha = link(ranks, rank, c)
-        n = 2 if r["dim"] == "pp" else len(ranks)
-        out.append(r | dict(link=name, bytes=nbytes(r), seconds=collective_time(r["op"], nbytes(r), n, bw, alpha)))
+        back = r["dim"] == "pp" and r["phase"] == "backward"  # a gradient goes to the previous stage
+        if (r["dim"], back) not in wires:
+            ranks = sorted({rank, mesh.pp_peer(-1)}) if back else group_ranks(mesh, r["dim"])
+            wires[r["dim"], back] = (*link(ranks, rank, c), 2 if r["dim"] == "pp" else len(ranks))
+        name, bw, alpha, n = wires[r["dim"], back]
+        size = nbytes(r)
+        out.append(r | dict(link=name, bytes=size, seconds=collective_time(r["op"], size, n, bw, alpha)))
     return out
 
 
