@@ -1106,7 +1106,6 @@ def plan_args(args) -> tuple[N.GPTConfig, C.Layout, C.Cluster, int]:
     if args.plan_rank is not None and args.plan_rank >= gpus:
         raise UsageError(f"--plan-rank {args.plan_rank} is not a rank of --gpus {gpus}")
     try:
-        P.check_nodes(tp, cp, gpus, int(cl.gpus_per_node))
         if args.preset is not None:
             cfg, seq = C.model(args.preset)
         else:
@@ -1120,6 +1119,7 @@ def plan_args(args) -> tuple[N.GPTConfig, C.Layout, C.Cluster, int]:
                                    **({"experts": args.experts, **moe} if args.experts else {})), args.seq
         cfg = replace(cfg, recompute=args.recompute, sequence_parallel=args.sequence_parallel and tp > 1,
                       vocab_multiple=128 * tp, attention=args.attention)
+        P.check_nodes(tp, cp, gpus, min(int(cl.gpus_per_node), gpus))  # a job smaller than a node: on one node
         layout = C.Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, v=args.virtual_stages, micro_batch=mb, microbatches=m,
                           seq=seq, schedule=args.schedule, zero=args.zero)
         PL.check_layout(cfg, P.Mesh.of_rank(0, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep), layout.v, mb, seq, m,
@@ -1135,7 +1135,8 @@ def plan_report(args) -> str:
     name = args.preset or f"GPT {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads"
     head = [f"model: {name}, {N.num_params(cfg):,} parameters; recompute {cfg.recompute}"
             + (", sequence parallel" if cfg.sequence_parallel else ""),
-            f"cluster: {cl.name}, {layout.gpus // cl.gpus_per_node:,} nodes of {cl.gpus_per_node}, "
+            f"cluster: {cl.name}, {(nodes := -(-layout.gpus // cl.gpus_per_node)):,} node{'s' * (nodes > 1)} of "
+            f"{cl.gpus_per_node}, "
             f"{cl.peak / 1e12:,.0f} TFLOP/s, {C.gib(cl.memory)}, NVLink {cl.nvlink / C.GB:,.0f} GB/s, "
             f"InfiniBand {cl.ib / C.GB:,.0f} GB/s per GPU and direction"]
     if args.plan_search:

@@ -198,3 +198,14 @@ def test_plan_bad_input_is_one_error_line(capsys, extra, message):
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_job_smaller_than_a_node_plans_on_one_node_and_a_bad_preset_is_named_first(capsys):
+    import train
+
+    assert train.main("--plan --tp 2 --gpus 2 --micro-batch 8".split()) == 0
+    out = capsys.readouterr().out
+    assert "cluster: a100-80gb, 1 node of 8," in out and "nvlink" in out  # the tp pair shares the node's NVLink
+    assert train.main("--plan --preset gpt4".split()) == 2  # no --gpus: the preset is what is wrong
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model preset 'gpt4'") and err.count("\n") == 1, err
