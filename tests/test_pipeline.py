@@ -475,7 +475,7 @@ def test_a_parameter_no_backward_reached_gets_zeros_in_its_bucket_not_last_steps
     opt.zero_grad()
     (2 * params["a"].sum()).backward()
     buckets.finish()
-    assert all(p.grad is buckets.views[k] for k, p in params.items())
+    assert all(p.grad is buckets.grads[k] for k, p in params.items())
     assert torch.equal(buckets.buckets[0]["buf"], torch.tensor([0.0, 0.0, 2.0, 2.0, 2.0], dtype=torch.float64))
 
 # ---------------------------------------------------------------------------------------------------
