@@ -2316,7 +2316,8 @@ def train(args) -> int:
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
         if step == args.trace_step:
             clock["trace"] = []
-        with P.count_comms() as comms, runlog.measured_memory(params, opt.state_bytes, device) as memory:
+        measured = runlog.measured_memory(params, opt.state_bytes, device, opt.buckets.grads)  # fp32 grads: theirs
+        with P.count_comms() as comms, measured as memory:
             metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, clock)
         mem_peak = max(mem_peak, memory["peak"])
         if step == args.trace_step:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import nanomeg as N
 import parallel as P
+import runlog
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1337,6 +1338,7 @@ def test_bf16_parameters_are_bf16_the_main_copy_fp32_and_the_run_learns_as_fp32(
     assert all(p.grad is None for p in params.values())  # the hook added each bf16 p.grad into them and freed it
     assert all(opt.buckets.grads[k].dtype == torch.float32 and opt.buckets.grads[k].shape == p.shape
                for k, p in params.items())
+    assert runlog.state_bytes(params, opt.state_bytes(), opt.buckets.grads) == 18 * n  # 2 + 4 + 12: Megatron's
     main = opt.main_params()
     for name, p in params.items():
         assert main[name].dtype == torch.float32
