@@ -783,6 +783,8 @@ BAD_INPUTS = {
     "bucket_mb nan": (lambda: P.GradBuckets(one_param(), SERIAL, bucket_mb=float("nan")), "got nan"),
     "accumulations = 0": (lambda: P.GradBuckets(one_param(), SERIAL, accumulations=0),
                           "accumulations must be an integer >= 1, got 0"),
+    "grad_dtype int": (lambda: P.GradBuckets(one_param(), SERIAL, grad_dtype=torch.int32),
+                       "grad_dtype must be a floating torch dtype or None, got torch.int32"),
 }
 
 
