@@ -1178,15 +1178,16 @@ def memory_needed(cfg: N.GPTConfig, args, tp: int, device: torch.device) -> tupl
     the config alone: nothing allocated, O(1) in --layers.
 
     Parameters: this rank's 1/tp share of the fp32 weights, their grads and
-    AdamW's two moments (16 B per element); on CPU also init_gpt's full fp32
-    copy, which every rank builds before keeping its shard.
+    AdamW's two moments (16 B per element; --bf16: bf16 weight 2 + fp32 grad
+    4 + fp32 main copy and moments 12 = 18 B); on CPU also init_gpt's full
+    fp32 copy, which every rank builds before keeping its shard.
     Activations stored for backward, per layer b·s·h·(34 + 5·heads·s/h) bytes
     in 16-bit (Korthikanti et al. 2022; 10 of the 34 are not split by tp
     unless sequence parallel; selective recompute drops the 5·heads·s/h of
     the attention core, full recompute keeps only the layer's 2·b·s·h input),
     doubled in fp32; plus the fp32 logits, their softmax and gradient, 3·b·s·V/tp·4 B."""
     b, s, h, n = args.batch, args.seq, cfg.hidden, N.num_params(cfg, TASKS[args.model].shapes)
-    params = 16 * n / (tp * args.pp) + (4 * n if device.type == "cpu" else 0)
+    params = (18 if args.bf16 else 16) * n / (tp * args.pp) + (4 * n if device.type == "cpu" else 0)
     if cfg.recompute == "full":
         per_layer = 2 / (tp if cfg.sequence_parallel else 1)
     else:
