@@ -2955,7 +2955,8 @@ def pipeline_step(model: str, params, inputs: dict, cfg: GPTConfig, mesh: Mesh, 
     batch is cut into microbatches, run by the named schedule's action list
     for this rank (`parallel.run_schedule`); training: the gradients
     accumulate into the params' .grad (the caller averages them over dp and
-    syncs tied copies: `parallel.GradBuckets`). Not training: forward only.
+    syncs tied copies: `parallel.GradBuckets`, whose hook moves them into
+    fp32 buckets for bf16 params under train.py). Not training: forward only.
     -> the losses of the batch (as the one-process run on it computes them),
     the same on every rank: {"loss"} for GPT, {"loss", "mlm", "nsp",
     "nsp_acc"} for BERT with its next-sentence head. clock: see `run_schedule`.

@@ -1198,9 +1198,11 @@ def check_max_norm(max_norm) -> None:
         raise ValueError(f"max_norm must be a finite number >= 0 (0: no clipping), got {max_norm!r}")
 
 
-def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float, skip=()) -> torch.Tensor:
-    """Scale all gradients so that their global L2 norm is at most max_norm;
-    return the norm before clipping (the same on every rank).
+def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float, skip=(),
+                   grads: dict | None = None) -> torch.Tensor:
+    """Scale all gradients (grads: {name: gradient}, `GradBuckets.grads`; else
+    each p.grad) so that their global L2 norm is at most max_norm; return the
+    norm before clipping (the same on every rank).
 
     The norm is over the *full* model: split parameters contribute their
     shard on every tp rank, replicated ones are counted once (on tp rank 0),
@@ -1215,13 +1217,14 @@ def clip_grad_norm(params: dict, specs: dict, mesh: Mesh, max_norm: float, skip=
     backward (`sync_replicated_grad`, nanomeg's `allreduce_grad_if_sp`).
     """
     check_max_norm(max_norm)
-    sq = grad_norm_sq(params, specs, mesh, skip)
+    grads = grads if grads is not None else {name: p.grad for name, p in params.items()}
+    sq = grad_norm_sq(params, specs, mesh, skip, grads)
     norm = all_reduce(all_reduce(sq, mesh, "tp", phase="after backward"), mesh, "pp", phase="after backward").sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in params.values():
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
+        for g in grads.values():
+            if g is not None:
+                g.mul_(scale.to(g.dtype))
     return norm
 
 
@@ -1824,20 +1827,28 @@ def counted_numel(name: str, p: torch.Tensor, spec, mesh: Mesh, skip=()) -> int:
     return (spec.counted(p, mesh) if isinstance(spec, (HeadGroups, Experts)) else p).numel()
 
 
+def grad_dtype_for(dtype: torch.dtype, grad_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a parameter's gradient accumulates in: grad_dtype where it is wider (more bytes an element)
+    than the parameter's dtype (fp32 for bf16: Megatron's main_grad), else the parameter's own."""
+    return grad_dtype if grad_dtype is not None and grad_dtype.itemsize > dtype.itemsize else dtype
+
+
 def bucket_layout(params: dict, mesh: Mesh, *, bucket_mb: float = 25.0, zero: bool = False, tied=(),
-                  experts=()) -> list[dict]:
+                  experts=(), grad_dtype: torch.dtype | None = None) -> list[dict]:
     """Which gradients share a bucket, and over which dim it is reduced:
     `GradBuckets`' rule, from the tensors' numel, element size and dtype
     alone (params may live on the meta device: plan.py plans with them).
-    -> [{names, dim, tied, numel}] in launch order: parameters in reverse
+    -> [{names, dim, tied, numel, dtype}] in launch order: parameters in reverse
     (the backward's order), a new bucket when the next tensor would pass
-    bucket_mb MB or changes dtype; the dense gradients' buckets (over "dp",
+    bucket_mb MB (of gradients, in their dtype: `grad_dtype_for`) or changes
+    dtype; the dense gradients' buckets (over "dp",
     "dpcp" under cp), then the experts' (over "edp" when ep > 1), then the
     tied embedding's own (pp > 1). numel: padded to a multiple of the dim's
     size under ZeRO (`padded_numel`), the buffer `GradBuckets` allocates."""
     tied = [n for n in tied if n in params and mesh.pp > 1]  # the first and last stage's copies of one tensor
     limit, dense = bucket_mb * 2**20, "dpcp" if mesh.cp > 1 else "dp"  # context-parallel ranks average grads too
-    nbytes = lambda n: params[n].numel() * params[n].element_size()
+    dtype = lambda n: grad_dtype_for(params[n].dtype, grad_dtype)
+    nbytes = lambda n: params[n].numel() * dtype(n).itemsize
     groups = []  # (names, dim, tied)
     for dim in ("dp", "edp"):  # the dense gradients' buckets, then the experts'
         names = [n for n in reversed(list(params)) if n not in tied and (n in experts) == (dim == "edp")]
@@ -1850,7 +1861,7 @@ def bucket_layout(params: dict, mesh: Mesh, *, bucket_mb: float = 25.0, zero: bo
             size += nbytes(n)
         groups += [(current, dim if mesh.ep > 1 else dense, False)] if current else []
     groups += [(tied, dense, True)] if tied else []
-    return [dict(names=names, dim=dim, tied=is_tied,
+    return [dict(names=names, dim=dim, tied=is_tied, dtype=dtype(names[0]),
                  numel=padded_numel(sum(params[n].numel() for n in names), mesh.size(dim) if zero else 1))
             for names, dim, is_tied in groups]
 
@@ -1865,16 +1876,26 @@ class GradBuckets:
     over dp as soon as its last gradient is in, while the backward goes on.
 
     Parameters are bucketed in reverse order (the backward produces the last
-    layers' gradients first), up to `bucket_mb` MB a bucket; each p.grad is a
-    view into its bucket, so autograd accumulates in place. Whatever detaches
-    a p.grad from its view (a torch optimizer's zero_grad() sets it to None;
-    so may the user), `_attach` puts its value into the view and the view
-    back into p.grad, before the bucket is reduced: in the hook after each
-    accumulation, and in finish() for a parameter no backward reached (None
-    counts as zeros). A
-    post-accumulate-grad hook counts each parameter's gradients: when every
+    layers' gradients first), up to `bucket_mb` MB a bucket. A bucket holds
+    gradients in the parameters' dtype, or in `grad_dtype` where that is
+    wider (`grad_dtype_for`: fp32 for bf16 parameters, Megatron's
+    accumulate_allreduce_grads_in_fp32). `grads` ({name: its place in its
+    bucket}) is where every reader finds a parameter's gradient after the
+    backward, in both modes:
+    * same dtype: each p.grad is that view, so autograd accumulates in place.
+      Whatever detaches a p.grad from its view (a torch optimizer's
+      zero_grad() sets it to None; so may the user), `_attach` puts its value
+      into the view and the view back into p.grad, before the bucket is
+      reduced: in the hook after each accumulation, and in finish() for a
+      parameter no backward reached (None counts as zeros);
+    * wider (Megatron's main_grad; torch allows no p.grad of another dtype):
+      autograd makes a new bf16 p.grad each backward, the hook adds it into
+      the fp32 view and sets p.grad = None (freeing it at once), so the view
+      holds the fp32 sum of the microbatches' bf16 gradients; p.grad stays None.
+    A post-accumulate-grad hook counts each parameter's gradients: when every
     parameter of a bucket has had its `accumulations`-th (one per
-    microbatch), the bucket's collective is launched asynchronously:
+    microbatch), the bucket's collective is launched asynchronously, in the
+    bucket's dtype:
     * zero=False: an all-reduce of the bucket (its numel elements over dp);
     * zero=True (ZeRO-1): a reduce-scatter; rank d keeps the d-th 1/dp slice
       of the bucket, the one its optimizer shard updates (its "shard"; with
@@ -1893,43 +1914,51 @@ class GradBuckets:
     """
 
     def __init__(self, params: dict, mesh: Mesh, *, bucket_mb: float = 25.0, zero: bool = False,
-                 accumulations: int = 1, tied=(), experts=()):
+                 accumulations: int = 1, tied=(), experts=(), grad_dtype: torch.dtype | None = None):
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, numbers.Real) or not bucket_mb > 0:
             raise ValueError(f"bucket size must be a number of MB > 0, got {bucket_mb!r}")
         if isinstance(accumulations, bool) or not isinstance(accumulations, int) or accumulations < 1:
             raise ValueError(f"accumulations must be an integer >= 1, got {accumulations!r}")
+        if grad_dtype is not None and not (isinstance(grad_dtype, torch.dtype) and grad_dtype.is_floating_point):
+            raise ValueError(f"grad_dtype must be a floating torch dtype or None, got {grad_dtype!r}")
         self.mesh, self.zero, self.accumulations = mesh, zero, accumulations
         self.params = params
-        self.views = {}  # {name: p.grad's place in its bucket}
+        self.grads = {}  # {name: its gradient's place in its bucket (p.grad itself when the dtypes agree)}
         tied = tied if mesh.group("embed") is not None else ()  # (a mesh made by hand may have no embed group)
-        self.buckets = [self._bucket(b["names"], tied=b["tied"], dim=b["dim"])
+        self.buckets = [self._bucket(b["names"], tied=b["tied"], dim=b["dim"], dtype=b["dtype"])
                         for b in bucket_layout(params, mesh, bucket_mb=bucket_mb, zero=zero, tied=tied,
-                                               experts=experts)]
+                                               experts=experts, grad_dtype=grad_dtype)]
         self.bucket_of = {n: b for b in self.buckets for n in b["names"]}
         self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params.values()]
         self.name_of = {id(p): n for n, p in params.items()}
         self.zero_grad()
 
-    def _bucket(self, names: list, tied: bool, dim: str) -> dict:
-        """A flat buffer holding names' gradients, reduced over mesh dim `dim` (dp, or edp for experts),
-        padded to a multiple of its size (reduce-scatter needs equal slices: `padded_numel`)."""
+    def _bucket(self, names: list, tied: bool, dim: str, dtype: torch.dtype) -> dict:
+        """A flat buffer (of dtype) holding names' gradients, reduced over mesh dim `dim` (dp, or edp for
+        experts), padded to a multiple of its size (reduce-scatter needs equal slices: `padded_numel`)."""
         sizes = [self.params[n].numel() for n in names]
         n_ranks, rank = (self.mesh.size(dim), self.mesh.rank(dim)) if self.zero else (1, 0)  # all-reduce: all is ours
         total = padded_numel(sum(sizes), n_ranks)
-        first = self.params[names[0]]
-        buf = torch.zeros(total, dtype=first.dtype, device=first.device)
+        buf = torch.zeros(total, dtype=dtype, device=self.params[names[0]].device)
         offsets = [sum(sizes[:i]) for i in range(len(names))]
         for n, off, size in zip(names, offsets, sizes):
-            self.views[n] = buf[off: off + size].view_as(self.params[n])
-            self.params[n].grad = self.views[n]
+            self.grads[n] = buf[off: off + size].view_as(self.params[n])
+            if dtype == self.params[n].dtype:
+                self.params[n].grad = self.grads[n]
         shard = total // n_ranks
         return dict(names=names, offsets=offsets, sizes=sizes, buf=buf, tied=tied, dim=dim,
                     shard=buf[rank * shard: (rank + 1) * shard],
                     lo=rank * shard, work=None, launched=False, ready=0)
 
     def _attach(self, name: str) -> None:
-        """Make p.grad the bucket's view again, keeping its value (None: zeros)."""
-        p, view = self.params[name], self.views[name]
+        """Bring p.grad into the bucket. Same dtype: make p.grad the bucket's view again, keeping its value
+        (None: zeros). Wider: add p.grad (this backward's gradient) into the view, p.grad = None."""
+        p, view = self.params[name], self.grads[name]
+        if view.dtype != p.dtype:
+            if p.grad is not None:
+                view.add_(p.grad)
+                p.grad = None
+            return
         if p.grad is None:
             view.zero_()
         elif p.grad is not view:
@@ -1938,7 +1967,7 @@ class GradBuckets:
 
     def _on_grad(self, p: torch.Tensor) -> None:
         name = self.name_of[id(p)]
-        self._attach(name)  # autograd made a new p.grad if it was None (a torch optimizer's zero_grad)
+        self._attach(name)  # autograd made a new p.grad if it was None (a torch optimizer's zero_grad; fp32 grads)
         self.count[name] += 1
         bucket = self.bucket_of[name]
         if self.count[name] == self.accumulations:
@@ -1992,22 +2021,23 @@ class GradBuckets:
         self.count = dict.fromkeys(self.params, 0)
 
     def remove(self) -> None:
-        """Detach the hooks (the gradient views stay)."""
+        """Detach the hooks (the gradients' views stay)."""
         for h in self.hooks:
             h.remove()
 
 
-def grad_norm_sq(params: dict, specs: dict, mesh: Mesh, skip=()) -> torch.Tensor:
+def grad_norm_sq(params: dict, specs: dict, mesh: Mesh, skip=(), grads: dict | None = None) -> torch.Tensor:
     """This (tp, pp) coordinate's counted share of the global squared gradient
     norm (float64 scalar): the experts' part summed over ep (each ep rank holds
     other experts; one all-reduce of 1 element), the rest as it is (the same
-    on every ep rank)."""
+    on every ep rank). grads: {name: gradient} (`GradBuckets.grads`), else each p.grad."""
     device = next(iter(params.values())).device
+    grads = grads if grads is not None else {name: p.grad for name, p in params.items()}
     sq = {False: torch.zeros((), dtype=torch.float64, device=device), True: 0}
     for name, p in params.items():
-        if p.grad is not None:
+        if grads[name] is not None:
             expert = isinstance(specs[name], Experts)
-            counted = p.grad.reshape(-1)[: counted_numel(name, p, specs[name], mesh, skip)]
+            counted = grads[name].reshape(-1)[: counted_numel(name, p, specs[name], mesh, skip)]
             sq[expert] = sq[expert] + counted.double().pow(2).sum()
     if mesh.ep > 1:
         sq[True] = all_reduce(torch.as_tensor(sq[True], dtype=torch.float64, device=device), mesh, "ep",
@@ -2022,7 +2052,8 @@ class ZeroAdamW:
     main (fp32, or float64 for float64 models) copy of those parameter
     elements, and their two AdamW moments. A step:
       1. the gradients were reduce-scattered by the buckets: rank d holds the
-         dp-mean gradient of its slice only;
+         dp-mean gradient of its slice only (in the buckets' dtype: fp32 for
+         bf16 parameters under `GradBuckets(grad_dtype=torch.float32)`);
       2. the global norm from the slices (squares summed over dp, tp, pp), clip;
       3. AdamW on the slice, in the main precision (torch.optim.AdamW's formula);
       4. all-gather each bucket's updated slices over dp (its numel elements)
@@ -2076,8 +2107,9 @@ class ZeroAdamW:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """The global grad norm from the slices (one all-reduce of 1 element
         over dp, tp and pp each); scale the slices to max_norm (0: no clipping)."""
-        if not self.buckets.zero:  # whole buckets: p.grad are views into them
-            return clip_grad_norm(self.params, self.specs, self.mesh, max_norm, skip=self.skip)
+        if not self.buckets.zero:  # whole buckets: the gradients are their views
+            return clip_grad_norm(self.params, self.specs, self.mesh, max_norm, skip=self.skip,
+                                  grads=self.buckets.grads)
         check_max_norm(max_norm)  # before the collectives: every rank refuses alike
         sq = torch.zeros((), dtype=torch.float64, device=self.buckets.buckets[0]["buf"].device)
         for ranges, b in zip(self.counted, self.buckets.buckets):
@@ -2110,7 +2142,7 @@ class ZeroAdamW:
             s["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (s["exp_avg_sq"].sqrt() / math.sqrt(c2)).add_(self.eps)
             s["main"].addcdiv_(s["exp_avg"], denom, value=-lr / c1)
-            full = s["main"].to(b["buf"].dtype)
+            full = s["main"].to(self.params[b["names"][0]].dtype)  # all-gathered in the parameters' dtype
             if self.buckets.zero:
                 full = all_gather(full, self.mesh, b["dim"], 0, phase="optimizer")
             for name, off, size in zip(b["names"], b["offsets"], b["sizes"]):

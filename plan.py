@@ -92,10 +92,11 @@ def meta_params(shards: list[dict], dtype: torch.dtype) -> dict:
 
 def buckets_of(cfg: N.GPTConfig, mesh: P.Mesh, params: dict, specs: dict, *, zero: bool, bucket_mb: float) -> list:
     """This rank's gradient buckets (`parallel.bucket_layout`, the rule `GradBuckets` allocates by), with
-    train.Optimizer's arguments: the tied embedding's copies (pp > 1), the experts' tensors apart."""
+    train.Optimizer's arguments: the tied embedding's copies (pp > 1), the experts' tensors apart, fp32
+    gradients for bf16 weights (each bucket's dtype)."""
     experts = [n for n in params if isinstance(specs[n], P.Experts)]
     return P.bucket_layout(params, mesh, bucket_mb=bucket_mb, zero=zero, tied=N.tied_copies(cfg, mesh),
-                           experts=experts)
+                           experts=experts, grad_dtype=torch.float32)
 
 
 def state_bytes(buckets: list, mesh: P.Mesh, params: dict, *, zero: bool, main: bool) -> int:
@@ -514,9 +515,9 @@ def step_comms(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, p2p:
       virtual stage (I to the input, then W from the output again: autograd cannot stop halfway,
       `parallel.run_schedule`);
     * the pipeline's sends and receives: this rank's `parallel.p2p_plans` posts, [b, s/cp(/t), h] each;
-    * the gradient buckets: an all-reduce, or ZeRO's reduce-scatter, of each bucket's padded numel over
-      its dim (dp, dpcp, edp), launched during the backward; the tied embedding's after it, first summed
-      over "embed"; none over a dim of size 1;
+    * the gradient buckets: an all-reduce, or ZeRO's reduce-scatter, of each bucket's padded numel in its
+      dtype (fp32 gradients of bf16 weights) over its dim (dp, dpcp, edp), launched during the backward; the
+      tied embedding's after it, first summed over "embed"; none over a dim of size 1;
     * the grad norm: one float64 element over ep (experts' squares), tp and pp, or under ZeRO over
       dp (dpcp), tp and pp; the loss (and the MoE aux loss) from the last stage over pp;
     * ZeRO: each bucket's updated slices all-gathered (phase "optimizer")."""
@@ -537,9 +538,10 @@ def step_comms(cfg: N.GPTConfig, mesh: P.Mesh, stages: dict, actions: list, p2p:
                                                                         phase="after backward", dtype=dtype)
     for bucket in buckets:
         if bucket["tied"]:
-            out.append(after("embed", bucket["numel"], dtype=pdtype))
+            out.append(after("embed", bucket["numel"], dtype=bucket["dtype"]))
         if mesh.size(bucket["dim"]) > 1:
-            out.append(after(bucket["dim"], bucket["numel"], "reduce_scatter" if zero else "all_reduce", pdtype) |
+            out.append(after(bucket["dim"], bucket["numel"], "reduce_scatter" if zero else "all_reduce",
+                             bucket["dtype"]) |
                        ({} if bucket["tied"] else dict(phase="backward")))
     norm = ("dpcp" if mesh.cp > 1 else "dp", "tp", "pp") if zero else ("ep", "tp", "pp")
     out += [after(dim) for dim in norm if mesh.size(dim) > 1]
@@ -626,8 +628,8 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
       shards: `parallel.shard_layout` rows of the parameters it holds (name, local and full shape, slice),
         with the local elements and bytes;
       params: el held; buckets: its gradient buckets (`parallel.bucket_layout`: names, dim, tied, numel);
-      bytes: {weights, grads (the buckets' padded buffers), optimizer (`state_bytes`), activations (at the
-        peak), total};
+      bytes: {weights, grads (the buckets' padded buffers, fp32 for bf16 weights), optimizer (`state_bytes`),
+        activations (at the peak), total};
       activations: {total: B at the peak, chunk: {chunk: B one microbatch keeps}, terms: {chunk: [(what,
         B)]}, peak_chunks: {chunk: microbatches held at the peak}, peak_in_flight: microbatch chunks held
         at the peak (`parallel.simulate`)};
@@ -652,7 +654,7 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
     shards = [dict(row, elements=params[row["name"]].numel(), bytes=params[row["name"]].numel() * elem)
               for row in shards]
     weights = sum(p.numel() for p in params.values()) * elem
-    grads = sum(b["numel"] for b in buckets) * elem
+    grads = sum(b["numel"] * b["dtype"].itemsize for b in buckets)  # fp32 for bf16 weights (18 B a parameter)
     optimizer = state_bytes(buckets, mesh, params, zero=zero, main=zero or bf16)
     acts = activation_bytes(cfg, mesh, stages, mine, micro_batch, seq, elem, triton)
     acts["peak_in_flight"] = sim["peak_in_flight"][mesh.pp_rank]

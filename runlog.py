@@ -290,17 +290,20 @@ class Held:
         self.counter._add(self.ptr, self.nbytes, -1)
 
 
-def state_bytes(params: dict, optimizer_bytes: int) -> int:
+def state_bytes(params: dict, optimizer_bytes: int, grads: dict | None = None) -> int:
     """Parameters and their gradients, from their storage (the gradients: their buckets, once each), plus
-    the optimizer's state (train.Optimizer.state_bytes, measured from storage too)."""
-    return storage_bytes([*params.values(), *(p.grad for p in params.values())]) + optimizer_bytes
+    the optimizer's state (train.Optimizer.state_bytes, measured from storage too). grads: {name: gradient}
+    (`parallel.GradBuckets.grads`: fp32 buckets of bf16 parameters, whose p.grad is None), else each p.grad."""
+    grads = grads if grads is not None else {name: p.grad for name, p in params.items()}
+    return storage_bytes([*params.values(), *grads.values()]) + optimizer_bytes
 
 
 @contextlib.contextmanager
-def measured_memory(params: dict, optimizer_bytes, device: torch.device):
+def measured_memory(params: dict, optimizer_bytes, device: torch.device, grads: dict | None = None):
     """The peak bytes this rank holds while the block (a training step) runs, measured: on CUDA torch's
     max_memory_allocated; on CPU `state_bytes` (parameters, gradients, optimizer_bytes() after the block)
-    plus the live peak of what autograd saves for backward (`SavedPeak`, the parameters left out).
+    plus the live peak of what autograd saves for backward (`SavedPeak`, the parameters left out); grads
+    as `state_bytes` takes them.
     Yields {"peak": bytes}, filled when the block ends."""
     out = {}
     if device.type == "cuda":
@@ -310,7 +313,7 @@ def measured_memory(params: dict, optimizer_bytes, device: torch.device):
         return
     with SavedPeak(params.values()) as saved:
         yield out
-    out["peak"] = saved.peak + state_bytes(params, optimizer_bytes())
+    out["peak"] = saved.peak + state_bytes(params, optimizer_bytes(), grads)
 
 
 def memory_note(peak_bytes: list[int], planned: list[int] | None = None) -> str:

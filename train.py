@@ -146,7 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attention", choices=N.CHOICES["attention"], default="core")
     ap.add_argument("--seed", type=int, default=1234, help="in [0, 2**31)")
     ap.add_argument("--bf16", action="store_true",
-                    help="bf16 parameters, gradients and activations; the optimizer keeps an fp32 main copy")
+                    help="bf16 parameters and activations; gradients accumulated and reduced over data parallel "
+                         "in fp32 (Megatron's main_grad); the optimizer keeps an fp32 main copy")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile each pipeline stage's forward in training (and, through it, its backward); "
                          "GPT and BERT; schedule, transfers, optimizer and evaluation stay eager")
@@ -1177,15 +1178,16 @@ def memory_needed(cfg: N.GPTConfig, args, tp: int, device: torch.device) -> tupl
     the config alone: nothing allocated, O(1) in --layers.
 
     Parameters: this rank's 1/tp share of the fp32 weights, their grads and
-    AdamW's two moments (16 B per element); on CPU also init_gpt's full fp32
-    copy, which every rank builds before keeping its shard.
+    AdamW's two moments (16 B per element; --bf16: bf16 weight 2 + fp32 grad
+    4 + fp32 main copy and moments 12 = 18 B); on CPU also init_gpt's full
+    fp32 copy, which every rank builds before keeping its shard.
     Activations stored for backward, per layer b·s·h·(34 + 5·heads·s/h) bytes
     in 16-bit (Korthikanti et al. 2022; 10 of the 34 are not split by tp
     unless sequence parallel; selective recompute drops the 5·heads·s/h of
     the attention core, full recompute keeps only the layer's 2·b·s·h input),
     doubled in fp32; plus the fp32 logits, their softmax and gradient, 3·b·s·V/tp·4 B."""
     b, s, h, n = args.batch, args.seq, cfg.hidden, N.num_params(cfg, TASKS[args.model].shapes)
-    params = 16 * n / (tp * args.pp) + (4 * n if device.type == "cpu" else 0)
+    params = (18 if args.bf16 else 16) * n / (tp * args.pp) + (4 * n if device.type == "cpu" else 0)
     if cfg.recompute == "full":
         per_layer = 2 / (tp if cfg.sequence_parallel else 1)
     else:
@@ -1261,7 +1263,10 @@ class Optimizer:
     global norm clipped (--grad-clip) and, with --zero 1, the optimizer state
     sharded over data parallel (`P.ZeroAdamW`). bf16 parameters (--bf16)
     without ZeRO take the same `P.ZeroAdamW` over the all-reduced buckets:
-    AdamW on an fp32 main copy with fp32 moments, written back in bf16.
+    AdamW on an fp32 main copy with fp32 moments, written back in bf16. Under
+    either, bf16 parameters' gradients accumulate and are reduced in fp32
+    buckets (`P.GradBuckets(grad_dtype=torch.float32)`, Megatron's main_grad):
+    2 B weight + 4 B gradient + 12 B optimizer state = 18 B a parameter.
     inner: another torch optimizer over the same params instead of AdamW
     (tests use SGD)."""
 
@@ -1272,11 +1277,13 @@ class Optimizer:
         tied = N.tied_copies(cfg, mesh) if cfg is not None else ()
         self.skip = N.norm_skip(cfg, mesh) if cfg is not None else ()
         self.zero = args.zero == 1
-        self.main = self.zero or (inner is None and any(p.dtype == torch.bfloat16 for p in params.values()))
+        bf16 = any(p.dtype == torch.bfloat16 for p in params.values())
+        self.main = self.zero or (inner is None and bf16)
         accumulations = args.microbatches if args.model in N.PIPELINE_MODELS else 1
         experts = [n for n in params if isinstance(self.specs[n], P.Experts)]  # reduced over edp only
         self.buckets = P.GradBuckets(params, mesh, bucket_mb=args.bucket_mb, zero=self.zero,
-                                     accumulations=accumulations, tied=tied, experts=experts)
+                                     accumulations=accumulations, tied=tied, experts=experts,
+                                     grad_dtype=torch.float32 if self.main and bf16 else None)
         decay = lambda name, p: p.dim() >= 2
         if self.main:  # the optimizer keeps a main copy: ZeRO-1 (sharded) or bf16 parameters (whole)
             self.opt = P.ZeroAdamW(params, self.buckets, self.specs, mesh, lr=args.lr, betas=(0.9, 0.95),
@@ -1873,8 +1880,9 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
     * shards: `P.shard_layout` of the task's full shapes (name, local_shape,
       full_shape, slice_desc), from the specs and the mesh alone; a ValueError
       if params (this rank's shards, as `P.shard` makes them) disagree;
-    * bytes: weights, their grads (one per weight: same shape and dtype) and
-      AdamW's two moments, as measured on the optimizer after the step;
+    * bytes: weights, their grads (the gradient buckets' buffers: one element
+      per weight, in fp32 for bf16 weights, plus ZeRO's padding) and AdamW's
+      state, as measured on the optimizer after the step;
     * comms: the collectives of one real `train_step` at `step` on inputs
       (the task's batch), run on a throwaway copy of params with a fresh
       AdamW, so params are untouched; each {op, dim, phase, elements, dtype, bytes}."""
@@ -1899,7 +1907,8 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
         mesh={d: (mesh.rank(d), mesh.size(d)) for d in MESH_ORDER
               if (mesh.ep > 1 or d not in ("ep", "edp")) and (mesh.cp > 1 or d not in ("cp", "dpcp"))},
         shards=shards,
-        bytes=dict(weights=weights, grads=weights, moments=moments,
+        bytes=dict(weights=weights, grads=sum(b["buf"].numel() * b["buf"].element_size() for b in opt.buckets.buckets),
+                   moments=moments,
                    dtypes=sorted({dtype_name(p.dtype) for p in throwaway.values()})),
         comms=[dict(op=c["op"], dim=c["dim"], phase=c["phase"], elements=c["elements"],
                     dtype=dtype_name(c["dtype"]), bytes=c["elements"] * c["dtype"].itemsize) for c in comms])
@@ -2308,7 +2317,8 @@ def train(args) -> int:
         inputs = {k: v.to(device) for k, v in task.batch(train_data, args, batch_seed(args, step, mesh)).items()}
         if step == args.trace_step:
             clock["trace"] = []
-        with P.count_comms() as comms, runlog.measured_memory(params, opt.state_bytes, device) as memory:
+        measured = runlog.measured_memory(params, opt.state_bytes, device, opt.buckets.grads)  # fp32 grads: theirs
+        with P.count_comms() as comms, measured as memory:
             metrics, grad_norm = train_step(params, opt, inputs, task, cfg, mesh, specs, args, step, clock)
         mem_peak = max(mem_peak, memory["peak"])
         if step == args.trace_step:

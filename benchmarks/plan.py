@@ -10,8 +10,9 @@
    the published layout: the parameters the rank really holds, at Megatron's 18 B. Megatron's count
    leaves out two things a rank holds: the learned position table (s·h, replicated over tp, as Megatron's
    own) and the linear layers' biases; the "same assumptions" column takes them out, and must be within
-   1%. nanomeg's own bytes (what its optimizer allocates: bf16 weight 2 + bf16 gradient 2 + fp32 main copy
-   and moments 12 = 16 B) are printed too.
+   1%. nanomeg's own bytes (what it allocates: bf16 weight 2 + fp32 gradient 4 + fp32 main copy and
+   moments 12 = 18 B, Megatron's figure, over the parameters it really holds and ZeRO's padding) are
+   printed too.
 
 2. Throughput. The planned TFLOP/s per GPU (cost.py) beside the published: Narayanan et al. 2021,
    "Efficient Large-Scale Language Model Training on GPU Clusters", Table 1 (A100 80 GB, seq 2048, vocab
@@ -75,7 +76,7 @@ def left_out(plan: dict) -> int:
 def memory_rows() -> None:
     print("1. weights + optimizer state of the most loaded rank, at the published layout (GB = 1e9 B)")
     print(f"   {'model':<8} {'tp':>2} {'pp':>3} {'dp':>3}  {'Megatron':>9}  {'planned':>9} {'ratio':>6}  "
-          f"{'same assumptions':>16} {'ratio':>6}  {'nanomeg (16 B)':>14}")
+          f"{'same assumptions':>16} {'ratio':>6}  {'nanomeg (18 B)':>14}")
     for name, tp, pp, v, dp, mb, gb, _ in TABLE_1:
         cfg, seq = C.model(name)
         cfg = replace(cfg, vocab_multiple=128 * tp, recompute="full")

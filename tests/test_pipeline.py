@@ -475,8 +475,69 @@ def test_a_parameter_no_backward_reached_gets_zeros_in_its_bucket_not_last_steps
     opt.zero_grad()
     (2 * params["a"].sum()).backward()
     buckets.finish()
-    assert all(p.grad is buckets.views[k] for k, p in params.items())
+    assert all(p.grad is buckets.grads[k] for k, p in params.items())
     assert torch.equal(buckets.buckets[0]["buf"], torch.tensor([0.0, 0.0, 2.0, 2.0, 2.0], dtype=torch.float64))
+
+
+def fp32_grads_case(mesh, full, batch, m, zero):
+    """bf16 parameters, GradBuckets(grad_dtype=torch.float32), m microbatches of this replica's rows, finish,
+    clip to half the norm, one ZeroAdamW step. Returns this rank's bucket slice (its ZeRO shard, or the whole
+    bucket) and the same slice of the float64 reference: every replica's per-microbatch bf16 gradients (each
+    recomputed apart by torch.autograd.grad on a copy of the parameters) summed in float64 and divided by dp;
+    also the norm it computed, the reference norm, the clip's scale and the first AdamW moment."""
+    params = {k: t.bfloat16().requires_grad_(True) for k, t in full.items()}
+    buckets = P.GradBuckets(params, mesh, zero=zero, accumulations=m, grad_dtype=torch.float32)
+    opt = P.ZeroAdamW(params, buckets, dict.fromkeys(params), mesh, lr=LR, betas=BETAS)
+    for x, y in zip(my_rows(batch, mesh)["x"].chunk(m), my_rows(batch, mesh)["y"].chunk(m)):
+        (mlp_loss(params, x.bfloat16(), y.bfloat16()) / m).backward()
+        assert all(p.grad is None for p in params.values())  # the hook moved it into the fp32 bucket and freed it
+    buckets.finish()
+    [bucket] = buckets.buckets  # one bucket (25 MB)
+    ref, mag = ({k: torch.zeros_like(t) for k, t in full.items()} for _ in range(2))  # sum, sum of |g|
+    for d in range(mesh.dp):
+        rows = replace(mesh, dp_rank=d)
+        for x, y in zip(my_rows(batch, rows)["x"].chunk(m), my_rows(batch, rows)["y"].chunk(m)):
+            copy = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+            grads = torch.autograd.grad(mlp_loss(copy, x.bfloat16(), y.bfloat16()) / m, list(copy.values()))
+            for k, g in zip(copy, grads):
+                assert g.dtype == torch.bfloat16
+                ref[k] += g.double()
+                mag[k] += g.double().abs()
+    laid_out = lambda t: torch.cat([t[n].reshape(-1) / mesh.dp for n in bucket["names"]] +
+                                   [torch.zeros(bucket["buf"].numel() - sum(bucket["sizes"]), dtype=torch.float64)])
+    flat = laid_out(ref)
+    lo, n = bucket["lo"], bucket["shard"].numel()
+    got = bucket["shard"].double().clone()
+    want_norm = flat.norm()
+    norm = opt.clip_grad_norm(float(want_norm) / 2)
+    scale = bucket["shard"].double() / got.where(got != 0, 1)
+    opt.step()
+    return dict(dtype=bucket["buf"].dtype, got=got, want=flat[lo: lo + n], mag=laid_out(mag)[lo: lo + n],
+                norm=norm, want_norm=want_norm,
+                scale=scale[got != 0], exp_avg=opt.state[0]["exp_avg"].double(), sums=m * mesh.dp)
+
+
+@settings(max_examples=4)
+@given(m=st.sampled_from([1, 2, 3]), zero=st.booleans(), seed=st.integers(0, 2**16))
+def test_bf16_parameters_accumulate_and_reduce_their_gradients_in_fp32(pool, m, zero, seed):
+    """Megatron's main_grad: with bf16 parameters and grad_dtype fp32, at dp 1 and dp 2 (tp 2 on the pool),
+    with or without ZeRO, the fp32 bucket holds the fp32 sum of the microbatches' bf16 gradients, averaged over
+    dp: the float64 sum of the same bf16 gradients up to fp32 rounding, each of the m·dp additions off by at
+    most 2^-24 of its running sum, itself at most the sum of the |gradients| -- while rounding that sum to
+    bf16 (bf16 buckets) misses by far more (two gradients or more). The grad norm and the clip read and
+    scale those fp32 gradients, and the optimizer's first moment after one step is (1 - beta1) times the
+    clipped fp32 gradient."""
+    full = dict(w1=rand(seed, 16, 5), b1=rand(seed + 1, 16), w2=rand(seed + 2, 3, 16))
+    batch = dict(x=rand(seed + 3, 12, 5), y=rand(seed + 4, 12, 3))  # 12 rows: m = 1, 2, 3 at dp 1 and 2
+    for r in [fp32_grads_case(SERIAL, full, batch, m, zero), *pool.run(fp32_grads_case, full, batch, m, zero, tp=2)]:
+        assert r["dtype"] == torch.float32
+        bound = r["sums"] * 2.0 ** -24 * r["mag"]  # per element
+        assert ((r["got"] - r["want"]).abs() <= bound).all(), ((r["got"] - r["want"]).abs() - bound).max()
+        if r["sums"] > 1:  # (one microbatch at dp 1: a single bf16 gradient, exact in either dtype)
+            assert (r["want"].bfloat16().double() - r["want"]).abs().max() > 100 * bound.max()  # bf16 sums fail
+        assert abs(r["norm"] - r["want_norm"]) <= 2.0 ** -20 * r["want_norm"], (r["norm"], r["want_norm"])
+        assert_close(r["scale"], torch.full_like(r["scale"], 0.5), "clip scale", dict(rtol=1e-5, atol=0))
+        assert_close(r["exp_avg"], (1 - BETAS[0]) * r["got"] * r["scale"][0], "exp_avg", dict(rtol=1e-6, atol=0))
 
 # ---------------------------------------------------------------------------------------------------
 # 3. Communication: what one step moves, from the docstrings' formulas
@@ -726,6 +787,8 @@ BAD_INPUTS = {
     "bucket_mb nan": (lambda: P.GradBuckets(one_param(), SERIAL, bucket_mb=float("nan")), "got nan"),
     "accumulations = 0": (lambda: P.GradBuckets(one_param(), SERIAL, accumulations=0),
                           "accumulations must be an integer >= 1, got 0"),
+    "grad_dtype int": (lambda: P.GradBuckets(one_param(), SERIAL, grad_dtype=torch.int32),
+                       "grad_dtype must be a floating torch dtype or None, got torch.int32"),
 }
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import nanomeg as N
 import parallel as P
+import runlog
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1317,7 +1318,8 @@ def bf16_or_fp32_losses(text: bytes, bf16: bool, steps: int):
 
 
 def test_bf16_parameters_are_bf16_the_main_copy_fp32_and_the_run_learns_as_fp32():
-    """--bf16: rank_params makes every parameter bf16; the optimizer holds an fp32 main copy and two fp32 moments
+    """--bf16: rank_params makes every parameter bf16, its gradient accumulates in an fp32 bucket (p.grad stays
+    None); the optimizer holds an fp32 main copy and two fp32 moments
     (12 B an element, measured from storage), the parameters are the main copy rounded to bf16, and what a
     checkpoint saves (main_params) is the fp32 copy. Ten steps learn as the fp32 run does: each loss finite and
     within 0.05 of fp32's. Why 0.05: the two start from the same init, rounded to bf16 (2^-9 relative), and
@@ -1332,6 +1334,11 @@ def test_bf16_parameters_are_bf16_the_main_copy_fp32_and_the_run_learns_as_fp32(
     n = sum(p.numel() for p in params.values())
     assert opt.state_bytes() == 12 * n  # fp32 main + exp_avg + exp_avg_sq, the storage of what it holds
     assert {t.dtype for s in opt.opt.state for t in s.values()} == {torch.float32}
+    assert {b["buf"].dtype for b in opt.buckets.buckets} == {torch.float32}  # fp32 gradients (Megatron's main_grad):
+    assert all(p.grad is None for p in params.values())  # the hook added each bf16 p.grad into them and freed it
+    assert all(opt.buckets.grads[k].dtype == torch.float32 and opt.buckets.grads[k].shape == p.shape
+               for k, p in params.items())
+    assert runlog.state_bytes(params, opt.state_bytes(), opt.buckets.grads) == 18 * n  # 2 + 4 + 12: Megatron's
     main = opt.main_params()
     for name, p in params.items():
         assert main[name].dtype == torch.float32
