@@ -1716,7 +1716,8 @@ def save_checkpoint(root: str, step: int, params, opt, cfg, mesh: P.Mesh, specs,
 
 def barrier() -> None:
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        with P.waiting("a barrier of every rank"):  # a hang here names it (parallel.report)
+            torch.distributed.barrier()
 
 
 def prune_checkpoints(root: Path, keep: int, written: Path) -> None:
@@ -1996,7 +1997,8 @@ def gather_to_rank0(obj) -> list | None:
         return [obj]
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     out = [None] * world if rank == 0 else None
-    torch.distributed.gather_object(obj, out, dst=0)
+    with P.waiting("a gather of every rank's figures to rank 0"):
+        torch.distributed.gather_object(obj, out, dst=0)
     return out
 
 
