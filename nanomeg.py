@@ -700,11 +700,13 @@ def attention(params, prefix, x, cfg: GPTConfig, mesh: Mesh, *, mask_kind, mask=
     #   rank 0:  [q0 q1 k0 v0]    rank 1: [q2 q3 k0 v0]
     local_kv_groups = max(1, cfg.num_kv_heads // mesh.tp)  # kv heads on this rank
     q_per_group = cfg.heads // mesh.tp // local_kv_groups  # query heads per local kv head
-    qkv = rearrange(qkv, "b s (kv_group rows_per_group d) -> b kv_group rows_per_group s d",
+    qkv = rearrange(qkv, "b s (kv_group rows_per_group d) -> b s kv_group rows_per_group d",
                     kv_group=local_kv_groups, rows_per_group=q_per_group + 2, d=cfg.head_dim)
-    q, k, v = qkv.split([q_per_group, 1, 1], dim=2)  # one split: its backward is one cat, not three scatters
-    q = rearrange(q, "b kv_group q s d -> b (kv_group q) s d")  # [b, n/t, s, d]
-    k, v = k.squeeze(2), v.squeeze(2)  # [b, g/t, s, d]
+    # one split of each group's rows, before any transpose: its backward is one cat that writes qkv's
+    # gradient in qkv's own layout (split after moving s, and a second copy would put it back)
+    q, k, v = qkv.split([q_per_group, 1, 1], dim=3)
+    q = rearrange(q, "b s kv_group q d -> b (kv_group q) s d")  # [b, n/t, s, d]
+    k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)  # [b, g/t, s, d]
     if cfg.position == "rope":  # under cp this rank's two chunks (see parallel.cp_positions)
         positions = torch.arange(pos_offset, pos_offset + q.shape[2], device=x.device) if mesh.cp == 1 else \
             P.cp_positions(q.shape[2] * mesh.cp, mesh, device=x.device)
