@@ -156,6 +156,12 @@ def group_ranks(mesh: P.Mesh, dim: str) -> list[int]:
     return groups[dim]()
 
 
+def check_nodes(tp: int, cp: int, gpus: int, c: Cluster) -> None:
+    """`parallel.check_nodes` on the cluster's nodes: a tp (and tp·cp) group inside one node, whole nodes;
+    a job smaller than a node sits on one node."""
+    P.check_nodes(tp, cp, gpus, min(int(c.gpus_per_node), gpus))
+
+
 def link(ranks: list[int], rank: int, c: Cluster) -> tuple[str, float, float]:
     """(name, bytes/s, alpha) of the wire a group of global ranks crosses, seen
     from `rank`: NVLink when every rank is on rank's node (node = rank //
@@ -376,9 +382,11 @@ def secs(t: float) -> str:
     return f"{t:.3f} s" if t >= 0.1 or t == 0 else f"{t * 1e3:.3f} ms" if t >= 1e-4 else f"{t * 1e6:.1f} µs"
 
 
-def spans(ids: list[int]) -> str:
-    """[0] -> '0', [1, 2, 3] -> '1-3'."""
-    return str(ids[0]) if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
+def span(numbers: list[int]) -> str:
+    """[1, 2, 3] -> '1-3', [4] -> '4', [1, 3] -> '1,3'."""
+    if len(numbers) > 1 and numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}-{numbers[-1]}"
+    return ",".join(map(str, numbers))
 
 
 def memory_table(plans: list[dict], c: Cluster, most: int = 8) -> list[str]:
@@ -402,7 +410,7 @@ def memory_table(plans: list[dict], c: Cluster, most: int = 8) -> list[str]:
                              + ("all fit" if all(r[1][-1] <= c.memory for r in rows) else "not all fit"))
             continue
         fits = "fits" if b[-1] <= c.memory else f"does not fit ({gib(b[-1] - c.memory)} over)"
-        lines.append(f"  {spans(ids):<7}" + "".join(f"{gib(n):>13}" for n in b) + f"  {flight:>4}  {fits}")
+        lines.append(f"  {span(ids):<7}" + "".join(f"{gib(n):>13}" for n in b) + f"  {flight:>4}  {fits}")
     return lines + ["  (held: the microbatch chunks whose activations a rank holds at its peak, parallel.simulate)"]
 
 
@@ -422,7 +430,7 @@ def sends_table(plans: list[dict]) -> list[str]:
         else:
             rows.append(([p], sent))
     lines = [f"  {'stage':<7}" + "".join(f"{d:>12}" for d in dims)]
-    return lines + [f"  {spans(ids):<7}" + "".join(f"{gib(n) if n else '-':>12}" for n in sent) for ids, sent in rows]
+    return lines + [f"  {span(ids):<7}" + "".join(f"{gib(n) if n else '-':>12}" for n in sent) for ids, sent in rows]
 
 
 def comm_table(plan: dict, st: dict, layout: Layout, c: Cluster) -> list[str]:
@@ -499,7 +507,7 @@ def search(cfg: N.GPTConfig, gpus: int, c: Cluster, *, global_batch: int, micro_
     valid, rejected = [], []
     for tp in [t for t in divisors(gpus) if t <= c.gpus_per_node]:
         try:
-            P.check_nodes(tp, 1, gpus, int(c.gpus_per_node))  # a tp group must not straddle two nodes
+            check_nodes(tp, 1, gpus, c)  # a tp group must not straddle two nodes
         except ValueError as e:
             rejected.append((math.inf, None, f"tp {tp}: {e}"))
             continue

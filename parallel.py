@@ -1845,6 +1845,8 @@ def bucket_layout(params: dict, mesh: Mesh, *, bucket_mb: float = 25.0, zero: bo
     "dpcp" under cp), then the experts' (over "edp" when ep > 1), then the
     tied embedding's own (pp > 1). numel: padded to a multiple of the dim's
     size under ZeRO (`padded_numel`), the buffer `GradBuckets` allocates."""
+    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, numbers.Real) or not bucket_mb > 0:
+        raise ValueError(f"bucket size must be a number of MB > 0, got {bucket_mb!r}")
     tied = [n for n in tied if n in params and mesh.pp > 1]  # the first and last stage's copies of one tensor
     limit, dense = bucket_mb * 2**20, "dpcp" if mesh.cp > 1 else "dp"  # context-parallel ranks average grads too
     dtype = lambda n: grad_dtype_for(params[n].dtype, grad_dtype)
@@ -1915,8 +1917,6 @@ class GradBuckets:
 
     def __init__(self, params: dict, mesh: Mesh, *, bucket_mb: float = 25.0, zero: bool = False,
                  accumulations: int = 1, tied=(), experts=(), grad_dtype: torch.dtype | None = None):
-        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, numbers.Real) or not bucket_mb > 0:
-            raise ValueError(f"bucket size must be a number of MB > 0, got {bucket_mb!r}")
         if isinstance(accumulations, bool) or not isinstance(accumulations, int) or accumulations < 1:
             raise ValueError(f"accumulations must be an integer >= 1, got {accumulations!r}")
         if grad_dtype is not None and not (isinstance(grad_dtype, torch.dtype) and grad_dtype.is_floating_point):
@@ -2153,7 +2153,7 @@ class ZeroAdamW:
         dp rank: each bucket's moment slices all-gathered over dp (2 x its
         numel elements). For a checkpoint, as Megatron's distributed optimizer
         gathers its state to dp rank 0 (the "dp_zero" format)."""
-        return {name: (a, sq) for name, (a, sq) in self._gather(("exp_avg", "exp_avg_sq")).items()}
+        return self._gather(("exp_avg", "exp_avg_sq"))
 
     def gather_main(self) -> dict:
         """{name: its main (fp32) copy}, whole on every dp rank (all-gathered as gather_state):

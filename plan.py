@@ -650,7 +650,7 @@ def rank_plan(cfg: N.GPTConfig, rank: int, *, tp: int = 1, pp: int = 1, dp: int 
     adtype = pdtype  # train.py: the activations in the weights' dtype (bf16 weights under --bf16: no casts)
     params = meta_params(shards, pdtype)
     buckets = buckets_of(cfg, mesh, params, specs, zero=zero, bucket_mb=bucket_mb)
-    elem = torch.finfo(pdtype).bits // 8
+    elem = pdtype.itemsize
     shards = [dict(row, elements=params[row["name"]].numel(), bytes=params[row["name"]].numel() * elem)
               for row in shards]
     weights = sum(p.numel() for p in params.values()) * elem

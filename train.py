@@ -1120,7 +1120,7 @@ def plan_args(args) -> tuple[N.GPTConfig, C.Layout, C.Cluster, int]:
                                    **({"experts": args.experts, **moe} if args.experts else {})), args.seq
         cfg = replace(cfg, recompute=args.recompute, sequence_parallel=args.sequence_parallel and tp > 1,
                       vocab_multiple=128 * tp, attention=args.attention)
-        P.check_nodes(tp, cp, gpus, min(int(cl.gpus_per_node), gpus))  # a job smaller than a node: on one node
+        C.check_nodes(tp, cp, gpus, cl)
         layout = C.Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, v=args.virtual_stages, micro_batch=mb, microbatches=m,
                           seq=seq, schedule=args.schedule, zero=args.zero)
         PL.check_layout(cfg, P.Mesh.of_rank(0, tp=tp, pp=pp, dp=dp, cp=cp, ep=ep), layout.v, mb, seq, m,
@@ -1152,9 +1152,7 @@ def plan_report(args) -> str:
         lines += [f"  {'' if math.isinf(step) else f'{step:9.3f} s  '}{why}" for step, _, why in rejected[:10]]
         return "\n".join(lines)
     out = C.rank_time(cfg, layout, cl, rank)
-    plan = out["plans"][out["rank"] // (layout.gpus // layout.pp)]
-    if plan["mesh"].global_rank() != rank:
-        plan = PL.rank_plan(cfg, rank, **layout.kwargs())
+    plan = out["plans"][out["rank"] // (layout.gpus // layout.pp)]  # rank's own plan (`cost.stage_plans`)
     mesh, st = plan["mesh"], out["stages"][plan["stage"]]
     where = ", ".join(f"{d} rank {mesh.rank(d)} of {mesh.size(d)}" for d in ("tp", "cp", "dp", "ep", "pp")
                       if mesh.size(d) > 1 or d in ("tp", "dp", "pp"))
@@ -1915,13 +1913,6 @@ def rank_layout(params: dict, inputs: dict, task, cfg, mesh: P.Mesh, specs: dict
                     dtype=dtype_name(c["dtype"]), bytes=c["elements"] * c["dtype"].itemsize) for c in comms])
 
 
-def span(numbers: list[int]) -> str:
-    """[1, 2, 3] -> '1-3', [4] -> '4', [1, 3] -> '1,3'."""
-    if len(numbers) > 1 and numbers == list(range(numbers[0], numbers[-1] + 1)):
-        return f"{numbers[0]}-{numbers[-1]}"
-    return ",".join(map(str, numbers))
-
-
 def shard_lines(shards: list[dict]) -> list[str]:
     """One line per tensor: name, local shape, slice. In each stack (T5 has
     two), the layers that hold the same shards as its first layer here (all
@@ -1935,8 +1926,8 @@ def shard_lines(shards: list[dict]) -> list[str]:
     repeats = {stack: [i for i in sorted(ls) if i != first[stack] and ls[i] == ls[first[stack]]]
                for stack, ls in layers.items()}
     here = sum(math.prod(r["local_shape"]) for r in shards)
-    lines = [f"  parameters: {len(shards)} tensors, {here:,} of the model's "
-             f"{sum(math.prod(r['full_shape']) for r in shards):,} elements"]
+    lines = [f"  parameters: {len(shards)} tensors, {here:,} of their full "
+             f"tensors' {sum(math.prod(r['full_shape']) for r in shards):,} elements"]
     rows = [r for r in shards if not ((m := LAYER.fullmatch(r["name"])) and int(m[2]) in repeats[m[1]])]
     width = max(len(r["name"]) for r in rows)
     shape_width = max(len(str(list(r["local_shape"]))) for r in rows)
@@ -1945,7 +1936,7 @@ def shard_lines(shards: list[dict]) -> list[str]:
         for stack, ls in layers.items():
             i = first[stack]
             if repeats[stack] and row["name"] == f"{stack}layers.{i}.{ls[i][-1][0]}":  # after the first layer
-                lines.append(f"    {stack}layers.{span(repeats[stack])}: the same {len(ls[i])} shards as "
+                lines.append(f"    {stack}layers.{C.span(repeats[stack])}: the same {len(ls[i])} shards as "
                              f"{stack}layers.{i} ({len(ls)} layers, {len(ls) * len(ls[i])} layer tensors in all)")
     return lines
 
@@ -2256,7 +2247,7 @@ def train(args) -> int:
     if args.model in N.PIPELINE_MODELS and (mesh.pp > 1 or args.microbatches > 1):
         sim = P.simulate(P.schedule_for(args.schedule, mesh.pp, args.microbatches, args.virtual_stages),
                          args.virtual_stages)
-        held = ", ".join(span(list(r)) for r in P.stage_layers(cfg.layers, mesh.pp, args.virtual_stages))
+        held = ", ".join(C.span(list(r)) for r in P.stage_layers(cfg.layers, mesh.pp, args.virtual_stages))
         say(f"pipeline: {args.schedule}, {args.microbatches} microbatches of {args.batch // args.microbatches}, "
             f"virtual stages hold layers {held}; simulated bubble {sim['bubble']:.1%} of the compute "
             f"(--show-schedule draws it)")

@@ -29,8 +29,8 @@ softmax output, 1 its dropout mask, 2 the dropped probabilities (the input of pr
 the formula column keeps the 1-byte masks and doubles every 16-bit term (4-byte elements), so that a
 ratio of 1.00 means "stores exactly what Korthikanti stores, in our dtype".
 
-The last column adds to the formula every difference the run then lists (`differences`: fp32 dropout
-masks, the CPU reference kernels' fp32 intermediates, ...) and says "= measured" when that sum is the
+The last column adds to the formula every difference the run then lists (`plan.differences`: the norms'
+statistics and, in bf16, their fp32 copies of x, the CPU references' fp32 softmax and GeLU input, ...) and says "= measured" when that sum is the
 measured figure to the byte: each extra tensor is accounted for, at every tp, with and without sequence
 parallel. The layers run on the CPU references (NANOMEG_TRITON=0). --triton adds tp = 1 rows through the
 Triton kernels, what a GPU runs (on a CPU under the Triton interpreter: about 2 minutes more).

@@ -104,7 +104,6 @@ def test_stage_seconds_places_each_record():
     assert st["micro"]["compute"] == {"F": 1.0, "B": 2.0}  # 312 TFLOP at half of 312 TFLOP/s, over 2 microbatches
     tp = C.collective_time("all_reduce", 2 * MB, 8, 300e9, A100.alpha_nvlink)
     assert st["micro"]["tp"]["F"] == pytest.approx(4 * tp / 2) and st["micro"]["tp"]["B"] == pytest.approx(2 * tp)
-    dp = C.collective_time("all_reduce", 16 * MB, 4, 300e9, A100.alpha_nvlink)  # 32 ranks: dp inside node? no:
     assert C.group_ranks(mesh, "dp") == [0, 8, 16, 24]
     dp = C.collective_time("all_reduce", 16 * MB, 4, 25e9, A100.alpha_ib)
     assert st["hidden"]["dp"] == pytest.approx(2 * dp)  # the first two buckets hide under the last backward
@@ -184,7 +183,7 @@ def test_plan_says_does_not_fit_and_searches(capsys):
     ("--global-batch 1000", "--global-batch 1000 is not divisible by dp 24 x --micro-batch 1 = 24"),
     ("--plan-rank 1536", "--plan-rank 1536 is not a rank of --gpus 1536"),
     ("--preset gpt4", "unknown model preset 'gpt4'"),
-    ("--tp 16 --gpus 1536", "tp"),
+    ("--tp 16 --gpus 1536", "--tp 16 does not divide the 8 ranks per node"),
 ])
 def test_plan_bad_input_is_one_error_line(capsys, extra, message):
     import train

