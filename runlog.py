@@ -49,6 +49,8 @@ def check_log_dir(path: str, model: str, config: dict, resuming: bool) -> dict |
     try:
         old = json.loads(run.read_text())
         old_model, old_config = old["model"], old["config"]
+        if not isinstance(old_config, dict):
+            raise TypeError(f"its config is a {type(old_config).__name__}, not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--log-dir {path}: {RUN} is not a run's record ({type(e).__name__}: {str(e)[:100]}); "
                          "log elsewhere") from None

@@ -2149,7 +2149,7 @@ def open_log(args, cfg, mesh: P.Mesh, start: int, say) -> runlog.RunLog:
     layout = dict(tp=mesh.tp, cp=mesh.cp, pp=mesh.pp, dp=mesh.dp, ep=mesh.ep, zero=args.zero,
                   virtual_stages=args.virtual_stages, world=mesh.tp * mesh.cp * mesh.pp * mesh.dp)
     flags = {k: v for k, v in vars(args).items() if k not in ("tokenizer_obj", "load_meta", "log_old", "log")}
-    info = runlog.run_info(args.model, config_dict(cfg), layout, flags | dict(load_path=str(args.load_path)))
+    info = runlog.run_info(args.model, config_dict(cfg), layout, flags | dict(load_path=args.load_path and str(args.load_path)))
     resume = None if args.log_old is None else dict(kind="resume", step=start - 1, loaded=str(args.load_path),
                                                     flags=info["flags"], versions=info["versions"])
     log = runlog.RunLog(args.log_dir, info, resume)

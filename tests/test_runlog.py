@@ -67,7 +67,7 @@ def test_a_log_holds_run_json_and_a_record_per_log_step_and_eval(runs):
     tmp, _ = runs
     info = json.loads((tmp / "straight" / "run.json").read_text())
     assert info["model"] == "gpt" and info["config"]["layers"] == 2 and info["config"]["hidden"] == 32
-    assert info["layout"] | {} == dict(tp=1, cp=1, pp=1, dp=1, ep=1, zero=0, virtual_stages=1, world=1)
+    assert info["layout"] == dict(tp=1, cp=1, pp=1, dp=1, ep=1, zero=0, virtual_stages=1, world=1)
     assert info["flags"]["steps"] == 6 and info["versions"]["torch"] == torch.__version__ and info["start"]
     got = records(tmp / "straight")
     assert [(r["kind"], r["step"]) for r in got] == [("eval", 0), ("train", 2), ("eval", 3), ("train", 4),
@@ -80,8 +80,8 @@ def test_a_log_holds_run_json_and_a_record_per_log_step_and_eval(runs):
     # memory: at least the fp32 weights, their grads and AdamW's two moments, 16 B a parameter
     n = N.num_params(N.GPTConfig(vocab_size=256, max_seq=1024, layers=2, hidden=32, heads=2))
     assert 16 * n < step4["memory/peak_bytes"] < 16 * n + 2**21, (step4["memory/peak_bytes"], n)
-    # the plan of this very run (plan.rank_plan, shapes only) beside the measured peak: within 5%
-    assert abs(step4["memory/planned_bytes_rank_0"] / step4["memory/peak_bytes_rank_0"] - 1) < 0.05, step4
+    # the plan of this very run (plan.rank_plan, shapes only) beside the measured peak: within 0.1%
+    assert abs(step4["memory/planned_bytes_rank_0"] / step4["memory/peak_bytes_rank_0"] - 1) < 1e-3, step4
 
 
 def test_tensorboard_holds_the_same_scalars_read_back_with_its_own_reader(runs):
@@ -122,7 +122,7 @@ def test_pp2_traces_the_schedule_as_it_ran_and_learns_what_one_process_learns(ru
     step4 = next(r for r in pp2 if r["step"] == 4)
     assert step4["comm/pp_elements"] > 0 and step4["pipeline/bubble"] >= 0
     for r in (0, 1):  # each pipeline rank's plan (its stage, the microbatches 1F1B keeps in flight) vs measured
-        assert abs(step4[f"memory/planned_bytes_rank_{r}"] / step4[f"memory/peak_bytes_rank_{r}"] - 1) < 0.05, step4
+        assert abs(step4[f"memory/planned_bytes_rank_{r}"] / step4[f"memory/peak_bytes_rank_{r}"] - 1) < 1e-3, step4
     assert "memory planned per rank" in stdout and "(planned " in stdout
     sched = json.loads((tmp / "pp2" / "schedule.json").read_text())
     assert (sched["step"], sched["pp"], sched["microbatches"], sched["schedule"]) == (2, 2, 4, "1f1b")
@@ -180,7 +180,8 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", ["a file", "not writable", "another run's log", "another model's log",
-                                  "not a run.json", "metrics without run.json", "plot: no metrics",
+                                  "not a run.json", "a run.json whose config is no object", "metrics without run.json",
+                                  "plot: no metrics",
                                   "plot: a file", "plot: a broken line", "trace-step without log-dir",
                                   "trace-step at pp 1", "trace-step beyond the run"])
 def test_bad_log_input_is_one_line_exit_2_and_leaves_the_log_untouched(runs, text_file, tmp_path, monkeypatch,
@@ -198,6 +199,8 @@ def test_bad_log_input_is_one_line_exit_2_and_leaves_the_log_untouched(runs, tex
         "another model's log": ([*base, "--hidden", 64, "--log-dir", log, "--load", tmp_path / "none"],
                                 "holds the log of another run, of a model differing in hidden (32 there, 64 now)"),
         "not a run.json": ([*base, "--log-dir", log], "run.json is not a run's record"),
+        "a run.json whose config is no object": ([*base, "--log-dir", log],
+                                                 "run.json is not a run's record (TypeError: its config is a int"),
         "metrics without run.json": ([*base, "--log-dir", log], "holds metrics.jsonl but no run.json"),
         "plot: no metrics": (["--plot", log, tmp_path], f"--plot {tmp_path}: no metrics.jsonl there"),
         "plot: a file": (["--plot", log / "run.json"], "not a folder"),
@@ -215,6 +218,8 @@ def test_bad_log_input_is_one_line_exit_2_and_leaves_the_log_untouched(runs, tex
         monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == log else real(p, mode))
     if case == "not a run.json":
         (log / "run.json").write_text("[1, 2")
+    if case == "a run.json whose config is no object":
+        (log / "run.json").write_text('{"model": "gpt", "config": 5}')
     if case == "metrics without run.json":
         (log / "run.json").unlink()
     if case == "plot: a broken line":

@@ -1100,7 +1100,7 @@ def test_show_layout_in_one_process_bert_exits_0_without_training(text_file, cap
     cfg, _ = train.check_args(args_of(*argv), world=1)
     n = N.num_params(cfg, N.bert_shapes)
     assert re.search(rf"^rank 0: tp rank 0 of 1, dp rank 0 of 1, pp rank 0 of 1; host .+, local rank 0\n  parameters: \d+ tensors, {n:,} of "
-                     rf"the model's {n:,} elements$", out, re.M), out
+                     rf"their full tensors' {n:,} elements$", out, re.M), out
     assert re.search(rf"^    lm_head.bias +\[{cfg.padded_vocab}\] +whole$", out, re.M), out
     assert f"memory: weights {4 * n:,} B (fp32) + grads {4 * n:,} B + AdamW state {8 * n:,} B" in out
     assert "collectives in one training step: none (no mesh dim of more than one rank)" in out
